@@ -33,6 +33,7 @@ __all__ = [
     "volume_to_layer_data",
     "affine_from_layer_attributes",
     "affine_from_layer",
+    "exact_affine",
     "volume_from_layer",
     "label_colormap_dict",
 ]
@@ -50,6 +51,15 @@ def _transform_parts(affine: np.ndarray):
     m = DISPLAY_FROM_RAS @ affine[:3, :3] @ _REVERSE
     scale = np.linalg.norm(m, axis=0)
     rot = m / scale[None, :]
+    # napari slices 2D views along data axes: a rotation that swaps axes (a
+    # sagittal or coronal acquisition) makes its 2D transform singular. Keep
+    # flips and small obliquity in napari's transform and leave the axis
+    # permutation out; the exact affine then travels in the layer metadata.
+    closest = np.argmax(np.abs(rot), axis=0)
+    if not np.array_equal(closest, np.arange(3)):
+        perm = np.zeros((3, 3))
+        perm[closest, np.arange(3)] = 1.0
+        rot = perm.T @ rot
     if np.allclose(rot, np.eye(3), atol=1e-9):
         rot = np.eye(3)
     origin = DISPLAY_FROM_RAS @ affine[:3, 3]
@@ -185,21 +195,71 @@ def affine_from_layer_attributes(attributes: dict, ndim: int = 3) -> np.ndarray:
     return out
 
 
-def affine_from_layer(layer) -> np.ndarray:
-    """The RAS affine of a napari layer (see :func:`affine_from_layer_attributes`)."""
-    return affine_from_layer_attributes(
-        {
-            "scale": layer.scale,
-            "translate": layer.translate,
-            "rotate": layer.rotate,
-            "shear": layer.shear,
-            "affine": layer.affine.affine_matrix,
-        }
+def _layer_attributes(layer) -> dict:
+    return {
+        "scale": layer.scale,
+        "translate": layer.translate,
+        "rotate": layer.rotate,
+        "shear": layer.shear,
+        "affine": layer.affine.affine_matrix,
+        "metadata": getattr(layer, "metadata", {}),
+    }
+
+
+def _matches_transform(attributes: dict, affine: np.ndarray) -> bool:
+    """True when the layer transform is exactly what ``layer_kwargs`` gives ``affine``."""
+    scale, translate, naff = _transform_parts(affine)
+    rot = attributes.get("rotate")
+    shear = attributes.get("shear")
+    lay_aff = attributes.get("affine")
+    lay_aff = np.asarray(getattr(lay_aff, "affine_matrix", lay_aff)
+                         if lay_aff is not None else np.eye(4), dtype=float)
+    return (
+        np.allclose(np.asarray(attributes.get("scale"), float)[-3:], scale, atol=1e-6)
+        and np.allclose(np.asarray(attributes.get("translate"), float)[-3:], translate,
+                        atol=1e-4)
+        and np.allclose(lay_aff[-4:, -4:], naff, atol=1e-6)
+        and (rot is None or np.allclose(np.asarray(rot, float)[-3:, -3:], np.eye(3)))
+        and (shear is None or not np.any(np.asarray(shear, float)))
     )
 
 
-def volume_from_layer(layer, is_label: bool | None = None) -> Volume:
-    """Wrap a napari Image or Labels layer as a Volume on its true grid."""
+def exact_affine(attributes: dict, candidates=()) -> np.ndarray:
+    """The exact RAS affine for a layer's attributes.
+
+    Uses the affine stored in the layer's ``metadata["medseg"]`` (or, failing
+    that, in one of ``candidates``: attribute dicts of other layers, e.g. the
+    image a Labels layer was drawn on) when napari's transform still agrees with
+    it; otherwise derives it from the transform alone.
+    """
+    for attrs in (attributes, *candidates):
+        meta = (attrs.get("metadata") or {}).get(META_KEY) or {}
+        stored = meta.get("affine")
+        if stored is not None:
+            stored = np.asarray(stored, dtype=float)
+            if _matches_transform(attributes, stored):
+                return stored
+    return affine_from_layer_attributes(attributes)
+
+
+def affine_from_layer(layer, viewer=None) -> np.ndarray:
+    """The exact RAS affine of a napari layer (see :func:`exact_affine`).
+
+    With ``viewer``, the other layers' stored geometry is used when the layer
+    itself has none (a Labels layer napari made from an image).
+    """
+    others = []
+    if viewer is not None:
+        others = [_layer_attributes(lyr) for lyr in viewer.layers if lyr is not layer]
+    return exact_affine(_layer_attributes(layer), others)
+
+
+def volume_from_layer(layer, is_label: bool | None = None, viewer=None) -> Volume:
+    """Wrap a napari Image or Labels layer as a Volume on its true grid.
+
+    ``viewer`` lets a layer without stored geometry borrow the exact affine of
+    another layer on the same transform (see :func:`affine_from_layer`).
+    """
     meta = dict(layer.metadata.get(META_KEY, {})) if hasattr(layer, "metadata") else {}
     if is_label is None:
         is_label = layer.__class__.__name__ == "Labels"
@@ -213,7 +273,7 @@ def volume_from_layer(layer, is_label: bool | None = None) -> Volume:
             names = {int(k): v for k, v in meta["label_names"].items()}
     return Volume(
         data=layer.data,
-        affine=affine_from_layer(layer),
+        affine=affine_from_layer(layer, viewer),
         modality=meta.get("modality", "unknown"),
         is_label=bool(is_label),
         label_names=names,
