@@ -64,17 +64,22 @@ class ClassicalEngine(Engine):
         Radius of the neighbourhood of a click that gives its statistics (mm).
     smooth : float
         Gaussian smoothing (voxels) before growing; 0 disables it.
+    local_mm : float
+        Radius (mm) around a later click within which its intensity counts as
+        object.
     """
 
     name = "classical"
 
     def __init__(self, roi_size=(128, 128, 128), k: float = 2.5,
-                 seed_radius_mm: float = 3.0, smooth: float = 1.0):
+                 seed_radius_mm: float = 3.0, smooth: float = 1.0,
+                 local_mm: float = 25.0):
         super().__init__()
         self.roi_size = tuple(int(v) for v in roi_size)
         self.k = float(k)
         self.seed_radius_mm = float(seed_radius_mm)
         self.smooth = float(smooth)
+        self.local_mm = float(local_mm)
         self._smoothed: dict = {}
 
     # ---------------------------------------------------------------- cache
@@ -208,28 +213,72 @@ class ClassicalEngine(Engine):
             seeds |= g
         seeds &= ~bg
 
-        d_fg = np.min([np.abs(sm - m) * (1.0 / s) for m, s in stats], axis=0)
-        cand = d_fg <= self.k
-        if box is not None:
-            cand &= box
-        grown = self._connected(cand, seeds)
+        local = self._locality(fg, spacing)
+        d_fg = self._distance(sm, stats, local)
+        grown = self._grow(d_fg <= self.k, seeds, box)
+        # confidence-connected refinement: the spread of the grown voxels around
+        # the first seed's intensity is the noise level, shared by all seeds
+        # (a later click on a blurred edge adds its intensity, not a wide spread)
+        ref = 0
+        for _ in range(2):
+            vals = sm[grown]
+            near = np.argmin([np.abs(vals - m) for m, _ in stats], axis=0) == ref
+            if near.sum() <= 50:
+                break
+            noise = max(float(np.median(np.abs(vals[near] - stats[ref][0]))) * 1.4826,
+                        noise)
+            stats = [(m, noise) for m, _ in stats]
+            d_fg = self._distance(sm, stats, local)
+            grown = self._grow(d_fg <= self.k, seeds, box)
         check_cancel(cancel)
 
         bg_stats = self._background_stats(sm, grown, bg, box, stats, noise)
+        log.debug("fg %s bg %s grown %d", stats, bg_stats, grown.sum())
         if bg_stats:
             d_bg = np.min([np.abs(sm - m) * (1.0 / s) for m, s in bg_stats], axis=0)
-            cand = (d_fg < d_bg) & (d_fg <= self.k * 1.6)
-            if box is not None:
-                cand &= box
-            grown = self._connected(cand, seeds)
+            grown = self._grow((d_fg < d_bg) & (d_fg <= self.k * 1.6), seeds, box)
             check_cancel(cancel)
 
         if bg.any() and (grown & bg).any():
             grown = self._split(sm, grown, seeds, bg)
-        grown = self._fill_holes(grown)
+        grown = self._fill_holes(grown, bg)
         if box is not None:
             grown &= box
         return grown
+
+    def _locality(self, fg: list, spacing) -> list:
+        """Where each seed's intensity class applies: everywhere for the first
+        seed, scribbles and boxes; within ``local_mm`` of a later click (a click
+        on the object's blurred edge must not pull in every voxel of that
+        intensity)."""
+        out = [None]
+        for g in fg[1:]:
+            if g.sum() > 200:
+                out.append(None)
+                continue
+            c = np.argwhere(g).mean(axis=0)
+            r = np.array([self.local_mm / s for s in spacing])
+            sl = tuple(slice(max(int(np.floor(ci - ri)), 0), int(np.ceil(ci + ri)) + 1)
+                       for ci, ri in zip(c, r))
+            grids = np.ogrid[sl]
+            ell = sum(((gr - ci) / ri) ** 2 for gr, ci, ri in zip(grids, c, r)) <= 1.0
+            out.append((sl, ell))
+        return out
+
+    @staticmethod
+    def _distance(sm, stats, local) -> np.ndarray:
+        """Per voxel, the smallest ``|I - m| / s`` over the seed classes that apply."""
+        d = np.abs(sm - stats[0][0]) * (1.0 / stats[0][1])
+        for (m, s), loc in zip(stats[1:], local[1:]):
+            if loc is None:
+                np.minimum(d, np.abs(sm - m) * (1.0 / s), out=d)
+            else:
+                sl, ell = loc
+                sub = d[sl]
+                e = ell[tuple(slice(0, n) for n in sub.shape)]
+                di = np.abs(sm[sl] - m) * (1.0 / s)
+                sub[e] = np.minimum(sub[e], di[e])
+        return d
 
     def _background_stats(self, sm, grown, bg, box, stats, noise) -> list:
         """Intensity classes around the object that are clearly not object.
@@ -270,6 +319,11 @@ class ClassicalEngine(Engine):
         st[tuple((_ball_offsets(r) + np.ceil(r).astype(int)).T)] = True
         return ndi.binary_dilation(seed, st)
 
+    def _grow(self, cand, seeds, box) -> np.ndarray:
+        if box is not None:
+            cand = cand & box
+        return self._connected(cand, seeds)
+
     @staticmethod
     def _connected(cand, seeds) -> np.ndarray:
         lab, n = ndi.label(cand | seeds)
@@ -299,10 +353,25 @@ class ClassicalEngine(Engine):
         return ClassicalEngine._connected(out, seeds & out)
 
     @staticmethod
-    def _fill_holes(mask) -> np.ndarray:
+    def _fill_holes(mask, bg, max_fraction: float = 0.002, min_voxels: int = 64
+                    ) -> np.ndarray:
+        """Fill small holes (noise), never one holding a background seed.
+
+        Large holes (a lesion inside an organ) are kept: they are another
+        structure, and a positive click there adds them when wanted.
+        """
         if not mask.any():
             return mask
         box = ndi.find_objects(mask.astype(np.uint8))[0]
+        sub = mask[box]
+        holes = ndi.binary_fill_holes(sub) & ~sub
+        if not holes.any():
+            return mask
+        lab, n = ndi.label(holes)
+        sizes = np.bincount(lab.ravel(), minlength=n + 1)
+        keep = sizes <= max(min_voxels, max_fraction * int(sub.sum()))
+        keep[np.unique(lab[bg[box]])] = False
+        keep[0] = False
         out = mask.copy()
-        out[box] = ndi.binary_fill_holes(mask[box])
+        out[box] = sub | keep[lab]
         return out
