@@ -1,0 +1,553 @@
+"""The Segment dock widget: run a segmentation model on the images in the viewer.
+
+The widget only gathers choices and shows results. The work is
+:func:`segment_volumes` (load the model, predict on the input grid), run in a
+napari worker thread by :class:`~napari_medseg._widgets._common.Job`; turning
+the prediction into layers is :mod:`napari_medseg._napari.prediction`.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from typing import Callable
+
+from napari.layers import Image, Labels, Layer, Shapes
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QMessageBox,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .._napari.layers import volume_from_layer
+from .._napari.prediction import (
+    MODEL_KEY,
+    PREDICTION_KEY,
+    apply_labels,
+    card_classes,
+    card_to_dict,
+    is_corrected,
+    merge_prediction,
+    prediction_layer_data,
+    result_layer_name,
+    shapes_region,
+    view_region,
+)
+from ..core.volume import same_grid
+from ..errors import MedSegError, check_cancel
+from ._common import Job, JobBar, notify_exception
+from .class_panel import ClassPanel
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SegmentWidget", "segment_volumes", "available_devices"]
+
+REGIONS = ("whole volume", "current view", "box from Shapes layer")
+OOM_HINT = ("out of memory; try a smaller region (current view or a box), the fast mode, "
+            "or the cpu device")
+
+
+def available_devices() -> dict[str, bool]:
+    """``{"auto", "cpu", "cuda", "mps"}`` -> whether torch can use it here."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return {"auto": True, "cpu": True, "cuda": bool(torch.cuda.is_available()),
+            "mps": bool(mps is not None and mps.is_available())}
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    oom_type = getattr(__import__("torch"), "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text
+                                               or "can't allocate memory" in text)
+
+
+def segment_volumes(model, volumes, *, name: str = "", progress=None, cancel=None,
+                    **options):
+    """Load ``model`` if needed and predict on ``volumes`` (input grid).
+
+    Parameters
+    ----------
+    model : str, path or loaded model
+        A registry name or path (given to ``load_model``) or a loaded model.
+    volumes : list of Volume
+        ``(Z, Y, X)`` channels in the order of the model card.
+    name : str
+        The image layer name, for messages.
+    progress, cancel : callable, optional
+        See :class:`~napari_medseg._widgets._common.Job`.
+    **options
+        Passed to ``model.predict`` (device, overlap, tta, fast, region, uncertainty).
+
+    Returns
+    -------
+    (model, Prediction)
+
+    Raises
+    ------
+    MedSegError
+        Including out-of-memory, with a hint on what to change.
+    """
+    try:
+        if isinstance(model, str) or hasattr(model, "__fspath__"):
+            from ..models import load_model
+
+            model = load_model(model)
+        check_cancel(cancel)
+        pred = model.predict(volumes, progress=progress, cancel=cancel, **options)
+    except MedSegError:
+        raise
+    except Exception as exc:
+        if _is_oom(exc):
+            raise MedSegError(f"{OOM_HINT} ({type(exc).__name__})", name) from exc
+        raise
+    return model, pred
+
+
+class SegmentWidget(QWidget):
+    """Dock widget: pick images and a model, run it, get an editable Labels layer.
+
+    Parameters
+    ----------
+    napari_viewer : napari.viewer.Viewer
+
+    Attributes
+    ----------
+    on_corrected : callable
+        ``f(layer) -> "replace" | "untouched" | "cancel"``: what to do when the
+        result layer already holds the user's corrections. Asks with a message
+        box by default.
+    """
+
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.on_corrected: Callable[[Layer], str] = self._ask_corrected
+        self.job: Job | None = None
+        self.last_error: str | None = None
+        self._models: dict[str, object] = {}  # name -> ModelInfo or loaded model
+        self._loaded: dict[str, object] = {}
+        self._channel_boxes: list[QComboBox] = []
+        self._build()
+        self.refresh_models()
+        self._connect_layers()
+        self._refresh_layers()
+
+    # ------------------------------------------------------------------ UI
+    def _build(self) -> None:
+        outer = QVBoxLayout(self)
+        form = QFormLayout()
+        self.model_box = QComboBox()
+        self.model_box.currentTextChanged.connect(self._on_model_changed)
+        add = QPushButton("Add...")
+        add.setToolTip("Use a model package, TorchScript file or bundle from disk")
+        add.clicked.connect(self._browse_model)
+        row = QHBoxLayout()
+        row.addWidget(self.model_box, 1)
+        row.addWidget(add)
+        form.addRow("Model", row)
+        self.card_label = QLabel()
+        self.card_label.setWordWrap(True)
+        self.card_label.setTextFormat(Qt.TextFormat.RichText)
+        form.addRow(self.card_label)
+        self.channels_form = QFormLayout()
+        form.addRow(self.channels_form)
+        self.device_box = QComboBox()
+        for dev, ok in available_devices().items():
+            self.device_box.addItem(dev)
+            self.device_box.model().item(self.device_box.count() - 1).setEnabled(ok)
+        form.addRow("Device", self.device_box)
+        self.overlap = QDoubleSpinBox()
+        self.overlap.setRange(0.0, 0.9)
+        self.overlap.setSingleStep(0.05)
+        self.overlap.setValue(0.5)
+        self.overlap.setToolTip("Overlap of neighbouring windows (more is smoother, slower)")
+        form.addRow("Overlap", self.overlap)
+        opts = QHBoxLayout()
+        self.tta = QCheckBox("test-time aug.")
+        self.fast = QCheckBox("fast")
+        self.fast.setToolTip("Coarser, quicker inference (less overlap, no TTA)")
+        self.uncertainty = QCheckBox("uncertainty")
+        self.uncertainty.setToolTip("Also add an uncertainty map (hidden Image layer)")
+        for w in (self.tta, self.fast, self.uncertainty):
+            opts.addWidget(w)
+        form.addRow("Options", opts)
+        self.region_box = QComboBox()
+        self.region_box.addItems(REGIONS)
+        self.region_box.currentIndexChanged.connect(self._update_region_controls)
+        form.addRow("Region", self.region_box)
+        rrow = QHBoxLayout()
+        self.shapes_box = QComboBox()
+        self.margin = QSpinBox()
+        self.margin.setRange(0, 256)
+        self.margin.setValue(8)
+        self.margin.setPrefix("± ")
+        self.margin.setSuffix(" slices")
+        self.margin.setToolTip("Slices added around a single-slice view or box")
+        rrow.addWidget(self.shapes_box, 1)
+        rrow.addWidget(self.margin)
+        form.addRow("", rrow)
+        outer.addLayout(form)
+        self.run_button = QPushButton("Run")
+        self.run_button.clicked.connect(self.run)
+        outer.addWidget(self.run_button)
+        self.job_bar = JobBar()
+        outer.addWidget(self.job_bar)
+        self.class_panel = ClassPanel(self.viewer)
+        outer.addWidget(self.class_panel, 1)
+        self._update_region_controls()
+
+    def _update_region_controls(self) -> None:
+        box = self.region_box.currentIndex() == 2
+        self.shapes_box.setEnabled(box)
+        self.margin.setEnabled(self.region_box.currentIndex() > 0)
+
+    # --------------------------------------------------------------- models
+    def refresh_models(self) -> None:
+        """Fill the model picker from the registry."""
+        current = self.model_box.currentText()
+        try:
+            from ..models import list_models
+
+            infos = list(list_models())
+        except Exception as exc:  # noqa: BLE001 - a broken registry must not kill the widget
+            notify_exception(exc, "Listing models")
+            infos = []
+        for info in infos:
+            self._models[info.name] = info
+        self.model_box.blockSignals(True)
+        self.model_box.clear()
+        self.model_box.addItems(list(self._models))
+        self.model_box.blockSignals(False)
+        if current in self._models:
+            self.model_box.setCurrentText(current)
+        self._on_model_changed(self.model_box.currentText())
+
+    def add_model(self, path) -> str:
+        """Load a model from ``path`` (package folder, .zip, TorchScript, bundle); select it."""
+        from ..models import load_model
+
+        model = load_model(str(path))
+        name = model.card.name
+        self._models[name] = model
+        self._loaded[name] = model
+        if self.model_box.findText(name) < 0:
+            self.model_box.addItem(name)
+        self.model_box.setCurrentText(name)
+        return name
+
+    def _browse_model(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Model package folder")
+        if path:
+            try:
+                self.add_model(path)
+            except Exception as exc:  # noqa: BLE001 - shown to the user
+                self.last_error = notify_exception(exc, "Loading model")
+
+    @property
+    def card(self):
+        """The card of the selected model (None when there is none)."""
+        entry = self._models.get(self.model_box.currentText())
+        return getattr(entry, "card", None)
+
+    def _on_model_changed(self, name: str) -> None:
+        self.card_label.setText(_card_html(self.card) if self.card else
+                                "<i>No model available.</i>")
+        self._build_channel_boxes()
+
+    # ---------------------------------------------------------------- images
+    def _card_channels(self) -> list[dict]:
+        chans = card_to_dict(self.card).get("channels") or [{"name": "image"}]
+        return [c if isinstance(c, dict) else {"name": str(c)} for c in chans]
+
+    def _build_channel_boxes(self) -> None:
+        while self.channels_form.rowCount():
+            self.channels_form.removeRow(0)
+        self._channel_boxes = []
+        for ch in self._card_channels():
+            box = QComboBox()
+            box.setToolTip("Image layer for this model input channel")
+            mod = ch.get("modality")
+            label = ch.get("name", "image") + (f" ({mod})" if mod and mod != ch.get("name")
+                                              else "")
+            self.channels_form.addRow(f"Image: {label}", box)
+            self._channel_boxes.append(box)
+        self._refresh_layers()
+
+    def _image_layers(self) -> list[Image]:
+        return [lyr for lyr in self.viewer.layers if isinstance(lyr, Image)]
+
+    def _connect_layers(self) -> None:
+        ev = self.viewer.layers.events
+        ev.inserted.connect(self._on_inserted)
+        ev.removed.connect(self._refresh_layers)
+        ev.reordered.connect(self._refresh_layers)
+        for lyr in self.viewer.layers:
+            lyr.events.name.connect(self._refresh_layers)
+
+    def _on_inserted(self, event) -> None:
+        event.value.events.name.connect(self._refresh_layers)
+        self._refresh_layers()
+
+    def _refresh_layers(self, event=None) -> None:
+        images = [lyr.name for lyr in self._image_layers()]
+        chans = self._card_channels()
+        for i, box in enumerate(self._channel_boxes):
+            keep = box.currentText()
+            box.blockSignals(True)
+            box.clear()
+            box.addItems(images)
+            if keep in images:
+                box.setCurrentText(keep)
+            else:
+                box.setCurrentIndex(self._default_image(i, chans, images))
+            box.blockSignals(False)
+        shapes = [lyr.name for lyr in self.viewer.layers if isinstance(lyr, Shapes)]
+        keep = self.shapes_box.currentText()
+        self.shapes_box.clear()
+        self.shapes_box.addItems(shapes)
+        if keep in shapes:
+            self.shapes_box.setCurrentText(keep)
+
+    def _default_image(self, i: int, chans, images) -> int:
+        if not images:
+            return -1
+        mod = str(chans[i].get("modality", "")).upper() if i < len(chans) else ""
+        for k, lyr in enumerate(self._image_layers()):
+            if mod and str(lyr.metadata.get("medseg", {}).get("modality", "")).upper() == mod:
+                return k
+        return min(i, len(images) - 1)
+
+    def set_images(self, layers) -> None:
+        """Choose the image layers (or names), one per model input channel, in card order."""
+        names = [getattr(lyr, "name", lyr) for lyr in layers]
+        if len(names) != len(self._channel_boxes):
+            raise MedSegError(
+                f"model '{self.model_box.currentText()}' takes {len(self._channel_boxes)} "
+                f"image channel(s) ({', '.join(c.get('name', '?') for c in self._card_channels())})"
+                f", {len(names)} layer(s) given ({', '.join(names)})")
+        for box, name in zip(self._channel_boxes, names):
+            box.setCurrentText(name)
+
+    def selected_layers(self) -> list[Layer]:
+        """The chosen image layers, in the model's channel order."""
+        out = []
+        for box in self._channel_boxes:
+            name = box.currentText()
+            if name and name in self.viewer.layers:
+                out.append(self.viewer.layers[name])
+        return out
+
+    # ------------------------------------------------------------------ run
+    @property
+    def running(self) -> bool:
+        """True while a model runs."""
+        return self.job is not None and self.job.running
+
+    def run(self) -> Job | None:
+        """Start segmenting with the current choices; returns the job (None if not started)."""
+        if self.running:
+            return self.job
+        self.last_error = None
+        try:
+            request = self._request()
+        except Exception as exc:  # noqa: BLE001 - every problem becomes a notification
+            self.last_error = notify_exception(exc, "Segment")
+            return None
+        if request is None:
+            return None
+        entry = self._loaded.get(request["model_name"]) or request["model_name"]
+        self.run_button.setEnabled(False)
+        self.job = Job(segment_volumes, entry, request["volumes"], name=request["image"],
+                       on_done=lambda res: self._on_result(res, request),
+                       on_error=self._on_error, bar=self.job_bar, what="Segment",
+                       on_finish=lambda: self.run_button.setEnabled(True),
+                       **request["options"])
+        return self.job.start()
+
+    def cancel(self) -> None:
+        """Ask the running model to stop (it stops between windows)."""
+        if self.job is not None:
+            self.job.cancel()
+
+    def _request(self) -> dict | None:
+        """Validate the choices; gather volumes, options and what to do with the result."""
+        name = self.model_box.currentText()
+        if not name or self.card is None:
+            raise MedSegError("no segmentation model is available; add one with 'Add...' "
+                              "or install a model package")
+        if not self._image_layers():
+            raise MedSegError("no image layer in the viewer; open a volume first (File > "
+                              "Open, or File > Open Sample > napari-medseg)")
+        layers = self.selected_layers()
+        if len(layers) != len(self._channel_boxes):
+            raise MedSegError(f"choose an image layer for each input of model '{name}'")
+        volumes = [self._volume(lyr, name) for lyr in layers]
+        self._check_channels(volumes, layers, name)
+        image = layers[0]
+        region = self._region(image)
+        target = result_layer_name(image.name, name)
+        mode = "replace"
+        existing = self.viewer.layers[target] if target in self.viewer.layers else None
+        if isinstance(existing, Labels) and is_corrected(existing):
+            mode = self.on_corrected(existing)
+            if mode not in ("replace", "untouched"):
+                return None
+        options = dict(device=self.device_box.currentText(), overlap=self.overlap.value(),
+                       tta=self.tta.isChecked(), fast=self.fast.isChecked(), region=region,
+                       uncertainty="entropy" if self.uncertainty.isChecked() else None)
+        return {"model_name": name, "image": image.name, "volumes": volumes,
+                "options": options, "region": region, "mode": mode, "target": target}
+
+    def _volume(self, layer, model_name):
+        if getattr(layer, "rgb", False) or layer.ndim < 3:
+            raise MedSegError(
+                f"layer '{layer.name}' is a 2D image (shape {tuple(layer.data.shape)}); "
+                f"model '{model_name}' segments 3D volumes (Z, Y, X): open a 3D image")
+        if layer.multiscale:
+            raise MedSegError(f"layer '{layer.name}' is multiscale; open it at full "
+                              "resolution to segment it")
+        return volume_from_layer(layer, viewer=self.viewer)
+
+    def _check_channels(self, volumes, layers, name) -> None:
+        chans = self._card_channels()
+        got = sum(v.n_channels for v in volumes)
+        if got != len(chans):
+            raise MedSegError(
+                f"channel mismatch: model '{name}' takes {len(chans)} channel(s) ("
+                + ", ".join(c.get("name", "?") for c in chans)
+                + f") but layer(s) {', '.join(repr(lyr.name) for lyr in layers)} give {got}; "
+                "choose one single-channel 3D image per model input")
+        for v, lyr in zip(volumes[1:], layers[1:]):
+            if not same_grid(v, volumes[0]):
+                raise MedSegError(f"layer '{lyr.name}' is not on the grid of "
+                                  f"'{layers[0].name}'; resample it to that image first")
+
+    def _region(self, image):
+        idx = self.region_box.currentIndex()
+        if idx == 1:
+            return view_region(image, self.viewer, self.margin.value())
+        if idx == 2:
+            name = self.shapes_box.currentText()
+            if not name or name not in self.viewer.layers:
+                raise MedSegError("no Shapes layer chosen for the region; add a Shapes layer "
+                                  "and draw a rectangle around the region to segment")
+            return shapes_region(image, self.viewer.layers[name], self.margin.value())
+        return None
+
+    def _ask_corrected(self, layer) -> str:
+        box = QMessageBox(self)
+        box.setWindowTitle("Segment")
+        box.setText(f"Layer '{layer.name}' has corrections. Run the model again?")
+        replace = box.addButton("Replace everything", QMessageBox.ButtonRole.DestructiveRole)
+        keep = box.addButton("Fill only untouched voxels", QMessageBox.ButtonRole.AcceptRole)
+        box.addButton(QMessageBox.StandardButton.Cancel)
+        box.setDefaultButton(keep)
+        box.exec()
+        clicked = box.clickedButton()
+        return "replace" if clicked is replace else "untouched" if clicked is keep else "cancel"
+
+    # --------------------------------------------------------------- result
+    def _on_error(self, exc) -> None:
+        self.last_error = str(exc) if isinstance(exc, MedSegError) else \
+            f"{type(exc).__name__}: {exc}"
+
+    def _on_result(self, result, request) -> None:
+        model, pred = result
+        self._loaded[request["model_name"]] = model
+        tuples = prediction_layer_data(pred, request["image"], request["model_name"],
+                                       model.card)
+        labels = self._put_labels(tuples[0], request)
+        for data, kwargs, kind in tuples[1:]:
+            name = kwargs["name"]
+            if name in self.viewer.layers:
+                self.viewer.layers[name].data = data
+            else:
+                self.viewer.add_layer(Layer.create(data, kwargs, kind))
+        names, colors = card_classes(model.card)
+        classes = {i: (n, colors.get(i, tuple(labels.get_color(i)))) for i, n in
+                   names.items()}
+        self.class_panel.set_layer(labels, classes or None)
+        self.viewer.layers.selection.active = labels
+
+    def _put_labels(self, layer_tuple, request) -> Labels:
+        data, kwargs, kind = layer_tuple
+        target = request["target"]
+        layer = self.viewer.layers[target] if target in self.viewer.layers else None
+        if not isinstance(layer, Labels) or layer.data.shape != data.shape:
+            if layer is not None:
+                self.viewer.layers.remove(layer)
+            layer = Layer.create(data, kwargs, kind)
+            self.viewer.add_layer(layer)
+            return layer
+        original = layer.metadata.get(PREDICTION_KEY)
+        if original is None or original.shape != data.shape:
+            original = layer.data
+        merged, new_pred = merge_prediction(layer.data, original, data, request["mode"],
+                                            request["region"])
+        changed = apply_labels(layer, merged)
+        layer.metadata[PREDICTION_KEY] = new_pred
+        layer.metadata[MODEL_KEY] = kwargs["metadata"][MODEL_KEY]
+        log.info("re-ran %s: %d voxels changed (%s)", target, changed, request["mode"])
+        return layer
+
+
+def _card_html(card) -> str:
+    """The model card as short rich text: classes with colours, spacing, license, metrics."""
+    d = card_to_dict(card)
+    esc = html.escape
+    names, colors = card_classes(card)
+    parts = [f"<b>{esc(str(d.get('name', '')))}</b> {esc(str(d.get('version', '')))}"]
+    if d.get("task"):
+        parts.append(esc(str(d["task"])))
+    swatches = []
+    for i, n in names.items():
+        rgb = colors.get(i, (0.5, 0.5, 0.5))
+        hexc = "#%02x%02x%02x" % tuple(int(round(255 * c)) for c in rgb[:3])
+        swatches.append(f"<span style='color:{hexc}'>&#9632;</span>&nbsp;{esc(n)}")
+    if swatches:
+        parts.append("Classes: " + " &nbsp;".join(swatches))
+    info = []
+    if d.get("target_spacing"):
+        info.append("spacing " + " x ".join(f"{float(s):g}" for s in d["target_spacing"])
+                    + " mm")
+    if d.get("patch_size"):
+        info.append("patch " + " x ".join(str(int(p)) for p in d["patch_size"]))
+    if d.get("license"):
+        info.append(f"license {esc(str(d['license']))}")
+    if info:
+        parts.append(" · ".join(info))
+    metrics = d.get("metrics") or {}
+    if metrics:
+        parts.append("Metrics: " + esc(_flat_metrics(metrics)))
+    return "<br>".join(parts)
+
+
+def _flat_metrics(metrics: dict, limit: int = 8) -> str:
+    items = []
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            items.extend(f"{k} {kk} {_fmt(vv)}" for kk, vv in v.items())
+        else:
+            items.append(f"{k} {_fmt(v)}")
+    more = f", ... (+{len(items) - limit})" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
