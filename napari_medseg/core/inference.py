@@ -1,0 +1,503 @@
+"""Sliding-window inference with Gaussian blending, stitched in Z slabs.
+
+:func:`sliding_window_inference` runs any predictor (a callable mapping a torch
+batch ``(B, C, *patch)`` to logits ``(B, K, *patch)``) over a ``(C, Z, Y, X)``
+volume in overlapping windows, blends the windows with a Gaussian importance
+map (sigma = patch / 8, as nnU-Net and MONAI do) and returns the argmax labels.
+
+Memory does not grow with *classes x whole volume*: windows run in Z order and
+their weighted logits go into a ring buffer only ``patch_z`` slices deep. As
+soon as no remaining window touches a slice, that slice is finalised (argmax to
+``uint8`` / ``uint16``, optionally the foreground probability or an
+uncertainty map as ``float16``) and its buffer rows are reused. The peak is
+about ``K x patch_z x Y x X`` floats instead of ``K x Z x Y x X``.
+
+Other features: batches of windows, mirror test-time augmentation (all eight
+flips of the three axes, logits averaged), mixed precision (bf16 autocast on
+CPUs with AVX512-BF16 / AMX, bf16 or fp16 on CUDA), ``device="auto"``
+(CUDA, then MPS, then CPU), a CUDA out-of-memory error retried with one window
+per batch and the output kept on the CPU, a progress callback and a cancel flag
+checked between batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import MedSegError, check_cancel
+
+__all__ = [
+    "InferenceResult",
+    "sliding_window_inference",
+    "pick_device",
+    "resolve_amp",
+    "window_starts",
+    "gaussian_importance_map",
+]
+
+log = logging.getLogger(__name__)
+
+_FINALIZE_CHUNK = 4  # slices finalised at a time (bounds temporaries)
+
+
+@dataclass
+class InferenceResult:
+    """What :func:`sliding_window_inference` returns.
+
+    Attributes
+    ----------
+    labels : numpy.ndarray
+        ``(Z, Y, X)`` ``uint8`` (``uint16`` above 255 classes) argmax labels.
+    probability : numpy.ndarray or None
+        ``(Z, Y, X)`` ``float16`` foreground probability (1 - p(background)), or
+        the sigmoid for a one-class model; None unless asked for.
+    uncertainty : numpy.ndarray or None
+        ``(Z, Y, X)`` ``float16`` in [0, 1]: normalised entropy of the class
+        probabilities (``"entropy"``) or the standard deviation of the
+        foreground probability across test-time augmentations (``"tta"``).
+    seconds : float
+        Wall time of the run.
+    n_windows : int
+        Number of window positions.
+    device : str
+        Where the windows ran.
+    amp : str
+        ``"bf16"``, ``"fp16"`` or ``"off"``.
+    batch_size : int
+        Windows per batch actually used (1 after an out-of-memory retry).
+    """
+
+    labels: np.ndarray
+    probability: np.ndarray | None = None
+    uncertainty: np.ndarray | None = None
+    seconds: float = 0.0
+    n_windows: int = 0
+    device: str = "cpu"
+    amp: str = "off"
+    batch_size: int = 1
+
+
+# --------------------------------------------------------------------------- devices
+def pick_device(device="auto") -> torch.device:
+    """Resolve ``"auto"`` to CUDA, then Apple MPS, then CPU; pass others through.
+
+    Raises
+    ------
+    MedSegError
+        When a named device is not available on this machine.
+    """
+    if isinstance(device, torch.device):
+        return device
+    name = str(device or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MedSegError(f"device {device!r} asked for but no CUDA GPU is available; use 'cpu'")
+    if name == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise MedSegError("device 'mps' asked for but Apple MPS is not available; use 'cpu'")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise MedSegError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'mps'") from exc
+
+
+def _cpu_has_bf16() -> bool:
+    cpu = getattr(torch, "cpu", None)
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        fn = getattr(cpu, name, None)
+        if fn is not None:
+            try:
+                if fn():
+                    return True
+            except Exception:  # pragma: no cover - platform probing
+                pass
+    return False
+
+
+def resolve_amp(amp, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` (``"auto"``, ``"bf16"``, ``"fp16"``, ``"off"``).
+
+    ``"auto"`` is bf16 on CPUs with native bf16 (AVX512-BF16 or AMX), bf16 on
+    CUDA GPUs that support it (fp16 on older ones) and off elsewhere.
+    """
+    name = "off" if amp in (None, False) else ("auto" if amp is True else str(amp).lower())
+    if name in ("off", "none", "fp32", "float32"):
+        return None
+    if name in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    if name in ("fp16", "float16", "half"):
+        return torch.float16
+    if name != "auto":
+        raise MedSegError(f"unknown amp setting {amp!r}; use 'auto', 'bf16', 'fp16' or 'off'")
+    if device.type == "cpu":
+        return torch.bfloat16 if _cpu_has_bf16() else None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+def _amp_name(dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off")
+
+
+# --------------------------------------------------------------------------- windows
+def window_starts(size: int, roi: int, overlap: float) -> list[int]:
+    """Start indices of windows of length ``roi`` covering ``size`` voxels.
+
+    Steps of ``roi * (1 - overlap)`` voxels, the last window flush with the end
+    (the same positions as MONAI's ``dense_patch_slices``).
+
+    Examples
+    --------
+    >>> window_starts(10, 4, 0.5)
+    [0, 2, 4, 6]
+    >>> window_starts(9, 4, 0.5)
+    [0, 2, 4, 5]
+    """
+    if roi >= size:
+        return [0]
+    step = max(int(roi * (1.0 - overlap)), 1)
+    n = int(math.ceil((size - roi) / step)) + 1
+    return sorted({min(i * step, size - roi) for i in range(n)})
+
+
+def gaussian_importance_map(patch, sigma_scale: float = 0.125, device="cpu") -> torch.Tensor:
+    """Separable Gaussian weights ``(pz, py, px)`` peaking at 1 in the window centre.
+
+    Values are floored at 1e-3, as in MONAI's ``compute_importance_map``.
+
+    Parameters
+    ----------
+    patch : tuple of 3 int
+        Window size in voxels.
+    sigma_scale : float
+        Sigma as a fraction of the window size (1/8 as in nnU-Net).
+    """
+    axes = []
+    for p in patch:
+        c = (p - 1) / 2.0
+        sigma = max(p * sigma_scale, 1e-3)
+        g = torch.exp(-0.5 * ((torch.arange(p, dtype=torch.float64) - c) / sigma) ** 2)
+        axes.append(g / g.max())
+    w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    # floor the far corners (as MONAI does) so every voxel keeps a usable weight
+    w = torch.clamp(w, min=1e-3)
+    return w.to(torch.float32).to(device)
+
+
+def _mirror_axes(tta: bool):
+    if not tta:
+        return [()]
+    return [c for r in range(4) for c in itertools.combinations((2, 3, 4), r)]
+
+
+# --------------------------------------------------------------------------- stitching
+class _SlabStitcher:
+    """Accumulate weighted window logits in a ring buffer ``patch_z`` slices deep."""
+
+    def __init__(self, n_classes, shape, patch_z, device, importance, want_prob, uncertainty):
+        self.k = n_classes
+        self.shape = shape
+        self.depth = patch_z
+        self.g = importance
+        z, y, x = shape
+        self.acc = torch.zeros((n_classes, patch_z, y, x), dtype=torch.float32, device=device)
+        need_w = want_prob or uncertainty is not None
+        self.wsum = torch.zeros((patch_z, y, x), dtype=torch.float32, device=device) \
+            if need_w else None
+        self.uacc = torch.zeros_like(self.wsum) if uncertainty == "tta" else None
+        self.uncertainty = uncertainty
+        dtype = np.uint8 if n_classes <= 255 else np.uint16
+        self.labels = np.zeros(shape, dtype=dtype)
+        self.prob = np.zeros(shape, dtype=np.float16) if want_prob else None
+        self.unc = np.zeros(shape, dtype=np.float16) if uncertainty is not None else None
+        self.base = 0  # first global slice not yet finalised
+        self.log_k = math.log(max(n_classes, 2))
+
+    def _pieces(self, z0, z1):
+        """Split global slices ``[z0, z1)`` into ring runs ``(global, ring, length)``."""
+        z = z0
+        while z < z1:
+            r = z % self.depth
+            n = min(z1 - z, self.depth - r)
+            yield z, r, n
+            z += n
+
+    def add(self, logits, start, spread=None):
+        """Add one window's ``(K, pz, py, px)`` logits at ``start = (z0, y0, x0)``."""
+        z0, y0, x0 = start
+        if z0 > self.base:
+            self.advance(z0)
+        pz, py, px = logits.shape[1:]
+        for zg, r, n in self._pieces(z0, z0 + pz):
+            o = zg - z0
+            g = self.g[o:o + n]
+            self.acc[:, r:r + n, y0:y0 + py, x0:x0 + px].addcmul_(logits[:, o:o + n], g)
+            if self.wsum is not None:
+                self.wsum[r:r + n, y0:y0 + py, x0:x0 + px] += g
+            if self.uacc is not None:
+                self.uacc[r:r + n, y0:y0 + py, x0:x0 + px].addcmul_(spread[o:o + n], g)
+
+    def advance(self, new_base):
+        """Finalise every slice before ``new_base`` (no window left touches them)."""
+        end = min(new_base, self.shape[0])
+        for zg, r, n in self._pieces(self.base, end):
+            for c in range(0, n, _FINALIZE_CHUNK):
+                m = min(_FINALIZE_CHUNK, n - c)
+                self._finalize(zg + c, r + c, m)
+        self.base = max(self.base, end)
+
+    def finish(self):
+        self.advance(self.shape[0])
+
+    def _finalize(self, zg, r, n):
+        a = self.acc[:, r:r + n]
+        if self.k == 1:
+            lab = a[0] > 0
+        else:
+            lab = a.argmax(0)
+        self.labels[zg:zg + n] = lab.to(torch.uint8 if self.k <= 255 else torch.int32) \
+            .cpu().numpy()
+        if self.wsum is not None:
+            logits = a / self.wsum[r:r + n]
+            if self.k == 1:
+                p1 = torch.sigmoid(logits[0])
+                fg = p1
+                ent = -(p1 * torch.log(p1.clamp_min(1e-12))
+                        + (1 - p1) * torch.log((1 - p1).clamp_min(1e-12))) / self.log_k
+            else:
+                p = torch.softmax(logits, dim=0)
+                fg = 1.0 - p[0]
+                ent = -(p * torch.log(p.clamp_min(1e-12))).sum(0) / self.log_k if \
+                    self.uncertainty == "entropy" else None
+            if self.prob is not None:
+                self.prob[zg:zg + n] = fg.to(torch.float16).cpu().numpy()
+            if self.uncertainty == "entropy":
+                self.unc[zg:zg + n] = ent.clamp(0, 1).to(torch.float16).cpu().numpy()
+            elif self.uncertainty == "tta":
+                u = self.uacc[r:r + n] / self.wsum[r:r + n]
+                self.unc[zg:zg + n] = u.clamp(0, 1).to(torch.float16).cpu().numpy()
+                self.uacc[r:r + n] = 0
+            self.wsum[r:r + n] = 0
+        a.zero_()
+
+
+# --------------------------------------------------------------------------- prediction
+def _foreground(logits):
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits[:, 0].float())
+    return 1.0 - torch.softmax(logits.float(), dim=1)[:, 0]
+
+
+def _run_predictor(predictor, batch, n_classes, axes_list, want_spread):
+    """Logits ``(B, K, *patch)`` averaged over mirrors, and the foreground spread."""
+    total, s1, s2 = None, None, None
+    for axes in axes_list:
+        xi = torch.flip(batch, axes) if axes else batch
+        yi = predictor(xi)
+        if not isinstance(yi, torch.Tensor):
+            yi = yi[0] if isinstance(yi, (list, tuple)) else torch.as_tensor(yi)
+        if yi.shape[0] != batch.shape[0] or yi.shape[1] != n_classes \
+                or tuple(yi.shape[2:]) != tuple(batch.shape[2:]):
+            raise MedSegError(
+                f"the model returned shape {tuple(yi.shape)} for input {tuple(batch.shape)}; "
+                f"expected {n_classes} classes on the same window (check the model card)"
+            )
+        if axes:
+            yi = torch.flip(yi, axes)
+        if want_spread:
+            fg = _foreground(yi)
+            s1 = fg if s1 is None else s1 + fg
+            s2 = fg * fg if s2 is None else s2 + fg * fg
+        if len(axes_list) == 1:
+            total = yi
+        else:
+            total = yi.float() if total is None else total.add_(yi)
+    if len(axes_list) > 1:
+        total /= len(axes_list)
+    spread = None
+    if want_spread:
+        n = len(axes_list)
+        spread = torch.sqrt(torch.clamp(s2 / n - (s1 / n) ** 2, min=0))
+    return total, spread
+
+
+def _as_tensor(x) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        t = x.detach().to("cpu", torch.float32)
+    else:
+        a = np.asarray(x)
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    if t.ndim != 4:
+        raise MedSegError(f"expected a (C, Z, Y, X) array for inference, got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise MedSegError("the input contains NaN or infinite values; fill them before inference")
+    return t
+
+
+def _pad_to_patch(t: torch.Tensor, patch):
+    """Pad (zeros, split evenly) every axis smaller than the window; return the crop."""
+    pads, crop = [], []
+    for n, p in zip(t.shape[1:], patch):
+        d = max(p - n, 0)
+        pads.append((d // 2, d - d // 2))
+        crop.append(slice(d // 2, d // 2 + n))
+    if any(a or b for a, b in pads):
+        flat = [v for a, b in reversed(pads) for v in (a, b)]
+        t = F.pad(t, flat, mode="constant", value=0.0)
+    return t, tuple(crop)
+
+
+def _autocast(device: torch.device, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _run(t, predictor, patch, n_classes, overlap, batch_size, tta, device, amp_dtype,
+         acc_device, uncertainty, want_prob, progress, cancel):
+    shape = tuple(t.shape[1:])
+    starts = [window_starts(s, p, overlap) for s, p in zip(shape, patch)]
+    windows = list(itertools.product(*starts))  # Z-major order
+    total = len(windows)
+    importance = gaussian_importance_map(patch, device=acc_device)
+    stitch = _SlabStitcher(n_classes, shape, patch[0], acc_device, importance, want_prob,
+                           uncertainty)
+    axes_list = _mirror_axes(tta or uncertainty == "tta")
+    pz, py, px = patch
+    done = 0
+    with torch.inference_mode(), _autocast(device, amp_dtype):
+        for b in range(0, total, batch_size):
+            check_cancel(cancel)
+            chunk = windows[b:b + batch_size]
+            batch = torch.stack([t[:, z:z + pz, y:y + py, x:x + px] for z, y, x in chunk])
+            logits, spread = _run_predictor(predictor, batch.to(device), n_classes, axes_list,
+                                            uncertainty == "tta")
+            logits = logits.to(acc_device)
+            spread = None if spread is None else spread.to(acc_device)
+            for i, start in enumerate(chunk):
+                stitch.add(logits[i], start, None if spread is None else spread[i])
+            del logits, spread, batch
+            done += len(chunk)
+            if progress is not None:
+                progress(done, total)
+        stitch.finish()
+    return stitch, total
+
+
+def sliding_window_inference(x, predictor, patch_size, n_classes, overlap=0.5, batch_size=2,
+                             tta=False, device="auto", amp="auto", uncertainty=None,
+                             return_probability=False, progress=None, cancel=None):
+    """Segment a volume window by window, blending windows with Gaussian weights.
+
+    Parameters
+    ----------
+    x : numpy.ndarray or torch.Tensor
+        ``(C, Z, Y, X)`` preprocessed input (``float32``; see
+        :func:`napari_medseg.core.preprocess.preprocess`).
+    predictor : callable
+        Maps a torch tensor ``(B, C, pz, py, px)`` to logits ``(B, K, pz, py, px)``
+        (a ``torch.nn.Module`` in eval mode, a TorchScript module, any function).
+    patch_size : tuple of 3 int
+        Window size ``(pz, py, px)`` in voxels; axes of ``x`` smaller than this are
+        padded with zeros for the run and cropped after.
+    n_classes : int
+        ``K``, the number of output channels (1 for a sigmoid model).
+    overlap : float
+        Fraction of a window shared with its neighbour along each axis, in [0, 1).
+    batch_size : int
+        Windows per predictor call.
+    tta : bool
+        Mirror test-time augmentation: average the logits of all eight flips.
+    device : str or torch.device
+        Where the windows run: ``"auto"`` (CUDA, MPS, CPU), ``"cpu"``, ``"cuda"``...
+    amp : str
+        Mixed precision: ``"auto"`` (see :func:`resolve_amp`), ``"bf16"``, ``"fp16"``
+        or ``"off"`` (fp32).
+    uncertainty : {None, "entropy", "tta"}
+        Also return an uncertainty map; ``"tta"`` implies ``tta=True``.
+    return_probability : bool
+        Also return the foreground probability.
+    progress : callable, optional
+        ``progress(windows_done, windows_total)`` after each batch.
+    cancel : callable, optional
+        Returns True to stop; checked between batches.
+
+    Returns
+    -------
+    InferenceResult
+        Labels ``(Z, Y, X)`` on the grid of ``x`` and the optional maps.
+
+    Raises
+    ------
+    MedSegError
+        On a bad input shape, NaNs, bad options or a model output of the wrong shape.
+    Cancelled
+        When ``cancel()`` returned True; nothing is kept.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> x = np.zeros((1, 9, 10, 11), np.float32); x[0, 3:6, 4:7, 5:8] = 1
+    >>> net = lambda b: torch.cat([1 - b, b], dim=1)   # 2 "classes"
+    >>> res = sliding_window_inference(x, net, (4, 4, 4), 2, device="cpu", amp="off")
+    >>> int(res.labels.sum()), res.labels.dtype
+    (27, dtype('uint8'))
+    """
+    t0 = time.perf_counter()
+    if uncertainty not in (None, "entropy", "tta"):
+        raise MedSegError(f"unknown uncertainty {uncertainty!r}; use None, 'entropy' or 'tta'")
+    if not 0 <= float(overlap) < 1:
+        raise MedSegError(f"overlap must be in [0, 1), got {overlap}")
+    patch = tuple(int(p) for p in patch_size)
+    if len(patch) != 3 or min(patch) < 1:
+        raise MedSegError(f"patch size {patch_size} must be three positive integers")
+    n_classes = int(n_classes)
+    if n_classes < 1 or n_classes > 65535:
+        raise MedSegError(f"n_classes must be between 1 and 65535, got {n_classes}")
+    dev = pick_device(device)
+    amp_dtype = resolve_amp(amp, dev)
+    t = _as_tensor(x)
+    t, crop = _pad_to_patch(t, patch)
+    batch_size = max(int(batch_size), 1)
+    args = dict(predictor=predictor, patch=patch, n_classes=n_classes, overlap=float(overlap),
+                tta=bool(tta), device=dev, amp_dtype=amp_dtype, uncertainty=uncertainty,
+                want_prob=bool(return_probability), progress=progress, cancel=cancel)
+    try:
+        stitch, n = _run(t, batch_size=batch_size, acc_device=dev, **args)
+    except torch.OutOfMemoryError:
+        if batch_size == 1 and dev.type == "cpu":
+            raise MedSegError(
+                "out of memory during inference; close other programs or use a smaller volume"
+            ) from None
+        log.warning("out of memory with %d windows per batch on %s; retrying with 1 window "
+                    "and the output on the CPU", batch_size, dev)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        batch_size = 1
+        stitch, n = _run(t, batch_size=1, acc_device=torch.device("cpu"), **args)
+    labels = np.ascontiguousarray(stitch.labels[crop])
+    prob = None if stitch.prob is None else np.ascontiguousarray(stitch.prob[crop])
+    unc = None if stitch.unc is None else np.ascontiguousarray(stitch.unc[crop])
+    seconds = time.perf_counter() - t0
+    log.info("sliding window: %d windows of %s on %s (amp %s) in %.1f s", n, patch, dev,
+             _amp_name(amp_dtype), seconds)
+    return InferenceResult(labels=labels, probability=prob, uncertainty=unc, seconds=seconds,
+                           n_windows=n, device=str(dev), amp=_amp_name(amp_dtype),
+                           batch_size=batch_size)
