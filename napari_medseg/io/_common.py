@@ -60,20 +60,21 @@ def check_spatial(shape, path, rgb: bool = False) -> None:
         For 2D images, RGB images, 5D+ arrays or empty arrays.
     """
     shape = tuple(int(s) for s in shape)
+    if 0 in shape:
+        raise MedSegError(f"holds an empty array (shape {shape})", str(path))
     if rgb:
         raise MedSegError(
             f"holds RGB colour pixels (shape {shape}); napari-medseg needs a greyscale "
             "3D volume; convert it to a single-channel stack first", str(path))
-    if len(shape) < 3 or (len(shape) >= 3 and sum(s > 1 for s in shape) < 2):
-        raise MedSegError(
-            f"is a 2D image (shape {shape}); napari-medseg needs a 3D volume (Z, Y, X); "
-            "open it with napari's built-in reader instead", str(path))
     if len(shape) > 4:
         raise MedSegError(
             f"has {len(shape)} dimensions (shape {shape}); only 3D volumes or 4D "
             "multi-channel volumes are supported; split it into 3D files first", str(path))
-    if 0 in shape:
-        raise MedSegError(f"holds an empty array (shape {shape})", str(path))
+    spatial = shape[-3:] if len(shape) <= 4 else shape
+    if len(shape) < 3 or min(spatial) == 1:
+        raise MedSegError(
+            f"is a 2D image (shape {shape}); napari-medseg needs a 3D volume (Z, Y, X); "
+            "open it with napari's built-in reader instead", str(path))
 
 
 def is_integer_valued(data) -> bool:

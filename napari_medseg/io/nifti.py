@@ -131,7 +131,7 @@ def read_nifti(path, lazy: bool = True, is_label: bool | None = None) -> Volume:
     dtype = img.header.get_data_dtype()
     if dtype.names is not None or dtype.kind == "V":
         check_spatial(shape[::-1] + (3,), path, rgb=True)
-    while len(shape) > 4 and shape[-1] == 1:
+    while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     check_spatial(shape[::-1], path)
     if len(shape) == 3 and shape[2] == 1:
