@@ -12,13 +12,16 @@ Layout (nnU-Net v2 "raw" format)::
 New case ids never reuse an existing one: an id is claimed by creating its
 reservation folder (``.medseg/cases/{case}``, an atomic ``mkdir``) before any
 file is written, so two exports running at once get different ids. Each file
-is written atomically, and a failed export removes what it had written.
+is first written into ``.medseg/staging/{case}/`` and then renamed into place
+(the label file last), so nnU-Net never sees a partial case, even when the
+process is killed; a failed export removes what it had published.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -261,33 +264,45 @@ def export_training_case(image_vols, labels: Volume, dataset_dir, dataset_name=N
                      label_names=names, label_colors=dict(labels.label_colors))
 
     case = _claim_case_id(dataset_dir, case_prefix)
-    written: list[Path] = []
+    stage = dataset_dir / ".medseg" / "staging" / case
+    moved: list[Path] = []
     total = len(vols) + 3
     try:
+        stage.mkdir(parents=True)
+        staged = []
         for c, v in enumerate(vols):
             check_cancel(cancel)
-            path = dataset_dir / "imagesTr" / f"{case}_{c:04d}{FILE_ENDING}"
-            _write(path, Volume(np.asarray(v.data), affine=affine, modality=v.modality), False)
-            written.append(path)
+            name = f"{case}_{c:04d}{FILE_ENDING}"
+            _write(stage / name, Volume(np.asarray(v.data), affine=affine,
+                                        modality=v.modality), False)
+            staged.append((stage / name, dataset_dir / "imagesTr" / name))
             if progress:
                 progress(c + 1, total)
         check_cancel(cancel)
-        label_path = dataset_dir / "labelsTr" / f"{case}{FILE_ENDING}"
-        _write(label_path, lab_vol, True)
-        written.append(label_path)
+        label_name = f"{case}{FILE_ENDING}"
+        _write(stage / label_name, lab_vol, True)
+        staged.append((stage / label_name, dataset_dir / "labelsTr" / label_name))
         if ledger is not None:
             check_cancel(cancel)
-            ledger.save(dataset_dir / "ledger" / case, current=lab)
-            written.append(dataset_dir / "ledger" / case)
+            ledger.save(stage / "ledger", current=lab)
+            staged.append((stage / "ledger", dataset_dir / "ledger" / case))
         if progress:
             progress(len(vols) + 2, total)
         check_cancel(cancel)
+        # publish: images first, the label (which completes the case) after them
+        (dataset_dir / "ledger").mkdir(exist_ok=True)
+        for src, dst in staged:
+            if dst.exists():
+                raise MedSegError(f"{dst.name} appeared while exporting; export again",
+                                  where)
+            os.replace(src, dst)
+            moved.append(dst)
         _update_dataset_json(dataset_dir, dataset_name, channel_names, vols, names, present)
         if datalist:
-            append_datalist(dataset_dir / datalist, written[: len(vols)], label_path,
-                            extra={"case": case})
+            append_datalist(dataset_dir / datalist, [d for _, d in staged[: len(vols)]],
+                            dataset_dir / "labelsTr" / label_name, extra={"case": case})
     except BaseException as exc:
-        for p in reversed(written):
+        for p in reversed(moved):
             with contextlib.suppress(OSError):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
         with contextlib.suppress(OSError):
@@ -298,6 +313,8 @@ def export_training_case(image_vols, labels: Volume, dataset_dir, dataset_name=N
             raise MedSegError(f"could not write the training case ({exc}); nothing was "
                               "added", where) from exc
         raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     if progress:
         progress(total, total)
     log.info("added training case %s to %s", case, dataset_dir)
