@@ -21,9 +21,9 @@ __all__ = ["make_abdomen_ct"]
 
 # Typical portal-venous phase attenuation (HU).
 _HU = {
-    "air": -1000.0, "fat": -100.0, "skin": 30.0, "muscle": 50.0, "bowel": 35.0,
-    "gas": -850.0, "liver": 60.0, "vessel": 150.0, "spleen": 50.0, "cortex": 175.0,
-    "medulla": 110.0, "sinus": -40.0, "lesion": 22.0, "aorta": 170.0, "ivc": 130.0,
+    "air": -1000.0, "fat": -100.0, "skin": 30.0, "muscle": 50.0, "bowel": 25.0, "bowel_wall": 60.0,
+    "gas": -850.0, "liver": 100.0, "vessel": 165.0, "spleen": 108.0, "cortex": 175.0,
+    "medulla": 110.0, "sinus": -40.0, "lesion": 45.0, "aorta": 170.0, "ivc": 130.0,
     "bone": 700.0, "marrow": 220.0, "disc": 90.0, "canal": 15.0, "rib": 550.0,
     "stomach": 15.0,
 }
@@ -85,7 +85,7 @@ def make_abdomen_ct(seed: int = 0, shape=(64, 128, 128), spacing=(2.5, 1.5, 1.5)
     enhance = jit.uniform(0.7, 1.3, 1.0)
     for k in ("cortex", "medulla", "aorta", "ivc", "vessel"):
         hu[k] = 40.0 + (hu[k] - 40.0) * enhance
-    hu["lesion"] = min(hu["lesion"], hu["liver"] - 20.0)
+    hu["lesion"] = min(hu["lesion"], hu["liver"] - 30.0)
 
     img = np.full(grid.shape, hu["air"], dtype=np.float32)
     lab = np.zeros(grid.shape, dtype=np.uint8)
@@ -140,8 +140,9 @@ def _body(grid, img, rng, jit, hu):
     bw = _Waves(rng, n=8, wavelength=38.0)
     gw = _Waves(rng, n=8, wavelength=22.0)
     field = bw(grid.x, grid.y, grid.z)
-    visceral = np.where(field > -0.15, np.float32(hu["bowel"]), np.float32(hu["fat"]))
-    gas = (field > 0.35) & (gw(grid.x, grid.y, grid.z) > 0.9)
+    visceral = np.where(field > 0.05, np.float32(hu["bowel"]), np.float32(hu["fat"]))
+    visceral[(field > 0.05) & (field < 0.15)] = hu["bowel_wall"]
+    gas = (field > 0.45) & (gw(grid.x, grid.y, grid.z) > 1.1)
     visceral[gas] = hu["gas"]
     img[cavity] = visceral[cavity]
     return cavity
@@ -151,8 +152,8 @@ def _spine(grid, img, jit, hu, cavity):
     """Vertebrae, discs, canal, paraspinal and psoas muscles, ribs (unlabelled)."""
     hx, hy, hz = grid.half
     ay = hy * 0.64
-    rv = 0.25 * ay + jit.normal(1.0)
-    yc = hy * 0.04 - 0.52 * ay
+    rv = 0.19 * ay + jit.normal(0.8)
+    yc = hy * 0.04 - 0.42 * ay
     x, y, z = grid.x, grid.y, grid.z
     body = img > hu["air"] + 1.0
     d_vb = np.sqrt(x * x + (y - np.float32(yc)) ** 2)[0]  # (Y, X)
@@ -160,7 +161,7 @@ def _spine(grid, img, jit, hu, cavity):
     disc = zmod < 7.0  # (Z, 1, 1)
     # paraspinal muscles (behind the vertebra) and psoas (beside it, lower down)
     for side in (-1.0, 1.0):
-        m = ((x - side * 1.1 * rv) / (0.95 * rv)) ** 2 + ((y - (yc - 1.5 * rv)) / (0.8 * rv)) ** 2
+        m = ((x - side * 1.25 * rv) / (1.1 * rv)) ** 2 + ((y - (yc - 2.0 * rv)) / (0.9 * rv)) ** 2
         img[(m < 1) & body] = hu["muscle"]
         size = np.clip(0.3 - grid.z[:, 0, 0] / hz, 0.0, 1.0) * 0.75 * rv
         psoas = ((x - side * 1.45 * rv) ** 2 + (y - (yc + 0.2 * rv)) ** 2)[0]
@@ -175,10 +176,11 @@ def _spine(grid, img, jit, hu, cavity):
     yk = yc - rv - 0.45 * rv
     d_canal = np.sqrt(x * x + (y - np.float32(yk)) ** 2)[0]
     arch = (d_canal < 0.75 * rv) & ~vb
-    spinous = ((np.abs(x) < 0.18 * rv) & (y < yk) & (y > yk - 1.6 * rv))[0]
-    img[:, arch | spinous] = np.where(~disc, np.float32(hu["bone"]),
-                                      np.float32(hu["muscle"]))[:, :, 0]
-    img[:, d_canal < 0.42 * rv] = hu["canal"]
+    spinous = ((np.abs(x) < 0.2 * rv) & (y < yk) & (y > yk - 1.5 * rv))[0]
+    post = (arch | spinous)[None] & body
+    img[post] = np.broadcast_to(np.where(~disc, np.float32(hu["bone"]),
+                                         np.float32(hu["muscle"])), post.shape)[post]
+    img[(d_canal < 0.42 * rv)[None] & body] = hu["canal"]
     _ribs(grid, img, hu, cavity, yc)
     return {"yc": yc, "rv": rv}
 
@@ -192,7 +194,7 @@ def _ribs(grid, img, hu, cavity, y_spine):
         shell |= cavity & ~np.roll(cavity, sh, axis=1)
     angle = np.arctan2(grid.x, grid.y - np.float32(y_spine))  # 0 = anterior
     arc = np.abs(angle) * np.float32(0.5 * (hx + hy))
-    band = np.sin(2 * np.pi * (grid.z + 0.45 * arc) / np.float32(30.0)) > 0.6
+    band = np.sin(2 * np.pi * (grid.z + 0.9 * arc) / np.float32(28.0)) > 0.8
     upper = grid.z > -0.25 * hz
     ribs = shell & band & upper & (np.abs(angle) > 0.7) & (np.abs(angle) < 2.6)
     img[ribs] = hu["rib"]
@@ -228,7 +230,7 @@ def _kidneys(grid, img, lab, rng, jit, hu, spine, cavity):
     for side, label, zc in ((-1.0, 3, -0.08), (1.0, 4, -0.2)):
         c = (side * (2.4 * rv + 0.07 * hx) + jit.normal(2.0),
              yc + 0.3 * rv + jit.normal(2.0), (zc + jit.normal(0.05)) * hz)
-        axes = tuple(a * jit.uniform(0.85, 1.15, 1.0) for a in (0.13 * hx, 0.19 * hy, 0.3 * hz))
+        axes = tuple(a * jit.uniform(0.85, 1.15, 1.0) for a in (0.16 * hx, 0.22 * hy, 0.34 * hz))
         rot = _rotation(side * (35.0 + jit.normal(8.0)), rx=jit.normal(6.0) - 10.0,
                         ry=side * (10.0 + jit.normal(4.0)))
         sl, r, (u, v, w) = _blob(grid, c, axes, rot, _Waves(rng, 5, 1.2), 0.06)
@@ -247,7 +249,7 @@ def _spleen(grid, img, lab, rng, jit, hu, cavity):
     axes = tuple(a * jit.uniform(0.75, 1.25, 1.0) for a in (0.14 * hx, 0.28 * hy, 0.28 * hz))
     rot = _rotation(45.0 + jit.normal(10.0), rx=jit.normal(5.0))
     sl, r, _ = _blob(grid, c, axes, rot, _Waves(rng, 5, 1.2), 0.12)
-    _paint(img, lab, sl, (r < 1) & cavity[sl], hu["spleen"], 2)
+    _paint(img, lab, sl, (r < 1) & cavity[sl] & (lab[sl] == 0), hu["spleen"], 2)
 
 
 def _liver(grid, img, lab, rng, jit, hu, cavity):
@@ -259,7 +261,7 @@ def _liver(grid, img, lab, rng, jit, hu, cavity):
     sl, r, (u, v, w) = _blob(grid, c, axes, rot, _Waves(rng, 6, 1.3), 0.13)
     # thinner towards the left lobe tip: shrink where local u is negative
     r = r + np.float32(0.25) * np.clip(-u - 0.2, 0, None) ** 2
-    liver = (r < 1) & cavity[sl]
+    liver = (r < 1) & cavity[sl] & (lab[sl] == 0)
     tex = _Waves(rng, 8, 0.18)(u, v, w)
     value = np.float32(hu["liver"]) + np.float32(3.0) * tex
     vessels = (np.abs(_Waves(rng, 6, 0.9)(u, v, w)) < 0.05) & (r < 0.8)
@@ -276,7 +278,7 @@ def _lesions(grid, img, lab, rng, jit, hu, liver):
         d = rng.normal(size=3)
         d *= rng.uniform(0.15, 0.55) / np.linalg.norm(d)
         c = np.asarray(liver["center"]) + liver["rot"] @ (d * np.asarray(liver["axes"]))
-        rad = float(rng.uniform(0.06, 0.12) * hx)
+        rad = float(rng.uniform(0.08, 0.14) * hx)
         sl, r, _ = _blob(grid, c, (rad, rad * rng.uniform(0.8, 1.2), rad), _rotation(
             rng.uniform(0, 180)), _Waves(rng, 4, 1.0), 0.15)
         inside = (r < 1) & (lab[sl] == 1)

@@ -106,17 +106,19 @@ def _head_layers(grid, img, lab, rng, jit, t1):
     img[csf] = t1["csf"]
     lab[csf] = 1
     brain_depth = depth - np.float32(11.5)
-    gyri = _Waves(rng, n=10, wavelength=0.28)(u, v, w)
-    sulci = (np.abs(gyri) < 0.12) & (brain_depth < 9.0)
-    cortex = (brain_depth >= 0) & ~sulci
-    img[cortex] = t1["gm"]
-    lab[cortex] = 2
-    wm = brain_depth >= 3.0 + 3.5 * np.clip(gyri, -0.6, 1.0) + 2.5
-    wm &= ~(np.abs(gyri) < 0.2)
-    wm |= brain_depth >= 11.0
+    brain = brain_depth >= 0
+    # Folding: where the field g is high a gyrus brings white matter close to
+    # the surface; where it is low the cortex dips and a sulcus opens in it.
+    g = _Waves(rng, n=16, wavelength=0.2)(u, v, w)
+    wm_depth = np.float32(2.2) + np.float32(3.0) * np.clip(np.float32(1.0) - g, 0, 3)
+    wm = brain & (brain_depth >= wm_depth)
+    sulcus = brain & (g < -0.9) & (brain_depth < wm_depth - 1.5)
+    gm = brain & ~wm & ~sulcus
+    img[gm] = t1["gm"]
+    lab[gm] = 2
     img[wm] = t1["wm"]
     lab[wm] = 3
-    return {"center": c, "axes": axes, "rot": rot, "brain": brain_depth >= 0}
+    return {"center": c, "axes": axes, "rot": rot, "brain": brain}
 
 
 def _ventricles_and_nuclei(grid, img, lab, rng, jit, t1, brain):
@@ -129,7 +131,7 @@ def _ventricles_and_nuclei(grid, img, lab, rng, jit, t1, brain):
         _paint(img, lab, sl, (r < 1) & brain["brain"][sl], t1["deep_gm"], 2)
     for side in (-1.0, 1.0):
         c = (side * 0.09 * hx, -0.02 * hy, 0.14 * hz + jit.normal(2.0))
-        axes = (0.06 * hx * jit.uniform(0.7, 1.6, 1.0), 0.34 * hy, 0.1 * hz)
+        axes = (0.075 * hx * jit.uniform(0.7, 1.6, 1.0), 0.34 * hy, 0.12 * hz)
         rot = _rotation(side * 8.0)
         sl, r, (u, v, w) = _blob(grid, c, axes, rot, _Waves(rng, 4, 1.0), 0.06)
         # bend into a "C": lift the middle, drop the horns
