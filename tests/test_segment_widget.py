@@ -107,3 +107,116 @@ def test_shapes_region_single_slice_and_3d_extent(make_napari_viewer):
     empty = viewer.add_shapes(ndim=3)
     with pytest.raises(MedSegError, match="no shapes"):
         shapes_region(img, empty)
+
+
+# ------------------------------------------------------------------ the widget
+@pytest.fixture
+def notes():
+    """Messages of the napari notifications shown during the test."""
+    from napari.utils.notifications import notification_manager
+
+    seen: list = []
+
+    def grab(event):
+        seen.append(event.value if hasattr(event, "value") else event)
+
+    notification_manager.notification_ready.connect(grab)
+    yield seen
+    notification_manager.notification_ready.disconnect(grab)
+
+
+def _dock(viewer):
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
+    return widget
+
+
+def _wait(qtbot, widget, timeout=120_000):
+    qtbot.waitUntil(lambda: widget.job is not None and not widget.running,
+                    timeout=timeout)
+
+
+def _tiny_model(network=None, channels=1):
+    """A small real torch model (random 3D U-Net) in our model format."""
+    import torch
+
+    from napari_medseg.models.card import ModelCard
+    from napari_medseg.models.networks import UNet3D
+    from napari_medseg.models.predictor import TorchModel
+
+    torch.manual_seed(0)
+    chans = [{"name": f"CT{i}" if i else "CT", "modality": "CT"} for i in range(channels)]
+    card = ModelCard(name="tiny-ct", channels=chans, patch_size=(16, 32, 32),
+                     normalization=[{"kind": "ct", "window": [-200, 300]}],
+                     classes={1: {"name": "liver", "color": [0.8, 0.3, 0.2]}})
+    net = network if network is not None else UNet3D(in_channels=channels, out_channels=2)
+    return TorchModel(card, net)
+
+
+def _ct_layer(viewer, shape=(24, 40, 40), name="ct"):
+    vol = Volume(np.full(shape, -50.0, np.float32),
+                 make_affine((2.5, 1.5, 1.5), (0.0, 0.0, 0.0)), modality="CT")
+    data, kwargs, _ = volume_to_layer_data(vol, name=name)
+    return viewer.add_image(data, **kwargs)
+
+
+def test_error_no_image_layer(make_napari_viewer, notes):
+    viewer = make_napari_viewer()
+    widget = _dock(viewer)
+    widget.add_model(_tiny_model())
+    assert widget.run() is None
+    assert "no image layer" in widget.last_error
+    assert any("no image layer" in str(n.message) for n in notes)
+    assert len(viewer.layers) == 0
+
+
+def test_error_2d_image_for_3d_model(make_napari_viewer, notes):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((40, 50), np.float32), name="slice")
+    widget = _dock(viewer)
+    widget.add_model(_tiny_model())
+    assert widget.run() is None
+    assert "'slice' is a 2D image" in widget.last_error
+    assert any("2D image" in str(n.message) for n in notes)
+    assert [lyr.name for lyr in viewer.layers] == ["slice"]
+
+
+def test_error_channel_mismatch(make_napari_viewer, notes):
+    viewer = make_napari_viewer()
+    # a dual-energy CT kept as one (C, Z, Y, X) layer, for a one-channel model
+    viewer.add_image(np.zeros((2, 12, 20, 20), np.float32), name="dual energy")
+    widget = _dock(viewer)
+    widget.add_model(_tiny_model())
+    assert widget.run() is None
+    assert "channel mismatch" in widget.last_error and "dual energy" in widget.last_error
+    assert any("channel mismatch" in str(n.message) for n in notes)
+    assert len(viewer.layers) == 1
+    # a two-channel model: one image picker per channel, in card order
+    widget.add_model(_tiny_model(channels=2))
+    assert len(widget._channel_boxes) == 2
+    with pytest.raises(MedSegError, match="takes 2 image channel"):
+        widget.set_images(["dual energy"])
+
+
+def test_error_out_of_memory_names_the_fixes(make_napari_viewer, qtbot, notes):
+    import torch
+
+    class Greedy(torch.nn.Module):
+        """Asks for a petabyte, like a far too large window would."""
+
+        def forward(self, x):
+            big = torch.empty((2 ** 20, 2 ** 20, 2 ** 10), dtype=torch.float32)
+            return big[: x.shape[0], :2].reshape(x.shape[0], 2, 1, 1, 1).expand(
+                -1, -1, *x.shape[2:])
+
+    viewer = make_napari_viewer()
+    _ct_layer(viewer)
+    widget = _dock(viewer)
+    widget.add_model(_tiny_model(network=Greedy()))
+    widget.device_box.setCurrentText("cpu")
+    assert widget.run() is not None
+    _wait(qtbot, widget)
+    msg = widget.last_error
+    assert "out of memory" in msg and "smaller region" in msg and "fast mode" in msg
+    assert "cpu device" in msg and msg.startswith("ct:")
+    assert any("out of memory" in str(n.message) for n in notes)
+    assert [lyr.name for lyr in viewer.layers] == ["ct"]

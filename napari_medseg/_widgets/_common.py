@@ -105,7 +105,8 @@ class Job:
             return func(*args, progress=self._relay.progressed.emit,
                         cancel=self.cancel_event.is_set, **kwargs)
 
-        self.worker = create_worker(run, _start_thread=False)
+        # errors go to _errored (a notification), never re-raised as a traceback
+        self.worker = create_worker(run, _start_thread=False, _ignore_errors=True)
         self.worker.returned.connect(self._returned)
         self.worker.errored.connect(self._errored)
         self.worker.finished.connect(self._finished)

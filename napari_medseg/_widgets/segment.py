@@ -139,6 +139,7 @@ class SegmentWidget(QWidget):
         self.viewer = napari_viewer
         self.on_corrected: Callable[[Layer], str] = self._ask_corrected
         self.job: Job | None = None
+        self._busy = False
         self.last_error: str | None = None
         self._models: dict[str, object] = {}  # name -> ModelInfo or loaded model
         self._loaded: dict[str, object] = {}
@@ -238,17 +239,25 @@ class SegmentWidget(QWidget):
             self.model_box.setCurrentText(current)
         self._on_model_changed(self.model_box.currentText())
 
-    def add_model(self, path) -> str:
-        """Load a model from ``path`` (package folder, .zip, TorchScript, bundle); select it."""
-        from ..models import load_model
+    def add_model(self, model) -> str:
+        """Offer a model besides the registry's and select it; return its name.
 
-        model = load_model(str(path))
+        ``model`` is a path (package folder, .zip, TorchScript file, bundle) or an
+        already loaded model (anything with ``card`` and ``predict``).
+        """
+        if not (hasattr(model, "card") and hasattr(model, "predict")):
+            from ..models import load_model
+
+            model = load_model(str(model))
         name = model.card.name
         self._models[name] = model
         self._loaded[name] = model
         if self.model_box.findText(name) < 0:
             self.model_box.addItem(name)
-        self.model_box.setCurrentText(name)
+        if self.model_box.currentText() == name:
+            self._on_model_changed(name)  # same name, new card
+        else:
+            self.model_box.setCurrentText(name)
         return name
 
     def _browse_model(self) -> None:
@@ -357,7 +366,7 @@ class SegmentWidget(QWidget):
     @property
     def running(self) -> bool:
         """True while a model runs."""
-        return self.job is not None and self.job.running
+        return self._busy
 
     def run(self) -> Job | None:
         """Start segmenting with the current choices; returns the job (None if not started)."""
@@ -373,10 +382,11 @@ class SegmentWidget(QWidget):
             return None
         entry = self._loaded.get(request["model_name"]) or request["model_name"]
         self.run_button.setEnabled(False)
+        self._busy = True
         self.job = Job(segment_volumes, entry, request["volumes"], name=request["image"],
                        on_done=lambda res: self._on_result(res, request),
                        on_error=self._on_error, bar=self.job_bar, what="Segment",
-                       on_finish=lambda: self.run_button.setEnabled(True),
+                       on_finish=self._on_finish,
                        **request["options"])
         return self.job.start()
 
@@ -463,6 +473,10 @@ class SegmentWidget(QWidget):
         return "replace" if clicked is replace else "untouched" if clicked is keep else "cancel"
 
     # --------------------------------------------------------------- result
+    def _on_finish(self) -> None:
+        self._busy = False
+        self.run_button.setEnabled(True)
+
     def _on_error(self, exc) -> None:
         self.last_error = str(exc) if isinstance(exc, MedSegError) else \
             f"{type(exc).__name__}: {exc}"
