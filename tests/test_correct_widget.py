@@ -1,0 +1,179 @@
+"""The Correct dock widget in a real viewer: each effect is one exact undo step."""
+
+import numpy as np
+import pytest
+
+from napari_medseg._napari.history import apply_edit, history_nbytes
+from napari_medseg.core import corrections as C
+
+SPACING = (2.0, 0.8, 0.8)
+
+
+def _case():
+    lab = np.zeros((12, 48, 48), np.uint8)
+    lab[3:9, 10:30, 10:30] = 1
+    lab[5, 18:22, 18:22] = 0          # a hole
+    lab[4:7, 36:40, 36:40] = 2
+    lab[10, 2, 2] = 1                 # an island of 1 voxel
+    lab[2, 20:24, 20:24] = 3          # class 3 drawn on slices 2 and 9 only
+    lab[9, 18:26, 18:26] = 3
+    lab[6, 40, 5] = 1                 # another island
+    img = np.where(lab > 0, 100.0, -50.0).astype(np.float32)
+    img[:, :, :24] += 300.0
+    return lab, img
+
+
+@pytest.fixture
+def widget(make_napari_viewer):
+    viewer = make_napari_viewer()
+    lab, img = _case()
+    viewer.add_image(img, name="ct", scale=SPACING)
+    layer = viewer.add_labels(lab.copy(), name="seg", scale=SPACING)
+    _dock, w = viewer.window.add_plugin_dock_widget("napari-medseg", "Correct")
+    w.layer_combo.setCurrentText("seg")
+    return viewer, layer, w
+
+
+def _select(w, key):
+    w.op_combo.setCurrentIndex(w.op_combo.findData(key))
+
+
+def _check_undo_redo(layer, before, expected):
+    after = layer.data.copy()
+    np.testing.assert_array_equal(after, expected)
+    assert not np.array_equal(after, before)
+    layer.undo()
+    np.testing.assert_array_equal(layer.data, before)
+    layer.redo()
+    np.testing.assert_array_equal(layer.data, after)
+    layer.undo()
+
+
+CASES = [
+    ("islands", 1, {"volume": 5.0},
+     lambda a: C.remove_islands(a, 1, min_volume_mm3=5.0, spacing=SPACING)),
+    ("largest", 1, {}, lambda a: C.keep_largest(a, 1)),
+    ("split", 1, {}, lambda a: C.split_components(a, 1)),
+    ("holes", 1, {"mode": 0}, lambda a: C.fill_holes(a, 1)),
+    ("smooth", 1, {"method": 2, "radius": 1.6},
+     lambda a: C.smooth(a, 1, method="closing", radius_mm=1.6, spacing=SPACING)),
+    ("margin", 2, {"mm": 1.6}, lambda a: C.margin(a, 2, margin_mm=1.6, spacing=SPACING)),
+    ("margin", 1, {"mm": -2.0}, lambda a: C.margin(a, 1, margin_mm=-2.0, spacing=SPACING)),
+    ("between", 3, {}, lambda a: C.fill_between_slices(a, 3, spacing=SPACING)),
+    ("logical", 1, {"op": 0, "other": 2}, lambda a: C.logical_op(a, "union", 1, 2)),
+    ("relabel", 0, {"sources": "2, 3", "target": 4}, lambda a: C.merge(a, [2, 3], 4)),
+]
+
+
+def _set(w, key, params):
+    p = w.params[key]
+    for name, value in params.items():
+        ctl = p[name]
+        if hasattr(ctl, "setCurrentIndex") and isinstance(value, int) and name != "other":
+            ctl.setCurrentIndex(value)
+        elif hasattr(ctl, "setText"):
+            ctl.setText(value)
+        else:
+            ctl.setValue(value)
+
+
+@pytest.mark.parametrize("key,label,params,expect", CASES,
+                         ids=[f"{c[0]}{i}" for i, c in enumerate(CASES)])
+def test_each_operation_through_widget_undo_redo(widget, key, label, params, expect):
+    viewer, layer, w = widget
+    before = layer.data.copy()
+    _select(w, key)
+    w.label_spin.setValue(label)
+    _set(w, key, params)
+    n_undo = len(layer._undo_history)
+    w.run(background=False)
+    assert len(layer._undo_history) == n_undo + 1          # exactly one undo step
+    expected = expect(before).result(before)
+    assert w.last_changed == int((expected != before).sum())
+    _check_undo_redo(layer, before, expected)
+
+
+def test_threshold_paint_and_slice_region(widget):
+    viewer, layer, w = widget
+    before = layer.data.copy()
+    _select(w, "threshold")
+    w.label_spin.setValue(5)
+    p = w.params["threshold"]
+    p["image"].setCurrentText("ct")
+    p["lo"].setValue(200.0)
+    p["hi"].setValue(500.0)
+    w.region_combo.setCurrentIndex(2)
+    w.from_spin.setValue(4)
+    w.to_spin.setValue(6)
+    w.run(background=False)
+    img = viewer.layers["ct"].data
+    expected = before.copy()
+    sel = (img >= 200) & (img <= 500)
+    sel[:4] = sel[7:] = False
+    expected[sel] = 5
+    _check_undo_redo(layer, before, expected)
+
+
+def test_current_slice_region_follows_dims(widget):
+    viewer, layer, w = widget
+    before = layer.data.copy()
+    viewer.dims.set_point(0, 4 * SPACING[0])
+    w.region_combo.setCurrentIndex(1)
+    _select(w, "margin")
+    w.params["margin"]["mm"].setValue(1.6)
+    w.run(background=False)
+    changed = np.argwhere(layer.data != before)
+    assert len(changed) and set(changed[:, 0]) == {4}
+
+
+def test_background_job_and_shortcut(widget, qtbot):
+    from napari.utils.key_bindings import coerce_keybinding
+
+    viewer, layer, w = widget
+    before = layer.data.copy()
+    _select(w, "margin")
+    w.label_spin.setValue(2)
+    w.params["margin"]["mm"].setValue(1.6)
+    job = w.run(background=True)
+    qtbot.waitUntil(lambda: not job.running and job.result is not None, timeout=20000)
+    expected = C.margin(before, 2, margin_mm=1.6, spacing=SPACING).result(before)
+    _check_undo_redo(layer, before, expected)
+    func = viewer.keymap[coerce_keybinding("Shift-H")]      # shrink by the margin
+    func(viewer)
+    expected = C.margin(before, 2, margin_mm=-1.6, spacing=SPACING).result(before)
+    np.testing.assert_array_equal(layer.data, expected)
+
+
+def test_undo_memory_small_region_of_large_volume():
+    from napari.layers import Labels
+
+    data = np.zeros((300, 512, 512), np.uint8)
+    data[140:160, 200:260, 200:260] = 1
+    layer = Labels(data)
+    before_region = layer.data[130:170, 190:270, 190:270].copy()
+    edit = C.margin(layer.data, 1, margin_mm=2.0, spacing=(1.0, 0.7, 0.7),
+                    region=C.slice_range(130, 170))
+    n = apply_edit(layer, edit)
+    assert n > 10_000
+    size = history_nbytes(layer)
+    assert size < 10 * 2 ** 20, size
+    assert len(layer._undo_history) == 1
+    layer.undo()
+    np.testing.assert_array_equal(layer.data[130:170, 190:270, 190:270], before_region)
+    assert int(layer.data.sum()) == 20 * 60 * 60
+
+
+def test_dense_edit_uses_mask_history_and_undoes(rng):
+    from napari.layers import Labels
+
+    data = rng.integers(0, 3, (20, 30, 30)).astype(np.uint8)
+    layer = Labels(data.copy())
+    edit = C.relabel(layer.data, {1: 2, 2: 1})
+    apply_edit(layer, edit)
+    assert history_nbytes(layer) < data.size * 3            # not 6+ bytes per voxel
+    swapped = edit.result(data)
+    np.testing.assert_array_equal(layer.data, swapped)
+    layer.undo()
+    np.testing.assert_array_equal(layer.data, data)
+    layer.redo()
+    np.testing.assert_array_equal(layer.data, swapped)
