@@ -1,0 +1,332 @@
+"""A loaded model and how it turns volumes into labels on the input's grid.
+
+:class:`Model` holds a :class:`~napari_medseg.models.card.ModelCard` and a way
+to run windows (:meth:`Model.make_predictor`). :meth:`Model.predict` is the one
+entry used by the widgets, the CLI and the tests:
+
+checks (3D, channel count, NaNs) -> optional region crop with a margin ->
+:func:`~napari_medseg.core.preprocess.preprocess` (reorient, normalise,
+resample as the card says) -> :func:`~napari_medseg.core.inference.sliding_window_inference`
+-> :func:`~napari_medseg.core.preprocess.restore_labels` -> paste the region back.
+
+Formats that run their own pipeline (nnU-Net, deepbet) override
+:meth:`Model._predict_array`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..core.volume import Volume
+from ..errors import MedSegError, check_cancel
+from .card import ModelCard
+
+__all__ = ["Model", "TorchModel", "Prediction", "mirror_tta"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    """The output of :meth:`Model.predict`.
+
+    Attributes
+    ----------
+    labels : Volume
+        ``(Z, Y, X)`` label Volume (``uint8``/``uint16``) on the input grid (same
+        shape and affine), with the card's class names and colours. Voxels
+        outside the requested region are 0.
+    uncertainty : Volume or None
+        ``(Z, Y, X)`` ``float16`` map in [0, 1] on the input grid, when asked for.
+    seconds : float
+        Wall time of the whole call.
+    info : dict
+        Run details: device, amp, windows, overlap, tta.
+    """
+
+    labels: Volume
+    uncertainty: Volume | None = None
+    seconds: float = 0.0
+    info: dict | None = None
+
+
+def mirror_tta(predictor: Callable, axes) -> Callable:
+    """Wrap a predictor so it averages the logits of mirrored inputs.
+
+    Parameters
+    ----------
+    predictor : callable
+        ``(B, C, z, y, x)`` tensor -> ``(B, K, z, y, x)`` logits.
+    axes : sequence of int
+        Spatial axes (0 = z, 1 = y, 2 = x) allowed for mirroring; every subset
+        of them is used (``2 ** len(axes)`` passes).
+    """
+    import itertools
+
+    dims = [2 + int(a) for a in axes]
+    combos = [c for r in range(len(dims) + 1) for c in itertools.combinations(dims, r)]
+
+    def run(x):
+        out = None
+        for flip in combos:
+            xi = torch.flip(x, flip) if flip else x
+            y = predictor(xi)
+            y = (torch.flip(y, flip) if flip else y).float()
+            out = y if out is None else out + y
+        return out / len(combos)
+
+    return run
+
+
+class Model:
+    """A model ready to run: its card plus the means to evaluate windows.
+
+    Subclasses implement :meth:`make_predictor`, or override
+    :meth:`_predict_array` when the format brings its own pipeline.
+
+    Parameters
+    ----------
+    card : ModelCard
+        What the model expects and outputs.
+    source : str
+        Where it was loaded from (a name or a path), for messages.
+    """
+
+    batch_size = 2
+
+    def __init__(self, card: ModelCard, source: str = ""):
+        self.card = card
+        self.source = str(source or card.name)
+
+    def __repr__(self) -> str:  # pragma: no cover - cosmetic
+        return f"{type(self).__name__}({self.card.name!r}, source={self.source!r})"
+
+    # ---------------------------------------------------------------- API
+    def make_predictor(self, device: torch.device) -> Callable:
+        """Return a callable ``(B, C, *patch) -> (B, K, *patch)`` logits on ``device``."""
+        raise NotImplementedError
+
+    def predict(self, volumes, device="auto", overlap=0.5, tta=False, fast=False, region=None,
+                uncertainty=None, progress=None, cancel=None) -> Prediction:
+        """Segment ``volumes`` and return labels on the input's voxel grid.
+
+        Parameters
+        ----------
+        volumes : Volume or list of Volume
+            The model's input channels on one grid, ``(Z, Y, X)`` each (a
+            ``(C, Z, Y, X)`` Volume counts as ``C`` channels). Intensities in
+            the card's units (HU for CT).
+        device : str
+            ``"auto"`` (CUDA, MPS, CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        overlap : float
+            Window overlap in [0, 1).
+        tta : bool
+            Mirror test-time augmentation (only along the card's ``mirror_axes``).
+        fast : bool
+            Quick preview: overlap at most 0.25 and no test-time augmentation
+            (an uncertainty of ``"tta"`` becomes ``"entropy"``).
+        region : tuple of 3 slice, optional
+            Only segment this box of the input array ``(Z, Y, X)``; it is run
+            with a margin of context around it and labels outside it are 0.
+        uncertainty : {None, "entropy", "tta"}
+            Also return an uncertainty map.
+        progress, cancel : callable, optional
+            ``progress(done, total)`` windows; ``cancel()`` True stops the run
+            (raises :class:`~napari_medseg.errors.Cancelled`, nothing is kept).
+
+        Returns
+        -------
+        Prediction
+
+        Raises
+        ------
+        MedSegError
+            2D input, wrong number of channels, NaNs, channels on different
+            grids, a bad region, or an unavailable device.
+        """
+        import time
+
+        t0 = time.perf_counter()
+        vols = self._check_inputs(volumes)
+        ref = vols[0]
+        if fast:
+            overlap = min(float(overlap), 0.25)
+            tta = False
+            uncertainty = "entropy" if uncertainty == "tta" else uncertainty
+        box = _parse_region(region, ref.shape3, ref.source)
+        crop = None if box is None else self._with_margin(box, ref)
+        run_vols = vols if crop is None else [_crop_volume(v, crop) for v in vols]
+        check_cancel(cancel)
+        labels, unc, info = self._predict_array(run_vols, device=device, overlap=overlap,
+                                                tta=tta, uncertainty=uncertainty,
+                                                progress=progress, cancel=cancel)
+        labels = np.asarray(labels)
+        dtype = np.uint8 if self.card.n_classes <= 256 else np.uint16
+        if crop is not None:
+            labels, unc = _paste(labels, unc, crop, box, ref.shape3, dtype)
+        labels = labels.astype(dtype, copy=False)
+        lab_vol = ref.like_labels(labels, self.card.label_names, self.card.label_colors)
+        lab_vol.meta["model"] = self.card.name
+        unc_vol = None
+        if unc is not None:
+            unc_vol = ref.with_data(np.asarray(unc, dtype=np.float16), is_label=False,
+                                    label_names={}, label_colors={})
+            unc_vol.meta["uncertainty"] = uncertainty
+        info = dict(info or {}, model=self.card.name, overlap=overlap, tta=bool(tta),
+                    region=None if box is None else [(s.start, s.stop) for s in box])
+        return Prediction(lab_vol, unc_vol, time.perf_counter() - t0, info)
+
+    # ----------------------------------------------------------- pipeline
+    def _check_inputs(self, volumes) -> list:
+        if isinstance(volumes, (Volume, np.ndarray)):
+            volumes = [volumes]
+        vols = []
+        for v in volumes:
+            if isinstance(v, np.ndarray):
+                if v.ndim < 3:
+                    raise MedSegError(f"{self.card.name} needs a 3D image (Z, Y, X); got a "
+                                      f"{v.ndim}D array of shape {v.shape}")
+                v = Volume(v)
+            if not isinstance(v, Volume):
+                raise MedSegError(f"{self.card.name} needs Volume inputs, got {type(v).__name__}")
+            if min(v.shape3) < 2:
+                raise MedSegError(
+                    f"{self.card.name} is a 3D model but the image is 2D (shape "
+                    f"{tuple(v.data.shape)}); open the whole series or volume", v.source)
+            vols.append(v)
+        if not vols:
+            raise MedSegError(f"{self.card.name}: no input image given")
+        n = sum(v.n_channels for v in vols)
+        if n != self.card.n_channels:
+            want = ", ".join(f"{c['name']} ({c['modality']})" for c in self.card.channels)
+            raise MedSegError(
+                f"model {self.card.name} takes {self.card.n_channels} channel(s) [{want}] but "
+                f"{n} were given; choose matching images", vols[0].source)
+        return vols
+
+    def _with_margin(self, box, ref: Volume):
+        """Grow the region by half a model window (in mm) of context, clipped to the image."""
+        spacing_mm = self.card.target_spacing or ref.spacing
+        half_mm = 0.5 * max(p * s for p, s in zip(self.card.patch_size, spacing_mm))
+        out = []
+        for sl, n, sp in zip(box, ref.shape3, ref.spacing):
+            m = int(math.ceil(half_mm / max(sp, 1e-6)))
+            out.append(slice(max(0, sl.start - m), min(n, sl.stop + m)))
+        return tuple(out)
+
+    def _tta_setup(self, tta, uncertainty):
+        """Engine TTA flags, or a wrapper when the card forbids some mirror axes."""
+        if (tta or uncertainty == "tta") and set(self.card.mirror_axes) != {0, 1, 2}:
+            if uncertainty == "tta":
+                log.info("%s allows mirroring only along axes %s; using entropy uncertainty",
+                         self.card.name, self.card.mirror_axes)
+                uncertainty = "entropy"
+            return True, False, uncertainty
+        return False, bool(tta), uncertainty
+
+    def _predict_array(self, vols, device, overlap, tta, uncertainty, progress, cancel):
+        """Run the standard pipeline; return ``(labels, uncertainty or None, info)``."""
+        from ..core.inference import pick_device, sliding_window_inference
+        from ..core.preprocess import preprocess, restore_labels, restore_map
+
+        card = self.card
+        x, pinfo = preprocess(vols, target_spacing=card.target_spacing,
+                              orientation=card.orientation, normalization=card.normalization)
+        dev = pick_device(device)
+        own_tta, engine_tta, uncertainty = self._tta_setup(tta, uncertainty)
+        predictor = self.make_predictor(dev)
+        if own_tta:
+            predictor = mirror_tta(predictor, card.mirror_axes)
+        with torch.inference_mode():
+            res = sliding_window_inference(
+                x, predictor, patch_size=card.patch_size, n_classes=card.n_classes,
+                overlap=overlap, batch_size=self.batch_size, tta=engine_tta, device=dev,
+                uncertainty=uncertainty, progress=progress, cancel=cancel)
+        del x
+        labels = restore_labels(res.labels, pinfo)
+        unc = None if res.uncertainty is None else restore_map(res.uncertainty, pinfo)
+        info = {"device": res.device, "amp": res.amp, "windows": res.n_windows,
+                "inference_seconds": res.seconds}
+        return labels, unc, info
+
+
+class TorchModel(Model):
+    """A model backed by a ``torch.nn.Module`` (state_dict network or TorchScript).
+
+    Parameters
+    ----------
+    card : ModelCard
+    network : torch.nn.Module
+        Maps ``(B, C, *patch)`` to ``(B, K, *patch)`` logits.
+    source : str
+    axis_order : {"zyx", "xyz"}
+        Axis order the network was trained with. MONAI bundles read with
+        nibabel work in ``(x, y, z)``; the predictor transposes around them.
+    """
+
+    def __init__(self, card: ModelCard, network: torch.nn.Module, source: str = "",
+                 axis_order: str = "zyx"):
+        super().__init__(card, source)
+        self.network = network.eval()
+        self.axis_order = axis_order
+
+    def make_predictor(self, device):
+        net = self.network.to(device)
+        if self.axis_order == "xyz":
+            def run(x):
+                y = net(x.permute(0, 1, 4, 3, 2))
+                y = y[0] if isinstance(y, (list, tuple)) else y
+                return y.permute(0, 1, 4, 3, 2)
+            return run
+
+        def run_zyx(x):
+            y = net(x)
+            return y[0] if isinstance(y, (list, tuple)) else y
+        return run_zyx
+
+
+# ------------------------------------------------------------------ regions
+def _parse_region(region, shape, source):
+    if region is None:
+        return None
+    try:
+        box = tuple(region)
+    except TypeError:
+        box = ()
+    if len(box) != 3 or not all(isinstance(s, slice) for s in box):
+        raise MedSegError("region must be three slices (z, y, x) of the image array", source)
+    out = []
+    for s, n in zip(box, shape):
+        start, stop, step = s.indices(n)
+        if step != 1 or stop <= start:
+            raise MedSegError(f"region {region} is empty or strided inside an image of shape "
+                              f"{shape}; draw a box inside the image", source)
+        out.append(slice(start, stop))
+    return tuple(out)
+
+
+def _crop_volume(v: Volume, crop) -> Volume:
+    """The sub-volume ``crop`` (3 slices) with its affine shifted to match."""
+    data = v.data[(Ellipsis,) + tuple(crop)]
+    aff = v.affine.copy()
+    start_ijk = np.array([crop[2].start, crop[1].start, crop[0].start], dtype=float)
+    aff[:3, 3] = v.affine[:3, :3] @ start_ijk + v.affine[:3, 3]
+    return v.with_data(data, affine=aff)
+
+
+def _paste(labels, unc, crop, box, shape, dtype):
+    """Put the region ``box`` of crop-grid outputs into full-size arrays."""
+    inner = tuple(slice(b.start - c.start, b.stop - c.start) for b, c in zip(box, crop))
+    full = np.zeros(shape, dtype=dtype)
+    full[box] = labels[inner]
+    full_unc = None
+    if unc is not None:
+        full_unc = np.zeros(shape, dtype=np.float16)
+        full_unc[box] = np.asarray(unc)[inner]
+    return full, full_unc
