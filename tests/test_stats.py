@@ -56,3 +56,40 @@ def test_empty_and_errors():
         label_statistics(np.zeros((2, 2), np.uint8), (1, 1, 1))
     with pytest.raises(MedSegError):
         label_statistics(np.zeros((2, 2, 2), np.uint8), (1, 1, 1), image=np.zeros((3, 2, 2)))
+
+
+def test_body_mask_from_ct_keeps_lungs_inside():
+    from napari_medseg.core.stats import body_mask
+
+    img = np.full((6, 40, 40), -1000.0, np.float32)     # air
+    img[:, 5:35, 5:35] = 40.0                            # body
+    img[:, 12:20, 12:20] = -850.0                        # lung inside the body
+    img[:, 1, 1] = 500.0                                 # the table, apart from the body
+    body = body_mask(img, modality="CT")
+    assert body[:, 5:35, 5:35].all() and body.sum() == 6 * 30 * 30
+    lab = np.zeros(img.shape, np.uint8)
+    lab[2:4, 10:30, 10:30] = 1
+    lab[0, 0, 0] = 1
+    assert body_mask(labels=lab).sum() == 2 * 20 * 20
+
+
+def test_label_qa_flags_empty_outside_and_corrections():
+    from napari_medseg.core.stats import label_qa
+
+    pred = np.zeros((6, 20, 20), np.uint8)
+    pred[1:5, 5:15, 5:15] = 1
+    pred[2, 2:4, 2:4] = 2
+    cur = pred.copy()
+    cur[2, 2:4, 2:4] = 0                                 # class 2 erased by the user
+    cur[1:5, 5:15, 14] = 0                               # 40 voxels removed from class 1
+    cur[0, 0, 0:3] = 1                                   # a stray mark outside the body
+    body = np.zeros(cur.shape, bool)
+    body[:, 3:17, 3:17] = True
+    rows = {r["label"]: r for r in label_qa(cur, (1, 1, 1), names={1: "a", 2: "b", 3: "c"},
+                                            prediction=pred, body=body)}
+    assert rows[1]["corrected_voxels"] == 43 and rows[1]["outside_voxels"] == 3
+    assert rows[1]["flags"] == ["3 voxels outside the body"]
+    assert rows[1]["dice"] == pytest.approx(2 * 360 / (400 + 363))
+    assert rows[2]["flags"] == ["empty"] and rows[2]["dice"] == 0.0
+    assert rows[3]["flags"] == ["empty"] and rows[3]["corrected_voxels"] == 0
+    assert rows[3]["dice"] is None

@@ -16,7 +16,7 @@ from ..errors import MedSegError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["label_statistics", "count_islands", "STAT_FIELDS"]
+__all__ = ["label_statistics", "count_islands", "body_mask", "label_qa", "STAT_FIELDS"]
 
 #: Keys of each row returned by :func:`label_statistics`, in display order.
 STAT_FIELDS = ("label", "name", "voxels", "volume_ml", "mean", "std", "bbox", "islands")
@@ -128,4 +128,109 @@ def label_statistics(labels, spacing, image=None, names=None,
                 row["mean"] = float(means[k])
                 row["std"] = float(np.sqrt(sq[k] / n))
         rows.append(row)
+    return rows
+
+
+def body_mask(image=None, labels=None, threshold: float | None = None,
+              modality: str = "unknown") -> np.ndarray:
+    """``(Z, Y, X)`` bool mask of the patient's body.
+
+    With ``image``: the largest connected region above ``threshold`` (default
+    -300 HU for CT, Otsu's threshold otherwise), with its holes filled slice by
+    slice (lungs and bowel gas stay inside). Without an image: the largest
+    connected component of the labelled foreground.
+
+    Raises
+    ------
+    MedSegError
+        When neither ``image`` nor ``labels`` is given.
+    """
+    if image is not None:
+        img = np.asarray(image, dtype=np.float32)
+        if threshold is None:
+            if modality == "CT":
+                threshold = -300.0
+            else:
+                from skimage.filters import threshold_otsu
+
+                step = max(1, int(round((img.size / 2e6) ** (1 / 3))))
+                threshold = float(threshold_otsu(img[::step, ::step, ::step]))
+        fg = img > float(threshold)
+    elif labels is not None:
+        fg = np.asarray(labels) != 0
+    else:
+        raise MedSegError("a body mask needs an image or labels")
+    comp, n = ndi.label(fg, structure=ndi.generate_binary_structure(3, 1 if image is not None
+                                                                    else 3))
+    if n == 0:
+        return fg
+    sizes = np.bincount(comp.ravel())
+    sizes[0] = 0
+    body = comp == int(np.argmax(sizes))
+    if image is not None:
+        for z in range(body.shape[0]):
+            body[z] = ndi.binary_fill_holes(body[z])
+    return body
+
+
+def label_qa(labels, spacing, names=None, image=None, prediction=None, body=None) -> list[dict]:
+    """Quality checks per class: statistics, corrections and flags.
+
+    Parameters
+    ----------
+    labels : array_like of int
+        ``(Z, Y, X)`` current labels.
+    spacing : sequence of 3 float
+        Voxel size in mm along ``(Z, Y, X)``.
+    names : dict[int, str], optional
+        Class names; named classes that are missing are flagged ``"empty"``.
+    image : array_like, optional
+        ``(Z, Y, X)`` intensities for the mean / std columns.
+    prediction : array_like of int, optional
+        The model's original output: adds ``corrected_voxels`` and ``dice``.
+    body : array_like of bool, optional
+        Body mask (see :func:`body_mask`); voxels of a class outside it are
+        counted in ``outside_voxels`` and flagged.
+
+    Returns
+    -------
+    list of dict
+        The :func:`label_statistics` rows plus ``corrected_voxels``, ``dice``
+        (None without prediction), ``outside_voxels`` (None without body) and
+        ``flags`` (list of short strings).
+    """
+    lab = np.asarray(labels)
+    rows = label_statistics(lab, spacing, image=image, names=names)
+    ledger = {}
+    if prediction is not None:
+        from .ledger import CorrectionLedger
+
+        led = CorrectionLedger(prediction, spacing, names)
+        ledger = {r["label"]: r for r in led.summary(lab)}
+        known = {r["label"] for r in rows}
+        for k, r in ledger.items():   # classes the user erased completely
+            if k not in known:
+                rows.append({"label": k, "name": r["name"], "voxels": 0, "volume_ml": 0.0,
+                             "mean": None, "std": None, "bbox": None, "islands": 0})
+        rows.sort(key=lambda r: r["label"])
+    outside = None
+    if body is not None:
+        body = np.asarray(body, dtype=bool)
+        if body.shape != lab.shape:
+            raise MedSegError(f"body mask {body.shape} does not match the labels {lab.shape}")
+        outside = np.bincount(lab[~body].ravel().astype(np.int64, copy=False))
+    for r in rows:
+        k = r["label"]
+        led_row = ledger.get(k)
+        r["corrected_voxels"] = led_row["corrected_voxels"] if led_row else None
+        r["dice"] = led_row["dice"] if led_row else None
+        r["outside_voxels"] = None
+        flags = []
+        if r["voxels"] == 0:
+            flags.append("empty")
+        if outside is not None:
+            r["outside_voxels"] = int(outside[k]) if k < len(outside) else 0
+            if r["outside_voxels"]:
+                flags.append(f"{r['outside_voxels']} voxels outside the body")
+        r["flags"] = flags
     return rows
