@@ -20,12 +20,28 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["apply_edit", "history_nbytes", "undo_entry_nbytes"]
+__all__ = ["apply_edit", "history_nbytes", "undo_entry_nbytes", "history_signature"]
 
 try:  # napari >= 0.9: compact mask-based history atoms
     from napari.layers.labels.labels import _MaskedPaintAtom
 except ImportError:  # pragma: no cover - older napari
     _MaskedPaintAtom = None
+
+
+def _unwrap(layer):
+    """The layer itself behind napari's public-only proxy given to plugin widgets.
+
+    The undo glue needs the Labels history internals (compact masked atoms,
+    history lengths); it is pinned to the napari versions it is tested with.
+    """
+    return getattr(layer, "__wrapped__", layer)
+
+
+def history_signature(layer) -> tuple:
+    """A cheap value that changes whenever the layer's undo/redo history moves."""
+    layer = _unwrap(layer)
+    undo, redo = layer._undo_history, layer._redo_history
+    return (id(layer.data), len(undo), len(redo), id(undo[-1]) if undo else None)
 
 
 def _nbytes(obj) -> int:
@@ -47,6 +63,7 @@ def undo_entry_nbytes(entry) -> int:
 
 def history_nbytes(layer) -> int:
     """Bytes of numpy data held by a Labels layer's undo and redo history."""
+    layer = _unwrap(layer)
     return sum(undo_entry_nbytes(e) for e in (*layer._undo_history, *layer._redo_history))
 
 
@@ -69,6 +86,7 @@ def apply_edit(layer, edit, refresh: bool = True) -> int:
     """
     if edit.empty:
         return 0
+    layer = _unwrap(layer)
     data = layer.data
     old = np.asarray(data[edit.region])
     changed = old != edit.values

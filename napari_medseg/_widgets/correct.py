@@ -17,8 +17,8 @@ import logging
 
 import numpy as np
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox,
-                            QHBoxLayout, QLabel, QLineEdit, QPushButton, QSpinBox,
-                            QStackedWidget, QVBoxLayout, QWidget)
+                            QHBoxLayout, QLabel, QLineEdit, QPushButton, QSizePolicy,
+                            QSpinBox, QStackedWidget, QVBoxLayout, QWidget)
 
 from ..core import corrections as C
 from ..errors import MedSegError
@@ -92,7 +92,8 @@ class CorrectWidget(QWidget):
         form.addRow("Labels layer", self.layer_combo)
         form.addRow("Label", row)
         form.addRow("Region", self.region_combo)
-        form.addRow("Slices", self.range_row)
+        self.range_label = QLabel("Slices")
+        form.addRow(self.range_label, self.range_row)
         lay.addWidget(target)
 
         op_box = QGroupBox("Operation")
@@ -104,7 +105,8 @@ class CorrectWidget(QWidget):
         self.params: dict[str, dict] = {}
         for key, _title in OPERATIONS:
             self.stack.addWidget(self._param_page(key))
-        self.op_combo.currentIndexChanged.connect(self.stack.setCurrentIndex)
+        self.op_combo.currentIndexChanged.connect(self._show_page)
+        self._show_page(0)
         op_lay.addWidget(self.op_combo)
         op_lay.addWidget(self.stack)
         self.apply_button = QPushButton("Apply")
@@ -197,6 +199,14 @@ class CorrectWidget(QWidget):
         self.params[key] = p
         return page
 
+    def _show_page(self, index: int) -> None:
+        """Show one parameter page; the stack takes only that page's height."""
+        for i in range(self.stack.count()):
+            policy = QSizePolicy.Policy.Preferred if i == index else QSizePolicy.Policy.Ignored
+            self.stack.widget(i).setSizePolicy(policy, policy)
+        self.stack.setCurrentIndex(index)
+        self.stack.adjustSize()
+
     def _bind_keys(self) -> None:
         for key, (op, extra) in SHORTCUTS.items():
             self.viewer.bind_key(key, functools.partial(self._shortcut, op, extra),
@@ -260,7 +270,9 @@ class CorrectWidget(QWidget):
 
     def _sync_region(self, index=None) -> None:
         layer = self.layer()
-        self.range_row.setVisible(self.region_combo.currentIndex() == 2)
+        show = self.region_combo.currentIndex() == 2
+        self.range_row.setVisible(show)
+        self.range_label.setVisible(show)
         if layer is not None:
             n = int(layer.data.shape[self.slicing_axis()])
             for s in (self.from_spin, self.to_spin):

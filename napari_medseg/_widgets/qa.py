@@ -20,6 +20,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, Q
 
 from ..core.ledger import PREDICTION_KEY
 from ..core.stats import body_mask, label_qa
+from .._napari.history import history_signature
 from .._napari.layers import volume_from_layer
 from ._common import notify_exception
 
@@ -70,6 +71,7 @@ class QAWidget(QWidget):
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         header.setStretchLastSection(True)
+        self.table.setMinimumHeight(160)
         lay.addWidget(self.table, 1)
         self.summary = QLabel("")
         self.summary.setWordWrap(True)
@@ -123,17 +125,13 @@ class QAWidget(QWidget):
             self._watched = layer
         self.schedule()
 
-    def _history_signature(self, layer):
-        return (id(layer.data), len(layer._undo_history), len(layer._redo_history),
-                id(layer._undo_history[-1]) if layer._undo_history else None)
-
     def _on_change(self, event=None) -> None:
         layer = self._watched
         if layer is None or not self.auto_check.isChecked():
             return
         # thumbnails also update when the user scrolls; only react to real edits
         if getattr(event, "type", "") == "thumbnail":
-            if self._history_signature(layer) == self._signature:
+            if history_signature(layer) == self._signature:
                 return
         self.schedule()
 
@@ -155,7 +153,7 @@ class QAWidget(QWidget):
         except Exception as exc:  # noqa: BLE001 - shown to the user
             notify_exception(exc, "Label QA")
             return self.rows
-        self._signature = self._history_signature(layer)
+        self._signature = history_signature(layer)
         self._fill()
         return self.rows
 
