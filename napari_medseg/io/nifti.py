@@ -9,6 +9,7 @@ view, so an uncompressed file stays memory-mapped.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 __all__ = ["read_nifti", "write_nifti", "is_nifti", "read_nifti_header"]
 
 _INTENT_LABEL = 1002  # NIFTI_INTENT_LABEL
+#: Folders that hold label maps (nnU-Net ``labelsTr``, ``masks``, ``segmentations``).
+_LABEL_DIR_RE = re.compile(r"^(labels\w*|masks?|segmentations?)$", re.I)
 
 
 def is_nifti(path) -> bool:
@@ -77,7 +80,7 @@ def _guess_label(img, path: Path) -> bool:
         return False
     if int(hdr["intent_code"]) == _INTENT_LABEL:
         return True
-    if looks_like_label_name(path) or looks_like_label_name(path.parent):
+    if looks_like_label_name(path) or _LABEL_DIR_RE.match(path.parent.name):
         return True
     small = dtype.itemsize == 1 or dtype == np.dtype(np.uint16)
     return small and _sibling_is_image(path, img.shape)

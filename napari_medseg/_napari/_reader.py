@@ -1,0 +1,106 @@
+"""npe2 reader: NIfTI, NRRD / .seg.nrrd, MHA / MHD, TIFF / OME-TIFF and DICOM folders.
+
+``get_reader`` only looks at the path (and, for folders or extension-less
+files, a few bytes); it returns ``None`` for anything napari-medseg does not
+read and never raises. The returned function reads the volume and raises
+:class:`~napari_medseg.errors.MedSegError` for bad input, which napari reports
+as a notification while the viewer keeps running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MedSegError
+from .layers import affine_from_layer, volume_to_layer_data
+
+log = logging.getLogger(__name__)
+
+__all__ = ["get_reader", "read_layer_data"]
+
+
+def _single_path(path):
+    """One path to read, or None (several unrelated files)."""
+    if isinstance(path, (list, tuple)):
+        paths = [Path(p) for p in path]
+        if len(paths) == 1:
+            return paths[0]
+        parents = {p.parent for p in paths}
+        if len(parents) == 1 and all(p.suffix.lower() == ".dcm" for p in paths):
+            return paths[0].parent  # several slices of one series: read the folder
+        return None
+    return Path(os.fspath(path))
+
+
+def get_reader(path):
+    """Return :func:`read_layer_data` bound to ``path``, or None when not ours."""
+    try:
+        from ..io import format_of
+
+        p = _single_path(path)
+        if p is None or not p.exists() or format_of(p) is None:
+            return None
+    except Exception:  # never raise here: napari would try no other reader
+        log.debug("napari-medseg does not read %s", path, exc_info=True)
+        return None
+    return lambda _path: read_layer_data(p)
+
+
+def _image_layers():
+    """Image layers of the current viewer that carry our geometry."""
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+    except Exception:
+        return []
+    if viewer is None:
+        return []
+    return [lyr for lyr in viewer.layers
+            if lyr.__class__.__name__ == "Image" and lyr.ndim >= 3]
+
+
+def _check_label_grid(vol) -> None:
+    """Refuse labels whose grid matches none of the open images (when there are some)."""
+    from ..core.volume import same_grid
+
+    images = _image_layers()
+    grids = []
+    for lyr in images:
+        try:
+            grids.append((lyr.name, tuple(lyr.data.shape[-3:]), affine_from_layer(lyr)))
+        except Exception:
+            continue
+    if not grids or any(same_grid(vol, (shape, aff)) for _, shape, aff in grids):
+        return
+    name, shape, aff = grids[-1]
+    spacing = tuple(round(float(s), 3) for s in np.linalg.norm(aff[:3, :3], axis=0)[::-1])
+    raise MedSegError(
+        f"the labels' grid (shape {vol.shape3}, spacing "
+        f"{tuple(round(s, 3) for s in vol.spacing)} mm) does not match image layer "
+        f"'{name}' (shape {shape}, spacing {spacing} mm); open the labels saved for this "
+        "image, or close the image to view the labels on their own", vol.source)
+
+
+def read_layer_data(path) -> list[tuple]:
+    """Read ``path`` and return napari layer data tuples (one per volume).
+
+    Label maps become Labels layers with names and colours; they are checked
+    against the images already open (same shape and affine).
+    """
+    from ..io import read_volume
+
+    vol = read_volume(path, lazy=True)
+    if vol.is_label:
+        _check_label_grid(vol)
+        data = np.asarray(vol.data)
+        if not data.flags.writeable or isinstance(data, np.memmap):
+            data = np.array(data)  # painting needs a writable in-memory array
+        vol = vol.with_data(data)
+    for note in vol.meta.get("warnings", []):
+        log.warning(note)
+    return [volume_to_layer_data(vol)]
