@@ -8,6 +8,7 @@ the prediction into layers is :mod:`napari_medseg._napari.prediction`.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import logging
 from typing import Callable
@@ -77,6 +78,31 @@ def _is_oom(exc: BaseException) -> bool:
                                                or "can't allocate memory" in text)
 
 
+@contextlib.contextmanager
+def _cancel_inside_forward(model, cancel):
+    """Let ``cancel`` interrupt a torch network between its layers, not only between windows.
+
+    One batch of windows can take seconds on a CPU; a forward pre-hook on each
+    submodule checks ``cancel`` so that a cancel takes effect within one layer.
+    Networks that take no hooks (TorchScript) are left alone.
+    """
+    network = getattr(model, "network", None)
+    handles = []
+    if cancel is not None and network is not None and hasattr(network, "modules"):
+        def hook(module, args):
+            check_cancel(cancel)
+
+        try:
+            handles = [m.register_forward_pre_hook(hook) for m in network.modules()]
+        except (AttributeError, RuntimeError):  # scripted modules
+            log.debug("cannot hook %s; cancel works between windows", type(network))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def segment_volumes(model, volumes, *, name: str = "", progress=None, cancel=None,
                     **options):
     """Load ``model`` if needed and predict on ``volumes`` (input grid).
@@ -109,7 +135,8 @@ def segment_volumes(model, volumes, *, name: str = "", progress=None, cancel=Non
 
             model = load_model(model)
         check_cancel(cancel)
-        pred = model.predict(volumes, progress=progress, cancel=cancel, **options)
+        with _cancel_inside_forward(model, cancel):
+            pred = model.predict(volumes, progress=progress, cancel=cancel, **options)
     except MedSegError:
         raise
     except Exception as exc:
