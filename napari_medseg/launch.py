@@ -10,6 +10,7 @@ One entry point for the ``napari-medseg view`` command, scripts and tests::
 from __future__ import annotations
 
 import importlib.util
+import os
 import logging
 from pathlib import Path
 
@@ -88,6 +89,7 @@ def save_screenshot(viewer, path) -> Path:
     path = Path(path)
     with atomic_path(path, overwrite=True) as tmp:
         iio.imwrite(tmp, rgba, extension=".png")
+        os.chmod(tmp, 0o644)
     log.info("screenshot saved to %s (%d x %d)", path, rgba.shape[1], rgba.shape[0])
     return path
 

@@ -13,6 +13,7 @@ keeps identical copies in ``sample_data/`` for the documentation.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -151,6 +152,7 @@ def write_sample_files(folder, keys=None, overwrite: bool = True) -> list[Path]:
         for vol, path in zip((img, lab), _sample(key).paths(folder)):
             with atomic_path(path, overwrite=overwrite) as tmp:
                 _write_nifti(tmp, vol)
+                os.chmod(tmp, 0o644)  # plain data files, readable by everyone
             out.append(path)
             log.info("wrote %s (%.2f MB)", path, path.stat().st_size / 1e6)
     return out
