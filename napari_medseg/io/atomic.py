@@ -16,6 +16,16 @@ from ..errors import MedSegError
 __all__ = ["atomic_path", "check_writable"]
 
 
+def _default_mode() -> int:
+    """Permission bits a plain ``open()`` would give a new file (0o666 minus umask)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_NEW_FILE_MODE = _default_mode()
+
+
 def check_writable(path, overwrite: bool = False) -> Path:
     """Check that ``path`` may be written; return it as a Path.
 
@@ -67,6 +77,10 @@ def atomic_path(path, overwrite: bool = False, suffix: str | None = None):
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        # mkstemp makes owner-only files; give the result the permissions the old
+        # file had, or those of any newly created file.
+        mode = path.stat().st_mode & 0o7777 if path.exists() else _NEW_FILE_MODE
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
         with contextlib.suppress(OSError):
             dfd = os.open(path.parent, os.O_RDONLY)
