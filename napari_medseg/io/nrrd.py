@@ -40,6 +40,12 @@ def _read_header(path: Path):
     except Exception as exc:
         raise MedSegError(f"is not a readable NRRD file ({exc}); the file may be corrupt",
                           str(path)) from exc
+    n = len(header.get("sizes", ()))
+    consistent = n > 0 and "type" in header and all(
+        len(header[k]) == n for k in ("kinds", "space directions") if k in header)
+    if not consistent:
+        raise MedSegError("has an incomplete or inconsistent NRRD header; the file may be "
+                          "truncated or corrupt", str(path))
     return header, offset
 
 

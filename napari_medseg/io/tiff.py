@@ -209,9 +209,11 @@ def write_tiff(tmp_path, vol: Volume, final_path, as_label: bool) -> None:
     axes = "CZYX" if data.ndim == 4 else "ZYX"
     if data.dtype in [np.dtype(d) for d in _IMAGEJ_DTYPES]:
         ij_data = np.moveaxis(data, 0, 1) if data.ndim == 4 else data  # ImageJ: ZCYX
-        tifffile.imwrite(str(tmp_path), ij_data, imagej=True, resolution=(1 / sx, 1 / sy),
+        tifffile.imwrite(str(tmp_path), ij_data, imagej=True, photometric="minisblack",
+                         resolution=(1 / sx, 1 / sy),
                          metadata={"spacing": sz, "unit": "mm",
                                    "axes": "ZCYX" if data.ndim == 4 else "ZYX", **extra})
     else:
-        tifffile.imwrite(str(tmp_path), data, resolution=(1 / sx, 1 / sy),
+        tifffile.imwrite(str(tmp_path), data, photometric="minisblack",
+                         resolution=(1 / sx, 1 / sy),
                          metadata={"spacing": [sz, sy, sx], "axes": axes, **extra})
