@@ -32,6 +32,7 @@ __all__ = [
     "write_labels",
     "write_volume",
     "format_of",
+    "geometry",
     "READ_EXTENSIONS",
     "WRITE_EXTENSIONS",
 ]
@@ -157,13 +158,33 @@ def _writer(path: Path):
 
 def _verify(path: Path, vol: Volume, as_label: bool) -> None:
     """Re-read the written header and compare shape and affine with ``vol``."""
-    back = read_volume(path, lazy=True, is_label=as_label or None)
+    shape, affine = geometry(path)
     atol = 1e-3 if format_of(path) == "tiff" else 1e-4
-    if tuple(back.shape3) != tuple(vol.shape3) or not np.allclose(
-            back.affine, vol.affine, atol=atol * max(1.0, np.abs(vol.affine).max())):
+    if tuple(shape) != tuple(vol.shape3) or not np.allclose(
+            affine, vol.affine, atol=atol * max(1.0, np.abs(vol.affine).max())):
         raise MedSegError(
             f"the written file does not have the expected geometry (shape "
-            f"{back.shape3} vs {vol.shape3}); it was kept for inspection", str(path))
+            f"{tuple(shape)} vs {vol.shape3}); it was kept for inspection", str(path))
+
+
+def geometry(path) -> tuple[tuple, np.ndarray]:
+    """``(shape (Z, Y, X), RAS affine)`` of a file, reading only its header if possible."""
+    fmt = format_of(path)
+    if fmt == "nifti":
+        from .nifti import read_nifti_header
+
+        shape, affine, _ = read_nifti_header(path)
+        return tuple(shape[:3])[::-1], affine
+    if fmt == "nrrd":
+        from .nrrd import nrrd_geometry
+
+        return nrrd_geometry(path)
+    if fmt == "itk":
+        from .itk import itk_geometry
+
+        return itk_geometry(path)
+    vol = read_volume(path, lazy=True)
+    return vol.shape3, vol.affine
 
 
 def _write(path, vol: Volume, overwrite: bool, verify: bool, as_label: bool) -> Path:

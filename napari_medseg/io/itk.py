@@ -21,7 +21,7 @@ from ._common import check_spatial, looks_like_label_name, prepare_label_data
 
 log = logging.getLogger(__name__)
 
-__all__ = ["read_itk", "write_itk"]
+__all__ = ["read_itk", "write_itk", "itk_geometry"]
 
 _MET_TYPES = {
     "MET_CHAR": "i1", "MET_UCHAR": "u1", "MET_SHORT": "i2", "MET_USHORT": "u2",
@@ -125,6 +125,20 @@ def read_itk(path, lazy: bool = True, is_label: bool | None = None) -> Volume:
         if is_label is None else bool(is_label)
     return Volume(data=data, affine=affine, is_label=label, source=str(path),
                   meta={"format": "metaimage", "file_dtype": str(data.dtype)})
+
+
+def itk_geometry(path) -> tuple[tuple, np.ndarray]:
+    """``(shape (Z, Y, X), RAS affine)`` from the header alone."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise MedSegError("is not a readable MetaImage file", str(path)) from exc
+    return tuple(reader.GetSize()[::-1]), affine_from_itk(
+        reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
 
 
 def _image(vol: Volume, data: np.ndarray):

@@ -20,7 +20,7 @@ from ._common import check_spatial, looks_like_label_name, prepare_label_data
 
 log = logging.getLogger(__name__)
 
-__all__ = ["read_nrrd", "write_nrrd", "segment_fields"]
+__all__ = ["read_nrrd", "write_nrrd", "segment_fields", "nrrd_geometry"]
 
 _RAS_SPACES = {"right-anterior-superior", "ras", "scanner-xyz", "3d-right-handed"}
 _SEG_RE = re.compile(r"^Segment(\d+)_(\w+)$")
@@ -129,6 +129,32 @@ def _segments(header, data, path):
     return data, names, colors
 
 
+def _spatial_axes(header, path: Path):
+    """``(sizes, spatial axis indices)`` after checking the file holds a 3D volume."""
+    sizes = [int(s) for s in header["sizes"]]
+    kinds = [str(k).lower() for k in header.get("kinds", ["domain"] * len(sizes))]
+    dirs = header.get("space directions")
+    spatial = [a for a in range(len(sizes))
+               if kinds[a] in ("domain", "space")
+               and (dirs is None or np.all(np.isfinite(np.asarray(dirs[a], float))))]
+    if len(spatial) != len(sizes) and any(k in ("rgb-color", "rgba-color") for k in kinds):
+        check_spatial(sizes[::-1], path, rgb=True)
+    check_spatial([sizes[a] for a in spatial][::-1], path)
+    if len(sizes) > 4 or len(spatial) != 3:
+        check_spatial(sizes[::-1] + [1] * (len(sizes) < 3), path)
+        raise MedSegError(f"has {len(spatial)} spatial axes (sizes {sizes}); a 3D volume "
+                          "is needed", str(path))
+    return sizes, spatial
+
+
+def nrrd_geometry(path) -> tuple[tuple, np.ndarray]:
+    """``(shape (Z, Y, X), RAS affine)`` from the header alone."""
+    path = Path(path)
+    header, _ = _read_header(path)
+    sizes, spatial = _spatial_axes(header, path)
+    return tuple(sizes[a] for a in spatial)[::-1], _affine(header, spatial)
+
+
 def read_nrrd(path, lazy: bool = True, is_label: bool | None = None) -> Volume:
     """Read an NRRD file (or a Slicer ``.seg.nrrd``) as a Volume.
 
@@ -149,19 +175,7 @@ def read_nrrd(path, lazy: bool = True, is_label: bool | None = None) -> Volume:
     """
     path = Path(path)
     header, offset = _read_header(path)
-    sizes = [int(s) for s in header["sizes"]]
-    kinds = [str(k).lower() for k in header.get("kinds", ["domain"] * len(sizes))]
-    dirs = header.get("space directions")
-    spatial = [a for a in range(len(sizes))
-               if kinds[a] in ("domain", "space")
-               and (dirs is None or np.all(np.isfinite(np.asarray(dirs[a], float))))]
-    if len(spatial) != len(sizes) and any(k in ("rgb-color", "rgba-color") for k in kinds):
-        check_spatial(sizes[::-1], path, rgb=True)
-    check_spatial([sizes[a] for a in spatial][::-1], path)
-    if len(sizes) > 4 or len(spatial) != 3:
-        check_spatial(sizes[::-1] + [1] * (len(sizes) < 3), path)
-        raise MedSegError(f"has {len(spatial)} spatial axes (sizes {sizes}); a 3D volume "
-                          "is needed", str(path))
+    sizes, spatial = _spatial_axes(header, path)
     data = _read_data(path, header, offset, lazy)
     if len(sizes) == 4:  # C order: the non-spatial axis to the front
         nonspatial = [a for a in range(4) if a not in spatial][0]
