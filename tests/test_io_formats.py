@@ -183,3 +183,16 @@ def test_refuses_overwrite_and_leaves_file(tmp_path, labels):
     write_labels(target, labels, overwrite=True)
     assert read_volume(target).shape3 == labels.shape3
     assert sorted(os.listdir(tmp_path)) == ["seg.nii.gz"]  # no temporary left behind
+
+
+def test_detached_nhdr_is_read_not_written(tmp_path, labels):
+    data = np.arange(3 * 4 * 5, dtype=np.uint8).reshape(3, 4, 5)
+    nrrd.write(str(tmp_path / "x.nhdr"), data, {"space": "left-posterior-superior",
+                                                 "space directions": np.diag([0.5, 0.6, 2.0]),
+                                                 "space origin": [1.0, 2.0, 3.0]},
+               index_order="C")
+    vol = read_volume(tmp_path / "x.nhdr")
+    np.testing.assert_array_equal(vol.data, data)
+    np.testing.assert_allclose(vol.affine[:3, 3], [-1.0, -2.0, 3.0])
+    with pytest.raises(MedSegError, match="cannot be written"):
+        write_labels(tmp_path / "y.nhdr", labels)

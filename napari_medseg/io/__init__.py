@@ -39,8 +39,7 @@ __all__ = [
 
 READ_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".seg.nrrd", ".mha", ".mhd",
                    ".tif", ".tiff", ".dcm")
-WRITE_EXTENSIONS = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".nhdr", ".mha", ".mhd",
-                    ".tif", ".tiff")
+WRITE_EXTENSIONS = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".mha", ".mhd", ".tif", ".tiff")
 
 
 def format_of(path) -> str | None:
@@ -141,7 +140,8 @@ def read_volumes(path, lazy: bool = True) -> list[Volume]:
 
 
 def _writer(path: Path):
-    fmt = format_of(path) if path.suffix else None
+    low = path.name.lower()
+    fmt = format_of(path) if low.endswith(WRITE_EXTENSIONS) else None
     if fmt == "nifti":
         from .nifti import write_nifti as fn
     elif fmt == "nrrd":
