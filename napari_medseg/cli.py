@@ -1,0 +1,185 @@
+"""The ``napari-medseg`` command line.
+
+::
+
+    napari-medseg models [--json]
+    napari-medseg predict INPUT [INPUT ...] -m MODEL -o OUTPUT [--device auto]
+                  [--overlap 0.5] [--tta] [--fast] [--uncertainty PATH] [--overwrite]
+    napari-medseg view [PATHS ...] [--sample KEY] [--screenshot PNG] [--widgets ...]
+
+Problems the user can fix print one line on stderr and exit with status 2.
+Importing this module loads neither napari nor Qt (only ``view`` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from . import __version__
+from .errors import Cancelled, MedSegError
+
+__all__ = ["main", "ProgressBar"]
+
+log = logging.getLogger("napari_medseg.cli")
+
+
+class ProgressBar:
+    """A one-line text progress bar on a stream (stderr by default).
+
+    Call it as ``bar(done, total)``; :meth:`close` ends the line.
+    """
+
+    def __init__(self, label: str = "", stream=None, width: int = 30):
+        self.label, self.stream, self.width = label, stream or sys.stderr, width
+        self.t0 = time.perf_counter()
+        self._shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        total = max(int(total), 1)
+        frac = min(max(done / total, 0.0), 1.0)
+        n = int(round(frac * self.width))
+        elapsed = time.perf_counter() - self.t0
+        self.stream.write(f"\r{self.label} [{'#' * n}{'.' * (self.width - n)}] "
+                          f"{done}/{total} {elapsed:5.1f}s")
+        self.stream.flush()
+        self._shown = True
+
+    def close(self) -> None:
+        if self._shown:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ------------------------------------------------------------------ commands
+def cmd_models(args) -> int:
+    from .models import list_models
+
+    infos = list_models()
+    if args.json:
+        print(json.dumps([i.to_dict() for i in infos], indent=2))
+        return 0
+    if not infos:
+        print("no models found")
+        return 0
+    for i in infos:
+        c = i.card
+        dice = (c.metrics or {}).get("dice") or {}
+        print(f"{c.name}  [{i.source}]  v{c.version}  {c.license}")
+        print(f"    task:     {c.task}")
+        chans = ", ".join(f"{ch['name']} ({ch['modality']})" for ch in c.channels)
+        print(f"    inputs:   {chans}; spacing {c.target_spacing or 'as input'} mm; "
+              f"orientation {c.orientation or 'as input'}")
+        print(f"    classes:  {', '.join(f'{k}={n}' for k, n in c.label_names.items())}")
+        if dice:
+            print(f"    dice:     {', '.join(f'{k} {v:.3f}' for k, v in dice.items())}")
+        print(f"    path:     {i.path}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .io import read_volume, write_labels, write_volume
+    from .io.atomic import check_writable
+    from .models import load_model
+
+    check_writable(args.output, args.overwrite)
+    if args.uncertainty:
+        check_writable(args.uncertainty, args.overwrite)
+    model = load_model(args.model)
+    vols = [read_volume(p, lazy=True) for p in args.input]
+    bar = ProgressBar(f"{model.card.name}")
+    try:
+        pred = model.predict(vols, device=args.device, overlap=args.overlap, tta=args.tta,
+                             fast=args.fast, uncertainty=args.uncertainty_kind
+                             if args.uncertainty else None, progress=bar)
+    finally:
+        bar.close()
+    out = write_labels(args.output, pred.labels, overwrite=args.overwrite)
+    msg = f"wrote {out}"
+    if args.uncertainty and pred.uncertainty is not None:
+        unc = pred.uncertainty.with_data(pred.uncertainty.data.astype("float32"))
+        msg += f" and {write_volume(args.uncertainty, unc, overwrite=args.overwrite)}"
+    counts = _counts(pred)
+    print(f"{msg} ({pred.seconds:.1f} s; {counts})", file=sys.stderr)
+    return 0
+
+
+def _counts(pred) -> str:
+    import numpy as np
+
+    data = np.asarray(pred.labels.data)
+    ml = pred.labels.voxel_volume_ml
+    bins = np.bincount(data.ravel())
+    parts = [f"{pred.labels.label_names.get(k, k)} {n * ml:.1f} mL"
+             for k, n in enumerate(bins) if k and n]
+    return ", ".join(parts) or "no foreground found"
+
+
+def cmd_view(args) -> int:
+    from .launch import view
+
+    view(paths=args.paths, sample=args.sample, widgets=args.widgets or ("Segment",),
+         screenshot=args.screenshot, ndisplay=args.ndisplay)
+    return 0
+
+
+# ------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="napari-medseg",
+                                description="Deep-learning segmentation of 3D medical volumes.")
+    p.add_argument("--version", action="version", version=f"napari-medseg {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("models", help="list available models and their cards")
+    m.add_argument("--json", action="store_true", help="print the cards as JSON")
+    m.set_defaults(func=cmd_models)
+
+    r = sub.add_parser("predict", help="segment a volume with a model")
+    r.add_argument("input", nargs="+", help="image file(s) or DICOM folder(s), one per "
+                   "model input channel")
+    r.add_argument("-m", "--model", required=True, help="model name or path")
+    r.add_argument("-o", "--output", required=True,
+                   help="labels file (.nii.gz, .nrrd, .seg.nrrd, .mha, .tif)")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    r.add_argument("--overlap", type=float, default=0.5, help="window overlap in [0, 1)")
+    r.add_argument("--tta", action="store_true", help="mirror test-time augmentation")
+    r.add_argument("--fast", action="store_true", help="quick preview (less overlap, no TTA)")
+    r.add_argument("--uncertainty", metavar="PATH", help="also write an uncertainty map")
+    r.add_argument("--uncertainty-kind", choices=("entropy", "tta"), default="entropy")
+    r.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    r.set_defaults(func=cmd_predict)
+
+    v = sub.add_parser("view", help="open napari with the napari-medseg widgets")
+    v.add_argument("paths", nargs="*", help="files or DICOM folders to open")
+    v.add_argument("--sample", help="sample data key, e.g. abdomen-ct or head-mr")
+    v.add_argument("--screenshot", metavar="PNG", help="save a screenshot and exit")
+    v.add_argument("--widgets", nargs="*", help="dock widgets to open (display names)")
+    v.add_argument("--ndisplay", type=int, choices=(2, 3), default=2)
+    v.set_defaults(func=cmd_view)
+    return p
+
+
+def main(argv=None) -> int:
+    """Run the command line; return the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except MedSegError as exc:
+        print(f"napari-medseg: error: {exc}", file=sys.stderr)
+        return 2
+    except Cancelled:
+        print("napari-medseg: cancelled", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("napari-medseg: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
