@@ -11,6 +11,7 @@ uneven slice spacing are reported as warnings (also kept in
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,16 +41,26 @@ def is_dicom_file(path) -> bool:
         return False
 
 
-def looks_like_dicom_folder(path, max_probe: int = 50) -> bool:
-    """True when a folder (or its sub-folders) holds at least one DICOM file."""
-    n = 0
-    for p in sorted(Path(path).rglob("*")):
-        if p.is_file():
-            if p.suffix.lower() == ".dcm" or is_dicom_file(p):
+def looks_like_dicom_folder(path, max_probe: int = 50, max_entries: int = 2000) -> bool:
+    """True when a folder (or its sub-folders) holds a DICOM file.
+
+    Looks at no more than ``max_probe`` files and ``max_entries`` directory
+    entries, so dropping a large unrelated folder on napari stays quick.
+    """
+    probed = seen = 0
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            seen += 1
+            p = Path(root) / name
+            if name.lower().endswith(".dcm") or is_dicom_file(p):
                 return True
-            n += 1
-            if n >= max_probe:
-                break
+            probed += 1
+            if probed >= max_probe or seen >= max_entries:
+                return False
+        seen += len(dirs)
+        if seen >= max_entries:
+            return False
     return False
 
 
