@@ -1,0 +1,199 @@
+"""Benchmark: our sliding-window engine against MONAI's, same network, weights and volume.
+
+Runs each engine in its own subprocess (so peak memory is measured separately with
+``ru_maxrss``) and prints one JSON object::
+
+    python benchmarks/bench_inference.py --json                 # 256^3, 14 classes
+    python benchmarks/bench_inference.py --json --quick         # small smoke test
+    python benchmarks/bench_inference.py --json --image ct.nii.gz
+
+Figures:
+
+* ``throughput_ratio_vs_monai``: MONAI seconds / our seconds (DynUNet, 5.6 M parameters,
+  128^3 windows, overlap 0.5, MONAI in fp32 with Gaussian blending, ours with its defaults);
+* ``peak_rss_ratio_vs_monai``: our peak resident memory / MONAI's (14-class output);
+* ``peak_rss_gib_105_classes``: our peak with a 105-class output;
+* ``dice_vs_monai``: mean Dice between the two label maps, measured with trained weights
+  (the built-in ``abdomen-ct-small`` model on a synthetic abdomen) when available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.abspath(__file__)
+
+
+# --------------------------------------------------------------------------- workers
+def _dynunet(classes: int):
+    import torch
+    from monai.networks.nets import DynUNet
+
+    torch.manual_seed(0)
+    net = DynUNet(3, 1, classes, [3] * 4, [1, 2, 2, 2], [2, 2, 2], norm_name="instance",
+                  filters=[32, 64, 128, 256])
+    return net.eval()
+
+
+def _input(args):
+    """The ``(1, Z, Y, X)`` float32 input: a file or a synthetic abdomen, normalised."""
+    from napari_medseg.core.preprocess import preprocess
+
+    if args.image:
+        from napari_medseg.io import read_volume
+
+        vol = read_volume(args.image, lazy=False)
+        norm = {"kind": "ct", "window": [-200, 300]} if vol.modality == "CT" else {"kind": "mr"}
+    else:
+        from napari_medseg.core.phantom import make_abdomen_ct
+
+        vol, _ = make_abdomen_ct(seed=3, shape=(args.size,) * 3, spacing=(1.5, 1.2, 1.2))
+        norm = {"kind": "ct", "window": [-200, 300]}
+    x, _ = preprocess(vol, normalization=norm)
+    return x
+
+
+def _trained(size):
+    """Built-in model predictor, its input on the model grid, classes and patch."""
+    import torch
+
+    from napari_medseg.core.phantom import make_abdomen_ct
+    from napari_medseg.core.preprocess import preprocess
+    from napari_medseg.models import load_model
+
+    model = load_model("abdomen-ct-small")
+    card = model.card
+    img, _ = make_abdomen_ct(seed=11, shape=(size // 2, size, size))
+    x, _ = preprocess(img, card.target_spacing, card.orientation, card.normalization)
+    pred = model.make_predictor(torch.device("cpu"))
+    k = max(int(c) for c in card.classes) + 1
+    return pred, x, k, tuple(card.patch_size)
+
+
+def worker(args):
+    import torch
+
+    if args.worker_net == "trained":
+        net, x, classes, patch = _trained(args.size)
+    else:
+        x = _input(args)
+        classes, patch = args.classes, (args.patch,) * 3
+        net = _dynunet(classes)
+    t0 = time.perf_counter()
+    if args.worker == "monai":
+        from monai.inferers import sliding_window_inference as monai_swi
+
+        with torch.inference_mode():
+            out = monai_swi(torch.from_numpy(x)[None], patch, 1, net, overlap=args.overlap,
+                            mode="gaussian")
+            labels = out[0].argmax(0).to(torch.uint8).numpy()
+        amp = "off"
+    else:
+        from napari_medseg.core.inference import sliding_window_inference
+
+        res = sliding_window_inference(x, net, patch, classes, overlap=args.overlap,
+                                       device="cpu", amp=args.amp, batch_size=args.batch)
+        labels, amp = res.labels, res.amp
+    seconds = time.perf_counter() - t0
+    if args.save:
+        np.save(args.save, labels)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    print(json.dumps({"seconds": seconds, "peak_rss_gib": rss, "amp": amp,
+                      "shape": list(x.shape), "classes": classes, "patch": list(patch)}))
+
+
+# --------------------------------------------------------------------------- driver
+def _spawn(args, engine, net="dynunet", classes=None, save=None):
+    cmd = [sys.executable, HERE, "--worker", engine, "--worker-net", net,
+           "--size", str(args.size), "--classes", str(classes or args.classes),
+           "--patch", str(args.patch), "--overlap", str(args.overlap), "--amp", args.amp,
+           "--batch", str(args.batch)]
+    if args.image:
+        cmd += ["--image", args.image]
+    if save:
+        cmd += ["--save", save]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{engine} worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _mean_dice(a, b):
+    scores = []
+    for c in np.union1d(np.unique(a), np.unique(b)):
+        if c == 0:
+            continue
+        x, y = a == c, b == c
+        scores.append(2.0 * np.logical_and(x, y).sum() / (x.sum() + y.sum()))
+    return float(np.mean(scores)) if scores else 1.0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--image", help="run on this volume instead of a synthetic abdomen")
+    p.add_argument("--size", type=int, default=256, help="synthetic volume edge (voxels)")
+    p.add_argument("--classes", type=int, default=14)
+    p.add_argument("--patch", type=int, default=128)
+    p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument("--amp", default="auto")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="small volume and windows")
+    p.add_argument("--worker", choices=["ours", "monai"], help=argparse.SUPPRESS)
+    p.add_argument("--worker-net", default="dynunet", help=argparse.SUPPRESS)
+    p.add_argument("--save", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick and not args.worker:
+        args.size, args.patch = 64, 32
+    if args.worker:
+        return worker(args)
+
+    result = {"size": args.size, "patch": args.patch, "overlap": args.overlap,
+              "image": args.image, "threads": None}
+    import torch
+
+    result["threads"] = torch.get_num_threads()
+    ours = _spawn(args, "ours")
+    theirs = _spawn(args, "monai")
+    big = _spawn(args, "ours", classes=105)
+    result.update({
+        "ours_seconds": round(ours["seconds"], 2), "monai_seconds": round(theirs["seconds"], 2),
+        "ours_amp": ours["amp"],
+        "throughput_ratio_vs_monai": round(theirs["seconds"] / ours["seconds"], 3),
+        "ours_peak_rss_gib": round(ours["peak_rss_gib"], 3),
+        "monai_peak_rss_gib": round(theirs["peak_rss_gib"], 3),
+        "peak_rss_ratio_vs_monai": round(ours["peak_rss_gib"] / theirs["peak_rss_gib"], 3),
+        "peak_rss_gib_105_classes": round(big["peak_rss_gib"], 3),
+        "input_shape": ours["shape"],
+    })
+    with tempfile.TemporaryDirectory() as tmp:
+        a, b = os.path.join(tmp, "ours.npy"), os.path.join(tmp, "monai.npy")
+        try:
+            _spawn(args, "ours", net="trained", save=a)
+            _spawn(args, "monai", net="trained", save=b)
+            result["dice_weights"] = "built-in abdomen-ct-small on a synthetic abdomen"
+        except RuntimeError as exc:
+            result["dice_weights"] = f"random DynUNet weights (built-in model unavailable: " \
+                                     f"{str(exc).strip().splitlines()[-1][:200]})"
+            _spawn(args, "ours", save=a)
+            _spawn(args, "monai", save=b)
+        result["dice_vs_monai"] = round(_mean_dice(np.load(a), np.load(b)), 4)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for k, v in result.items():
+            print(f"{k:28s} {v}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
