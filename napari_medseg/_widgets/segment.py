@@ -11,10 +11,11 @@ from __future__ import annotations
 import contextlib
 import html
 import logging
+import time
 from typing import Callable
 
 from napari.layers import Image, Labels, Layer, Shapes
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -166,6 +167,8 @@ class SegmentWidget(QWidget):
         self.viewer = napari_viewer
         self.on_corrected: Callable[[Layer], str] = self._ask_corrected
         self.job: Job | None = None
+        #: ``perf_counter`` times of the last run: started, returned, shown
+        self.last_run: dict[str, float] = {}
         self._busy = False
         self.last_error: str | None = None
         self._models: dict[str, object] = {}  # name -> ModelInfo or loaded model
@@ -234,6 +237,9 @@ class SegmentWidget(QWidget):
         self.run_button = QPushButton("Run")
         self.run_button.clicked.connect(self.run)
         outer.addWidget(self.run_button)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        outer.addWidget(self.status)
         self.job_bar = JobBar()
         outer.addWidget(self.job_bar)
         self.class_panel = ClassPanel(self.viewer)
@@ -400,6 +406,7 @@ class SegmentWidget(QWidget):
         if self.running:
             return self.job
         self.last_error = None
+        self.last_run = {"started": time.perf_counter()}
         try:
             request = self._request()
         except Exception as exc:  # noqa: BLE001 - every problem becomes a notification
@@ -509,22 +516,34 @@ class SegmentWidget(QWidget):
             f"{type(exc).__name__}: {exc}"
 
     def _on_result(self, result, request) -> None:
+        self.last_run["returned"] = time.perf_counter()
         model, pred = result
         self._loaded[request["model_name"]] = model
         tuples = prediction_layer_data(pred, request["image"], request["model_name"],
                                        model.card)
         labels = self._put_labels(tuples[0], request)
-        for data, kwargs, kind in tuples[1:]:
-            name = kwargs["name"]
-            if name in self.viewer.layers:
-                self.viewer.layers[name].data = data
-            else:
-                self.viewer.add_layer(Layer.create(data, kwargs, kind))
+        # one napari layer per event-loop turn keeps each pause of the GUI short
+        for extra in tuples[1:]:
+            QTimer.singleShot(0, lambda t=extra: self._put_image(t))
         names, colors = card_classes(model.card)
         classes = {i: (n, colors.get(i, tuple(labels.get_color(i)))) for i, n in
                    names.items()}
         self.class_panel.set_layer(labels, classes or None)
         self.viewer.layers.selection.active = labels
+        info = getattr(pred, "info", None) or {}
+        self.status.setText(
+            f"'{request['image']}': {request['model_name']} in "
+            f"{getattr(pred, 'seconds', 0.0):.1f} s on {info.get('device', '?')}"
+            + ("" if request["region"] is None else " (region)"))
+        self.last_run["shown"] = time.perf_counter()
+
+    def _put_image(self, layer_tuple) -> None:
+        data, kwargs, kind = layer_tuple
+        name = kwargs["name"]
+        if name in self.viewer.layers:
+            self.viewer.layers[name].data = data
+        else:
+            self.viewer.add_layer(Layer.create(data, kwargs, kind))
 
     def _put_labels(self, layer_tuple, request) -> Labels:
         data, kwargs, kind = layer_tuple
