@@ -1,0 +1,308 @@
+"""Training cases from an nnU-Net v2 raw dataset folder, on a model's grid.
+
+The folder is the one :func:`napari_medseg.io.export.export_training_case`
+writes (``dataset.json``, ``imagesTr/{case}_{channel:04d}{ending}``,
+``labelsTr/{case}{ending}``). Images are read with
+:func:`napari_medseg.io.read_volume` and taken to the model grid by
+:func:`napari_medseg.core.preprocess.preprocess` with the card's settings, the
+same function inference uses; labels follow the same reorientation and are
+resampled by nearest neighbour.
+
+:class:`PatchSampler` draws random training windows from those cases, a share
+of them centred on a foreground class (oversampling of small structures), with
+mirror flips along the axes the card allows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..core.volume import Volume
+from ..errors import MedSegError, check_cancel
+from ..models.card import ModelCard
+
+__all__ = ["DatasetCase", "TrainingCase", "list_dataset", "load_case", "PatchSampler"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DatasetCase:
+    """File paths of one case of an nnU-Net raw dataset.
+
+    Attributes
+    ----------
+    case : str
+        Case id (``case_000``).
+    images : list of Path
+        One file per channel, in channel order.
+    label : Path
+        The label file.
+    """
+
+    case: str
+    images: list
+    label: Path
+
+
+@dataclass
+class TrainingCase:
+    """One case on the model grid.
+
+    Attributes
+    ----------
+    case : str
+        Case id.
+    x : numpy.ndarray
+        ``(C, Z, Y, X)`` float32 normalised image, padded to at least the patch.
+    y : numpy.ndarray
+        ``(Z, Y, X)`` uint8/uint16 labels on the same grid.
+    fg : dict
+        ``{class id: (N, 3) int array}`` of (a subsample of) that class's voxels.
+    """
+
+    case: str
+    x: np.ndarray
+    y: np.ndarray
+    fg: dict = field(default_factory=dict)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise MedSegError(f"cannot read dataset.json ({exc.strerror or exc})", str(path)) from exc
+    except ValueError as exc:
+        raise MedSegError(f"dataset.json is not valid JSON ({exc})", str(path)) from exc
+    if not isinstance(data, dict):
+        raise MedSegError("dataset.json must be a JSON object", str(path))
+    return data
+
+
+def list_dataset(dataset_dir, card: ModelCard) -> list[DatasetCase]:
+    """The complete cases of a dataset folder, checked against a model card.
+
+    Parameters
+    ----------
+    dataset_dir : str or Path
+        An nnU-Net v2 raw dataset folder (``DatasetXXX_Name``).
+    card : ModelCard
+        The model to train: channel count and classes must fit.
+
+    Returns
+    -------
+    list of DatasetCase
+        Sorted by case id.
+
+    Raises
+    ------
+    MedSegError
+        Missing folder or ``dataset.json``, a channel count or class ids the
+        model does not have, a label without its image files, or no cases.
+    """
+    root = Path(dataset_dir).expanduser()
+    where = str(root)
+    if not root.is_dir():
+        raise MedSegError("the dataset folder does not exist; choose the DatasetXXX_Name "
+                          "folder the Export widget wrote", where)
+    meta_path = root / "dataset.json"
+    if not meta_path.is_file():
+        raise MedSegError("no dataset.json: not an nnU-Net raw dataset folder; choose the "
+                          "DatasetXXX_Name folder that holds imagesTr/ and labelsTr/", where)
+    meta = _read_json(meta_path)
+    channels = meta.get("channel_names") or meta.get("modality") or {}
+    if len(channels) != card.n_channels:
+        raise MedSegError(
+            f"the dataset has {len(channels)} image channel(s) but model {card.name} takes "
+            f"{card.n_channels}; choose a dataset made for this model", where)
+    _check_classes(meta.get("labels") or {}, card, where)
+    ending = str(meta.get("file_ending") or ".nii.gz")
+    labels_dir = root / "labelsTr"
+    if not labels_dir.is_dir():
+        raise MedSegError("no labelsTr/ folder; the dataset holds no training cases yet",
+                          where)
+    cases = []
+    for lab in sorted(labels_dir.glob(f"*{ending}")):
+        if lab.name.startswith("."):
+            continue
+        case = lab.name[: -len(ending)]
+        imgs = [root / "imagesTr" / f"{case}_{c:04d}{ending}" for c in range(card.n_channels)]
+        missing = [p.name for p in imgs if not p.is_file()]
+        if missing:
+            raise MedSegError(f"case {case} has a label file but no image "
+                              f"{', '.join(missing)} in imagesTr/; add the image or remove "
+                              "the label", where)
+        cases.append(DatasetCase(case, imgs, lab))
+    if not cases:
+        raise MedSegError(f"no training cases (labelsTr/*{ending}); add corrected cases "
+                          "with Export > Add as training case first", where)
+    return cases
+
+
+def _check_classes(labels: dict, card: ModelCard, where: str) -> None:
+    """Class ids in ``dataset.json`` must exist in the model; warn on renamed ones."""
+    names = card.label_names
+    for name, cid in labels.items():
+        if isinstance(cid, (list, tuple)):
+            raise MedSegError("region-based nnU-Net labels are not supported for "
+                              "fine-tuning", where)
+        cid = int(cid)
+        if cid == 0:
+            continue
+        if cid not in names:
+            raise MedSegError(
+                f"class {cid} ('{name}') of the dataset is not an output of model "
+                f"{card.name} (classes {sorted(names)}); fine-tuning cannot add classes",
+                where)
+        if names[cid] != name:
+            log.warning("%s: class %d is '%s' in the dataset but '%s' in model %s",
+                        where, cid, name, names[cid], card.name)
+
+
+def load_case(item: DatasetCase, card: ModelCard, patch_size, max_fg: int = 20000,
+              seed: int = 0) -> tuple[TrainingCase, list, Volume]:
+    """Read one case and take it to the model grid.
+
+    Parameters
+    ----------
+    item : DatasetCase
+    card : ModelCard
+        Spacing, orientation and normalisation come from here.
+    patch_size : tuple of 3 int
+        The grid is padded (image with its minimum, labels with 0) to at least this.
+    max_fg : int
+        Voxels kept per class for foreground sampling.
+    seed : int
+        Seed of that subsample.
+
+    Returns
+    -------
+    case : TrainingCase
+        On the model grid.
+    images : list of Volume
+        The input-grid images (for evaluation with ``Model.predict``).
+    labels : Volume
+        The input-grid labels.
+
+    Raises
+    ------
+    MedSegError
+        Unreadable files, images and labels on different grids, non-integer or
+        out-of-range labels.
+    """
+    from ..core.preprocess import _apply_orientation, preprocess, resample_nearest
+    from ..io import read_volume
+
+    imgs = [read_volume(p, lazy=False) for p in item.images]
+    lab = read_volume(item.label, lazy=False)
+    y0 = np.asarray(lab.data)
+    if y0.ndim == 4 and y0.shape[0] == 1:
+        y0 = y0[0]
+    if np.issubdtype(y0.dtype, np.floating):
+        if not np.array_equal(y0, np.round(y0)):
+            raise MedSegError(f"case {item.case}: labels are not integers", str(item.label))
+        y0 = y0.astype(np.int64)
+    for p, v in zip(item.images, imgs):
+        if v.shape3 != y0.shape:
+            raise MedSegError(f"case {item.case}: image shape {v.shape3} does not match the "
+                              f"label shape {y0.shape}; re-export the case", str(p))
+    top = int(y0.max()) if y0.size else 0
+    if (y0.size and int(y0.min()) < 0) or top >= card.n_classes:
+        raise MedSegError(f"case {item.case}: label values must be 0..{card.n_classes - 1} "
+                          f"for model {card.name} (found up to {top})", str(item.label))
+    x, info = preprocess(imgs, target_spacing=card.target_spacing,
+                         orientation=card.orientation, normalization=card.normalization)
+    y = _apply_orientation(y0, info.perm, info.flips)
+    y = np.ascontiguousarray(resample_nearest(y, info.resampled_shape))
+    y = y.astype(np.uint8 if card.n_classes <= 256 else np.uint16)
+    x, y = _pad_to(x, y, patch_size)
+    rng = np.random.default_rng(seed)
+    fg = {}
+    for c in np.unique(y):
+        if c == 0:
+            continue
+        pts = np.argwhere(y == c)
+        if len(pts) > max_fg:
+            pts = pts[rng.choice(len(pts), max_fg, replace=False)]
+        fg[int(c)] = pts.astype(np.int32)
+    lab_vol = imgs[0].like_labels(y0, lab.label_names or card.label_names)
+    return TrainingCase(item.case, x, y, fg), imgs, lab_vol
+
+
+def _pad_to(x: np.ndarray, y: np.ndarray, patch) -> tuple[np.ndarray, np.ndarray]:
+    pad = [(0, max(0, int(p) - n)) for p, n in zip(patch, y.shape)]
+    if not any(b for _, b in pad):
+        return x, y
+    x = np.stack([np.pad(c, pad, constant_values=float(c.min())) for c in x])
+    return x, np.pad(y, pad)
+
+
+class PatchSampler:
+    """Random training windows with foreground oversampling and mirror flips.
+
+    Parameters
+    ----------
+    cases : list of TrainingCase
+    patch_size : tuple of 3 int
+        Window ``(z, y, x)`` in model-grid voxels.
+    mirror_axes : sequence of int
+        Spatial axes (0=z, 1=y, 2=x) each flipped with probability 1/2 (the
+        card's ``mirror_axes``: never across left/right classes).
+    fg_fraction : float
+        Share of windows centred on a voxel of a randomly chosen class.
+    seed : int
+    """
+
+    def __init__(self, cases, patch_size, mirror_axes=(0, 1, 2), fg_fraction: float = 0.5,
+                 seed: int = 0):
+        self.cases = list(cases)
+        self.patch = tuple(int(p) for p in patch_size)
+        self.mirror_axes = tuple(int(a) for a in mirror_axes)
+        self.fg_fraction = float(fg_fraction)
+        self.rng = np.random.default_rng(seed)
+
+    def _corner(self, case: TrainingCase) -> tuple:
+        shape = case.y.shape
+        if case.fg and self.rng.random() < self.fg_fraction:
+            cls = list(case.fg)[int(self.rng.integers(len(case.fg)))]
+            pts = case.fg[cls]
+            centre = pts[int(self.rng.integers(len(pts)))]
+            return tuple(int(np.clip(c - p // 2, 0, n - p))
+                         for c, p, n in zip(centre, self.patch, shape))
+        return tuple(int(self.rng.integers(0, n - p + 1)) for p, n in zip(self.patch, shape))
+
+    def sample(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """A batch: ``x (B, C, z, y, x)`` float32 and ``y (B, z, y, x)`` int64."""
+        xs, ys = [], []
+        for _ in range(int(batch)):
+            case = self.cases[int(self.rng.integers(len(self.cases)))]
+            z0, y0, x0 = self._corner(case)
+            win = (slice(z0, z0 + self.patch[0]), slice(y0, y0 + self.patch[1]),
+                   slice(x0, x0 + self.patch[2]))
+            x, y = case.x[(slice(None),) + win], case.y[win]
+            for a in self.mirror_axes:
+                if self.rng.random() < 0.5:
+                    x, y = np.flip(x, axis=a + 1), np.flip(y, axis=a)
+            xs.append(np.ascontiguousarray(x, dtype=np.float32))
+            ys.append(np.ascontiguousarray(y, dtype=np.int64))
+        return np.stack(xs), np.stack(ys)
+
+
+def load_cases(items, card: ModelCard, patch_size, progress=None, cancel=None, offset=0,
+               total=None):
+    """:func:`load_case` for each item; returns ``(training cases, (images, labels) pairs)``."""
+    cases, originals = [], []
+    for i, item in enumerate(items):
+        check_cancel(cancel)
+        tc, imgs, lab = load_case(item, card, patch_size, seed=i)
+        cases.append(tc)
+        originals.append((imgs, lab))
+        log.info("case %s: model grid %s, classes %s", item.case, tc.y.shape, sorted(tc.fg))
+        if progress:
+            progress(offset + i + 1, total or len(items))
+    return cases, originals

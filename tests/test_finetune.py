@@ -1,0 +1,196 @@
+"""Fine-tuning a model on corrected cases exported as an nnU-Net raw dataset.
+
+The cases are synthetic abdomen CT phantoms written by the real exporter, with a
+systematic correction a user might make: the right kidney relabelled as
+``kidney_left`` (one "kidney" class). The model must move toward it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from napari_medseg.core.phantom import ABDOMEN_LABELS, make_abdomen_ct
+from napari_medseg.errors import Cancelled, MedSegError
+from napari_medseg.io.export import export_training_case
+from napari_medseg.models import list_models, load_model
+from napari_medseg.models.card import ModelCard
+from napari_medseg.models.networks import UNet3D
+from napari_medseg.training.finetune import finetune
+
+SHAPE, SPACING = (32, 64, 64), (5.0, 3.0, 3.0)
+SEEDS = (11, 12, 13)
+PATCH = (16, 32, 32)
+MERGED = 3  # kidney_left; kidney_right (4) is relabelled to it
+
+
+def _case(seed):
+    img, lab = make_abdomen_ct(seed=seed, shape=SHAPE, spacing=SPACING, vary=True)
+    y = np.asarray(lab.data).copy()
+    y[y == 4] = MERGED
+    return img, lab.with_data(y)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("raw") / "Dataset501_Corrected"
+    for s in SEEDS:
+        img, lab = _case(s)
+        export_training_case([img], lab, folder)
+    return folder
+
+
+def _builtin_path():
+    for info in list_models(include_user=False):
+        if info.name == "abdomen-ct-small" and info.source == "builtin":
+            return info.path
+    return None
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    """The built-in model, or (before its weights exist) a small U-Net package like it."""
+    path = _builtin_path()
+    if path is not None:
+        return path
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("base") / "tiny-abdomen"
+    folder.mkdir()
+    card = ModelCard(
+        name="tiny-abdomen", version="1.0.0", channels=[{"name": "CT", "modality": "CT"}],
+        target_spacing=SPACING, orientation="LPS",
+        normalization=[{"kind": "ct", "window": [-200, 300]}], patch_size=PATCH,
+        classes={k: {"name": v} for k, v in ABDOMEN_LABELS.items()}, weights="model.pt",
+        network={"class": "UNet3D", "kwargs": {"in_channels": 1, "out_channels": 6,
+                                               "features": [4, 8, 16]}},
+        mirror_axes=(0, 1))
+    net = UNet3D(1, 6, (4, 8, 16))
+    torch.save(net.state_dict(), folder / "model.pt")
+    card.save(folder / "card.yaml")
+    return str(folder)
+
+
+def test_finetune_moves_toward_corrections(dataset, base_model, tmp_path):
+    base = load_model(base_model)
+    calls = []
+    path = finetune(base_model, dataset, iterations=40, lr=1e-3, patch_size=PATCH,
+                    val_fraction=0.34, seed=0, progress=lambda d, t: calls.append((d, t)))
+    # the package lands in the user model folder and the registry lists it
+    infos = {i.name: i for i in list_models()}
+    card_name = path.name
+    assert card_name.startswith(f"{base.card.name}-ft-")
+    assert infos[card_name].source == "user"
+    model = load_model(card_name)
+    assert model.card.format == "state_dict"
+    assert model.card.version != base.card.version
+    assert calls[-1][0] == calls[-1][1]
+    # provenance
+    text = model.card.training
+    assert base.card.name in text and str(dataset) in text and "40 AdamW" in text
+    ft = model.card.metrics["fine_tune"]
+    assert sorted(ft["train_cases"] + ft["held_out_cases"]) == ["case_000", "case_001",
+                                                                 "case_002"]
+    assert len(ft["held_out_cases"]) == 1
+    assert ft["loss_last"] < ft["loss_first"]
+    # Dice on the held-out corrected case before/after
+    before, after = model.card.metrics["dice_before"], model.card.metrics["dice"]
+    assert "kidney_left" in before and "kidney_left" in after
+    if _builtin_path() is not None:  # a trained base learns the merged class quickly
+        assert after["kidney_left"] > before["kidney_left"] + 0.05
+    # predicts on the input grid
+    img, _ = _case(99)
+    pred = model.predict(img, overlap=0.0)
+    assert pred.labels.shape3 == img.shape3
+    np.testing.assert_allclose(pred.labels.affine, img.affine)
+    # the base model was not changed in place
+    again = load_model(base_model)
+    for (k, a), b in zip(again.network.state_dict().items(),
+                         base.network.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_cancel_leaves_nothing(dataset, base_model, tmp_path):
+    out = tmp_path / "models"
+    seen = []
+
+    def cancel():
+        return len(seen) >= 6
+
+    with pytest.raises(Cancelled):
+        finetune(base_model, dataset, out_dir=out, iterations=50, patch_size=PATCH,
+                 val_fraction=0, progress=lambda d, t: seen.append(d), cancel=cancel)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_explicit_name_and_no_validation(dataset, base_model, tmp_path):
+    path = finetune(base_model, dataset, out_dir=tmp_path, name="my-kidneys", iterations=2,
+                    patch_size=PATCH, val_fraction=0)
+    assert path == tmp_path / "my-kidneys"
+    card = load_model(path).card
+    assert card.name == "my-kidneys"
+    assert card.metrics["fine_tune"]["held_out_cases"] == []
+    assert "dice" not in card.metrics
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my-kidneys"]
+    with pytest.raises(MedSegError, match="already exists"):
+        finetune(base_model, dataset, out_dir=tmp_path, name="my-kidneys", iterations=1,
+                 patch_size=PATCH, val_fraction=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my-kidneys"]
+
+
+def _copy(dataset, tmp_path):
+    dst = tmp_path / "Dataset502_Copy"
+    shutil.copytree(dataset, dst)
+    return dst
+
+
+def test_bad_dataset_folders(dataset, base_model, tmp_path):
+    with pytest.raises(MedSegError, match="does not exist"):
+        finetune(base_model, tmp_path / "nope", iterations=1)
+    d = _copy(dataset, tmp_path)
+    (d / "dataset.json").unlink()
+    with pytest.raises(MedSegError, match="dataset.json"):
+        finetune(base_model, d, iterations=1)
+
+    d = _copy(dataset, tmp_path / "b")
+    (d / "imagesTr" / "case_001_0000.nii.gz").unlink()
+    with pytest.raises(MedSegError, match="case_001"):
+        finetune(base_model, d, iterations=1)
+
+    d = _copy(dataset, tmp_path / "c")
+    from napari_medseg.io import write_labels
+
+    img, lab = make_abdomen_ct(seed=1, shape=(16, 32, 32), spacing=SPACING)
+    (d / "labelsTr" / "case_000.nii.gz").unlink()
+    write_labels(d / "labelsTr" / "case_000.nii.gz", lab)
+    with pytest.raises(MedSegError, match="does not match the label shape"):
+        finetune(base_model, d, iterations=1, val_fraction=0)
+
+    d = _copy(dataset, tmp_path / "e")
+    meta = json.loads((d / "dataset.json").read_text())
+    meta["channel_names"] = {"0": "CT", "1": "PET"}
+    (d / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(MedSegError, match="2 image channel"):
+        finetune(base_model, d, iterations=1)
+    meta["channel_names"] = {"0": "CT"}
+    meta["labels"]["vessel"] = 9
+    (d / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(MedSegError, match="cannot add classes"):
+        finetune(base_model, d, iterations=1)
+
+
+def test_models_without_trainable_weights_are_refused(dataset, tmp_path):
+    net = torch.jit.script(UNet3D(1, 6, (4, 8)))
+    folder = tmp_path / "scripted"
+    folder.mkdir()
+    net.save(str(folder / "model.ts"))
+    ModelCard(name="scripted", channels=[{"name": "CT", "modality": "CT"}],
+              classes={k: {"name": v} for k, v in ABDOMEN_LABELS.items()},
+              format="torchscript", weights="model.ts",
+              patch_size=PATCH).save(folder / "card.yaml")
+    with pytest.raises(MedSegError, match="cannot be fine-tuned"):
+        finetune(folder, dataset, out_dir=tmp_path / "out", iterations=1)
+    assert not (tmp_path / "out").exists()
