@@ -229,3 +229,22 @@ def test_gaussian_map_peaks_in_the_centre():
     assert g.shape == (9, 8, 7) and float(g.min()) > 0
     assert np.unravel_index(int(g.argmax()), g.shape)[0] == 4
     assert window_starts(13, 5, 0.5) == [0, 2, 4, 6, 8]
+
+
+def test_many_classes_use_a_float16_buffer_and_smaller_batches(monkeypatch):
+    from napari_medseg.core import inference
+
+    x = _x()
+    net = _conv(6, kernel=3, seed=8)
+    ref = sliding_window_inference(x, net, PATCH, 6, device="cpu", amp="off",
+                                   return_probability=True)
+    monkeypatch.setattr(inference, "ACCUMULATOR_BUDGET_BYTES", 0)
+    monkeypatch.setattr(inference, "OUTPUT_BUDGET_BYTES", 1)
+    g = gaussian_importance_map(PATCH)
+    assert _SlabStitcher(6, SHAPE[1:], PATCH[0], torch.device("cpu"), g, False,
+                         None).acc.dtype == torch.float16
+    half = sliding_window_inference(x, net, PATCH, 6, batch_size=4, device="cpu", amp="off",
+                                    return_probability=True)
+    assert half.batch_size == 1
+    assert (half.labels == ref.labels).mean() > 0.99
+    np.testing.assert_allclose(half.probability, ref.probability, atol=5e-3)

@@ -10,7 +10,10 @@ their weighted logits go into a ring buffer only ``patch_z`` slices deep. As
 soon as no remaining window touches a slice, that slice is finalised (argmax to
 ``uint8`` / ``uint16``, optionally the foreground probability or an
 uncertainty map as ``float16``) and its buffer rows are reused. The peak is
-about ``K x patch_z x Y x X`` floats instead of ``K x Z x Y x X``.
+about ``K x patch_z x Y x X`` floats instead of ``K x Z x Y x X``; when that
+buffer would pass ``ACCUMULATOR_BUDGET_BYTES`` (many classes) it is kept in
+``float16``, and the windows per batch are capped so a batch of logits stays
+below ``OUTPUT_BUDGET_BYTES``.
 
 Other features: batches of windows, mirror test-time augmentation (all eight
 flips of the three axes, logits averaged), mixed precision (bf16 autocast on
@@ -47,6 +50,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _FINALIZE_CHUNK = 4  # slices finalised at a time (bounds temporaries)
+#: Above this size a float32 ring buffer is stored as float16 instead (many classes).
+ACCUMULATOR_BUDGET_BYTES = 1 << 30
+#: Windows per batch are capped so one batch of float32 logits stays below this.
+OUTPUT_BUDGET_BYTES = 256 << 20
 
 
 @dataclass
@@ -217,7 +224,11 @@ class _SlabStitcher:
         self.depth = patch_z
         self.g = importance
         z, y, x = shape
-        self.acc = torch.zeros((n_classes, patch_z, y, x), dtype=torch.float32, device=device)
+        acc_dtype = torch.float32
+        if n_classes * patch_z * y * x * 4 > ACCUMULATOR_BUDGET_BYTES:
+            acc_dtype = torch.float16  # halves the buffer; ~3 significant digits suffice
+            log.info("%d classes: accumulating window logits in float16", n_classes)
+        self.acc = torch.zeros((n_classes, patch_z, y, x), dtype=acc_dtype, device=device)
         need_w = want_prob or uncertainty is not None
         self.wsum = torch.zeros((patch_z, y, x), dtype=torch.float32, device=device) \
             if need_w else None
@@ -275,7 +286,7 @@ class _SlabStitcher:
         self.labels[zg:zg + n] = lab.to(torch.uint8 if self.k <= 255 else torch.int32) \
             .cpu().numpy()
         if self.wsum is not None:
-            logits = a / self.wsum[r:r + n]
+            logits = a.float() / self.wsum[r:r + n]
             if self.k == 1:
                 p1 = torch.sigmoid(logits[0])
                 fg = p1
@@ -476,6 +487,8 @@ def sliding_window_inference(x, predictor, patch_size, n_classes, overlap=0.5, b
     t = _as_tensor(x)
     t, crop = _pad_to_patch(t, patch)
     batch_size = max(int(batch_size), 1)
+    per_window = n_classes * math.prod(patch) * 4 * (2 if tta or uncertainty == "tta" else 1)
+    batch_size = min(batch_size, max(1, OUTPUT_BUDGET_BYTES // per_window))
     args = dict(predictor=predictor, patch=patch, n_classes=n_classes, overlap=float(overlap),
                 tta=bool(tta), device=dev, amp_dtype=amp_dtype, uncertainty=uncertainty,
                 want_prob=bool(return_probability), progress=progress, cancel=cancel)
