@@ -217,10 +217,10 @@ def detect_format(path) -> str | None:
     """``"package"``, ``"file"``, ``"monai-bundle"``, ``"nnunet"`` or None."""
     path = Path(path)
     if path.is_dir():
-        if any((path / n).is_file() for n in CARD_NAMES):
-            return "package"
         if (path / "configs").is_dir() and (path / "models").is_dir():
             return "monai-bundle"
+        if any((path / n).is_file() for n in CARD_NAMES):
+            return "package"
         if (path / "plans.json").is_file() and (path / "dataset.json").is_file():
             return "nnunet"
         return None

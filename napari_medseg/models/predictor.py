@@ -99,6 +99,7 @@ class Model:
     """
 
     batch_size = 2
+    amp = "auto"
 
     def __init__(self, card: ModelCard, source: str = ""):
         self.card = card
@@ -247,6 +248,7 @@ class Model:
             res = sliding_window_inference(
                 x, predictor, patch_size=card.patch_size, n_classes=card.n_classes,
                 overlap=overlap, batch_size=self.batch_size, tta=engine_tta, device=dev,
+                amp=self.amp,
                 uncertainty=uncertainty, progress=progress, cancel=cancel)
         del x
         labels = restore_labels(res.labels, pinfo)
