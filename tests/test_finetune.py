@@ -194,3 +194,54 @@ def test_models_without_trainable_weights_are_refused(dataset, tmp_path):
     with pytest.raises(MedSegError, match="cannot be fine-tuned"):
         finetune(folder, dataset, out_dir=tmp_path / "out", iterations=1)
     assert not (tmp_path / "out").exists()
+
+
+def _wait(qtbot, job, timeout=120_000):
+    assert job is not None
+    qtbot.waitUntil(lambda: not job.running and (job.result is not None
+                                                  or job.error is not None), timeout=timeout)
+
+
+def test_widget_from_export_to_segment(make_napari_viewer, qtbot, dataset, base_model,
+                                       tmp_path):
+    from napari_medseg.paths import user_models_dir
+
+    base = load_model(base_model)
+    if _builtin_path() is None:  # the stand-in base must be in the registry to be picked
+        user_models_dir().mkdir(parents=True)
+        shutil.copytree(base_model, user_models_dir() / base.card.name)
+    viewer = make_napari_viewer()
+    _, export = viewer.window.add_plugin_dock_widget("napari-medseg", "Export")
+    _, segment = viewer.window.add_plugin_dock_widget("napari-medseg", "Segment")
+    export.dataset_edit.setText(str(dataset))
+    widget = export.open_finetune()
+    assert widget.dataset_edit.text() == str(dataset)
+    names = [widget.model_box.itemText(i) for i in range(widget.model_box.count())]
+    assert base.card.name in names
+    widget.model_box.setCurrentText(base.card.name)
+    widget.iterations.setValue(3)
+    widget.name_edit.setText("kidneys-merged")
+
+    # cancel at once: nothing is written, the button comes back
+    job = widget.run(patch_size=PATCH)
+    job.cancel()
+    qtbot.waitUntil(lambda: not job.running, timeout=60_000)
+    qtbot.waitUntil(widget.run_button.isEnabled, timeout=10_000)
+    assert job.result is None and "cancelled" in widget.status.text()
+    assert not (user_models_dir() / "kidneys-merged").exists()
+
+    job = widget.run(patch_size=PATCH, val_fraction=0)
+    _wait(qtbot, job)
+    assert job.error is None, job.error
+    assert widget.last_path == user_models_dir() / "kidneys-merged"
+    assert "kidneys-merged" in widget.status.text()
+    seg_names = [segment.model_box.itemText(i) for i in range(segment.model_box.count())]
+    assert "kidneys-merged" in seg_names
+
+
+def test_widget_reports_missing_dataset(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Fine-tune")
+    widget.dataset_edit.setText("")
+    assert widget.run() is None
+    assert "dataset folder" in widget.status.text() or "no model" in widget.status.text()

@@ -103,6 +103,9 @@ class ExportWidget(QWidget):
         self.dataset_edit.setPlaceholderText("nnU-Net dataset folder (DatasetXXX_Name)")
         self.case_button = QPushButton("Add as training case")
         self.case_button.clicked.connect(self.add_training_case)
+        self.finetune_button = QPushButton("Fine-tune a model…")
+        self.finetune_button.setToolTip("Retrain a model on the cases of this dataset")
+        self.finetune_button.clicked.connect(self.open_finetune)
         self.autosave_spin = QSpinBox()
         self.autosave_spin.setRange(0, 3600)
         self.autosave_spin.setSuffix(" s")
@@ -124,7 +127,7 @@ class ExportWidget(QWidget):
         form.addRow("", self.overwrite)
         form.addRow("", _row(self.export_button, self.csv_button))
         form.addRow("Dataset", self.dataset_edit)
-        form.addRow("", self.case_button)
+        form.addRow("", _row(self.case_button, self.finetune_button))
         form.addRow("Autosave every", self.autosave_spin)
         lay = QVBoxLayout(self)
         lay.addLayout(form)
@@ -292,6 +295,14 @@ class ExportWidget(QWidget):
         return self._guarded("Training case", make)
 
     # ---------------------------------------------------------- autosave
+    def open_finetune(self):
+        """Open the Fine-tune dock widget with this dataset folder filled in; return it."""
+        _, widget = self.viewer.window.add_plugin_dock_widget("napari-medseg", "Fine-tune")
+        folder = self.dataset_edit.text().strip()
+        if folder and hasattr(widget, "set_dataset"):
+            widget.set_dataset(folder)
+        return widget
+
     def _set_interval(self, seconds: int) -> None:
         self.timer.stop()
         if seconds > 0:

@@ -1,0 +1,177 @@
+"""The Fine-tune dock widget: retrain a model on the corrected cases you exported.
+
+Thin over :func:`napari_medseg.training.finetune.finetune`: pick a model with
+trainable weights and the nnU-Net dataset folder the Export widget appends
+training cases to, then Run (with progress and Cancel). The new model is saved
+in the user model folder; the Segment widget's model list is refreshed so it
+can be used at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout,
+                            QLabel, QLineEdit, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+
+from ..errors import MedSegError
+from ._common import Job, JobBar, notify_exception, show_info
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FinetuneWidget"]
+
+
+def _row(*widgets) -> QWidget:
+    w = QWidget()
+    lay = QHBoxLayout(w)
+    lay.setContentsMargins(0, 0, 0, 0)
+    for x in widgets:
+        lay.addWidget(x, 1 if isinstance(x, (QComboBox, QLineEdit)) else 0)
+    return w
+
+
+def _summary(path: Path) -> str:
+    """One line about a new package: name, loss and held-out Dice before -> after."""
+    from ..models.loaders import read_package_card
+
+    card = read_package_card(path)
+    ft = card.metrics.get("fine_tune", {})
+    text = (f"{card.name}: loss {ft.get('loss_first', 0):.3f} → "
+            f"{ft.get('loss_last', 0):.3f}")
+    after, before = card.metrics.get("dice"), card.metrics.get("dice_before") or {}
+    if after:
+        text += "; held-out Dice " + ", ".join(
+            f"{k} {before.get(k, 0):.2f}→{v:.2f}" for k, v in after.items())
+    return text
+
+
+class FinetuneWidget(QWidget):
+    """Fine-tune a segmentation model on corrected training cases."""
+
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.job: Job | None = None
+        self.last_path: Path | None = None
+
+        self.model_box = QComboBox()
+        self.model_box.setToolTip("Models with trainable weights (state_dict packages)")
+        refresh = QPushButton("↻")
+        refresh.setToolTip("Refresh the model list")
+        refresh.clicked.connect(self.refresh_models)
+        self.dataset_edit = QLineEdit()
+        self.dataset_edit.setPlaceholderText("nnU-Net dataset folder (DatasetXXX_Name)")
+        browse = QPushButton("…")
+        browse.clicked.connect(self._browse)
+        self.iterations = QSpinBox()
+        self.iterations.setRange(1, 100_000)
+        self.iterations.setValue(200)
+        self.iterations.setToolTip("Optimiser steps; each takes about a second on a CPU")
+        self.lr = QDoubleSpinBox()
+        self.lr.setDecimals(5)
+        self.lr.setRange(1e-5, 1e-1)
+        self.lr.setSingleStep(1e-4)
+        self.lr.setValue(3e-4)
+        self.name_edit = QLineEdit()
+        self.name_edit.setPlaceholderText("automatic (<model>-ft-<date>)")
+        self.run_button = QPushButton("Fine-tune")
+        self.run_button.clicked.connect(self.run)
+        self.bar = JobBar()
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("Model", _row(self.model_box, refresh))
+        form.addRow("Dataset", _row(self.dataset_edit, browse))
+        form.addRow("Iterations", self.iterations)
+        form.addRow("Learning rate", self.lr)
+        form.addRow("New name", self.name_edit)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addWidget(self.run_button)
+        lay.addWidget(self.bar)
+        lay.addWidget(self.status)
+        lay.addStretch(1)
+        self.refresh_models()
+
+    # ------------------------------------------------------------ models
+    def refresh_models(self) -> None:
+        """List the registry's models that have trainable weights."""
+        current = self.model_box.currentText()
+        try:
+            from ..models import list_models
+
+            names = [i.name for i in list_models()
+                     if i.card.format == "state_dict" and i.card.network]
+        except Exception as exc:  # noqa: BLE001 - a broken registry must not kill the widget
+            notify_exception(exc, "Listing models")
+            names = []
+        self.model_box.clear()
+        self.model_box.addItems(names)
+        if current in names:
+            self.model_box.setCurrentText(current)
+
+    def set_dataset(self, folder) -> None:
+        """Fill in the dataset folder (e.g. from the Export widget)."""
+        self.dataset_edit.setText(str(folder))
+
+    def _browse(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "nnU-Net dataset folder")
+        if path:
+            self.dataset_edit.setText(path)
+
+    # --------------------------------------------------------------- run
+    def run(self, **options) -> Job | None:
+        """Start fine-tuning in the background; return the job (None if not started).
+
+        ``options`` go to :func:`~napari_medseg.training.finetune.finetune`
+        (e.g. ``patch_size``, ``val_fraction``).
+        """
+        if self.job is not None and self.job.running:
+            show_info("fine-tuning is already running")
+            return None
+        try:
+            model = self.model_box.currentText()
+            if not model:
+                raise MedSegError("no model with trainable weights is available; add a "
+                                  "model package (card.yaml + state_dict) first")
+            folder = self.dataset_edit.text().strip()
+            if not folder:
+                raise MedSegError("choose the nnU-Net dataset folder holding your "
+                                  "corrected cases")
+        except MedSegError as exc:
+            self.status.setText(notify_exception(exc, "Fine-tune"))
+            return None
+        from ..training.finetune import finetune
+
+        kwargs = dict(iterations=self.iterations.value(), lr=self.lr.value(),
+                      name=self.name_edit.text().strip() or None)
+        kwargs.update(options)
+        self.run_button.setEnabled(False)
+        self.status.setText(f"fine-tuning {model}…")
+        self.job = Job(finetune, model, folder, on_done=self._done, bar=self.bar,
+                       what="Fine-tune", on_finish=lambda: self.run_button.setEnabled(True),
+                       on_error=lambda exc: self.status.setText(str(exc) or "cancelled"),
+                       **kwargs)
+        return self.job.start()
+
+    def _done(self, path) -> None:
+        self.last_path = Path(path)
+        text = _summary(self.last_path)
+        self.status.setText(f"{text}\nsaved to {path}")
+        show_info(f"new model {text}")
+        self.refresh_models()
+        self._refresh_other_widgets()
+
+    def _refresh_other_widgets(self) -> None:
+        """Let the Segment widget (and any other model picker) list the new model."""
+        window = getattr(self.viewer, "window", None)
+        docks = getattr(window, "dock_widgets", {}) if window is not None else {}
+        for widget in list(docks.values()):
+            if widget is not self and callable(getattr(widget, "refresh_models", None)):
+                try:
+                    widget.refresh_models()
+                except Exception as exc:  # noqa: BLE001 - another widget's problem
+                    log.warning("could not refresh the models of %s: %s", widget, exc)
