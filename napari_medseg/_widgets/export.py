@@ -294,7 +294,6 @@ class ExportWidget(QWidget):
             return self._run(_case_job, folder, image, vol, ledger, what="Training case")
         return self._guarded("Training case", make)
 
-    # ---------------------------------------------------------- autosave
     def open_finetune(self):
         """Open the Fine-tune dock widget with this dataset folder filled in; return it."""
         _, widget = self.viewer.window.add_plugin_dock_widget("napari-medseg", "Fine-tune")
@@ -303,6 +302,7 @@ class ExportWidget(QWidget):
             widget.set_dataset(folder)
         return widget
 
+    # ---------------------------------------------------------- autosave
     def _set_interval(self, seconds: int) -> None:
         self.timer.stop()
         if seconds > 0:
