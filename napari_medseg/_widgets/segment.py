@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Callable
 
 from napari.layers import Image, Labels, Layer, Shapes
@@ -203,7 +204,11 @@ class SegmentWidget(QWidget):
         return name
 
     def _browse_model(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Model package folder")
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Model: a package's card, a .zip, TorchScript or ONNX file", "",
+            "Models (card.yaml card.yml card.json *.zip *.pt *.ts *.onnx);;All files (*)")
+        if path and Path(path).name.startswith("card."):
+            path = str(Path(path).parent)  # the package folder
         if path:
             try:
                 self.add_model(path)
