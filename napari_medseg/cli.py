@@ -5,6 +5,8 @@
     napari-medseg models [--json]
     napari-medseg predict INPUT [INPUT ...] -m MODEL -o OUTPUT [--device auto]
                   [--overlap 0.5] [--tta] [--fast] [--uncertainty PATH] [--overwrite]
+    napari-medseg finetune MODEL DATASET_FOLDER [--iterations 200] [--lr 3e-4]
+                  [--name NAME] [--out FOLDER] [--patch-size Z Y X] [--val-fraction 0.25]
     napari-medseg view [PATHS ...] [--sample KEY] [--screenshot PNG] [--widgets ...]
 
 Problems the user can fix print one line on stderr and exit with status 2.
@@ -160,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--widgets", nargs="*", help="dock widgets to open (display names)")
     v.add_argument("--ndisplay", type=int, choices=(2, 3), default=2)
     v.set_defaults(func=cmd_view)
+
+    from .training.finetune import add_cli_parser  # light: torch loads only when run
+
+    add_cli_parser(sub)
     return p
 
 

@@ -245,3 +245,19 @@ def test_widget_reports_missing_dataset(make_napari_viewer, tmp_path):
     widget.dataset_edit.setText("")
     assert widget.run() is None
     assert "dataset folder" in widget.status.text() or "no model" in widget.status.text()
+
+
+def test_cli_finetune(dataset, base_model, tmp_path, capsys):
+    from napari_medseg.cli import main
+
+    out = tmp_path / "models"
+    code = main(["finetune", str(base_model), str(dataset), "--iterations", "2",
+                 "--patch-size", *map(str, PATCH), "--val-fraction", "0", "--out", str(out),
+                 "--name", "cli-ft"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert f"wrote {out / 'cli-ft'}" in err
+    assert load_model(out / "cli-ft").card.name == "cli-ft"
+    code = main(["finetune", str(base_model), str(tmp_path / "missing"), "--out", str(out)])
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -17,6 +17,9 @@ or more cases, a share is held out and Dice per class is measured on it with
 ``Model.predict`` before and after fine-tuning; both go into the card, with the
 base model, dataset, case ids and schedule as provenance.
 
+Importing this module is light (torch loads when training starts), so the
+command line can offer the ``finetune`` subcommand cheaply.
+
 Only networks we can rebuild from a card and a state_dict (``format:
 state_dict``) can be trained; TorchScript, ONNX, MONAI bundles and nnU-Net
 folders raise :class:`~napari_medseg.errors.MedSegError`.
@@ -35,8 +38,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ..errors import MedSegError, check_cancel
 from ..models.card import ModelCard
@@ -63,6 +64,8 @@ def trainable_model(model):
         The model is TorchScript, ONNX, a bundle, nnU-Net or anything else
         without trainable weights in our package format.
     """
+    import torch
+
     from ..models.predictor import TorchModel
 
     if not (hasattr(model, "card") and hasattr(model, "predict")):
@@ -108,6 +111,8 @@ def _bump(version: str) -> str:
 # ------------------------------------------------------------------- loss
 def _dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Soft Dice over the foreground classes (batch pooled), ``1 - mean Dice``."""
+    import torch.nn.functional as F
+
     prob = logits.float().softmax(1)
     onehot = F.one_hot(target, logits.shape[1]).permute(0, 4, 1, 2, 3).float()
     dims = (0, 2, 3, 4)
@@ -134,6 +139,8 @@ def _mean_dice(per_case: list) -> dict:
 
 def _use_bf16() -> bool:
     """bf16 autocast only where the CPU has native bf16 (AVX512-BF16 / AMX)."""
+    import torch
+
     try:
         if torch.backends.cpu.get_cpu_capability() == "AMX":
             return True
@@ -169,6 +176,9 @@ def _split(cases, val_fraction: float, seed: int):
 
 def _train(net, runner, sampler, iterations, lr, batch, progress, cancel, step, total):
     """The optimisation loop; returns the loss of each iteration."""
+    import torch
+    import torch.nn.functional as F
+
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr,
                             weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(iterations, 1))
@@ -198,6 +208,8 @@ def _train(net, runner, sampler, iterations, lr, batch, progress, cancel, step, 
 
 def _write_package(card: ModelCard, net, folder: Path, cancel=None) -> Path:
     """Write ``model.pt`` + ``card.yaml`` to a hidden temp folder, then rename it."""
+    import torch
+
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{card.name}.", suffix=".part", dir=folder))
     final = folder / card.name
@@ -263,6 +275,8 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
     Cancelled
         When cancelled (no package is left behind).
     """
+    import torch
+
     from ..models.predictor import TorchModel
     from ..paths import user_models_dir
 
