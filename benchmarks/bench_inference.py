@@ -115,7 +115,8 @@ def worker(args):
     if args.save:
         np.save(args.save, labels)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss_gib": rss, "amp": amp,
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss_gib": rss,
+                      "amp": amp,
                       "shape": list(x.shape), "classes": classes, "patch": list(patch)}))
 
 

@@ -356,7 +356,8 @@ def _as_tensor(x) -> torch.Tensor:
         a = np.asarray(x)
         t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
     if t.ndim != 4:
-        raise MedSegError(f"expected a (C, Z, Y, X) array for inference, got shape {tuple(t.shape)}")
+        raise MedSegError(
+            f"expected a (C, Z, Y, X) array for inference, got shape {tuple(t.shape)}")
     if not torch.isfinite(t).all():
         raise MedSegError("the input contains NaN or infinite values; fill them before inference")
     return t

@@ -38,6 +38,8 @@ __all__ = [
     "restore_labels",
     "restore_map",
     "orientation_transform",
+    "apply_orientation",
+    "undo_orientation",
     "normalize_channel",
     "resample_linear",
     "resample_nearest",
@@ -180,8 +182,11 @@ def _resampled_affine(affine, shape, new_shape):
     return out
 
 
-def _apply_orientation(a, perm, flips):
-    """Transpose then flip the last three axes of ``a`` (views only)."""
+def apply_orientation(a, perm, flips):
+    """Transpose then flip the last three axes of ``a`` (views only).
+
+    ``perm`` and ``flips`` come from :func:`orientation_transform`.
+    """
     lead = a.ndim - 3
     a = a.transpose(tuple(range(lead)) + tuple(lead + p for p in perm))
     for n, f in enumerate(flips):
@@ -190,12 +195,16 @@ def _apply_orientation(a, perm, flips):
     return a
 
 
-def _undo_orientation(a, perm, flips):
-    """Inverse of :func:`_apply_orientation` for a ``(Z, Y, X)`` array."""
+def undo_orientation(a, perm, flips):
+    """Inverse of :func:`apply_orientation` for a ``(Z, Y, X)`` array (a contiguous copy)."""
     for n, f in enumerate(flips):
         if f:
             a = np.flip(a, axis=n)
     return np.ascontiguousarray(a.transpose(np.argsort(perm)))
+
+
+_apply_orientation = apply_orientation  # older private names, kept for callers
+_undo_orientation = undo_orientation
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -420,7 +429,7 @@ def preprocess(volumes, target_spacing=None, orientation=None, normalization=Non
                 "the image contains NaN or infinite values; fill or mask them before "
                 "running a model", ref.source
             )
-        a = np.ascontiguousarray(_apply_orientation(a, perm, flips))
+        a = np.ascontiguousarray(apply_orientation(a, perm, flips))
         normalize_channel(a, spec, ref.source)
         x[c, : m_shape[0], : m_shape[1], : m_shape[2]] = resample_linear(a, m_shape)
         del a
@@ -468,7 +477,7 @@ def restore_labels(labels, info: PreprocessInfo) -> np.ndarray:
     """
     a = _crop_to_resampled(labels, info, "labels")
     a = resample_nearest(a, info.reoriented_shape)
-    return _undo_orientation(a, info.perm, info.flips)
+    return undo_orientation(a, info.perm, info.flips)
 
 
 def restore_map(values, info: PreprocessInfo) -> np.ndarray:
@@ -488,4 +497,4 @@ def restore_map(values, info: PreprocessInfo) -> np.ndarray:
     """
     a = _crop_to_resampled(values, info, "map")
     a = resample_linear(a, info.reoriented_shape, out_dtype=np.float16)
-    return _undo_orientation(a, info.perm, info.flips)
+    return undo_orientation(a, info.perm, info.flips)
