@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .training.finetune import add_cli_parser  # light: torch loads only when run
 
-    add_cli_parser(sub)
+    add_cli_parser(sub, ProgressBar)
     return p
 
 

@@ -363,8 +363,12 @@ def _new_card(card, name, dataset_dir, items, train_idx, val_idx, iterations, lr
 
 
 # ----------------------------------------------------------------------- CLI
-def add_cli_parser(sub) -> None:
-    """Add the ``finetune`` subcommand to the ``napari-medseg`` argument parser."""
+def add_cli_parser(sub, progress_bar=None) -> None:
+    """Add the ``finetune`` subcommand to the ``napari-medseg`` argument parser.
+
+    ``progress_bar(label)`` makes a ``progress(done, total)`` callable with a
+    ``close()`` method (the command line's own text bar).
+    """
     f = sub.add_parser("finetune", help="fine-tune a model on corrected training cases")
     f.add_argument("model", help="model name or package path (state_dict models)")
     f.add_argument("dataset", help="nnU-Net raw dataset folder (DatasetXXX_Name)")
@@ -377,23 +381,23 @@ def add_cli_parser(sub) -> None:
                    help="share of cases held out for Dice before/after")
     f.add_argument("--batch-size", type=int, default=2)
     f.add_argument("--seed", type=int, default=0)
-    f.set_defaults(func=cmd_finetune)
+    f.set_defaults(func=cmd_finetune, progress_bar=progress_bar)
 
 
 def cmd_finetune(args) -> int:
     """Run :func:`finetune` from parsed CLI arguments; print where the model went."""
     import sys
 
-    from ..cli import ProgressBar
-
-    bar = ProgressBar("fine-tune")
+    make_bar = getattr(args, "progress_bar", None)
+    bar = make_bar("fine-tune") if make_bar else None
     try:
         path = finetune(args.model, args.dataset, out_dir=args.out, name=args.name,
                         iterations=args.iterations, lr=args.lr, patch_size=args.patch_size,
                         val_fraction=args.val_fraction, seed=args.seed,
                         batch_size=args.batch_size, progress=bar)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     from ..models.loaders import read_package_card
 
     m = read_package_card(path).metrics
