@@ -137,7 +137,10 @@ def test_explicit_name_and_no_validation(dataset, base_model, tmp_path):
     assert card.metrics["fine_tune"]["held_out_cases"] == []
     assert "dice" not in card.metrics
     assert sorted(p.name for p in tmp_path.iterdir()) == ["my-kidneys"]
-    with pytest.raises(MedSegError, match="already exists"):
+    for bad in ("../escape", "a/b", ".hidden"):
+        with pytest.raises(MedSegError, match="must be letters"):
+            finetune(base_model, dataset, out_dir=tmp_path, name=bad, iterations=1)
+    with pytest.raises(MedSegError, match="already"):
         finetune(base_model, dataset, out_dir=tmp_path, name="my-kidneys", iterations=1,
                  patch_size=PATCH, val_fraction=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["my-kidneys"]

@@ -101,6 +101,21 @@ def fine_tuned_name(base: str, folder: Path, date: datetime.date | None = None) 
     return name
 
 
+def _check_name(name: str, folder: Path) -> str:
+    """A usable new model name: a plain folder name, not taken by a package or model."""
+    name = str(name).strip()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise MedSegError(f"model name {name!r} must be letters, digits, '.', '_' or '-'")
+    if (folder / name).exists():
+        raise MedSegError(f"a model package named {name} already exists; choose another "
+                          "name", str(folder / name))
+    from ..models import list_models
+
+    if any(i.name == name for i in list_models()):
+        raise MedSegError(f"a model named {name} is already available; choose another name")
+    return name
+
+
 def _bump(version: str) -> str:
     m = re.match(r"^(\d+)\.(\d+)(?:\.(\d+))?(.*)$", str(version))
     if not m:
@@ -290,6 +305,8 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
     patch = tuple(int(p) for p in (patch_size or card.patch_size))
     if len(patch) != 3 or min(patch) < 1:
         raise MedSegError(f"patch size {patch_size} must be three positive integers (z, y, x)")
+    folder = Path(out_dir).expanduser() if out_dir else user_models_dir()
+    name = _check_name(name, folder) if name else fine_tuned_name(card.name, folder)
     train_idx, val_idx = _split(items, val_fraction, seed)
     total = len(items) + 2 * len(val_idx) + iterations + 1
     cases, originals = load_cases(items, card, patch, progress, cancel, total=total)
@@ -308,8 +325,7 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
     step += iterations
     after, step = _evaluate(tuned, val_pairs, names, progress, cancel, step, total)
 
-    folder = Path(out_dir).expanduser() if out_dir else user_models_dir()
-    new_card = _new_card(card, name or fine_tuned_name(card.name, folder), dataset_dir, items,
+    new_card = _new_card(card, name, dataset_dir, items,
                          train_idx, val_idx, iterations, lr, batch_size, patch, seed, losses,
                          before, after, bf16, time.perf_counter() - t0, base.source)
     tuned.card = new_card
