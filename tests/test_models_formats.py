@@ -128,3 +128,123 @@ def test_onnx_model(tmp_path):
     vol, truth = box_volume()
     pred = model.predict(vol, device="cpu")
     np.testing.assert_array_equal(pred.labels.data, truth.astype(np.uint8))
+
+
+# ------------------------------------------------------------------ nnU-Net
+def _nnunet_folder(tmp_path, train_steps=60):
+    """A small trained nnU-Net v2 result folder: plans, dataset json, one fold checkpoint."""
+    pytest.importorskip("nnunetv2")
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    arch = {"network_class_name":
+            "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {
+                "n_stages": 3, "features_per_stage": [4, 8, 16],
+                "conv_op": "torch.nn.modules.conv.Conv3d",
+                "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+                "n_conv_per_stage": [1, 1, 1], "n_conv_per_stage_decoder": [1, 1],
+                "conv_bias": True, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
+                "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+                "nonlin_kwargs": {"inplace": True}},
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+    resample = "resample_data_or_seg_to_shape"
+    plans = {
+        "dataset_name": "Dataset999_Box", "plans_name": "nnUNetPlans",
+        "original_median_spacing_after_transp": [3.0, 1.1, 0.9],
+        "original_median_shape_after_transp": [12, 30, 26],
+        "image_reader_writer": "SimpleITKIO", "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2], "experiment_planner_used": "ExperimentPlanner",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {"0": {
+            "max": 80.0, "mean": 60.0, "median": 80.0, "min": 20.0, "percentile_00_5": 20.0,
+            "percentile_99_5": 80.0, "std": 25.0}},
+        "configurations": {"3d_fullres": {
+            "data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
+            "batch_size": 2, "patch_size": [8, 16, 16], "median_image_size_in_voxels": [12, 30, 26],
+            "spacing": [3.0, 1.1, 0.9], "normalization_schemes": ["CTNormalization"],
+            "use_mask_for_norm": [False], "resampling_fn_data": resample,
+            "resampling_fn_seg": resample, "resampling_fn_probabilities": resample,
+            "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0,
+                                          "force_separate_z": None},
+            "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0,
+                                         "force_separate_z": None},
+            "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
+                                                   "force_separate_z": None},
+            "architecture": arch, "batch_dice": False}},
+    }
+    ds = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "bright": 1},
+          "numTraining": 1, "file_ending": ".nii.gz", "licence": "CC-BY-4.0"}
+    folder = tmp_path / "Dataset999_Box" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    (folder / "fold_0").mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    (folder / "dataset.json").write_text(json.dumps(ds))
+    pm = PlansManager(plans)
+    cm = pm.get_configuration("3d_fullres")
+    torch.manual_seed(0)
+    net = nnUNetTrainer.build_network_architecture(pm, cm, 1, 2, enable_deep_supervision=False)
+    vol, truth = box_volume()
+    x = torch.from_numpy((np.asarray(vol.data) - 60.0) / 25.0)[None, None].float()
+    y = torch.from_numpy(truth.astype(np.int64))[None]
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    loss = torch.zeros(())
+    for _ in range(train_steps):  # fit the one case: a real, if tiny, training run
+        sl = (slice(None), slice(None), slice(0, 12), slice(0, 28), slice(0, 24))
+        loss = torch.nn.functional.cross_entropy(net(x[sl]), y[sl[:1] + sl[2:]])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ckpt = {"network_weights": net.state_dict(), "optimizer_state": None,
+            "grad_scaler_state": None, "current_epoch": train_steps,
+            "logging": {"train_losses": [np.float64(loss.item())]},
+            "_best_ema": np.float64(0.5),
+            "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0,
+                          "dataset_json": ds},
+            "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1, 2)}
+    torch.save(ckpt, folder / "fold_0" / "checkpoint_final.pth")
+    return folder, vol, truth
+
+
+def test_nnunet_result_folder_matches_nnunet_predictor(tmp_path):
+    folder, vol, truth = _nnunet_folder(tmp_path)
+    model = load_model(folder)
+    card = model.card
+    assert card.format == "nnunet" and card.name == "Dataset999_Box-3d_fullres"
+    assert card.label_names == {1: "bright"} and card.target_spacing == (3.0, 1.1, 0.9)
+    assert card.license == "CC-BY-4.0"
+    pred = model.predict(vol, device="cpu", uncertainty="entropy")
+    got = pred.labels.data
+    assert got.shape == vol.shape3 and np.allclose(pred.labels.affine, vol.affine)
+    assert pred.uncertainty.data.shape == vol.shape3
+
+    # nnU-Net's own loader (which unpickles fully) gives the same labels
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    ref = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"),
+                          perform_everything_on_device=False, allow_tqdm=False)
+    ref.initialize_from_trained_model_folder(str(folder), use_folds=(0,))
+    expected = ref.predict_single_npy_array(np.asarray(vol.data, np.float32)[None],
+                                            {"spacing": list(vol.spacing)})
+    np.testing.assert_array_equal(got, expected)
+    dice = 2 * ((got > 0) & truth).sum() / ((got > 0).sum() + truth.sum())
+    assert dice > 0.8, dice
+
+
+def test_nnunet_tampered_checkpoint_refused(tmp_path):
+    import os
+
+    folder, _, _ = _nnunet_folder(tmp_path, train_steps=0)
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    ck = folder / "fold_0" / "checkpoint_final.pth"
+    data = torch.load(ck, weights_only=False)
+    data["logging"]["x"] = Evil()
+    torch.save(data, ck)
+    with pytest.raises(MedSegError, match="refused to load"):
+        load_model(folder)
+    assert not marker.exists()
