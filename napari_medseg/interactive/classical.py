@@ -44,6 +44,42 @@ def _ball_offsets(radius_vox) -> np.ndarray:
     return grid[keep]
 
 
+def _noise_level(arr: np.ndarray, sigma) -> float:
+    """Noise standard deviation of ``arr`` after Gaussian smoothing by ``sigma``.
+
+    The raw noise comes from the robust spread of each voxel's difference to
+    the mean of its axis neighbours (edges are a minority and do not count);
+    smoothing divides it by the root of the kernel's sum of squares.
+    """
+    sub = arr[tuple(slice(None, None, 2) if n > 8 else slice(None) for n in arr.shape)]
+    axes = [a for a in range(sub.ndim) if sub.shape[a] > 2]
+    if not axes:
+        return 0.0
+    core = tuple(slice(1, -1) if a in axes else slice(None) for a in range(sub.ndim))
+    diff = sub[core] * 1.0
+    for a in axes:
+        lo = tuple(slice(0, -2) if b == a else c for b, c in enumerate(core))
+        hi = tuple(slice(2, None) if b == a else c for b, c in enumerate(core))
+        diff = diff - (sub[lo] + sub[hi]) / (2 * len(axes))
+    raw = 1.4826 * float(np.median(np.abs(diff - np.median(diff))))
+    raw /= np.sqrt(1 + 1 / (2 * len(axes)))
+    delta = np.zeros([9 if s > 0 else 1 for s in sigma], np.float32)
+    delta[tuple(n // 2 for n in delta.shape)] = 1
+    kern = ndi.gaussian_filter(delta, sigma, mode="constant", truncate=2.0)
+    return raw * float(np.sqrt((kern ** 2).sum()))
+
+
+def _kmeans_1d(values: np.ndarray, k: int, iters: int = 12) -> list:
+    """``[(centre, count)]`` of a 1D k-means (quantile start)."""
+    v = values if values.size <= 20000 else values[:: values.size // 20000 + 1]
+    c = np.quantile(v, (np.arange(k) + 0.5) / k)
+    for _ in range(iters):
+        idx = np.argmin(np.abs(v[:, None] - c[None]), axis=1)
+        c = np.array([v[idx == i].mean() if np.any(idx == i) else c[i] for i in range(k)])
+    counts = np.bincount(idx, minlength=k) * (values.size / v.size)
+    return [(float(ci), float(ni)) for ci, ni in zip(c, counts)]
+
+
 def _robust_stats(values: np.ndarray) -> tuple[float, float]:
     med = float(np.median(values))
     mad = float(np.median(np.abs(values - med))) * 1.4826
@@ -67,19 +103,22 @@ class ClassicalEngine(Engine):
     local_mm : float
         Radius (mm) around a later click within which its intensity counts as
         object.
+    open_radius : int
+        Bridges this many voxels thin are cut before growing (0: off).
     """
 
     name = "classical"
 
     def __init__(self, roi_size=(128, 128, 128), k: float = 2.5,
                  seed_radius_mm: float = 3.0, smooth: float = 1.0,
-                 local_mm: float = 25.0):
+                 local_mm: float = 15.0, open_radius: int = 1):
         super().__init__()
         self.roi_size = tuple(int(v) for v in roi_size)
         self.k = float(k)
         self.seed_radius_mm = float(seed_radius_mm)
         self.smooth = float(smooth)
         self.local_mm = float(local_mm)
+        self.open_radius = int(open_radius)
         self._smoothed: dict = {}
 
     # ---------------------------------------------------------------- cache
@@ -87,26 +126,27 @@ class ClassicalEngine(Engine):
         super().set_image(image, spacing)
         self._smoothed = {}
 
-    def _smooth_region(self, image, region: Region, pad: int) -> tuple[np.ndarray, Region]:
-        """Smoothed ``image[region]``; reuses a cached block that contains it."""
-        for (lo, hi), block in self._smoothed.items():
+    def _smooth_region(self, image, region: Region, pad: int):
+        """Smoothed ``image[region]`` and its noise level; reuses a cached block."""
+        for (lo, hi), (block, noise) in self._smoothed.items():
             if all(s.start >= a and s.stop <= b for s, a, b in zip(region, lo, hi)):
                 sub = tuple(slice(s.start - a, s.stop - a) for s, a in zip(region, lo))
-                return block[sub], region
+                return block[sub], noise
         shape = image.shape
         big = tuple(slice(max(s.start - (pad if s.stop - s.start > 1 else 0), 0),
                           min(s.stop + (pad if s.stop - s.start > 1 else 0), n))
                     for s, n in zip(region, shape))
         arr = np.asarray(image[big], dtype=np.float32)
+        sig = [self.smooth if (b.stop - b.start) > 1 else 0 for b in big]
+        noise = _noise_level(arr, sig)
         if self.smooth > 0:
-            sig = [self.smooth if (b.stop - b.start) > 1 else 0 for b in big]
             arr = ndi.gaussian_filter(arr, sig, mode="nearest", truncate=2.0)
         if len(self._smoothed) >= 4:
             self._smoothed.pop(next(iter(self._smoothed)))
         key = (tuple(b.start for b in big), tuple(b.stop for b in big))
-        self._smoothed[key] = arr
+        self._smoothed[key] = (arr, noise)
         sub = tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(region, big))
-        return arr[sub], region
+        return arr[sub], noise
 
     # -------------------------------------------------------------- predict
     def predict_region(self, image, spacing, prompts: Prompts,
@@ -127,7 +167,7 @@ class ClassicalEngine(Engine):
                     pts = np.concatenate([pts, sc.min(0)[None], sc.max(0)[None]])
             region = roi_around(pts, shape, self.roi_size)
             pad = 16
-        sm, region = self._smooth_region(image, region, pad)
+        sm, noise = self._smooth_region(image, region, pad)
         check_cancel(cancel)
         offset = np.array([s.start for s in region])
         fg, bg, box = self._seeds(prompts, region, offset, spacing)
@@ -136,10 +176,11 @@ class ClassicalEngine(Engine):
             sp = tuple(s for a, s in enumerate(spacing) if a != ax)
             mask = self._segment(np.take(sm, 0, ax), [np.take(g, 0, ax) for g in fg],
                                  np.take(bg, 0, ax),
-                                 None if box is None else np.take(box, 0, ax), sp, cancel)
+                                 None if box is None else np.take(box, 0, ax), sp, noise,
+                                 cancel)
             mask = np.expand_dims(mask, ax)
         else:
-            mask = self._segment(sm, fg, bg, box, spacing, cancel)
+            mask = self._segment(sm, fg, bg, box, spacing, noise, cancel)
         return mask, region
 
     # ---------------------------------------------------------------- seeds
@@ -199,52 +240,92 @@ class ClassicalEngine(Engine):
         return fg, bg, box
 
     # --------------------------------------------------------------- growth
-    def _segment(self, sm, fg: list, bg, box, spacing, cancel) -> np.ndarray:
-        """Grow the object in ``sm`` (2D or 3D) from seed groups ``fg``."""
+    def _segment(self, sm, fg: list, bg, box, spacing, noise0, cancel) -> np.ndarray:
+        """Grow the object in ``sm`` (2D or 3D) from seed groups ``fg``.
+
+        The first seed (and scribbles, box centres) grow globally; each later
+        click adds only what it reaches within ``local_mm`` of itself, so a
+        click changes the mask near where it was put.
+        """
         if not fg:
             return np.zeros(sm.shape, bool)
-        stats = [_robust_stats(sm[self._neighbourhood(g, spacing)]) for g in fg]
-        # the cleanest neighbourhood tells the noise; a click near an edge (wide
-        # spread) keeps its own intensity but not its spread, so it cannot leak
-        noise = max(min(s for _, s in stats), 1e-3 * float(np.ptp(sm)), 1e-6)
-        stats = [(m, min(max(s, noise), 2.0 * noise)) for m, s in stats]
-        seeds = np.zeros(sm.shape, bool)
-        for g in fg:
-            seeds |= g
-        seeds &= ~bg
-
         local = self._locality(fg, spacing)
-        d_fg = self._distance(sm, stats, local)
-        grown = self._grow(d_fg <= self.k, seeds, box)
-        # confidence-connected refinement: the spread of the grown voxels around
-        # the first seed's intensity is the noise level, shared by all seeds
-        # (a later click on a blurred edge adds its intensity, not a wide spread)
-        ref = 0
-        for _ in range(2):
-            vals = sm[grown]
-            near = np.argmin([np.abs(vals - m) for m, _ in stats], axis=0) == ref
-            if near.sum() <= 50:
-                break
-            noise = max(float(np.median(np.abs(vals[near] - stats[ref][0]))) * 1.4826,
-                        noise)
-            stats = [(m, noise) for m, _ in stats]
-            d_fg = self._distance(sm, stats, local)
-            grown = self._grow(d_fg <= self.k, seeds, box)
+        # the first click's statistics come from a wider neighbourhood (it is
+        # deep inside); later clicks (often on an edge) use their own voxel
+        stats = [_robust_stats(sm[self._neighbourhood(g, spacing if loc is None else None)])
+                 for g, loc in zip(fg, local)]
+        means = [m for m, _ in stats]
+        noise = max(noise0, min(stats[0][1], 4 * noise0), 1e-3 * float(np.ptp(sm)), 1e-6)
+        gl = [i for i, loc in enumerate(local) if loc is None]
+        seeds = np.zeros(sm.shape, bool)
+        for i in gl:
+            seeds |= fg[i]
+        seeds &= ~bg
+        g_means = [means[i] for i in gl]
+        nones = [None] * len(gl)
+
+        def grow_global(caps, near_bg=None):
+            return self._grow(self._accept(sm, g_means, caps, nones, near_bg), seeds, box)
+
+        grown = grow_global([self.k * noise] * len(gl))
+        vals = sm[grown]
+        if vals.size > 50:  # confidence-connected: the object's own spread
+            spread = float(np.median(np.abs(vals - means[0]))) * 1.4826
+            noise = min(max(spread, noise), 4 * noise)
+            grown = grow_global([self.k * noise] * len(gl))
         check_cancel(cancel)
 
-        bg_stats = self._background_stats(sm, grown, bg, box, stats, noise)
-        log.debug("fg %s bg %s grown %d", stats, bg_stats, grown.sum())
-        if bg_stats:
-            d_bg = np.min([np.abs(sm - m) * (1.0 / s) for m, s in bg_stats], axis=0)
-            grown = self._grow((d_fg < d_bg) & (d_fg <= self.k * 1.6), seeds, box)
-            check_cancel(cancel)
+        bg_means = self._background_means(sm, grown, bg, box, g_means, noise)
+        log.debug("fg %s noise %.3g bg %s grown %d", means, noise, bg_means, grown.sum())
+        near_bg = None
+        caps = [self.k * noise] * len(means)
+        if bg_means:
+            # equal spreads put the edge half-way to the nearest background
+            # intensity; the other side is capped as far from the seed
+            caps = [max(self.k * noise, 0.5 * min(abs(m - b) for b in bg_means))
+                    for m in means]
+            near_bg = np.min([np.abs(sm - b) for b in bg_means], axis=0)
+            grown = grow_global([caps[i] for i in gl], near_bg)
+        for i, loc in enumerate(local):
+            if loc is None:
+                continue
+            sl, ell = loc
+            sub_bg = None if near_bg is None else near_bg[sl]
+            acc = self._accept(sm[sl], [means[i]], [caps[i]], [None], sub_bg)
+            acc &= ell[tuple(slice(0, n) for n in acc.shape)]
+            seed = fg[i][sl] & ~bg[sl]
+            grown[sl] |= self._grow(acc, seed, None if box is None else box[sl])
+        check_cancel(cancel)
 
         if bg.any() and (grown & bg).any():
-            grown = self._split(sm, grown, seeds, bg)
+            grown = self._split(sm, grown, seeds | self._union(fg), bg)
         grown = self._fill_holes(grown, bg)
         if box is not None:
             grown &= box
         return grown
+
+    @staticmethod
+    def _union(masks) -> np.ndarray:
+        out = np.zeros(masks[0].shape, bool)
+        for m in masks:
+            out |= m
+        return out
+
+    @staticmethod
+    def _accept(sm, means, caps, local, near_bg=None) -> np.ndarray:
+        """Voxels within ``caps[i]`` of a seed mean (where it applies) and closer
+        to it than to any background intensity."""
+        out = np.zeros(sm.shape, bool)
+        for m, cap, loc in zip(means, caps, local):
+            sl = Ellipsis if loc is None else loc[0]
+            d = np.abs(sm[sl] - m)
+            ok = d <= cap
+            if near_bg is not None:
+                ok &= d < near_bg[sl]
+            if loc is not None:
+                ok &= loc[1][tuple(slice(0, n) for n in ok.shape)]
+            out[sl] |= ok
+        return out
 
     def _locality(self, fg: list, spacing) -> list:
         """Where each seed's intensity class applies: everywhere for the first
@@ -265,53 +346,42 @@ class ClassicalEngine(Engine):
             out.append((sl, ell))
         return out
 
-    @staticmethod
-    def _distance(sm, stats, local) -> np.ndarray:
-        """Per voxel, the smallest ``|I - m| / s`` over the seed classes that apply."""
-        d = np.abs(sm - stats[0][0]) * (1.0 / stats[0][1])
-        for (m, s), loc in zip(stats[1:], local[1:]):
-            if loc is None:
-                np.minimum(d, np.abs(sm - m) * (1.0 / s), out=d)
-            else:
-                sl, ell = loc
-                sub = d[sl]
-                e = ell[tuple(slice(0, n) for n in sub.shape)]
-                di = np.abs(sm[sl] - m) * (1.0 / s)
-                sub[e] = np.minimum(sub[e], di[e])
-        return d
+    def _background_means(self, sm, grown, bg, box, means, noise) -> list:
+        """Intensities around the object that are clearly not object.
 
-    def _background_stats(self, sm, grown, bg, box, stats, noise) -> list:
-        """Intensity classes around the object that are clearly not object.
-
-        The shell 2-4 voxels outside the first growth, and each negative seed,
-        give a class when their intensity differs from every object seed.
+        The shell 3-5 voxels outside the first growth is clustered (1D
+        k-means, 3 classes: it often holds several tissues); each negative seed
+        adds its own median. Classes within ``k`` noise of a seed are dropped.
         """
-        def separable(m):
-            return all(abs(m - fm) > self.k * fs for fm, fs in stats)
+        def separable(b):
+            return all(abs(b - m) > self.k * noise for m in means)
 
+        vals = np.zeros(0, sm.dtype)
+        if grown.any():
+            sl = ndi.find_objects(grown.astype(np.uint8))[0]
+            sl = tuple(slice(max(s.start - 6, 0), s.stop + 6) for s in sl)
+            g = grown[sl]
+            shell = ndi.binary_dilation(g, iterations=5) & ~ndi.binary_dilation(g, iterations=2)
+            if box is not None:
+                shell &= ndi.binary_dilation(box[sl], iterations=2)
+            vals = sm[sl][shell]
         out = []
-        shell = ndi.binary_dilation(grown, iterations=4) & ~ndi.binary_dilation(grown)
-        if box is not None:
-            shell &= ndi.binary_dilation(box, iterations=2)
-        vals = sm[shell]
-        if vals.size:
-            d = np.min([np.abs(vals - m) / s for m, s in stats], axis=0)
-            vals = vals[d > self.k]
         if vals.size >= 8:
-            m, s = _robust_stats(vals)
-            if separable(m):
-                out.append((m, max(s, noise)))
+            vals = vals[np.min([np.abs(vals - m) for m in means], axis=0) > self.k * noise]
+        if vals.size >= 8:
+            out += [c for c, n in _kmeans_1d(vals, 3) if n >= 0.1 * vals.size and separable(c)]
         if bg.any():
             lab, n = ndi.label(bg)
             for i, sl in enumerate(ndi.find_objects(lab), start=1):
-                m, s = _robust_stats(sm[sl][lab[sl] == i])
-                if separable(m):
-                    out.append((m, min(max(s, noise), 2.0 * noise)))
+                b = float(np.median(sm[sl][lab[sl] == i]))
+                if separable(b):
+                    out.append(b)
         return out
 
     def _neighbourhood(self, seed, spacing) -> np.ndarray:
-        """Seed voxels widened to ``seed_radius_mm`` (statistics sample)."""
-        if seed.sum() > 200:  # a scribble or box centre: large enough
+        """Seed voxels widened to ``seed_radius_mm`` (statistics sample);
+        the seed itself when ``spacing`` is None or it is large already."""
+        if spacing is None or seed.sum() > 200:  # a scribble or box centre
             return seed
         r = np.array([self.seed_radius_mm / s for s in spacing])
         r = np.where(np.asarray(seed.shape) > 1, r, 0)
@@ -320,9 +390,22 @@ class ClassicalEngine(Engine):
         return ndi.binary_dilation(seed, st)
 
     def _grow(self, cand, seeds, box) -> np.ndarray:
+        """The part of ``cand`` connected to ``seeds``, without thin bridges.
+
+        An opening cuts bridges up to ``open_radius`` voxels thin (where
+        region growing leaks into a neighbouring structure of similar
+        intensity); what it trims off the object's own edge is grown back
+        within ``cand``.
+        """
         if box is not None:
             cand = cand & box
-        return self._connected(cand, seeds)
+        if self.open_radius <= 0 or not cand.any():
+            return self._connected(cand, seeds)
+        st = ndi.generate_binary_structure(cand.ndim, 1)
+        core = ndi.binary_opening(cand, st, iterations=self.open_radius)
+        grown = self._connected(core, seeds)
+        return ndi.binary_dilation(grown, st, iterations=self.open_radius + 1,
+                                   mask=cand) | (seeds & cand)
 
     @staticmethod
     def _connected(cand, seeds) -> np.ndarray:

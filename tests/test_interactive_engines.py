@@ -1,0 +1,139 @@
+"""Interactive engines: prompts, the classical engine, click simulation, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from napari_medseg.errors import Cancelled, MedSegError
+from napari_medseg.interactive import Prompts, make_engine
+from napari_medseg.interactive.base import roi_around
+from napari_medseg.interactive.classical import ClassicalEngine
+from napari_medseg.interactive.simulate import dice, next_click, simulate_clicks
+
+SPACING = (2.0, 1.0, 1.0)
+
+
+def _ellipsoid(shape, centre, radii):
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii)) <= 1.0
+
+
+@pytest.fixture(scope="module")
+def scene():
+    """Blurred noisy image: a bright organ touching a same-intensity twin, a dark lesion."""
+    rng = np.random.default_rng(1)
+    shape = (24, 64, 64)
+    organ = _ellipsoid(shape, (12, 32, 22), (8, 18, 14))
+    twin = _ellipsoid(shape, (12, 32, 46), (7, 12, 13)) & ~organ
+    lesion = _ellipsoid(shape, (12, 30, 20), (3, 6, 6))
+    img = np.full(shape, 20.0, np.float32)
+    img[organ] = 100
+    img[twin] = 100
+    img[lesion] = 40
+    img = ndi.gaussian_filter(img, 0.8) + rng.normal(0, 8, shape).astype(np.float32)
+    return img, organ & ~lesion, twin, lesion
+
+
+def test_prompts_validate_bad_input():
+    shape = (10, 20, 20)
+    with pytest.raises(MedSegError, match="no prompts"):
+        Prompts().validate(shape)
+    with pytest.raises(MedSegError, match="only negative"):
+        Prompts(negative=[[1, 2, 3]]).validate(shape)
+    with pytest.raises(MedSegError, match="outside the image"):
+        Prompts(positive=[[1, 2, 30]]).validate(shape)
+    with pytest.raises(MedSegError, match="scribble layer has shape"):
+        Prompts(scribbles=np.ones((5, 5, 5), np.uint8)).validate(shape)
+    with pytest.raises(MedSegError, match=r"\(N, 3\)"):
+        Prompts(positive=[[1, 2]])
+    Prompts(positive=[[1, 2, 3]], boxes=[[[1, 2, 3], [1, 8, 9]]]).validate(shape)
+
+
+def test_engines_refuse_2d_image_and_other_grid(scene):
+    img = scene[0]
+    eng = ClassicalEngine()
+    with pytest.raises(MedSegError, match="3D"):
+        eng.predict(img[0], SPACING[1:], Prompts(positive=[[0, 5, 5]]))
+    scribbles = np.zeros((3, 3, 3), np.uint8)
+    with pytest.raises(MedSegError, match="scribble"):
+        eng.predict(img, SPACING, Prompts(positive=[[5, 5, 5]], scribbles=scribbles))
+    with pytest.raises(MedSegError, match="unknown engine"):
+        make_engine("magic")
+    with pytest.raises(MedSegError, match="checkpoint"):
+        make_engine("Segment Anything")
+
+
+def test_roi_covers_points_and_stays_inside():
+    pts = np.array([[2.0, 3.0, 4.0], [5.0, 90.0, 7.0]])
+    roi = roi_around(pts, (10, 100, 50), size=(8, 32, 32), margin=4)
+    for s, lo, hi, n in zip(roi, pts.min(0), pts.max(0), (10, 100, 50)):
+        assert 0 <= s.start <= lo and hi < s.stop <= n
+    assert roi[2].stop - roi[2].start == 32
+
+
+def test_one_click_segments_the_organ_in_3d(scene):
+    img, organ, twin, lesion = scene
+    eng = ClassicalEngine()
+    mask = eng.predict(img, SPACING, Prompts(positive=[[12, 32, 30]]))
+    assert mask.dtype == bool and mask.shape == img.shape
+    assert dice(mask, organ | twin) > 0.8  # the twin touches the organ
+    assert (mask & lesion).sum() < 0.1 * lesion.sum()  # the lesion is another structure
+
+
+def test_negative_click_splits_touching_structures(scene):
+    img, organ, twin, _ = scene
+    eng = ClassicalEngine()
+    run = simulate_clicks(eng, img, SPACING, organ, n_clicks=3)
+    assert len(run.prompts.negative) >= 1
+    assert run.dice[-1] > run.dice[0] + 0.1 and run.dice[-1] > 0.8
+
+
+def test_lesion_and_2d_mode(scene):
+    img, _, _, lesion = scene
+    eng = ClassicalEngine()
+    run = simulate_clicks(eng, img, SPACING, lesion, n_clicks=3)
+    assert run.dice[-1] > 0.75
+    run2 = simulate_clicks(eng, img, SPACING, lesion, n_clicks=3, mode="2d", index=12)
+    assert run2.dice[-1] > 0.85
+    prompts = Prompts(positive=[[12, 30, 20]], mode="2d", index=12)
+    mask = eng.predict(img, SPACING, prompts)
+    assert mask[12].any() and not mask[11].any() and not mask[13].any()
+    # a click on another slice does not count in 2D mode
+    with pytest.raises(MedSegError, match="slice 11"):
+        eng.predict(img, SPACING, Prompts(positive=[[12, 30, 20]], mode="2d", index=11))
+
+
+def test_box_and_scribbles(scene):
+    img, _, _, lesion = scene
+    eng = ClassicalEngine()
+    box = np.array([[[12, 23, 13], [12, 37, 27]]], float)
+    mask = eng.predict(img, SPACING, Prompts(boxes=box, mode="2d", index=12))
+    assert dice(mask[12], lesion[12]) > 0.8
+    sc = np.zeros(img.shape, np.uint8)
+    sc[12, 28:33, 18:23] = 1
+    sc[12, 10:12, 10:40] = 2
+    mask = eng.predict(img, SPACING, Prompts(scribbles=sc))
+    assert dice(mask, lesion) > 0.75
+
+
+def test_cancel_stops_the_update(scene):
+    img = scene[0]
+    with pytest.raises(Cancelled):
+        ClassicalEngine().predict(img, SPACING, Prompts(positive=[[12, 32, 30]]),
+                                  cancel=lambda: True)
+
+
+def test_next_click_goes_to_the_largest_error():
+    truth = np.zeros((20, 20), bool)
+    truth[2:12, 2:12] = True
+    pred = np.zeros_like(truth)
+    p, positive = next_click(pred, truth)
+    assert positive and 6 <= p[0] <= 7 and 6 <= p[1] <= 7
+    pred = truth.copy()
+    pred[13:20, 13:20] = True  # a spill-over is the largest error
+    pred[2:12, 2] = False  # a thin miss is smaller
+    p, positive = next_click(pred, truth)
+    assert not positive and p[0] >= 13 and p[1] >= 13
+    assert next_click(truth, truth) is None
