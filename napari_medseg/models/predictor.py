@@ -48,12 +48,15 @@ class Prediction:
         Wall time of the whole call.
     info : dict
         Run details: device, amp, windows, overlap, tta.
+    card : ModelCard or None
+        The card of the model that made it.
     """
 
     labels: Volume
     uncertainty: Volume | None = None
     seconds: float = 0.0
     info: dict | None = None
+    card: ModelCard | None = None
 
 
 def mirror_tta(predictor: Callable, axes) -> Callable:
@@ -181,7 +184,7 @@ class Model:
             unc_vol.meta["uncertainty"] = uncertainty
         info = dict(info or {}, model=self.card.name, overlap=overlap, tta=bool(tta),
                     region=None if box is None else [(s.start, s.stop) for s in box])
-        return Prediction(lab_vol, unc_vol, time.perf_counter() - t0, info)
+        return Prediction(lab_vol, unc_vol, time.perf_counter() - t0, info, self.card)
 
     # ----------------------------------------------------------- pipeline
     def _check_inputs(self, volumes) -> list:
