@@ -1,0 +1,118 @@
+"""Interactive dock widget in a real (headless) viewer: prompts, preview, commit, undo."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from napari_medseg._napari.layers import volume_to_layer_data
+from napari_medseg._widgets.interactive import InteractiveWidget
+from napari_medseg.core.phantom import make_abdomen_ct
+
+
+@pytest.fixture
+def setup(make_napari_viewer):
+    img, lab = make_abdomen_ct(seed=0, shape=(32, 96, 96), spacing=(3.0, 2.0, 2.0))
+    viewer = make_napari_viewer()
+    data, kwargs, _ = volume_to_layer_data(img, name="ct")
+    viewer.add_image(data, **kwargs)
+    ldata, lkw, _ = volume_to_layer_data(lab, name="organs")
+    other = np.where(lab.data == 2, 2, 0).astype(np.uint16)  # the spleen, already done
+    lkw.pop("colormap", None)
+    lkw.pop("features", None)
+    target = viewer.add_labels(other, **lkw)
+    widget = InteractiveWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Interactive")
+    widget.image_combo.setCurrentText("ct")
+    widget.target_combo.setCurrentText("organs")
+    widget.add_prompt_layers()
+    return viewer, widget, target, lab
+
+
+def _centre(mask):
+    from scipy import ndimage as ndi
+
+    d = ndi.distance_transform_edt(mask)
+    return np.array(np.unravel_index(np.argmax(d), mask.shape), float)
+
+
+def test_points_preview_commit_undo(setup, qtbot):
+    viewer, widget, target, lab = setup
+    liver = lab.data == 1
+    before = np.array(target.data, copy=True)
+    pos = viewer.layers["positive"]
+    pos.add(pos.world_to_data(viewer.layers["ct"].data_to_world(_centre(liver))))
+    widget.wait()
+    preview = viewer.layers["interactive preview"]
+    assert preview.data.any(), widget.status.text()
+    overlap = (preview.data > 0) & liver
+    assert overlap.sum() > 0.6 * liver.sum()
+
+    widget.label_spin.setValue(1)
+    n = widget.commit()
+    assert n > 0
+    assert np.count_nonzero(target.data == 1) == n
+    # other labels are kept
+    assert np.array_equal(target.data[before == 2], before[before == 2])
+    # commit resets prompts and preview
+    assert len(pos.data) == 0 and not preview.data.any()
+    if os.environ.get("NAPARI_MEDSEG_SCREENSHOT"):
+        _screenshot(viewer, widget, liver)
+    target.undo()
+    assert np.array_equal(target.data, before)
+
+
+def test_new_prompt_replaces_stale_update_and_bad_input(setup, qtbot):
+    viewer, widget, target, lab = setup
+    pos = viewer.layers["positive"]
+    neg = viewer.layers["negative"]
+    neg.add([10, 10, 10])
+    widget.wait()
+    assert "positive" in widget.status.text()  # only negative prompts: a message
+    assert not viewer.layers["interactive preview"].data.any()
+    pos.add(_centre(lab.data == 3))
+    pos.add(_centre(lab.data == 1))  # arrives while the first may still run
+    widget.wait()
+    prev = viewer.layers["interactive preview"].data > 0
+    assert prev.any()
+    result_prompts = widget._result[2]
+    assert len(result_prompts.positive) == 2  # the newest prompt set won
+    # a point outside the image gives a message, not a crash
+    pos.add([5, 500, 10])
+    widget.wait()
+    assert "outside" in widget.status.text()
+    widget.reset()
+    assert len(pos.data) == 0 and len(neg.data) == 0
+
+
+def test_2d_mode_and_box(setup, qtbot):
+    viewer, widget, target, lab = setup
+    kidney = lab.data == 3
+    z = int(np.argmax(kidney.sum((1, 2))))
+    viewer.dims.set_point(0, viewer.layers["ct"].data_to_world([z, 0, 0])[0])
+    widget.mode_combo.setCurrentText("2D slice")
+    ys, xs = np.nonzero(kidney[z])
+    rect = np.array([[z, ys.min() - 1, xs.min() - 1], [z, ys.min() - 1, xs.max() + 1],
+                     [z, ys.max() + 1, xs.max() + 1], [z, ys.max() + 1, xs.min() - 1]], float)
+    viewer.layers["boxes"].add_rectangles(rect)
+    widget.wait()
+    prev = viewer.layers["interactive preview"].data > 0
+    assert prev[z].any() and not np.delete(prev, z, axis=0).any(), widget.status.text()
+
+
+def _screenshot(viewer, widget, liver):
+    """Documentation image: prompts and preview on the liver (run by hand)."""
+    import imageio.v3 as iio
+
+    pos = viewer.layers["positive"]
+    pos.add(_centre(liver))
+    widget.wait()
+    z = int(_centre(liver)[0])
+    viewer.dims.set_point(0, viewer.layers["ct"].data_to_world([z, 0, 0])[0])
+    viewer.layers["organs"].visible = False
+    path = os.environ["NAPARI_MEDSEG_SCREENSHOT"]
+    iio.imwrite(path, viewer.screenshot(canvas_only=False))
+    widget.reset()
+    viewer.layers["organs"].visible = True
