@@ -112,6 +112,8 @@ def _screenshot(viewer, widget, liver):
     z = int(_centre(liver)[0])
     viewer.dims.set_point(0, viewer.layers["ct"].data_to_world([z, 0, 0])[0])
     viewer.layers["organs"].visible = False
+    viewer.window._qt_window.resize(1400, 900)
+    viewer.reset_view()
     path = os.environ["NAPARI_MEDSEG_SCREENSHOT"]
     iio.imwrite(path, viewer.screenshot(canvas_only=False))
     widget.reset()

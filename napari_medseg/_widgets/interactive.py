@@ -187,7 +187,7 @@ class InteractiveWidget(QWidget):
         for key, colour in (("negative", "red"), ("positive", "lime")):
             if self._layer(key) is None:
                 self.viewer.add_points(np.zeros((0, img.ndim)), name=NAMES[key], ndim=img.ndim,
-                                       face_color=colour, size=max(img.data.shape) / 60,
+                                       face_color=colour, size=max(img.data.shape) / 25,
                                        **geo)
         for key in ("positive", "negative", "boxes", "scribbles", "preview"):
             lyr = self._layer(key)
