@@ -101,7 +101,7 @@ def train(out=WEIGHTS, minutes: float = 9.0, batch: int = 4, width: int = 12,
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     deadline = t0 + 60 * minutes
     step, losses = 0, []
-    while time.perf_counter() < deadline:
+    while step == 0 or time.perf_counter() < deadline:
         xs, ys = [], []
         for _ in range(batch):
             data, objs = pool[rng.integers(len(pool))]

@@ -1,0 +1,131 @@
+"""Learned engines: the shipped click model, its training script, SAM and nnInteractive."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from napari_medseg.core.phantom import make_abdomen_ct
+from napari_medseg.errors import MedSegError
+from napari_medseg.interactive import Prompts, make_engine
+from napari_medseg.interactive.click_model import (WEIGHTS, ClickModelEngine, ClickNet,
+                                                   click_channels, load_click_net)
+from napari_medseg.interactive.simulate import simulate_clicks
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    img, lab = make_abdomen_ct(seed=0, shape=(32, 96, 96), spacing=(3.0, 2.0, 2.0))
+    return np.asarray(img.data), img.spacing, np.asarray(lab.data)
+
+
+def test_shipped_click_weights_are_small_and_plain():
+    assert WEIGHTS.is_file() and WEIGHTS.stat().st_size < 5e6
+    state = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    net = load_click_net()
+    out = net(torch.zeros(1, 3, 8, 16, 16))
+    assert out.shape == (1, 1, 8, 16, 16)
+
+
+def test_click_channels_normalise_to_the_click():
+    crop = np.full((8, 16, 16), 500.0, np.float32)
+    crop[:, :, 8:] = 900
+    x = click_channels(crop, np.array([[4.0, 8.0, 3.0]]), np.zeros((0, 3)))
+    assert x.shape == (3, 8, 16, 16)
+    assert abs(x[0, 4, 8, 3]) < 1e-6 and x[0, 4, 8, 12] > 0
+    assert x[1, 4, 8, 3] == pytest.approx(1.0) and x[2].max() == 0
+
+
+def test_click_model_segments_an_organ(phantom):
+    image, spacing, lab = phantom
+    eng = make_engine("click model")
+    assert isinstance(eng, ClickModelEngine)
+    run = simulate_clicks(eng, image, spacing, lab == 1, n_clicks=2)
+    assert run.dice[-1] > 0.5, run.dice  # trained, not random
+    with pytest.raises(MedSegError, match="positive click"):
+        eng.predict(image, spacing, Prompts(boxes=[[[10, 20, 20], [12, 40, 40]]]))
+    m = eng.predict(image, spacing, Prompts(positive=[[16, 40, 30]], mode="2d", index=16))
+    assert m.shape == image.shape and not m[15].any() and not m[17].any()
+
+
+def test_training_script_writes_loadable_weights(tmp_path):
+    from napari_medseg.training.train_click_model import train
+
+    out = tmp_path / "w.pt"
+    summary = train(out, minutes=0.02, batch=1, width=4, n_phantoms=1)
+    assert summary["steps"] >= 1 and out.is_file()
+    net = load_click_net(out)
+    assert isinstance(net, ClickNet) and net.width == 4
+
+
+def _need_sam():
+    from napari_medseg.interactive.sam import sam_available
+
+    if not sam_available():
+        pytest.skip("segment-anything is not installed (pip install napari-medseg[sam])")
+
+
+def _tiny_sam(tmp_path):
+    from napari_medseg.interactive.sam import build_sam
+
+    cfg = {"image_size": 64, "embed_dim": 32, "depth": 2, "num_heads": 2,
+           "global_attn_indexes": [1], "window_size": 4, "prompt_embed_dim": 32,
+           "mlp_dim": 64}
+    torch.manual_seed(0)
+    sam = build_sam(cfg)
+    path = tmp_path / "tiny_sam.pth"
+    torch.save(sam.state_dict(), path)
+    (tmp_path / "tiny_sam.json").write_text(json.dumps(cfg))
+    return path
+
+
+def test_sam_adapter_plumbing_with_random_weights(tmp_path, phantom):
+    _need_sam()
+    image, spacing, lab = phantom
+    eng = make_engine("Segment Anything", _tiny_sam(tmp_path))
+    kid = np.argwhere(lab == 3).mean(0)
+    m2 = eng.predict(image, spacing, Prompts(positive=[kid], mode="2d"))
+    z = int(round(kid[0]))
+    assert m2.shape == image.shape and not np.delete(m2, z, axis=0).any()
+    box = [[kid - [0, 8, 8], kid + [0, 8, 8]]]
+    m3 = eng.predict(image, spacing, Prompts(positive=[kid], boxes=box))
+    assert m3.shape == image.shape and m3.dtype == bool
+    assert len(eng._emb) >= 1  # slice embeddings are cached
+    n = len(eng._emb)
+    eng.predict(image, spacing, Prompts(positive=[kid], mode="2d"))
+    assert len(eng._emb) == n
+
+
+def test_sam_adapter_rejects_bad_checkpoints(tmp_path):
+    _need_sam()
+    bad = tmp_path / "bad.pth"
+    torch.save({"foo": torch.zeros(2)}, bad)
+    with pytest.raises(MedSegError, match="known size"):
+        make_engine("Segment Anything", bad).sam
+    with pytest.raises(MedSegError, match="not found"):
+        make_engine("Segment Anything", tmp_path / "missing.pth").sam
+
+
+@pytest.mark.skipif(
+    not os.environ.get("NAPARI_MEDSEG_NNINTERACTIVE_MODEL"),
+    reason="nnInteractive needs its package and a trained model folder "
+           "(set NAPARI_MEDSEG_NNINTERACTIVE_MODEL); its networks are too large to build "
+           "in a test")
+def test_nninteractive_adapter(phantom):
+    pytest.importorskip("nnInteractive")
+    image, spacing, lab = phantom
+    eng = make_engine("nnInteractive", os.environ["NAPARI_MEDSEG_NNINTERACTIVE_MODEL"])
+    kid = np.argwhere(lab == 3).mean(0)
+    m = eng.predict(image, spacing, Prompts(positive=[kid]))
+    assert m.shape == image.shape and m.any()
+
+
+def test_nninteractive_adapter_explains_missing_model(tmp_path):
+    eng = make_engine("nnInteractive", tmp_path)
+    with pytest.raises(MedSegError, match="nnInteractive"):
+        eng.session
