@@ -25,7 +25,6 @@ import importlib.util
 import logging
 from pathlib import Path
 
-import numpy as np
 
 from ..errors import MedSegError
 from .card import ModelCard
