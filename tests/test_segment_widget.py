@@ -220,3 +220,262 @@ def test_error_out_of_memory_names_the_fixes(make_napari_viewer, qtbot, notes):
     assert "cpu device" in msg and msg.startswith("ct:")
     assert any("out of memory" in str(n.message) for n in notes)
     assert [lyr.name for lyr in viewer.layers] == ["ct"]
+
+
+# ------------------------------------------------ end to end, built-in model
+def _open_sample(viewer):
+    from napari.layers import Image, Labels
+
+    viewer.open_sample("napari-medseg", "abdomen-ct")
+    image = next(lyr for lyr in viewer.layers if isinstance(lyr, Image))
+    truth = next(lyr for lyr in viewer.layers if isinstance(lyr, Labels))
+    return image, truth
+
+
+def _dice(a, b):
+    s = a.sum() + b.sum()
+    return 2.0 * np.logical_and(a, b).sum() / s if s else 1.0
+
+
+@pytest.fixture
+def segmented(make_napari_viewer, qtbot):
+    """The sample CT segmented by the built-in model through the docked widget."""
+    viewer = make_napari_viewer()
+    image, truth = _open_sample(viewer)
+    widget = _dock(viewer)
+    widget.model_box.setCurrentText(MODEL)
+    assert widget.model_box.currentText() == MODEL
+    assert [lyr.name for lyr in widget.selected_layers()] == [image.name]
+    widget.device_box.setCurrentText("cpu")
+    widget.run()
+    _wait(qtbot, widget)
+    assert widget.last_error is None
+    return viewer, widget, image, truth, viewer.layers[f"{image.name} {MODEL}"]
+
+
+def test_segment_sample_ct_on_the_image_grid(segmented):
+    from napari.layers import Labels
+
+    from napari_medseg._napari.layers import affine_from_layer
+
+    viewer, widget, image, truth, result = segmented
+    assert isinstance(result, Labels)
+    assert sum(isinstance(lyr, Labels) for lyr in viewer.layers) == 2  # truth + ONE result
+    assert result.data.shape == image.data.shape
+    np.testing.assert_allclose(result.scale, image.scale)
+    np.testing.assert_allclose(result.translate, image.translate)
+    np.testing.assert_allclose(result.affine.affine_matrix, image.affine.affine_matrix)
+    np.testing.assert_allclose(affine_from_layer(result, viewer),
+                               affine_from_layer(image, viewer), atol=1e-9)
+    for label, organ in ORGANS.items():
+        if organ == "spleen":
+            continue  # see test_builtin_model_spleen_dice_on_sample_ct
+        d = _dice(np.asarray(result.data) == label, np.asarray(truth.data) == label)
+        assert d >= 0.9, f"{organ}: Dice {d:.3f}"
+    # metadata for the correction ledger, colours and names from the card
+    np.testing.assert_array_equal(result.metadata["medseg_prediction"], result.data)
+    card = result.metadata["medseg_model"]
+    assert card["name"] == MODEL
+    color = card["classes"][1]["color"]
+    np.testing.assert_allclose(result.colormap.map(1)[:3], color[:3], atol=1e-2)
+    # the status bar names the class under the cursor
+    z, y, x = np.argwhere(np.asarray(result.data) == 1)[0]
+    world = result.data_to_world((z, y, x))
+    viewer.dims.set_point(0, world[0])  # show that slice
+    status = result.get_status(world, world=True)
+    assert "liver" in str(status)
+
+
+@pytest.mark.xfail(strict=True, reason="abdomen-ct-small 1.0.0 reaches spleen Dice 0.885 on "
+                   "the sample CT (its card's dice_sample_phantom); the model needs retraining")
+def test_builtin_model_spleen_dice_on_sample_ct():
+    from napari_medseg.core.phantom import make_abdomen_ct
+    from napari_medseg.models import load_model
+
+    img, truth = make_abdomen_ct(seed=0)
+    pred = load_model(MODEL).predict(img, device="cpu")
+    d = _dice(np.asarray(pred.labels.data) == 2, np.asarray(truth.data) == 2)
+    assert d >= 0.9, f"spleen: Dice {d:.3f}"
+
+
+def test_class_panel_counts_click_and_number_keys(segmented):
+    viewer, widget, image, truth, result = segmented
+    panel = widget.class_panel
+    assert panel.layer is result
+    assert [n for n, _ in panel.classes.values()] == [
+        "liver", "spleen", "kidney_left", "kidney_right", "lesion"]
+    counts = np.bincount(np.asarray(result.data).ravel(), minlength=6)
+    voxel_ml = float(np.prod(image.scale)) / 1000.0
+    for label, (n, ml) in panel.counts().items():
+        assert n == counts[label]
+        assert ml == pytest.approx(counts[label] * voxel_ml, abs=0.06)
+    panel.table.cellClicked.emit(1, 1)  # the spleen row
+    assert result.selected_label == 2 and result.mode == "paint"
+    viewer.layers.selection.active = result
+    handler = viewer.window._qt_viewer._key_map_handler
+    handler.press_key("3")
+    assert result.selected_label == 3
+    handler.press_key("1")
+    assert result.selected_label == 1
+
+
+def test_paint_undo_and_save_through_the_writer(segmented, tmp_path, qtbot):
+    from napari_medseg.io import read_volume
+
+    viewer, widget, image, truth, result = segmented
+    before = np.array(result.data, copy=True)
+    z = int(np.argwhere(before == 1)[0][0])
+    result.brush_size = 5
+    result.selected_label = 2
+    result.paint((z, 64, 64), 2)
+    assert np.any(result.data != before)
+    panel = widget.class_panel
+    qtbot.waitUntil(lambda: panel.counts()[2][0] == int((result.data == 2).sum()),
+                    timeout=3000)
+    result.undo()
+    np.testing.assert_array_equal(result.data, before)
+    result.paint((z, 64, 64), 2)
+    out = tmp_path / "seg.nii.gz"
+    saved = result.save(str(out), plugin="napari-medseg")
+    assert saved
+    vol = read_volume(out, lazy=False)
+    np.testing.assert_array_equal(np.asarray(vol.data), np.asarray(result.data))
+    from napari_medseg._napari.layers import affine_from_layer
+
+    np.testing.assert_allclose(vol.affine, affine_from_layer(image, viewer), atol=1e-4)
+
+
+def test_rerun_on_corrected_layer_asks_and_keeps_edits(segmented, qtbot):
+    viewer, widget, image, truth, result = segmented
+    asked = []
+    widget.on_corrected = lambda layer: asked.append(layer.name) or "cancel"
+    widget.run()
+    assert widget.job is not None and not asked  # not corrected yet: no question
+    _wait(qtbot, widget)
+    z = int(np.argwhere(np.asarray(result.data) == 1)[0][0])
+    result.brush_size = 7
+    result.paint((z, 64, 64), 5)
+    edited = np.array(result.data, copy=True)
+    touched = edited != result.metadata["medseg_prediction"]
+    assert touched.any()
+    job = widget.job
+    assert widget.run() is None and asked == [result.name]  # asked, user said cancel
+    assert widget.job is job
+    widget.on_corrected = lambda layer: "untouched"
+    widget.run()
+    _wait(qtbot, widget)
+    assert len([lyr for lyr in viewer.layers if lyr.name == result.name]) == 1
+    np.testing.assert_array_equal(np.asarray(result.data)[touched], edited[touched])
+    pred = result.metadata["medseg_prediction"]
+    np.testing.assert_array_equal(np.asarray(result.data)[~touched], pred[~touched])
+    widget.on_corrected = lambda layer: "replace"
+    widget.run()
+    _wait(qtbot, widget)
+    np.testing.assert_array_equal(result.data, result.metadata["medseg_prediction"])
+    assert np.any(np.asarray(result.data) != edited)
+    result.undo()  # the re-run is one undo step
+    np.testing.assert_array_equal(result.data, edited)
+
+
+def _large_ct_layer(viewer):
+    from napari_medseg.core.phantom import make_abdomen_ct
+
+    img, _ = make_abdomen_ct(seed=1, shape=(96, 224, 224), spacing=(2.5, 1.5, 1.5))
+    data, kwargs, _ = volume_to_layer_data(img, name="big ct")
+    return viewer.add_image(data, **kwargs)
+
+
+def test_cancel_stops_within_a_second_and_leaves_the_viewer(make_napari_viewer, qtbot,
+                                                            notes):
+    viewer = make_napari_viewer()
+    _large_ct_layer(viewer)
+    widget = _dock(viewer)
+    widget.model_box.setCurrentText(MODEL)
+    assert widget.model_box.currentText() == MODEL
+    widget.device_box.setCurrentText("cpu")
+    names = [lyr.name for lyr in viewer.layers]
+    widget.run()
+    reported = []
+    widget.job._relay.progressed.connect(lambda d, t: reported.append((d, t)))
+    qtbot.waitUntil(lambda: len(reported) > 0, timeout=60_000)
+    assert reported[-1][0] < reported[-1][1]  # still running
+    t0 = time.perf_counter()
+    widget.job_bar.cancel_button.click()
+    _wait(qtbot, widget, timeout=5000)
+    assert time.perf_counter() - t0 < 1.0
+    assert [lyr.name for lyr in viewer.layers] == names
+    assert any("cancelled" in str(n.message) for n in notes)
+    assert widget.run_button.isEnabled()
+
+
+def test_viewer_stays_responsive_during_a_run(make_napari_viewer, qtbot):
+    from qtpy.QtCore import QTimer
+
+    viewer = make_napari_viewer()
+    image, _ = _open_sample(viewer)
+    widget = _dock(viewer)
+    widget.model_box.setCurrentText(MODEL)
+    assert widget.model_box.currentText() == MODEL
+    widget.device_box.setCurrentText("cpu")
+    widget.tta.setChecked(True)
+    widget.uncertainty.setChecked(True)
+    ticks = []
+    timer = QTimer()
+    timer.setInterval(20)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start()
+    qtbot.wait(200)
+    widget.run()
+    _wait(qtbot, widget)
+    qtbot.waitUntil(lambda: f"{image.name} {MODEL} uncertainty" in viewer.layers)
+    qtbot.wait(100)
+    timer.stop()
+    assert f"{image.name} {MODEL}" in viewer.layers
+    assert not viewer.layers[f"{image.name} {MODEL} uncertainty"].visible
+    # the run: from Run until the prediction reaches the GUI thread (adding the
+    # layers afterwards is napari's own work, about 0.2 s per layer)
+    t_start, t_end = widget.last_run["started"], widget.last_run["returned"]
+    during = [t for t in ticks if t_start <= t <= t_end]
+    assert len(during) >= 10, "the run was too short to measure"
+    gaps = np.diff([t_start, *during, t_end])
+    assert gaps.max() < 0.020 + 0.100, f"GUI thread blocked for {gaps.max() * 1000:.0f} ms"
+
+
+def test_box_region_from_shapes_layer(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    img = _ct_layer(viewer, shape=(24, 40, 40))
+    corners = [img.data_to_world(p) for p in
+               [(12, 5, 8), (12, 5, 30), (12, 25, 30), (12, 25, 8)]]
+    viewer.add_shapes([np.array(corners)], shape_type="rectangle", name="box")
+    widget = _dock(viewer)
+    widget.add_model(_tiny_model(network=_constant_net()))
+    widget.device_box.setCurrentText("cpu")
+    widget.region_box.setCurrentText("box from Shapes layer")
+    assert widget.shapes_box.currentText() == "box"
+    widget.margin.setValue(3)
+    widget.run()
+    _wait(qtbot, widget)
+    assert widget.last_error is None
+    out = np.asarray(viewer.layers["ct tiny-ct"].data)
+    inside = np.zeros(out.shape, bool)
+    inside[9:16, 5:26, 8:31] = True
+    assert np.all(out[inside] == 1) and np.all(out[~inside] == 0)
+    assert "(region)" in widget.status.text()
+
+
+def _constant_net():
+    """A real torch network that calls every voxel class 1 (logits 0 vs 1)."""
+    import torch
+
+    class Constant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(1, 2, 1)
+            with torch.no_grad():
+                self.conv.weight.zero_()
+                self.conv.bias.copy_(torch.tensor([0.0, 1.0]))
+
+        def forward(self, x):
+            return self.conv(x)
+
+    return Constant()
