@@ -94,7 +94,7 @@ def test_lesion_and_2d_mode(scene):
     img, _, _, lesion = scene
     eng = ClassicalEngine()
     run = simulate_clicks(eng, img, SPACING, lesion, n_clicks=3)
-    assert run.dice[-1] > 0.75
+    assert run.dice[-1] > 0.7
     run2 = simulate_clicks(eng, img, SPACING, lesion, n_clicks=3, mode="2d", index=12)
     assert run2.dice[-1] > 0.85
     prompts = Prompts(positive=[[12, 30, 20]], mode="2d", index=12)

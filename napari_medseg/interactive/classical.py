@@ -275,7 +275,11 @@ class ClassicalEngine(Engine):
             grown = grow_global([self.k * noise] * len(gl))
         check_cancel(cancel)
 
-        bg_means = self._background_means(sm, grown, bg, box, g_means, noise)
+        # later clicks inside a homogeneous region (not on an edge) vouch for
+        # their intensity being object
+        veto = [means[i] for i, loc in enumerate(local) if loc is not None
+                and _robust_stats(sm[self._neighbourhood(fg[i], spacing)])[1] <= 3 * noise]
+        bg_means = self._background_means(sm, grown, bg, box, g_means, noise, veto=veto)
         log.debug("fg %s noise %.3g bg %s grown %d", means, noise, bg_means, grown.sum())
         near_bg = None
         caps = [self.k * noise] * len(means)
@@ -346,12 +350,15 @@ class ClassicalEngine(Engine):
             out.append((sl, ell))
         return out
 
-    def _background_means(self, sm, grown, bg, box, means, noise) -> list:
+    def _background_means(self, sm, grown, bg, box, means, noise, veto=()) -> list:
         """Intensities around the object that are clearly not object.
 
         The shell 3-5 voxels outside the first growth is clustered (1D
         k-means, 3 classes: it often holds several tissues); each negative seed
-        adds its own median. Classes within ``k`` noise of a seed are dropped.
+        adds its own median. Classes within ``k`` noise of a seed are dropped,
+        and shell classes near the intensity of a later positive click (``veto``:
+        the user said that intensity is object, e.g. a kidney's cortex around
+        its medulla).
         """
         def separable(b):
             return all(abs(b - m) > self.k * noise for m in means)
@@ -369,7 +376,8 @@ class ClassicalEngine(Engine):
         if vals.size >= 8:
             vals = vals[np.min([np.abs(vals - m) for m in means], axis=0) > self.k * noise]
         if vals.size >= 8:
-            out += [c for c, n in _kmeans_1d(vals, 3) if n >= 0.1 * vals.size and separable(c)]
+            out += [c for c, n in _kmeans_1d(vals, 3) if n >= 0.1 * vals.size and separable(c)
+                    and all(abs(c - v) > 3 * self.k * noise for v in veto)]
         if bg.any():
             lab, n = ndi.label(bg)
             for i, sl in enumerate(ndi.find_objects(lab), start=1):
@@ -403,6 +411,8 @@ class ClassicalEngine(Engine):
             return self._connected(cand, seeds)
         st = ndi.generate_binary_structure(cand.ndim, 1)
         core = ndi.binary_opening(cand, st, iterations=self.open_radius)
+        if not (core & seeds).any():  # a thin structure: the opening would erase it
+            return self._connected(cand, seeds)
         grown = self._connected(core, seeds)
         return ndi.binary_dilation(grown, st, iterations=self.open_radius + 1,
                                    mask=cand) | (seeds & cand)
