@@ -157,9 +157,9 @@ class SegmentWidget(QWidget):
         self._update_region_controls()
 
     def _update_region_controls(self) -> None:
-        box = self.region_box.currentIndex() == 2
-        self.shapes_box.setEnabled(box)
-        self.margin.setEnabled(self.region_box.currentIndex() > 0)
+        idx = self.region_box.currentIndex()
+        self.shapes_box.setVisible(idx == 2)
+        self.margin.setVisible(idx > 0)
 
     # --------------------------------------------------------------- models
     def refresh_models(self) -> None:
@@ -224,6 +224,7 @@ class SegmentWidget(QWidget):
     def _on_model_changed(self, name: str) -> None:
         self.card_label.setText(card_html(self.card) if self.card else
                                 "<i>No model available.</i>")
+        self.card_label.setToolTip(str(card_to_dict(self.card).get("training", "")))
         self._build_channel_boxes()
 
     # ---------------------------------------------------------------- images

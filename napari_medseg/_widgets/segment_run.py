@@ -136,21 +136,27 @@ def card_html(card) -> str:
     if info:
         parts.append(" · ".join(info))
     metrics = d.get("metrics") or {}
-    if metrics:
-        parts.append("Metrics: " + esc(_flat_metrics(metrics)))
+    lines = _metric_lines(metrics)
+    if lines:
+        parts.append("<br>".join(esc(line) for line in lines))
     return "<br>".join(parts)
 
 
-def _flat_metrics(metrics: dict, limit: int = 8) -> str:
-    items = []
-    for k, v in metrics.items():
-        if isinstance(v, dict):
-            items.extend(f"{k} {kk} {_fmt(vv)}" for kk, vv in v.items())
-        else:
-            items.append(f"{k} {_fmt(v)}")
-    more = f", ... (+{len(items) - limit})" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
+def _metric_lines(metrics: dict, groups: int = 2) -> list[str]:
+    """One line per group of numeric metrics, e.g. ``"dice: liver 0.96, spleen 0.90"``."""
+    lines = []
+    flat = [f"{k} {_fmt(v)}" for k, v in metrics.items() if _is_number(v)]
+    if flat:
+        lines.append("metrics: " + ", ".join(flat))
+    for key, vals in metrics.items():
+        if isinstance(vals, dict) and vals and all(_is_number(v) for v in vals.values()):
+            lines.append(f"{key}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in vals.items()))
+    return lines[:groups]
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _fmt(v) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
