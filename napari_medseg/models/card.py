@@ -78,6 +78,10 @@ class ModelCard:
         Spatial axes (0=z, 1=y, 2=x of the model grid) along which mirror
         test-time augmentation is valid; models with left/right classes use
         ``(0, 1)``.
+    postprocessing : dict
+        Applied to the labels on the input grid:
+        ``{"largest_component": [class ids]}`` keeps only the largest
+        connected piece of each listed class (organs that come in one piece).
     extra : dict
         Anything format specific.
     """
@@ -98,6 +102,7 @@ class ModelCard:
     weights: str | None = None
     network: dict | None = None
     mirror_axes: tuple = (0, 1, 2)
+    postprocessing: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -151,6 +156,14 @@ class ModelCard:
         if any(a not in (0, 1, 2) for a in axes):
             bad("'mirror_axes' must hold axes 0, 1, 2")
         self.mirror_axes = axes
+        post = dict(self.postprocessing or {})
+        if set(post) - {"largest_component"}:
+            bad(f"unknown postprocessing steps {sorted(set(post) - {'largest_component'})}")
+        try:
+            post = {k: [int(c) for c in v] for k, v in post.items()}
+        except (TypeError, ValueError):
+            bad("'postprocessing' lists must hold class ids")
+        self.postprocessing = post
         self.training = str(self.training or "")
         return self
 

@@ -27,7 +27,7 @@ from ..core.volume import Volume
 from ..errors import MedSegError, check_cancel
 from .card import ModelCard
 
-__all__ = ["Model", "TorchModel", "Prediction", "mirror_tta"]
+__all__ = ["Model", "TorchModel", "Prediction", "mirror_tta", "postprocess_labels"]
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class Model:
         labels, unc, info = self._predict_array(run_vols, device=device, overlap=overlap,
                                                 tta=tta, uncertainty=uncertainty,
                                                 progress=progress, cancel=cancel)
-        labels = np.asarray(labels)
+        labels = postprocess_labels(np.asarray(labels), self.card.postprocessing)
         dtype = np.uint8 if self.card.n_classes <= 256 else np.uint16
         if crop is not None:
             labels, unc = _paste(labels, unc, crop, box, ref.shape3, dtype)
@@ -294,6 +294,31 @@ class TorchModel(Model):
             y = net(x)
             return y[0] if isinstance(y, (list, tuple)) else y
         return run_zyx
+
+
+# ------------------------------------------------------------ postprocessing
+def postprocess_labels(labels: np.ndarray, steps: dict) -> np.ndarray:
+    """Apply a card's ``postprocessing`` to a ``(Z, Y, X)`` label array (in place).
+
+    ``largest_component``: for each listed class keep the largest 26-connected
+    piece; smaller pieces become background.
+    """
+    ids = (steps or {}).get("largest_component") or []
+    if not ids:
+        return labels
+    from scipy import ndimage
+
+    labels = np.array(labels, copy=True) if not labels.flags.writeable else labels
+    for cid in ids:
+        mask = labels == cid
+        if not mask.any():
+            continue
+        comp, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+        if n > 1:
+            sizes = np.bincount(comp.ravel())
+            sizes[0] = 0
+            labels[mask & (comp != int(sizes.argmax()))] = 0
+    return labels
 
 
 # ------------------------------------------------------------------ regions

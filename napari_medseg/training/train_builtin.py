@@ -68,6 +68,7 @@ def make_card(names: dict, orientation: str | None) -> ModelCard:
         network={"class": "UNet3D",
                  "kwargs": {"in_channels": 1, "out_channels": k, "features": list(FEATURES)}},
         mirror_axes=(),  # trained without flips (and left/right classes): no mirror TTA
+        postprocessing={"largest_component": [1, 2, 3, 4]},  # organs come in one piece
     )
 
 
@@ -152,34 +153,23 @@ def _dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1 - ((2 * inter + 1) / (denom + 1))[1:].mean()
 
 
-def train(out: Path, n_cases: int = 64, iters: int = 1500, batch: int = 2, lr: float = 3e-3,
-          seed: int = 0, log_every: int = 25, cache: Path | None = None) -> Path:
-    """Generate data, train, save ``model.pt`` + ``card.yaml`` in ``out``; return ``out``."""
-    from ..core.phantom import ABDOMEN_LABELS, make_abdomen_ct
-
+def _phase(net, data, xs, ys, iters, lr, batch, seed, schedule, fg_fraction, log_every, name):
+    """One training phase with its own seeds; ``schedule`` is ``"onecycle"`` or ``"cosine"``."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    probe, _ = make_abdomen_ct(seed=0, shape=PATCH, spacing=TARGET_SPACING)
-    card = make_card(dict(ABDOMEN_LABELS), probe.orientation_code())
-    t0 = time.time()
-    data = _cached_cases(n_cases, card, cache)
-    xs = torch.from_numpy(np.stack([d[0] for d in data]))[:, None]
-    ys = torch.from_numpy(np.stack([d[1] for d in data]).astype(np.int64))
-    log.info("generated %d cases in %.0f s; class voxels %s", n_cases, time.time() - t0,
-             np.bincount(ys.numpy().ravel()).tolist())
-    net = UNet3D(1, card.n_classes, FEATURES)
-    log.info("UNet3D %s: %d parameters", FEATURES, count_parameters(net))
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=iters,
-                                                pct_start=0.05)
-    use_bf16 = torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") or \
-        "avx512_bf16" in _cpu_flags()
+    if schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=iters,
+                                                    pct_start=0.05)
+    else:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters)
+    use_bf16 = _use_bf16()
     net.train()
     t0, run = time.time(), 0.0
     for it in range(iters):
         xb, yb = [], []
-        for j in rng.choice(n_cases, batch, replace=False):
-            z0, y0, x0 = _crop_start(data[j][1], rng)
+        for j in rng.choice(len(data), batch, replace=False):
+            z0, y0, x0 = _crop_start(data[j][1], rng, fg_fraction)
             win = (slice(z0, z0 + PATCH[0]), slice(y0, y0 + PATCH[1]), slice(x0, x0 + PATCH[2]))
             xb.append(xs[j, 0][win])
             yb.append(ys[j][win])
@@ -194,21 +184,71 @@ def train(out: Path, n_cases: int = 64, iters: int = 1500, batch: int = 2, lr: f
         sched.step()
         run = 0.9 * run + 0.1 * loss.item() if it else loss.item()
         if (it + 1) % log_every == 0:
-            log.info("iter %d/%d loss %.4f (%.0f s)", it + 1, iters, run, time.time() - t0)
-    minutes = (time.time() - t0) / 60
-    out.mkdir(parents=True, exist_ok=True)
+            log.info("%s iter %d/%d loss %.4f (%.0f s)", name, it + 1, iters, run,
+                     time.time() - t0)
+    return (time.time() - t0) / 60
+
+
+def _use_bf16() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") or \
+        "avx512_bf16" in _cpu_flags()
+
+
+def _save_weights(net, path: Path) -> None:
     from ..io.atomic import atomic_path
 
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    with atomic_path(out / "model.pt", overwrite=True) as tmp:
+    with atomic_path(path, overwrite=True) as tmp:
         torch.save(state, tmp)
+
+
+def train(out: Path, n_cases: int = 64, iters: int = 1800, batch: int = 2, lr: float = 3e-3,
+          seed: int = 0, log_every: int = 25, cache: Path | None = None,
+          finetune_iters: int = 700, finetune_lr: float = 1e-3, init: Path | None = None
+          ) -> Path:
+    """Generate data, train, save ``model.pt`` + ``card.yaml`` in ``out``; return ``out``.
+
+    Two phases: ``iters`` steps with a one-cycle schedule (seed ``seed``), then
+    ``finetune_iters`` steps with a cosine schedule from ``finetune_lr`` and more
+    windows centred on organs (seed ``seed + 1``). ``init`` (weights of a finished
+    first phase) skips the first phase.
+    """
+    from ..core.phantom import ABDOMEN_LABELS, make_abdomen_ct
+    from ..models.loaders import load_weights
+
+    probe, _ = make_abdomen_ct(seed=0, shape=PATCH, spacing=TARGET_SPACING)
+    card = make_card(dict(ABDOMEN_LABELS), probe.orientation_code())
+    t0 = time.time()
+    data = _cached_cases(n_cases, card, cache)
+    xs = torch.from_numpy(np.stack([d[0] for d in data]))[:, None]
+    ys = torch.from_numpy(np.stack([d[1] for d in data]).astype(np.int64))
+    log.info("generated %d cases in %.0f s; class voxels %s", n_cases, time.time() - t0,
+             np.bincount(ys.numpy().ravel()).tolist())
+    torch.manual_seed(seed)
+    net = UNet3D(1, card.n_classes, FEATURES)
+    log.info("UNet3D %s: %d parameters", FEATURES, count_parameters(net))
+    minutes = 0.0
+    out.mkdir(parents=True, exist_ok=True)
+    if init is None:
+        minutes += _phase(net, data, xs, ys, iters, lr, batch, seed, "onecycle", 0.5,
+                          log_every, "phase 1")
+        _save_weights(net, out / "phase1.pt")
+    else:
+        net.load_state_dict(load_weights(Path(init).read_bytes(), str(init)))
+        log.info("phase 1 weights from %s", init)
+    if finetune_iters:
+        minutes += _phase(net, data, xs, ys, finetune_iters, finetune_lr, batch, seed + 1,
+                          "cosine", 0.75, log_every, "phase 2")
+    _save_weights(net, out / "model.pt")
     card.training = (
         f"{n_cases} synthetic abdominal CT phantoms (make_abdomen_ct, vary=True, seeds "
         f"1..{n_cases}; generated on the {TARGET_SPACING} mm model grid, every fourth at half "
-        f"that spacing and averaged down), {iters} AdamW steps of batch {batch} random "
-        f"{PATCH} windows (half centred on a foreground class), "
-        f"one-cycle lr {lr}, cross-entropy + soft Dice, {'bf16 autocast, ' if use_bf16 else ''}"
-        f"CPU, {minutes:.1f} min, torch seed {seed}. Reproduce: python -m "
+        f"that spacing and averaged down). Batches of {batch} random {PATCH} windows, "
+        f"cross-entropy + soft Dice, AdamW, {'bf16 autocast, ' if _use_bf16() else ''}CPU. "
+        f"Phase 1: {iters} steps, one-cycle lr {lr}, half the windows centred on a "
+        f"foreground class (seed {seed}); phase 2: {finetune_iters} steps, cosine lr from "
+        f"{finetune_lr}, three quarters centred on a class (seed {seed + 1}). "
+        f"{minutes:.1f} min of training here. Reproduce: python -m "
         "napari_medseg.training.train_builtin --out <folder>.")
     card.save(out / "card.yaml")
     log.info("saved %s after %.1f min", out, minutes)
@@ -268,7 +308,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path,
                    default=Path(__file__).resolve().parents[1] / "models" / "builtin" / NAME)
     p.add_argument("--cases", type=int, default=64)
-    p.add_argument("--iters", type=int, default=1500)
+    p.add_argument("--iters", type=int, default=1800)
+    p.add_argument("--finetune-iters", type=int, default=700)
+    p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument("--init", type=Path, default=None,
+                   help="phase-1 weights (phase1.pt of an earlier run): run phase 2 only")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -282,7 +326,8 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     if not a.eval_only:
-        train(a.out, a.cases, a.iters, a.batch, a.lr, a.seed, cache=a.cache)
+        train(a.out, a.cases, a.iters, a.batch, a.lr, a.seed, cache=a.cache,
+              finetune_iters=a.finetune_iters, finetune_lr=a.finetune_lr, init=a.init)
     try:
         print(json.dumps({"dice": evaluate(a.out)}, indent=2))
     except ImportError as exc:  # the inference engine is not installed in this checkout
