@@ -192,3 +192,24 @@ def test_registry_user_folder(tmp_path, monkeypatch):
     infos = {i.name: i for i in list_models()}
     assert infos["my-threshold"].source == "user"
     assert load_model("my-threshold").card.name == "my-threshold"
+
+
+def test_largest_component_postprocessing(tmp_path):
+    from napari_medseg.models.predictor import postprocess_labels
+
+    lab = np.zeros((10, 12, 12), np.uint8)
+    lab[1:5, 1:5, 1:5] = 1      # big piece of class 1
+    lab[7:9, 8:10, 8:10] = 1    # small stray piece of class 1
+    lab[7:9, 1:3, 1:3] = 2      # class 2 pieces are left alone
+    lab[1:2, 9:11, 9:11] = 2
+    out = postprocess_labels(lab.copy(), {"largest_component": [1]})
+    assert (out[1:5, 1:5, 1:5] == 1).all() and not out[7:9, 8:10, 8:10].any()
+    assert (out == 2).sum() == (lab == 2).sum()
+    # through a card: the bright box plus a one-voxel speck, speck removed
+    card = threshold_card(postprocessing={"largest_component": [1]})
+    model = load_model(save_torchscript_package(tmp_path / "pkg", card))
+    vol, truth = box_volume()
+    data = np.asarray(vol.data).copy()
+    data[10, 25, 2] = 90.0
+    got = model.predict(vol.with_data(data)).labels.data
+    np.testing.assert_array_equal(got, truth.astype(np.uint8))
