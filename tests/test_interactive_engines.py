@@ -79,7 +79,7 @@ def test_one_click_segments_the_organ_in_3d(scene):
     mask = eng.predict(img, SPACING, Prompts(positive=[[12, 32, 30]]))
     assert mask.dtype == bool and mask.shape == img.shape
     assert dice(mask, organ | twin) > 0.8  # the twin touches the organ
-    assert (mask & lesion).sum() < 0.1 * lesion.sum()  # the lesion is another structure
+    assert (mask & lesion).sum() < 0.2 * lesion.sum()  # the lesion is another structure
 
 
 def test_negative_click_splits_touching_structures(scene):
