@@ -241,6 +241,17 @@ class InteractiveWidget(QWidget):
             boxes=np.array(box_arr).reshape(-1, 2, 3), scribbles=scribbles,
             mode=mode, axis=axis, index=index)
 
+    def _image_array(self, img) -> np.ndarray:
+        """The image as one in-memory array, loaded once per layer (lazy and
+        multiscale data are read once, so engines can cache their features)."""
+        data = img.data[0] if getattr(img, "multiscale", False) else img.data
+        if isinstance(data, np.ndarray):
+            return data
+        key = (id(img), id(data))
+        if getattr(self, "_loaded", (None, None))[0] != key:
+            self._loaded = (key, np.asarray(data))
+        return self._loaded[1]
+
     def _engine(self):
         name = self.engine_combo.currentText()
         path = self.path_edit.text().strip() or None
@@ -273,7 +284,7 @@ class InteractiveWidget(QWidget):
         self._current = gen
         cancel = threading.Event()
         self._cancel = cancel
-        image = np.asarray(img.data) if not isinstance(img.data, np.ndarray) else img.data
+        image = self._image_array(img)
 
         def run():
             try:
