@@ -50,6 +50,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _FINALIZE_CHUNK = 4  # slices finalised at a time (bounds temporaries)
+_ADD_CHUNK_ELEMENTS = 1 << 23  # window logits added at most this many values at a time
 #: Above this size a float32 ring buffer is stored as float16 instead (many classes).
 ACCUMULATOR_BUDGET_BYTES = 1 << 30
 #: Windows per batch are capped so one batch of float32 logits stays below this.
@@ -256,10 +257,14 @@ class _SlabStitcher:
         if z0 > self.base:
             self.advance(z0)
         pz, py, px = logits.shape[1:]
+        # mixed dtypes make torch cast through temporaries: add a few classes at a time
+        step = max(1, _ADD_CHUNK_ELEMENTS // (pz * py * px))
         for zg, r, n in self._pieces(z0, z0 + pz):
             o = zg - z0
             g = self.g[o:o + n]
-            self.acc[:, r:r + n, y0:y0 + py, x0:x0 + px].addcmul_(logits[:, o:o + n], g)
+            for c in range(0, self.k, step):
+                self.acc[c:c + step, r:r + n, y0:y0 + py, x0:x0 + px].addcmul_(
+                    logits[c:c + step, o:o + n], g)
             if self.wsum is not None:
                 self.wsum[r:r + n, y0:y0 + py, x0:x0 + px] += g
             if self.uacc is not None:
