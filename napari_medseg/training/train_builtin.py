@@ -46,7 +46,7 @@ PATCH = (32, 64, 64)
 FEATURES = (8, 16, 32, 64)
 WINDOW = [-200.0, 300.0]
 TRAIN_SEEDS = range(0, 10_000)       # case i uses seed 1 + i
-HELD_OUT_SEEDS = (100_001, 100_002, 100_003, 100_004)
+HELD_OUT_SEEDS = tuple(range(100_001, 100_009))  # 8 cases never used in training
 COLORS = {1: [0.86, 0.33, 0.24], 2: [0.55, 0.25, 0.65], 3: [0.95, 0.75, 0.2],
           4: [0.2, 0.7, 0.35], 5: [0.1, 0.6, 0.95]}
 
