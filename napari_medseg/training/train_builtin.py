@@ -248,7 +248,7 @@ def train(out: Path, n_cases: int = 64, iters: int = 1800, batch: int = 2, lr: f
         f"Phase 1: {iters} steps, one-cycle lr {lr}, half the windows centred on a "
         f"foreground class (seed {seed}); phase 2: {finetune_iters} steps, cosine lr from "
         f"{finetune_lr}, three quarters centred on a class (seed {seed + 1}). "
-        f"{minutes:.1f} min of training here. Reproduce: python -m "
+        f"{minutes:.1f} min of training in this run. Reproduce: python -m "
         "napari_medseg.training.train_builtin --out <folder>.")
     card.save(out / "card.yaml")
     log.info("saved %s after %.1f min", out, minutes)
