@@ -10,7 +10,10 @@ resampled by nearest neighbour.
 
 :class:`PatchSampler` draws random training windows from those cases, a share
 of them centred on a foreground class (oversampling of small structures), with
-mirror flips along the axes the card allows.
+mirror flips along the axes the card allows. When the exporter saved the
+correction ledger beside a case (``ledger/{case}/``: the model's original
+prediction), a share of the windows is centred on the voxels the user
+corrected, so training concentrates on what the model got wrong.
 """
 
 from __future__ import annotations
@@ -43,11 +46,14 @@ class DatasetCase:
         One file per channel, in channel order.
     label : Path
         The label file.
+    ledger : Path or None
+        The case's correction ledger folder, when the exporter saved one.
     """
 
     case: str
     images: list
     label: Path
+    ledger: Path | None = None
 
 
 @dataclass
@@ -64,12 +70,19 @@ class TrainingCase:
         ``(Z, Y, X)`` uint8/uint16 labels on the same grid.
     fg : dict
         ``{class id: (N, 3) int array}`` of (a subsample of) that class's voxels.
+    corrected : numpy.ndarray or None
+        ``(N, 3)`` int array of (a subsample of) the voxels whose label the user
+        changed from the model's prediction (from the ledger), or None.
+    n_corrected : int
+        How many voxels were corrected (before subsampling), on the input grid.
     """
 
     case: str
     x: np.ndarray
     y: np.ndarray
     fg: dict = field(default_factory=dict)
+    corrected: np.ndarray | None = None
+    n_corrected: int = 0
 
 
 def _read_json(path: Path) -> dict:
@@ -137,7 +150,8 @@ def list_dataset(dataset_dir, card: ModelCard) -> list[DatasetCase]:
             raise MedSegError(f"case {case} has a label file but no image "
                               f"{', '.join(missing)} in imagesTr/; add the image or remove "
                               "the label", where)
-        cases.append(DatasetCase(case, imgs, lab))
+        ledger = root / "ledger" / case
+        cases.append(DatasetCase(case, imgs, lab, ledger if ledger.is_dir() else None))
     if not cases:
         raise MedSegError(f"no training cases (labelsTr/*{ending}); add corrected cases "
                           "with Export > Add as training case first", where)
@@ -222,16 +236,43 @@ def load_case(item: DatasetCase, card: ModelCard, patch_size, max_fg: int = 2000
     y = y.astype(np.uint8 if card.n_classes <= 256 else np.uint16)
     x, y = _pad_to(x, y, patch_size)
     rng = np.random.default_rng(seed)
-    fg = {}
-    for c in np.unique(y):
-        if c == 0:
-            continue
-        pts = np.argwhere(y == c)
-        if len(pts) > max_fg:
-            pts = pts[rng.choice(len(pts), max_fg, replace=False)]
-        fg[int(c)] = pts.astype(np.int32)
+    fg = {int(c): _points(y == c, max_fg, rng) for c in np.unique(y) if c != 0}
+    changed = _changed(item, y0)
+    corrected = None
+    if changed is not None and changed.any():
+        grid = _apply_orientation(changed, info.perm, info.flips)
+        grid = np.ascontiguousarray(resample_nearest(grid, info.resampled_shape))
+        if grid.any():
+            corrected = _points(grid, max_fg, rng)
     lab_vol = imgs[0].like_labels(y0, lab.label_names or card.label_names)
-    return TrainingCase(item.case, x, y, fg), imgs, lab_vol
+    n_corr = 0 if changed is None else int(changed.sum())
+    return TrainingCase(item.case, x, y, fg, corrected, n_corr), imgs, lab_vol
+
+
+def _points(mask: np.ndarray, limit: int, rng) -> np.ndarray:
+    """Coordinates ``(N, 3)`` of the voxels of ``mask``, at most ``limit`` of them."""
+    pts = np.argwhere(mask)
+    if len(pts) > limit:
+        pts = pts[rng.choice(len(pts), limit, replace=False)]
+    return pts.astype(np.int32)
+
+
+def _changed(item: DatasetCase, labels: np.ndarray) -> np.ndarray | None:
+    """Voxels where the labels differ from the ledger's original prediction, or None."""
+    if item.ledger is None:
+        return None
+    from ..core.ledger import CorrectionLedger
+
+    try:
+        pred = np.asarray(CorrectionLedger.load(item.ledger).prediction)
+    except MedSegError as exc:
+        log.warning("case %s: ignoring its correction ledger: %s", item.case, exc)
+        return None
+    if pred.shape != labels.shape:
+        log.warning("case %s: the ledger's prediction %s is not on the label grid %s; "
+                    "ignoring it", item.case, pred.shape, labels.shape)
+        return None
+    return pred != labels
 
 
 def _pad_to(x: np.ndarray, y: np.ndarray, patch) -> tuple[np.ndarray, np.ndarray]:
@@ -255,25 +296,34 @@ class PatchSampler:
         card's ``mirror_axes``: never across left/right classes).
     fg_fraction : float
         Share of windows centred on a voxel of a randomly chosen class.
+    corrected_fraction : float
+        Share of windows centred on a corrected voxel, in cases with a ledger
+        (taken from the class-centred share).
     seed : int
     """
 
     def __init__(self, cases, patch_size, mirror_axes=(0, 1, 2), fg_fraction: float = 0.5,
-                 seed: int = 0):
+                 corrected_fraction: float = 0.25, seed: int = 0):
         self.cases = list(cases)
         self.patch = tuple(int(p) for p in patch_size)
         self.mirror_axes = tuple(int(a) for a in mirror_axes)
         self.fg_fraction = float(fg_fraction)
+        self.corrected_fraction = min(float(corrected_fraction), self.fg_fraction)
         self.rng = np.random.default_rng(seed)
+
+    def _centred(self, pts: np.ndarray, shape) -> tuple:
+        centre = pts[int(self.rng.integers(len(pts)))]
+        return tuple(int(np.clip(c - p // 2, 0, n - p))
+                     for c, p, n in zip(centre, self.patch, shape))
 
     def _corner(self, case: TrainingCase) -> tuple:
         shape = case.y.shape
-        if case.fg and self.rng.random() < self.fg_fraction:
+        r = self.rng.random()
+        if case.corrected is not None and r < self.corrected_fraction:
+            return self._centred(case.corrected, shape)
+        if case.fg and r < self.fg_fraction:
             cls = list(case.fg)[int(self.rng.integers(len(case.fg)))]
-            pts = case.fg[cls]
-            centre = pts[int(self.rng.integers(len(pts)))]
-            return tuple(int(np.clip(c - p // 2, 0, n - p))
-                         for c, p, n in zip(centre, self.patch, shape))
+            return self._centred(case.fg[cls], shape)
         return tuple(int(self.rng.integers(0, n - p + 1)) for p, n in zip(self.patch, shape))
 
     def sample(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -302,7 +352,8 @@ def load_cases(items, card: ModelCard, patch_size, progress=None, cancel=None, o
         tc, imgs, lab = load_case(item, card, patch_size, seed=i)
         cases.append(tc)
         originals.append((imgs, lab))
-        log.info("case %s: model grid %s, classes %s", item.case, tc.y.shape, sorted(tc.fg))
+        log.info("case %s: model grid %s, classes %s, %d corrected voxels", item.case,
+                 tc.y.shape, sorted(tc.fg), tc.n_corrected)
         if progress:
             progress(offset + i + 1, total or len(items))
     return cases, originals

@@ -316,16 +316,19 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
     names = card.label_names
     before, step = _evaluate(base, val_pairs, names, progress, cancel, step, total)
 
-    net = copy.deepcopy(base.network).cpu()
-    tuned = TorchModel(card, net, base.source, getattr(base, "axis_order", "zyx"))
     sampler = PatchSampler([cases[i] for i in train_idx], patch, card.mirror_axes, seed=seed)
+    del cases[:]  # held-out cases are no longer needed on the model grid
+    split = _split_classes(sampler.cases, card.postprocessing.get("largest_component") or [])
+    net = copy.deepcopy(base.network).cpu()
+    tuned = TorchModel(_without_lcc(card, split), net, base.source,
+                       getattr(base, "axis_order", "zyx"))
     torch.manual_seed(seed)
     losses, bf16 = _train(net, tuned.make_predictor(torch.device("cpu")), sampler, iterations,
                           lr, batch_size, progress, cancel, step, total)
     step += iterations
     after, step = _evaluate(tuned, val_pairs, names, progress, cancel, step, total)
 
-    new_card = _new_card(card, name, dataset_dir, items,
+    new_card = _new_card(tuned.card, name, dataset_dir, items, sampler.cases, split,
                          train_idx, val_idx, iterations, lr, batch_size, patch, seed, losses,
                          before, after, bf16, time.perf_counter() - t0, base.source)
     tuned.card = new_card
@@ -339,8 +342,49 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
     return path
 
 
-def _new_card(card, name, dataset_dir, items, train_idx, val_idx, iterations, lr, batch,
-              patch, seed, losses, before, after, bf16, seconds, source) -> ModelCard:
+def _split_classes(cases, classes, min_share: float = 0.05) -> list:
+    """Classes with two or more sizeable components in some corrected case.
+
+    A class the user labelled as several separate parts (e.g. both kidneys
+    merged into one class) must not keep a "largest component" clean-up.
+    """
+    from scipy import ndimage
+
+    split = []
+    for cid in classes:
+        for case in cases:
+            mask = case.y == int(cid)
+            if not mask.any():
+                continue
+            lab, n = ndimage.label(mask)
+            if n > 1:
+                sizes = np.bincount(lab.ravel())[1:]
+                if (sizes >= min_share * sizes.sum()).sum() > 1:
+                    split.append(int(cid))
+                    break
+    return split
+
+
+def _corr_text(cases) -> str:
+    n = sum(1 for c in cases if c.corrected is not None)
+    return f"; a quarter on voxels corrected in {n} case(s) with a ledger" if n else ""
+
+
+def _without_lcc(card: ModelCard, split) -> ModelCard:
+    """``card`` without the largest-component clean-up for the classes in ``split``."""
+    if not split:
+        return card
+    d = card.to_dict()
+    post = dict(d.get("postprocessing") or {})
+    post["largest_component"] = [c for c in post.get("largest_component", []) if c not in split]
+    d["postprocessing"] = post
+    log.info("classes %s have several parts in the corrected labels: no largest "
+             "component clean-up for them", split)
+    return ModelCard.from_dict(d, card.name)
+
+
+def _new_card(card, name, dataset_dir, items, cases, split, train_idx, val_idx, iterations, lr,
+              batch, patch, seed, losses, before, after, bf16, seconds, source) -> ModelCard:
     """The base card with a new name and version, provenance and before/after Dice."""
     k = max(1, len(losses) // 10)
     train_ids = [items[i].case for i in train_idx]
@@ -348,12 +392,14 @@ def _new_card(card, name, dataset_dir, items, train_idx, val_idx, iterations, lr
     d = card.to_dict()
     d.update(name=str(name), version=_bump(card.version), format="state_dict",
              weights="model.pt")
+    n_corr = sum(c.n_corrected for c in cases)
     d["training"] = (
         f"Fine-tuned from {card.name} {card.version} ({source}) on {len(train_ids)} "
         f"corrected case(s) of {dataset_dir} ({', '.join(train_ids)}); "
         f"{len(val_ids)} held out ({', '.join(val_ids) or 'none'}). {iterations} AdamW "
         f"steps of batch {batch} random {list(patch)} windows (half centred on a "
-        f"foreground class, mirror flips along axes {list(card.mirror_axes)}), lr {lr} "
+        f"foreground class{_corr_text(cases)}, mirror flips along axes "
+        f"{list(card.mirror_axes)}), lr {lr} "
         f"cosine-decayed, cross-entropy + soft Dice, {'bf16 autocast, ' if bf16 else ''}"
         f"CPU, seed {seed}, {seconds / 60:.1f} min, {datetime.date.today():%Y-%m-%d}. "
         f"Base model training: {card.training or 'not described'}")
@@ -361,6 +407,7 @@ def _new_card(card, name, dataset_dir, items, train_idx, val_idx, iterations, lr
         "base_model": card.name, "base_version": card.version, "dataset": str(dataset_dir),
         "train_cases": train_ids, "held_out_cases": val_ids, "iterations": int(iterations),
         "lr": float(lr), "patch_size": list(patch), "seed": int(seed),
+        "corrected_voxels": int(n_corr),
         "loss_first": round(float(np.mean(losses[:k])), 4),
         "loss_last": round(float(np.mean(losses[-k:])), 4)}}
     if val_ids:
@@ -370,6 +417,8 @@ def _new_card(card, name, dataset_dir, items, train_idx, val_idx, iterations, lr
                                "pipeline": "Model.predict, overlap 0.25, CPU"}
     else:
         metrics["base_metrics"] = card.metrics
+    if split:
+        metrics["fine_tune"]["largest_component_dropped"] = list(split)
     d["metrics"] = metrics
     extra = dict(d.get("extra") or {})
     extra["fine_tuned_from"] = {"name": card.name, "version": card.version,
