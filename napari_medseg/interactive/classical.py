@@ -429,9 +429,14 @@ class ClassicalEngine(Engine):
             return seed
         r = np.array([self.seed_radius_mm / s for s in spacing])
         r = np.where(np.asarray(seed.shape) > 1, r, 0)
-        st = np.zeros(tuple(2 * int(np.ceil(v)) + 1 for v in r), bool)
-        st[tuple((_ball_offsets(r) + np.ceil(r).astype(int)).T)] = True
-        return ndi.binary_dilation(seed, st)
+        pad = np.ceil(r).astype(int)
+        st = np.zeros(tuple(2 * v + 1 for v in pad), bool)
+        st[tuple((_ball_offsets(r) + pad).T)] = True
+        box = ndi.find_objects(seed.astype(np.uint8))[0]
+        box = tuple(slice(max(b.start - p, 0), b.stop + p) for b, p in zip(box, pad))
+        out = np.zeros(seed.shape, bool)
+        out[box] = ndi.binary_dilation(seed[box], st)
+        return out
 
     def _grow(self, cand, seeds, box) -> np.ndarray:
         """The part of ``cand`` connected to ``seeds``, without thin bridges.
@@ -443,15 +448,22 @@ class ClassicalEngine(Engine):
         """
         if box is not None:
             cand = cand & box
-        if self.open_radius <= 0 or not cand.any():
-            return self._connected(cand, seeds)
+        plain = self._connected(cand, seeds)
+        if self.open_radius <= 0 or not plain.any():
+            return plain
+        # work in the bounding box of what plain growth reaches
+        sl = ndi.find_objects(plain.astype(np.uint8))[0]
+        sl = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in sl)
+        c, sd = plain[sl], seeds[sl]
         st = ndi.generate_binary_structure(cand.ndim, 1)
-        core = ndi.binary_opening(cand, st, iterations=self.open_radius)
-        if not (core & seeds).any():  # a thin structure: the opening would erase it
-            return self._connected(cand, seeds)
-        grown = self._connected(core, seeds)
-        return ndi.binary_dilation(grown, st, iterations=self.open_radius + 1,
-                                   mask=cand) | (seeds & cand)
+        core = ndi.binary_opening(c, st, iterations=self.open_radius)
+        if not (core & sd).any():  # a thin structure: the opening would erase it
+            return plain
+        grown = self._connected(core, sd)
+        out = np.zeros(cand.shape, bool)
+        out[sl] = ndi.binary_dilation(grown, st, iterations=self.open_radius + 1,
+                                      mask=c) | (sd & c)
+        return out
 
     @staticmethod
     def _connected(cand, seeds) -> np.ndarray:
