@@ -2,7 +2,8 @@
 
 Exports synthetic abdomen CT cases with a systematic correction (the right
 kidney relabelled as ``kidney_left``: one "kidney" class) through the real
-nnU-Net exporter, fine-tunes a model on them on the CPU and prints JSON::
+nnU-Net exporter (with the phantom's labels standing in for the model's
+original prediction in the correction ledger), fine-tunes a model on them on the CPU and prints JSON::
 
     python benchmarks/bench_finetune.py --model abdomen-ct-small --cases 4 --iterations 100
 """
@@ -21,6 +22,7 @@ import numpy as np
 
 def make_dataset(folder: Path, n: int, shape, spacing) -> Path:
     """``n`` corrected phantom cases exported as an nnU-Net raw dataset."""
+    from napari_medseg.core.ledger import CorrectionLedger
     from napari_medseg.core.phantom import make_abdomen_ct
     from napari_medseg.io.export import export_training_case
 
@@ -28,7 +30,8 @@ def make_dataset(folder: Path, n: int, shape, spacing) -> Path:
         img, lab = make_abdomen_ct(seed=500 + i, shape=shape, spacing=spacing, vary=True)
         y = np.asarray(lab.data).copy()
         y[y == 4] = 3
-        export_training_case([img], lab.with_data(y), folder)
+        ledger = CorrectionLedger(np.asarray(lab.data), lab.spacing, lab.label_names)
+        export_training_case([img], lab.with_data(y), folder, ledger=ledger)
     return folder
 
 
@@ -67,6 +70,7 @@ def main(argv=None) -> int:
         "export_seconds": round(t_export, 1), "finetune_seconds": round(seconds, 1),
         "loss_first": m["fine_tune"]["loss_first"], "loss_last": m["fine_tune"]["loss_last"],
         "held_out": m["fine_tune"]["held_out_cases"],
+        "seconds_per_iteration": round(seconds / a.iterations, 2),
         "dice_before": m.get("dice_before"), "dice_after": m.get("dice"),
     }, indent=2))
     return 0
