@@ -137,3 +137,24 @@ def test_next_click_goes_to_the_largest_error():
     p, positive = next_click(pred, truth)
     assert not positive and p[0] >= 13 and p[1] >= 13
     assert next_click(truth, truth) is None
+
+
+def _ribbon_scene():
+    """A thin bright curved shell (3 voxels thick) around a core, in a dark background."""
+    rng = np.random.default_rng(3)
+    shape = (32, 64, 64)
+    outer = _ellipsoid(shape, (16, 32, 32), (13, 26, 26))
+    inner = _ellipsoid(shape, (16, 32, 32), (10, 23, 23))
+    img = np.full(shape, 10.0, np.float32)
+    img[outer] = 120
+    img[inner] = 60
+    img = ndi.gaussian_filter(img, 0.7) + rng.normal(0, 5, shape).astype(np.float32)
+    return img, outer & ~inner, outer
+
+
+def test_thin_structure_is_not_opened_away():
+    img, ribbon, outer = _ribbon_scene()
+    x = 1 + int(np.argmax(ribbon[16, 32]))  # on the ribbon's side
+    mask = ClassicalEngine().predict(img, (1.0, 1.0, 1.0), Prompts(positive=[[16, 32, x]]))
+    assert (mask & ribbon).sum() > 0.9 * ribbon.sum()  # all around, not just near the click
+    assert (mask & ~outer).sum() < 0.3 * ribbon.sum()  # one blurred voxel of edge

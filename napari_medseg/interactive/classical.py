@@ -459,10 +459,15 @@ class ClassicalEngine(Engine):
         core = ndi.binary_opening(c, st, iterations=self.open_radius)
         if not (core & sd).any():  # a thin structure: the opening would erase it
             return plain
-        grown = self._connected(core, sd)
+        # thick parts of the opening not joined to the seeds' core are another
+        # structure reached through a thin bridge: drop them (and the edge the
+        # opening trimmed off them); thin parts (a ribbon, a sheet) stay
+        own = self._connected(core, sd)
+        own = ndi.binary_dilation(own, st, iterations=self.open_radius + 1, mask=c)
+        other = ndi.binary_dilation(core & ~own, st, iterations=self.open_radius + 1,
+                                    mask=c & ~own)
         out = np.zeros(cand.shape, bool)
-        out[sl] = ndi.binary_dilation(grown, st, iterations=self.open_radius + 1,
-                                      mask=c) | (sd & c)
+        out[sl] = self._connected(c & ~other, sd & c)
         return out
 
     @staticmethod
