@@ -158,3 +158,18 @@ def test_thin_structure_is_not_opened_away():
     mask = ClassicalEngine().predict(img, (1.0, 1.0, 1.0), Prompts(positive=[[16, 32, x]]))
     assert (mask & ribbon).sum() > 0.9 * ribbon.sum()  # all around, not just near the click
     assert (mask & ~outer).sum() < 0.3 * ribbon.sum()  # one blurred voxel of edge
+
+
+def test_negative_click_never_removes_the_far_side(scene):
+    img, organ, twin, lesion = scene
+    eng = ClassicalEngine()
+    pos = [[12, 32, 30]]
+    first = eng.predict(img, SPACING, Prompts(positive=pos))
+    far = organ & (np.arange(64)[None, None, :] < 14)
+    assert (first & far).sum() > 0.8 * far.sum()
+    # background, the same-intensity twin, the dark lesion inside the organ
+    for neg in ([12, 5, 5], [12, 32, 50], [12, 60, 60], [12, 30, 20]):
+        mask = eng.predict(img, SPACING, Prompts(positive=pos, negative=[neg]))
+        assert (mask & far).sum() > 0.9 * (first & far).sum(), neg
+        assert dice(mask, organ) > 0.75, neg
+        assert not mask[tuple(neg)], neg

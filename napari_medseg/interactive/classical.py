@@ -283,7 +283,9 @@ class ClassicalEngine(Engine):
         # their intensity being object
         veto = [means[i] for i, loc in enumerate(local) if loc is not None
                 and _robust_stats(sm[self._neighbourhood(fg[i], spacing)])[1] <= 3 * noise]
-        bg_means = self._background_means(sm, grown, bg, box, g_means, noise, veto=veto)
+        clicks_bg = self._click_components(bg)
+        bg_means = self._background_means(sm, grown, bg & ~clicks_bg, box, g_means, noise,
+                                          veto=veto)
         log.debug("fg %s noise %.3g bg %s grown %d", means, noise, bg_means, grown.sum())
         near_bg = None
         caps = [self.k * noise] * len(means)
@@ -305,6 +307,8 @@ class ClassicalEngine(Engine):
             grown[sl] |= self._grow(acc, seed, None if box is None else box[sl])
         check_cancel(cancel)
 
+        if clicks_bg.any() and (grown & ndi.binary_dilation(clicks_bg)).any():
+            grown = self._remove_negative(sm, grown, clicks_bg, means, seeds | self._union(fg))
         if bg.any() and (grown & bg).any():
             grown = self._split(sm, grown, seeds | self._union(fg), bg)
         for _ in range(self.edge_passes):
@@ -313,6 +317,38 @@ class ClassicalEngine(Engine):
         if box is not None:
             grown &= box
         return grown
+
+    @staticmethod
+    def _click_components(bg, max_voxels: int = 30) -> np.ndarray:
+        """The small parts of ``bg``: negative clicks (not scribbles or box edges)."""
+        if not bg.any():
+            return bg
+        lab, n = ndi.label(bg)
+        sizes = np.bincount(lab.ravel(), minlength=n + 1)
+        small = sizes <= max_voxels
+        small[0] = False
+        return small[lab]
+
+    @staticmethod
+    def _remove_negative(sm, grown, clicks, means, seeds) -> np.ndarray:
+        """Take out what each negative click says is not object.
+
+        Only the connected region around a negative click whose intensity is
+        closer to the click's own intensity than to every object intensity is
+        removed; a negative click never acts elsewhere, so the object's far
+        side stays whatever the click's intensity.
+        """
+        lab, n = ndi.label(clicks)
+        d_obj = np.min([np.abs(sm - m) for m in means], axis=0)
+        out = grown.copy()
+        for i, sl in enumerate(ndi.find_objects(lab), start=1):
+            click = lab == i
+            neg = float(np.median(sm[click]))
+            closer = out & (np.abs(sm - neg) < d_obj)
+            region = ClassicalEngine._connected(closer, click & closer)
+            if region.any() and not (region & seeds).any():
+                out &= ~region
+        return ClassicalEngine._connected(out, seeds & out)
 
     @staticmethod
     def _refine_edge(sm, mask, bg, size: int = 5) -> np.ndarray:
