@@ -173,3 +173,24 @@ def test_negative_click_never_removes_the_far_side(scene):
         assert (mask & far).sum() > 0.9 * (first & far).sum(), neg
         assert dice(mask, organ) > 0.75, neg
         assert not mask[tuple(neg)], neg
+
+
+def test_two_intensity_object_after_clicks_in_both_parts():
+    """A kidney-like object: a medulla of one intensity inside a cortex of another."""
+    rng = np.random.default_rng(5)
+    shape = (32, 80, 64)
+    kidney = _ellipsoid(shape, (16, 40, 32), (12, 30, 20))
+    medulla = _ellipsoid(shape, (16, 40, 32), (8, 22, 13))
+    img = np.full(shape, -100.0, np.float32)
+    img[kidney] = 175
+    img[medulla] = 110
+    img = ndi.gaussian_filter(img, 0.8) + rng.normal(0, 6, shape).astype(np.float32)
+    eng = ClassicalEngine()
+    pos = [[16, 40, 32]]
+    one = eng.predict(img, SPACING, Prompts(positive=pos))
+    assert dice(one, medulla) > 0.8  # one click: the part of that intensity
+    pos.append([16, 40, 15])  # in the cortex, on the side
+    both = eng.predict(img, SPACING, Prompts(positive=pos))
+    assert dice(both, kidney) > 0.85  # the cortex all around, not only near that click
+    far = kidney & ~medulla & (np.arange(80)[None, :, None] > 60)
+    assert (both & far).sum() > 0.8 * far.sum()

@@ -114,7 +114,8 @@ class ClassicalEngine(Engine):
 
     def __init__(self, roi_size=(128, 128, 128), k: float = 2.5,
                  seed_radius_mm: float = 3.0, smooth: float = 1.0,
-                 local_mm: float = 15.0, open_radius: int = 1, edge_passes: int = 3):
+                 local_mm: float = 15.0, open_radius: int = 1, edge_passes: int = 3,
+                 global_spread: float = 2.0, veto_k: float = 2.5):
         super().__init__()
         self.roi_size = tuple(int(v) for v in roi_size)
         self.k = float(k)
@@ -123,6 +124,8 @@ class ClassicalEngine(Engine):
         self.local_mm = float(local_mm)
         self.open_radius = int(open_radius)
         self.edge_passes = int(edge_passes)
+        self.global_spread = float(global_spread)
+        self.veto_k = float(veto_k)
         self._smoothed: dict = {}
 
     # ---------------------------------------------------------------- cache
@@ -260,6 +263,8 @@ class ClassicalEngine(Engine):
                  for g, loc in zip(fg, local)]
         means = [m for m, _ in stats]
         noise = max(noise0, min(stats[0][1], 4 * noise0), 1e-3 * float(np.ptp(sm)), 1e-6)
+        # a later click deep inside a homogeneous part (a kidney's cortex after a
+        # click on its medulla) adds that intensity class to the whole object
         gl = [i for i, loc in enumerate(local) if loc is None]
         seeds = np.zeros(sm.shape, bool)
         for i in gl:
@@ -281,30 +286,27 @@ class ClassicalEngine(Engine):
 
         # later clicks inside a homogeneous region (not on an edge) vouch for
         # their intensity being object
-        veto = [means[i] for i, loc in enumerate(local) if loc is not None
-                and _robust_stats(sm[self._neighbourhood(fg[i], spacing)])[1] <= 3 * noise]
-        clicks_bg = self._click_components(bg)
-        bg_means = self._background_means(sm, grown, bg & ~clicks_bg, box, g_means, noise,
-                                          veto=veto)
-        log.debug("fg %s noise %.3g bg %s grown %d", means, noise, bg_means, grown.sum())
-        near_bg = None
-        caps = [self.k * noise] * len(means)
-        if bg_means:
-            # equal spreads put the edge half-way to the nearest background
-            # intensity; the other side is capped as far from the seed
-            caps = [max(self.k * noise, 0.5 * min(abs(m - b) for b in bg_means))
-                    for m in means]
-            near_bg = np.min([np.abs(sm - b) for b in bg_means], axis=0)
-            grown = grow_global([caps[i] for i in gl], near_bg)
+        # (a homogeneous neighbourhood vouches for a wide range around it; a
+        # click whose own voxels agree only for its intensity)
+        veto = []
         for i, loc in enumerate(local):
             if loc is None:
                 continue
-            sl, ell = loc
-            sub_bg = None if near_bg is None else near_bg[sl]
-            acc = self._accept(sm[sl], [means[i]], [caps[i]], [None], sub_bg)
-            acc &= ell[tuple(slice(0, n) for n in acc.shape)]
-            seed = fg[i][sl] & ~bg[sl]
-            grown[sl] |= self._grow(acc, seed, None if box is None else box[sl])
+            if _robust_stats(sm[self._neighbourhood(fg[i], spacing)])[1] <= 3 * noise:
+                veto.append((means[i], 3 * self.k * noise))
+            elif self._homogeneous(sm, fg[i], spacing, noise):
+                veto.append((means[i], self.veto_k * noise))
+        clicks_bg = self._click_components(bg)
+        vouched = [v for v, tol in veto if tol < 3 * self.k * noise]
+        # with another intensity class vouched for by a later click, a second
+        # pass takes the background from around the object grown with it
+        for _ in range(2 if vouched else 1):
+            bg_means = self._background_means(sm, grown, bg & ~clicks_bg, box,
+                                              g_means + vouched, noise, veto=veto)
+            log.debug("fg %s noise %.3g bg %s grown %d", means, noise, bg_means,
+                      grown.sum())
+            grown, caps = self._grow_all(sm, fg, bg, box, spacing, noise, local, means,
+                                         bg_means, grown, grow_global, gl)
         check_cancel(cancel)
 
         if clicks_bg.any() and (grown & ndi.binary_dilation(clicks_bg)).any():
@@ -317,6 +319,54 @@ class ClassicalEngine(Engine):
         if box is not None:
             grown &= box
         return grown
+
+    def _grow_all(self, sm, fg, bg, box, spacing, noise, local, means, bg_means, grown,
+                  grow_global, gl):
+        """Grow the global seeds, then each later click near itself (or near
+        the object, for a click inside a region of its own intensity)."""
+        near_bg = None
+        caps = [self.k * noise] * len(means)
+        if bg_means:
+            # equal spreads put the edge half-way to the nearest background
+            # intensity; the other side is capped as far from the seed
+            caps = [max(self.k * noise, 0.5 * min(abs(m - b) for b in bg_means))
+                    for m in means]
+            near_bg = np.min([np.abs(sm - b) for b in bg_means], axis=0)
+            grown = grow_global([caps[i] for i in gl], near_bg)
+        grown = grown.copy()
+        for i, loc in enumerate(local):
+            if loc is None:
+                continue
+            sl, ell = loc
+            if grown.any() and self._homogeneous(sm, fg[i], spacing, noise):
+                sl = self._near_object(grown, fg[i], spacing)
+                ell = np.ones(tuple(x.stop - x.start for x in sl), bool)
+            sub_bg = None if near_bg is None else near_bg[sl]
+            acc = self._accept(sm[sl], [means[i]], [caps[i]], [None], sub_bg)
+            acc &= ell[tuple(slice(0, n) for n in acc.shape)]
+            seed = fg[i][sl] & ~bg[sl]
+            grown[sl] |= self._grow(acc, seed, None if box is None else box[sl])
+        return grown, caps
+
+    def _homogeneous(self, sm, seed, spacing, noise) -> bool:
+        """True when a click's intensity is a class of its own, not a blend of
+        its neighbours (a click on a blurred edge lies strictly between the
+        darker and the brighter side around it; a click on a thin layer, like
+        a kidney's cortex between medulla and fat, does not)."""
+        if self.global_spread <= 0:
+            return False
+        c = float(np.median(sm[seed]))
+        lo, hi = np.percentile(sm[self._neighbourhood(seed, spacing)], [5, 95])
+        margin = max(self.k * noise, 0.15 * float(hi - lo)) * self.global_spread / 2
+        return not (lo + margin < c < hi - margin)
+
+    def _near_object(self, grown, seed, spacing) -> tuple:
+        """The bounding box of the object and of a click, widened by
+        ``local_mm``; where a homogeneous later click's intensity counts."""
+        r = [int(np.ceil(self.local_mm / s)) for s in spacing]
+        boxes = [ndi.find_objects(m.astype(np.uint8))[0] for m in (grown, seed) if m.any()]
+        return tuple(slice(max(min(b[a].start for b in boxes) - r[a], 0),
+                           max(b[a].stop for b in boxes) + r[a]) for a in range(len(r)))
 
     @staticmethod
     def _click_components(bg, max_voxels: int = 30) -> np.ndarray:
@@ -430,10 +480,17 @@ class ClassicalEngine(Engine):
         adds its own median. Classes within ``k`` noise of a seed are dropped,
         and shell classes near the intensity of a later positive click (``veto``:
         the user said that intensity is object, e.g. a kidney's cortex around
-        its medulla).
+        its medulla), or between two such intensities.
         """
         def separable(b):
             return all(abs(b - m) > self.k * noise for m in means)
+
+        # a shell class between two intensities the user said are object is
+        # the blur between those two parts (medulla and cortex), not background
+        vouched = sorted(list(means) + [v for v, _ in veto])
+
+        def blend(c):
+            return any(a < c < b for a, b in zip(vouched[:-1], vouched[1:]))
 
         vals = np.zeros(0, sm.dtype)
         if grown.any():
@@ -449,7 +506,7 @@ class ClassicalEngine(Engine):
             vals = vals[np.min([np.abs(vals - m) for m in means], axis=0) > self.k * noise]
         if vals.size >= 8:
             out += [c for c, n in _kmeans_1d(vals, 3) if n >= 0.1 * vals.size and separable(c)
-                    and all(abs(c - v) > 3 * self.k * noise for v in veto)]
+                    and all(abs(c - v) > tol for v, tol in veto) and not blend(c)]
         if bg.any():
             lab, n = ndi.label(bg)
             for i, sl in enumerate(ndi.find_objects(lab), start=1):
