@@ -106,19 +106,19 @@ def worker(args):
             out = monai_swi(torch.from_numpy(x)[None], patch, 1, net, overlap=args.overlap,
                             mode="gaussian")
             labels = out[0].argmax(0).to(torch.uint8).numpy()
-        amp = "off"
+        amp, batch = "off", 1
     else:
         from napari_medseg.core.inference import sliding_window_inference
 
         res = sliding_window_inference(x, net, patch, classes, overlap=args.overlap,
                                        device="cpu", amp=args.amp, batch_size=args.batch)
-        labels, amp = res.labels, res.amp
+        labels, amp, batch = res.labels, res.amp, res.batch_size
     seconds, cpu_seconds = time.perf_counter() - t0, cpu() - c0
     if args.save:
         np.save(args.save, labels)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss_gib": rss,
-                      "amp": amp,
+                      "amp": amp, "batch_size": batch,
                       "shape": list(x.shape), "classes": classes, "patch": list(patch)}))
 
 
@@ -126,8 +126,9 @@ def worker(args):
 def _spawn(args, engine, inp, net="dynunet", classes=None, save=None):
     cmd = [sys.executable, HERE, "--worker", engine, "--worker-net", net, "--input", inp,
            "--size", str(args.size), "--classes", str(classes or args.classes),
-           "--patch", str(args.patch), "--overlap", str(args.overlap), "--amp", args.amp,
-           "--batch", str(args.batch)]
+           "--patch", str(args.patch), "--overlap", str(args.overlap), "--amp", args.amp]
+    if args.batch:
+        cmd += ["--batch", str(args.batch)]
     if save:
         cmd += ["--save", save]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -160,7 +161,8 @@ def main(argv=None):
     p.add_argument("--patch", type=int, default=128)
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--amp", default="auto")
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", type=int, default=None,
+                   help="windows per batch (default: the engine's, 1 on the CPU)")
     p.add_argument("--quick", action="store_true", help="small volume and windows")
     p.add_argument("--worker", choices=["ours", "monai"], help=argparse.SUPPRESS)
     p.add_argument("--worker-net", default="dynunet", help=argparse.SUPPRESS)
@@ -190,6 +192,7 @@ def main(argv=None):
             "monai_cpu_seconds": round(theirs["cpu_seconds"], 2),
             "cpu_time_ratio_vs_monai": round(theirs["cpu_seconds"] / ours["cpu_seconds"], 3),
             "ours_amp": ours["amp"],
+            "ours_batch_size": ours["batch_size"],
             "throughput_ratio_vs_monai": round(theirs["seconds"] / ours["seconds"], 3),
             "ours_peak_rss_gib": round(ours["peak_rss_gib"], 3),
             "monai_peak_rss_gib": round(theirs["peak_rss_gib"], 3),

@@ -248,3 +248,18 @@ def test_many_classes_use_a_float16_buffer_and_smaller_batches(monkeypatch):
     assert half.batch_size == 1
     assert (half.labels == ref.labels).mean() > 0.99
     np.testing.assert_allclose(half.probability, ref.probability, atol=5e-3)
+
+
+def test_default_batch_is_one_window_on_the_cpu():
+    x = _x()
+    net = _conv(3, kernel=3, seed=4)
+    sizes = []
+
+    def spy(b):
+        sizes.append(b.shape[0])
+        return net(b)
+
+    res = sliding_window_inference(x, spy, PATCH, 3, device="cpu", amp="off")
+    two = sliding_window_inference(x, net, PATCH, 3, batch_size=2, device="cpu", amp="off")
+    assert res.batch_size == 1 and set(sizes) == {1} and two.batch_size == 2
+    np.testing.assert_array_equal(res.labels, two.labels)

@@ -418,7 +418,7 @@ def _run(t, predictor, patch, n_classes, overlap, batch_size, tta, device, amp_d
     return stitch, total
 
 
-def sliding_window_inference(x, predictor, patch_size, n_classes, overlap=0.5, batch_size=2,
+def sliding_window_inference(x, predictor, patch_size, n_classes, overlap=0.5, batch_size=None,
                              tta=False, device="auto", amp="auto", uncertainty=None,
                              return_probability=False, progress=None, cancel=None):
     """Segment a volume window by window, blending windows with Gaussian weights.
@@ -438,8 +438,10 @@ def sliding_window_inference(x, predictor, patch_size, n_classes, overlap=0.5, b
         ``K``, the number of output channels (1 for a sigmoid model).
     overlap : float
         Fraction of a window shared with its neighbour along each axis, in [0, 1).
-    batch_size : int
-        Windows per predictor call.
+    batch_size : int, optional
+        Windows per predictor call. None: one window on the CPU (a second window
+        doubles the network's activations and buys little speed there), two on
+        a GPU.
     tta : bool
         Mirror test-time augmentation: average the logits of all eight flips.
     device : str or torch.device
@@ -492,6 +494,8 @@ def sliding_window_inference(x, predictor, patch_size, n_classes, overlap=0.5, b
     amp_dtype = resolve_amp(amp, dev)
     t = _as_tensor(x)
     t, crop = _pad_to_patch(t, patch)
+    if batch_size is None:
+        batch_size = 1 if dev.type == "cpu" else 2
     batch_size = max(int(batch_size), 1)
     per_window = n_classes * math.prod(patch) * 4 * (2 if tta or uncertainty == "tta" else 1)
     batch_size = min(batch_size, max(1, OUTPUT_BUDGET_BYTES // per_window))

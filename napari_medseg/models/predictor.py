@@ -101,7 +101,7 @@ class Model:
         Where it was loaded from (a name or a path), for messages.
     """
 
-    batch_size = 2
+    batch_size = None  # the engine's default: 1 window on the CPU, 2 on a GPU
     amp = "auto"
 
     def __init__(self, card: ModelCard, source: str = ""):
