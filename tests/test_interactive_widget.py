@@ -64,6 +64,29 @@ def test_points_preview_commit_undo(setup, qtbot):
     assert np.array_equal(target.data, before)
 
 
+def test_c_key_on_a_prompt_layer_commits_one_undo_step(setup, qtbot):
+    from qtpy.QtCore import Qt
+
+    viewer, widget, target, lab = setup
+    kidney = lab.data == 3
+    before = np.array(target.data, copy=True)
+    pos = viewer.layers["positive"]
+    pos.add(_centre(kidney))
+    widget.wait()
+    assert viewer.layers["interactive preview"].data.any(), widget.status.text()
+    widget.label_spin.setValue(3)
+    viewer.layers.selection.active = pos
+    # a real key press on the canvas goes through napari's keymap handler
+    qtbot.keyClick(viewer.window._qt_viewer.canvas.native, Qt.Key_C)
+    qtbot.waitUntil(lambda: np.count_nonzero(target.data == 3) > 0, timeout=5000)
+    changed = target.data != before
+    assert changed.any() and np.all(target.data[changed] == 3)
+    assert np.array_equal(target.data[before == 2], before[before == 2])
+    assert len(pos.data) == 0
+    target.undo()
+    assert np.array_equal(target.data, before)
+
+
 def test_new_prompt_replaces_stale_update_and_bad_input(setup, qtbot):
     viewer, widget, target, lab = setup
     pos = viewer.layers["positive"]
