@@ -298,11 +298,14 @@ class ClassicalEngine(Engine):
                 veto.append((means[i], self.veto_k * noise))
         clicks_bg = self._click_components(bg)
         vouched = [v for v, tol in veto if tol < 3 * self.k * noise]
+        lab_neg, n_neg = ndi.label(clicks_bg)
+        neg_means = [float(np.median(sm[lab_neg == i])) for i in range(1, n_neg + 1)]
         # with another intensity class vouched for by a later click, a second
         # pass takes the background from around the object grown with it
         for _ in range(2 if vouched else 1):
             bg_means = self._background_means(sm, grown, bg & ~clicks_bg, box,
                                               g_means + vouched, noise, veto=veto)
+            bg_means += self._negative_classes(neg_means, means, bg_means, noise)
             log.debug("fg %s noise %.3g bg %s grown %d", means, noise, bg_means,
                       grown.sum())
             grown, caps = self._grow_all(sm, fg, bg, box, spacing, noise, local, means,
@@ -367,6 +370,25 @@ class ClassicalEngine(Engine):
         boxes = [ndi.find_objects(m.astype(np.uint8))[0] for m in (grown, seed) if m.any()]
         return tuple(slice(max(min(b[a].start for b in boxes) - r[a], 0),
                            max(b[a].stop for b in boxes) + r[a]) for a in range(len(r)))
+
+    def _negative_classes(self, neg_means, means, bg_means, noise) -> list:
+        """Intensities of negative clicks that are background everywhere.
+
+        A negative click whose intensity lies in the middle between the
+        object's and a background class (a click on a blurred edge, or on a
+        thin layer of partial volume) is no intensity class of its own: it only
+        acts around itself (:meth:`_remove_negative`).
+        """
+        tol = self.k * noise
+        out = []
+        for c in neg_means:
+            if any(abs(c - m) <= tol for m in means):
+                continue
+            if any(0.25 < (c - m) / (b - m) < 0.75 for m in means for b in bg_means
+                   if abs(b - m) > 2 * tol):
+                continue
+            out.append(c)
+        return out
 
     @staticmethod
     def _click_components(bg, max_voxels: int = 30) -> np.ndarray:
