@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from napari_medseg.core.inference import (
-    _SlabStitcher,
+    _CellStitcher,
     gaussian_importance_map,
     pick_device,
     resolve_amp,
@@ -167,11 +167,18 @@ def test_one_class_sigmoid_and_many_classes():
     np.testing.assert_array_equal(many.labels, full)
 
 
-def test_accumulator_is_one_patch_deep():
-    g = gaussian_importance_map(PATCH)
-    st = _SlabStitcher(105, (200, 17, 11), PATCH[0], torch.device("cpu"), g, False, None)
-    assert tuple(st.acc.shape) == (105, PATCH[0], 17, 11)
-    assert st.wsum is None  # no weight map unless probabilities are wanted
+def test_open_cells_stay_below_one_patch_deep_slab():
+    shape, patch = (40, 48, 44), (8, 16, 12)
+    starts = [window_starts(s, p, 0.5) for s, p in zip(shape, patch)]
+    g = gaussian_importance_map(patch)
+    st = _CellStitcher(3, shape, patch, starts, torch.device("cpu"), g, False, None)
+    logits = torch.ones((3,) + patch)
+    for w in itertools.product(*starts):
+        st.add(logits, w)
+    st.finish()
+    assert not st.cells and st.open_voxels == 0
+    slab = patch[0] * shape[1] * shape[2]
+    assert 0 < st.peak_open_voxels < 0.8 * slab
 
 
 def test_out_of_memory_retries_with_one_window_per_batch():
@@ -241,8 +248,9 @@ def test_many_classes_use_a_float16_buffer_and_smaller_batches(monkeypatch):
     monkeypatch.setattr(inference, "ACCUMULATOR_BUDGET_BYTES", 0)
     monkeypatch.setattr(inference, "OUTPUT_BUDGET_BYTES", 1)
     g = gaussian_importance_map(PATCH)
-    assert _SlabStitcher(6, SHAPE[1:], PATCH[0], torch.device("cpu"), g, False,
-                         None).acc.dtype == torch.float16
+    starts = [window_starts(s, p, 0.5) for s, p in zip(SHAPE[1:], PATCH)]
+    st = _CellStitcher(6, SHAPE[1:], PATCH, starts, torch.device("cpu"), g, False, None)
+    assert st.acc_dtype == torch.float16
     half = sliding_window_inference(x, net, PATCH, 6, batch_size=4, device="cpu", amp="off",
                                     return_probability=True)
     assert half.batch_size == 1

@@ -1,19 +1,20 @@
-"""Sliding-window inference with Gaussian blending, stitched in Z slabs.
+"""Sliding-window inference with Gaussian blending, stitched cell by cell.
 
 :func:`sliding_window_inference` runs any predictor (a callable mapping a torch
 batch ``(B, C, *patch)`` to logits ``(B, K, *patch)``) over a ``(C, Z, Y, X)``
 volume in overlapping windows, blends the windows with a Gaussian importance
 map (sigma = patch / 8, as nnU-Net and MONAI do) and returns the argmax labels.
 
-Memory does not grow with *classes x whole volume*: windows run in Z order and
-their weighted logits go into a ring buffer only ``patch_z`` slices deep. As
-soon as no remaining window touches a slice, that slice is finalised (argmax to
-``uint8`` / ``uint16``, optionally the foreground probability or an
-uncertainty map as ``float16``) and its buffer rows are reused. The peak is
-about ``K x patch_z x Y x X`` floats instead of ``K x Z x Y x X``; when that
-buffer would pass ``ACCUMULATOR_BUDGET_BYTES`` (many classes) it is kept in
+Memory does not grow with *classes x whole volume*: the window borders cut the
+volume into cells, and a cell's weighted logits are accumulated only from its
+first window to its last. Windows run in Z, then Y, then X order; as soon as no
+remaining window touches a cell, it is finalised (argmax to ``uint8`` /
+``uint16``, optionally the foreground probability or an uncertainty map as
+``float16``) and its buffer freed. The peak is below ``K x patch_z x Y x X``
+floats (about 0.6-0.9 of it) instead of ``K x Z x Y x X``; when a one-patch-deep
+slab would pass ``ACCUMULATOR_BUDGET_BYTES`` (many classes) the cells are kept in
 ``float16``, and the windows per batch are capped so a batch of logits stays
-below ``OUTPUT_BUDGET_BYTES``.
+below ``OUTPUT_BUDGET_BYTES``. On the CPU one window runs at a time by default.
 
 Other features: batches of windows, mirror test-time augmentation (all eight
 flips of the three axes, logits averaged), mixed precision (bf16 autocast on
@@ -216,102 +217,126 @@ def _mirror_axes(tta: bool):
 
 
 # --------------------------------------------------------------------------- stitching
-class _SlabStitcher:
-    """Accumulate weighted window logits in a ring buffer ``patch_z`` slices deep."""
+class _CellStitcher:
+    """Accumulate weighted window logits per cell of the window grid.
 
-    def __init__(self, n_classes, shape, patch_z, device, importance, want_prob, uncertainty):
+    The window borders along each axis cut the volume into cells; every cell is
+    covered by a fixed set of windows. A cell's buffer ``(K, dz, dy, dx)`` is
+    allocated when its first window arrives and finalised (argmax, optional
+    maps) and freed as soon as its last window has been added, so only the
+    cells that still wait for windows are held: with windows in Z, then Y, then
+    X order that is about 0.6-0.9 of ``K x patch_z x Y x X``. Sums run in window
+    order, so the result equals whole-volume blending exactly.
+    """
+
+    def __init__(self, n_classes, shape, patch, starts, device, importance, want_prob,
+                 uncertainty):
         self.k = n_classes
         self.shape = shape
-        self.depth = patch_z
+        self.patch = patch
         self.g = importance
+        self.device = device
+        self.bounds = [sorted(set(st) | {s + p for s in st}) for st, p in zip(starts, patch)]
         z, y, x = shape
-        acc_dtype = torch.float32
-        if n_classes * patch_z * y * x * 4 > ACCUMULATOR_BUDGET_BYTES:
-            acc_dtype = torch.float16  # halves the buffer; ~3 significant digits suffice
+        self.acc_dtype = torch.float32
+        if n_classes * patch[0] * y * x * 4 > ACCUMULATOR_BUDGET_BYTES:
+            self.acc_dtype = torch.float16  # halves the buffers; ~3 significant digits suffice
             log.info("%d classes: accumulating window logits in float16", n_classes)
-        self.acc = torch.zeros((n_classes, patch_z, y, x), dtype=acc_dtype, device=device)
-        need_w = want_prob or uncertainty is not None
-        self.wsum = torch.zeros((patch_z, y, x), dtype=torch.float32, device=device) \
-            if need_w else None
-        self.uacc = torch.zeros_like(self.wsum) if uncertainty == "tta" else None
+        # windows still to come for each cell
+        self.remaining = np.zeros([len(b) - 1 for b in self.bounds], dtype=np.int32)
+        for w in itertools.product(*starts):
+            self.remaining[self._block(w)] += 1
+        self.cells = {}
+        self.open_voxels = self.peak_open_voxels = 0
+        self.want_w = want_prob or uncertainty is not None
         self.uncertainty = uncertainty
         dtype = np.uint8 if n_classes <= 255 else np.uint16
         self.labels = np.zeros(shape, dtype=dtype)
         self.prob = np.zeros(shape, dtype=np.float16) if want_prob else None
         self.unc = np.zeros(shape, dtype=np.float16) if uncertainty is not None else None
-        self.base = 0  # first global slice not yet finalised
         self.log_k = math.log(max(n_classes, 2))
 
-    def _pieces(self, z0, z1):
-        """Split global slices ``[z0, z1)`` into ring runs ``(global, ring, length)``."""
-        z = z0
-        while z < z1:
-            r = z % self.depth
-            n = min(z1 - z, self.depth - r)
-            yield z, r, n
-            z += n
+    def _block(self, start):
+        """Cell index ranges ``(slice, slice, slice)`` covered by the window at ``start``."""
+        return tuple(slice(b.index(s), b.index(s + p))
+                     for b, s, p in zip(self.bounds, start, self.patch))
+
+    def _cell(self, idx):
+        cell = self.cells.get(idx)
+        if cell is None:
+            size = tuple(self.bounds[a][i + 1] - self.bounds[a][i] for a, i in enumerate(idx))
+            acc = torch.zeros((self.k,) + size, dtype=self.acc_dtype, device=self.device)
+            wsum = torch.zeros(size, device=self.device) if self.want_w else None
+            uacc = torch.zeros(size, device=self.device) if self.uncertainty == "tta" else None
+            cell = self.cells[idx] = (acc, wsum, uacc)
+            self.open_voxels += math.prod(size)
+            self.peak_open_voxels = max(self.peak_open_voxels, self.open_voxels)
+        return cell
 
     def add(self, logits, start, spread=None):
         """Add one window's ``(K, pz, py, px)`` logits at ``start = (z0, y0, x0)``."""
-        z0, y0, x0 = start
-        if z0 > self.base:
-            self.advance(z0)
-        pz, py, px = logits.shape[1:]
-        # mixed dtypes make torch cast through temporaries: add a few classes at a time
-        step = max(1, _ADD_CHUNK_ELEMENTS // (pz * py * px))
-        for zg, r, n in self._pieces(z0, z0 + pz):
-            o = zg - z0
-            g = self.g[o:o + n]
+        block = self._block(start)
+        ranges = [range(s.start, s.stop) for s in block]
+        step = max(1, _ADD_CHUNK_ELEMENTS // math.prod(logits.shape[1:]))
+        for idx in itertools.product(*ranges):
+            acc, wsum, uacc = self._cell(idx)
+            lo = [self.bounds[a][i] - start[a] for a, i in enumerate(idx)]
+            win = tuple(slice(o, o + n) for o, n in zip(lo, acc.shape[1:]))
+            g = self.g[win]
+            # mixed dtypes make torch cast through temporaries: a few classes at a time
             for c in range(0, self.k, step):
-                self.acc[c:c + step, r:r + n, y0:y0 + py, x0:x0 + px].addcmul_(
-                    logits[c:c + step, o:o + n], g)
-            if self.wsum is not None:
-                self.wsum[r:r + n, y0:y0 + py, x0:x0 + px] += g
-            if self.uacc is not None:
-                self.uacc[r:r + n, y0:y0 + py, x0:x0 + px].addcmul_(spread[o:o + n], g)
-
-    def advance(self, new_base):
-        """Finalise every slice before ``new_base`` (no window left touches them)."""
-        end = min(new_base, self.shape[0])
-        for zg, r, n in self._pieces(self.base, end):
-            for c in range(0, n, _FINALIZE_CHUNK):
-                m = min(_FINALIZE_CHUNK, n - c)
-                self._finalize(zg + c, r + c, m)
-        self.base = max(self.base, end)
+                acc[c:c + step].addcmul_(logits[(slice(c, c + step),) + win], g)
+            if wsum is not None:
+                wsum += g
+            if uacc is not None:
+                uacc.addcmul_(spread[win], g)
+            self.remaining[idx] -= 1
+            if self.remaining[idx] == 0:
+                self._finalize(idx, *self.cells.pop(idx))
+                self.open_voxels -= math.prod(acc.shape[1:])
 
     def finish(self):
-        self.advance(self.shape[0])
+        if self.cells or self.remaining.any():  # pragma: no cover - internal consistency
+            raise RuntimeError("sliding window: some cells were not covered by every window")
 
-    def _finalize(self, zg, r, n):
-        a = self.acc[:, r:r + n]
+    def _finalize(self, idx, acc, wsum, uacc):
+        lo = [self.bounds[a][i] for a, i in enumerate(idx)]
+        ys = slice(lo[1], lo[1] + acc.shape[2])
+        xs = slice(lo[2], lo[2] + acc.shape[3])
+        for c in range(0, acc.shape[1], _FINALIZE_CHUNK):
+            n = min(_FINALIZE_CHUNK, acc.shape[1] - c)
+            region = (slice(lo[0] + c, lo[0] + c + n), ys, xs)
+            self._finalize_rows(acc[:, c:c + n], region,
+                                None if wsum is None else wsum[c:c + n],
+                                None if uacc is None else uacc[c:c + n])
+
+    def _finalize_rows(self, a, region, wsum, uacc):
         if self.k == 1:
             lab = a[0] > 0
         else:
             lab = a.argmax(0)
-        self.labels[zg:zg + n] = lab.to(torch.uint8 if self.k <= 255 else torch.int32) \
+        self.labels[region] = lab.to(torch.uint8 if self.k <= 255 else torch.int32) \
             .cpu().numpy()
-        if self.wsum is not None:
-            logits = a.float() / self.wsum[r:r + n]
-            if self.k == 1:
-                p1 = torch.sigmoid(logits[0])
-                fg = p1
-                ent = -(p1 * torch.log(p1.clamp_min(1e-12))
-                        + (1 - p1) * torch.log((1 - p1).clamp_min(1e-12))) / self.log_k
-            else:
-                p = torch.softmax(logits, dim=0)
-                fg = 1.0 - p[0]
-                ent = -(p * torch.log(p.clamp_min(1e-12))).sum(0) / self.log_k if \
-                    self.uncertainty == "entropy" else None
-            if self.prob is not None:
-                self.prob[zg:zg + n] = fg.to(torch.float16).cpu().numpy()
-            if self.uncertainty == "entropy":
-                self.unc[zg:zg + n] = ent.clamp(0, 1).to(torch.float16).cpu().numpy()
-            elif self.uncertainty == "tta":
-                u = self.uacc[r:r + n] / self.wsum[r:r + n]
-                self.unc[zg:zg + n] = u.clamp(0, 1).to(torch.float16).cpu().numpy()
-                self.uacc[r:r + n] = 0
-            self.wsum[r:r + n] = 0
-        a.zero_()
+        if wsum is None:
+            return
+        logits = a.float() / wsum
+        if self.k == 1:
+            p1 = torch.sigmoid(logits[0])
+            fg = p1
+            ent = -(p1 * torch.log(p1.clamp_min(1e-12))
+                    + (1 - p1) * torch.log((1 - p1).clamp_min(1e-12))) / self.log_k
+        else:
+            p = torch.softmax(logits, dim=0)
+            fg = 1.0 - p[0]
+            ent = -(p * torch.log(p.clamp_min(1e-12))).sum(0) / self.log_k if \
+                self.uncertainty == "entropy" else None
+        if self.prob is not None:
+            self.prob[region] = fg.to(torch.float16).cpu().numpy()
+        if self.uncertainty == "entropy":
+            self.unc[region] = ent.clamp(0, 1).to(torch.float16).cpu().numpy()
+        elif self.uncertainty == "tta":
+            u = uacc / wsum
+            self.unc[region] = u.clamp(0, 1).to(torch.float16).cpu().numpy()
 
 
 # --------------------------------------------------------------------------- prediction
@@ -394,8 +419,8 @@ def _run(t, predictor, patch, n_classes, overlap, batch_size, tta, device, amp_d
     windows = list(itertools.product(*starts))  # Z-major order
     total = len(windows)
     importance = gaussian_importance_map(patch, device=acc_device)
-    stitch = _SlabStitcher(n_classes, shape, patch[0], acc_device, importance, want_prob,
-                           uncertainty)
+    stitch = _CellStitcher(n_classes, shape, patch, starts, acc_device, importance,
+                           want_prob, uncertainty)
     axes_list = _mirror_axes(tta or uncertainty == "tta")
     pz, py, px = patch
     done = 0
