@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MedSegError
-from .layers import affine_from_layer, volume_to_layer_data
+from .layers import affine_from_layer, current_layers, volume_to_layer_data
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +52,7 @@ def get_reader(path):
 
 def _image_layers():
     """Image layers of the current viewer that carry our geometry."""
-    try:
-        import napari
-
-        viewer = napari.current_viewer()
-    except Exception:
-        return []
-    if viewer is None:
-        return []
-    return [lyr for lyr in viewer.layers
+    return [lyr for lyr in current_layers()
             if lyr.__class__.__name__ == "Image" and lyr.ndim >= 3]
 
 

@@ -15,7 +15,7 @@ import logging
 import numpy as np
 
 from ..core.volume import Volume
-from .layers import META_KEY, _layer_attributes, exact_affine
+from .layers import META_KEY, _layer_attributes, current_layers, exact_affine
 
 log = logging.getLogger(__name__)
 
@@ -23,15 +23,7 @@ __all__ = ["write_labels", "labels_volume_from_attributes"]
 
 
 def _candidates():
-    try:
-        import napari
-
-        viewer = napari.current_viewer()
-    except Exception:
-        return []
-    if viewer is None:
-        return []
-    return [_layer_attributes(lyr) for lyr in viewer.layers]
+    return [_layer_attributes(lyr) for lyr in current_layers()]
 
 
 def _names(attributes: dict) -> dict[int, str]:

@@ -36,6 +36,7 @@ __all__ = [
     "exact_affine",
     "volume_from_layer",
     "label_colormap_dict",
+    "current_layers",
 ]
 
 #: RAS point -> napari world point ``(S, P, L)``.
@@ -193,6 +194,21 @@ def affine_from_layer_attributes(attributes: dict, ndim: int = 3) -> np.ndarray:
     out[:3, :3] = DISPLAY_FROM_RAS.T @ m @ _REVERSE
     out[:3, 3] = DISPLAY_FROM_RAS.T @ c
     return out
+
+
+def current_layers() -> list:
+    """Layers of napari's current viewer, or ``[]`` when there is none.
+
+    Readers and writers get no viewer from npe2; they use this to find the
+    image a labels file belongs to.
+    """
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+    except Exception:  # noqa: BLE001 - no napari, no viewer: nothing to match
+        return []
+    return [] if viewer is None else list(viewer.layers)
 
 
 def _layer_attributes(layer) -> dict:
