@@ -203,6 +203,11 @@ def test_bf16_autocast_agrees_with_fp32():
     b = sliding_window_inference(x, net, (8, 8, 8), 4, device="cpu", amp="bf16")
     assert b.amp == "bf16" and a.amp == "off"
     assert (a.labels == b.labels).mean() > 0.95
+    starts = [window_starts(s, 8, 0.5) for s in x.shape[1:]]
+    g = gaussian_importance_map((8, 8, 8))
+    args = (4, x.shape[1:], (8, 8, 8), starts, torch.device("cpu"), g, False, None)
+    assert _CellStitcher(*args, low_precision=True).acc_dtype == torch.float16
+    assert _CellStitcher(*args).acc_dtype == torch.float32
 
 
 def test_devices_and_amp_resolution():

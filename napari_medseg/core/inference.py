@@ -11,9 +11,9 @@ first window to its last. Windows run in Z, then Y, then X order; as soon as no
 remaining window touches a cell, it is finalised (argmax to ``uint8`` /
 ``uint16``, optionally the foreground probability or an uncertainty map as
 ``float16``) and its buffer freed. The peak is below ``K x patch_z x Y x X``
-floats (about 0.6-0.9 of it) instead of ``K x Z x Y x X``; when a one-patch-deep
-slab would pass ``ACCUMULATOR_BUDGET_BYTES`` (many classes) the cells are kept in
-``float16``, and the windows per batch are capped so a batch of logits stays
+floats (about 0.4-0.9 of it) instead of ``K x Z x Y x X``; with mixed precision,
+or when a one-patch-deep slab would pass ``ACCUMULATOR_BUDGET_BYTES`` (many
+classes), the cells are kept in ``float16``, and the windows per batch are capped so a batch of logits stays
 below ``OUTPUT_BUDGET_BYTES``. On the CPU one window runs at a time by default.
 
 Other features: batches of windows, mirror test-time augmentation (all eight
@@ -230,7 +230,7 @@ class _CellStitcher:
     """
 
     def __init__(self, n_classes, shape, patch, starts, device, importance, want_prob,
-                 uncertainty):
+                 uncertainty, low_precision=False):
         self.k = n_classes
         self.shape = shape
         self.patch = patch
@@ -239,8 +239,10 @@ class _CellStitcher:
         self.bounds = [sorted(set(st) | {s + p for s in st}) for st, p in zip(starts, patch)]
         z, y, x = shape
         self.acc_dtype = torch.float32
-        if n_classes * patch[0] * y * x * 4 > ACCUMULATOR_BUDGET_BYTES:
-            self.acc_dtype = torch.float16  # halves the buffers; ~3 significant digits suffice
+        if low_precision or n_classes * patch[0] * y * x * 4 > ACCUMULATOR_BUDGET_BYTES:
+            # halves the buffers; float16 sums (11-bit mantissa) round less than bf16
+            # logits (8 bits) already did, and ~3 significant digits suffice for argmax
+            self.acc_dtype = torch.float16
             log.info("%d classes: accumulating window logits in float16", n_classes)
         # windows still to come for each cell
         self.remaining = np.zeros([len(b) - 1 for b in self.bounds], dtype=np.int32)
@@ -420,7 +422,7 @@ def _run(t, predictor, patch, n_classes, overlap, batch_size, tta, device, amp_d
     total = len(windows)
     importance = gaussian_importance_map(patch, device=acc_device)
     stitch = _CellStitcher(n_classes, shape, patch, starts, acc_device, importance,
-                           want_prob, uncertainty)
+                           want_prob, uncertainty, low_precision=amp_dtype is not None)
     axes_list = _mirror_axes(tta or uncertainty == "tta")
     pz, py, px = patch
     done = 0
