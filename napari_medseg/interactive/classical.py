@@ -69,6 +69,16 @@ def _noise_level(arr: np.ndarray, sigma) -> float:
     return raw * float(np.sqrt((kern ** 2).sum()))
 
 
+def _bbox(mask: np.ndarray) -> tuple:
+    """Slices of the bounding box of a non-empty bool array (faster than
+    ``ndi.find_objects`` on a large array)."""
+    out = []
+    for a in range(mask.ndim):
+        idx = np.flatnonzero(np.any(mask, axis=tuple(b for b in range(mask.ndim) if b != a)))
+        out.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    return tuple(out)
+
+
 def _kmeans_1d(values: np.ndarray, k: int, iters: int = 12) -> list:
     """``[(centre, count)]`` of a 1D k-means (quantile start)."""
     v = values if values.size <= 20000 else values[:: values.size // 20000 + 1]
@@ -313,7 +323,8 @@ class ClassicalEngine(Engine):
         check_cancel(cancel)
 
         if clicks_bg.any() and (grown & ndi.binary_dilation(clicks_bg)).any():
-            grown = self._remove_negative(sm, grown, clicks_bg, means, seeds | self._union(fg))
+            grown = self._remove_negative(sm, grown, clicks_bg, means, seeds | self._union(fg),
+                                          spacing, self.local_mm)
         if bg.any() and (grown & bg).any():
             grown = self._split(sm, grown, seeds | self._union(fg), bg)
         for _ in range(self.edge_passes):
@@ -367,7 +378,7 @@ class ClassicalEngine(Engine):
         """The bounding box of the object and of a click, widened by
         ``local_mm``; where a homogeneous later click's intensity counts."""
         r = [int(np.ceil(self.local_mm / s)) for s in spacing]
-        boxes = [ndi.find_objects(m.astype(np.uint8))[0] for m in (grown, seed) if m.any()]
+        boxes = [_bbox(m) for m in (grown, seed) if m.any()]
         return tuple(slice(max(min(b[a].start for b in boxes) - r[a], 0),
                            max(b[a].stop for b in boxes) + r[a]) for a in range(len(r)))
 
@@ -402,25 +413,38 @@ class ClassicalEngine(Engine):
         return small[lab]
 
     @staticmethod
-    def _remove_negative(sm, grown, clicks, means, seeds) -> np.ndarray:
+    def _remove_negative(sm, grown, clicks, means, seeds, spacing, reach_mm
+                         ) -> np.ndarray:
         """Take out what each negative click says is not object.
 
         Only the connected region around a negative click whose intensity is
         closer to the click's own intensity than to every object intensity is
         removed; a negative click never acts elsewhere, so the object's far
-        side stays whatever the click's intensity.
+        side stays whatever the click's intensity. The region is looked for
+        within ``2 * reach_mm`` of the click.
         """
-        lab, n = ndi.label(clicks)
-        d_obj = np.min([np.abs(sm - m) for m in means], axis=0)
-        out = grown.copy()
+        box = _bbox(grown)
+        box = tuple(slice(max(b.start - 2, 0), b.stop + 2) for b in box)
+        g, c, sd, img = grown[box].copy(), clicks[box], seeds[box], sm[box]
+        reach = [int(np.ceil(2 * reach_mm / s)) for s in spacing]
+        lab, n = ndi.label(c)
+        d_obj = np.min([np.abs(img - np.float32(m)) for m in means], axis=0)
+        removed = False
         for i, sl in enumerate(ndi.find_objects(lab), start=1):
-            click = lab == i
-            neg = float(np.median(sm[click]))
-            closer = out & (np.abs(sm - neg) < d_obj)
-            region = ClassicalEngine._connected(closer, click & closer)
-            if region.any() and not (region & seeds).any():
-                out &= ~region
-        return ClassicalEngine._connected(out, seeds & out)
+            click = lab[sl] == i
+            neg = np.float32(np.median(img[sl][click]))
+            if not np.any(click & g[sl] & (np.abs(img[sl] - neg) < d_obj[sl])):
+                continue
+            # within a window around the click (its neighbourhood, and fast)
+            win = tuple(slice(max(a.start - r, 0), a.stop + r) for a, r in zip(sl, reach))
+            closer = g[win] & (np.abs(img[win] - neg) < d_obj[win])
+            region = ClassicalEngine._connected(closer, (lab[win] == i) & closer)
+            if region.any() and not (region & sd[win]).any():
+                g[win] &= ~region
+                removed = True
+        out = np.zeros(grown.shape, bool)
+        out[box] = ClassicalEngine._connected(g, sd & g) if removed else g
+        return out
 
     @staticmethod
     def _refine_edge(sm, mask, bg, size: int = 5) -> np.ndarray:
@@ -431,7 +455,7 @@ class ClassicalEngine(Engine):
         background nearby."""
         if not mask.any():
             return mask
-        sl = ndi.find_objects(mask.astype(np.uint8))[0]
+        sl = _bbox(mask)
         sl = tuple(slice(max(s.start - 4, 0), s.stop + 4) for s in sl)
         m = mask[sl]
         img = sm[sl]
@@ -516,7 +540,7 @@ class ClassicalEngine(Engine):
 
         vals = np.zeros(0, sm.dtype)
         if grown.any():
-            sl = ndi.find_objects(grown.astype(np.uint8))[0]
+            sl = _bbox(grown)
             sl = tuple(slice(max(s.start - 6, 0), s.stop + 6) for s in sl)
             g = grown[sl]
             shell = ndi.binary_dilation(g, iterations=5) & ~ndi.binary_dilation(g, iterations=2)
@@ -547,7 +571,7 @@ class ClassicalEngine(Engine):
         pad = np.ceil(r).astype(int)
         st = np.zeros(tuple(2 * v + 1 for v in pad), bool)
         st[tuple((_ball_offsets(r) + pad).T)] = True
-        box = ndi.find_objects(seed.astype(np.uint8))[0]
+        box = _bbox(seed)
         box = tuple(slice(max(b.start - p, 0), b.stop + p) for b, p in zip(box, pad))
         out = np.zeros(seed.shape, bool)
         out[box] = ndi.binary_dilation(seed[box], st)
@@ -567,7 +591,7 @@ class ClassicalEngine(Engine):
         if self.open_radius <= 0 or not plain.any():
             return plain
         # work in the bounding box of what plain growth reaches
-        sl = ndi.find_objects(plain.astype(np.uint8))[0]
+        sl = _bbox(plain)
         sl = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in sl)
         c, sd = plain[sl], seeds[sl]
         st = ndi.generate_binary_structure(cand.ndim, 1)
@@ -601,7 +625,7 @@ class ClassicalEngine(Engine):
         """Marker watershed inside ``grown`` between object and background seeds."""
         from skimage.segmentation import watershed
 
-        box = ndi.find_objects(grown.astype(np.uint8))[0]
+        box = _bbox(grown)
         box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
         g = grown[box]
         markers = np.zeros(g.shape, np.int32)
@@ -623,7 +647,7 @@ class ClassicalEngine(Engine):
         """
         if not mask.any():
             return mask
-        box = ndi.find_objects(mask.astype(np.uint8))[0]
+        box = _bbox(mask)
         sub = mask[box]
         holes = ndi.binary_fill_holes(sub) & ~sub
         if not holes.any():
