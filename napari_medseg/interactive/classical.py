@@ -13,10 +13,20 @@ How it works (3D mode; 2D mode is the same on one slice):
    any negative click, background scribble or box edge) give background
    statistics, and the object is re-grown with a likelihood test, which puts
    its edge half-way between object and background intensities.
-4. Where the grown object still touches a background seed (two structures of
-   the same intensity), a marker watershed on the gradient magnitude splits
-   them at the strongest edge between the seeds (edge-aware propagation).
-5. Holes are filled and everything outside a box is dropped.
+   A later positive click inside a region of its own intensity (a kidney's
+   cortex after a click on its medulla) adds that class to the whole object
+   (a second pass then takes the background from around the grown object);
+   a later click on a blurred edge (its intensity a blend of its
+   neighbours') only adds voxels within ``edge_mm``.
+4. A negative click removes only the connected region around it that is
+   closer to its intensity than to the object's; its intensity is background
+   everywhere only when it is no blend of object and background. Where the
+   grown object still touches a background seed (two structures of the same
+   intensity), a marker watershed on the gradient magnitude splits them at
+   the strongest edge between the seeds (edge-aware propagation).
+5. Holes are filled and everything outside a box is dropped. Thin bridges are
+   cut only towards thick structures beyond them, so thin objects (a cortical
+   ribbon) survive.
 """
 
 from __future__ import annotations
@@ -118,6 +128,15 @@ class ClassicalEngine(Engine):
     edge_passes : int
         Passes of local half-way edge refinement (each moves the edge by at
         most one voxel).
+    global_spread : float
+        How clearly (in ``k`` noise units, scaled) a later click's intensity
+        must stand apart from the blend of its neighbours to count as an
+        intensity class of the whole object (0: later clicks stay local).
+    veto_k : float
+        Noise units around such a click's intensity that no longer count as
+        background.
+    edge_mm : float
+        Radius (mm) within which a later click on a blurred edge adds voxels.
     """
 
     name = "classical"
@@ -125,7 +144,7 @@ class ClassicalEngine(Engine):
     def __init__(self, roi_size=(128, 128, 128), k: float = 2.5,
                  seed_radius_mm: float = 3.0, smooth: float = 1.0,
                  local_mm: float = 15.0, open_radius: int = 1, edge_passes: int = 3,
-                 global_spread: float = 2.0, veto_k: float = 2.5):
+                 global_spread: float = 2.0, veto_k: float = 2.5, edge_mm: float = 8.0):
         super().__init__()
         self.roi_size = tuple(int(v) for v in roi_size)
         self.k = float(k)
@@ -136,6 +155,7 @@ class ClassicalEngine(Engine):
         self.edge_passes = int(edge_passes)
         self.global_spread = float(global_spread)
         self.veto_k = float(veto_k)
+        self.edge_mm = float(edge_mm)
         self._smoothed: dict = {}
 
     # ---------------------------------------------------------------- cache
@@ -352,9 +372,13 @@ class ClassicalEngine(Engine):
             if loc is None:
                 continue
             sl, ell = loc
-            if grown.any() and self._homogeneous(sm, fg[i], spacing, noise):
+            if not grown.any():
+                pass
+            elif self._homogeneous(sm, fg[i], spacing, noise):
                 sl = self._near_object(grown, fg[i], spacing)
                 ell = np.ones(tuple(x.stop - x.start for x in sl), bool)
+            else:  # on a blurred edge: its intensity is object only close by
+                sl, ell = self._ellipse(fg[i], spacing, self.edge_mm)
             sub_bg = None if near_bg is None else near_bg[sl]
             acc = self._accept(sm[sl], [means[i]], [caps[i]], [None], sub_bg)
             acc &= ell[tuple(slice(0, n) for n in acc.shape)]
@@ -509,14 +533,19 @@ class ClassicalEngine(Engine):
             if g.sum() > 200:
                 out.append(None)
                 continue
-            c = np.argwhere(g).mean(axis=0)
-            r = np.array([self.local_mm / s for s in spacing])
-            sl = tuple(slice(max(int(np.floor(ci - ri)), 0), int(np.ceil(ci + ri)) + 1)
-                       for ci, ri in zip(c, r))
-            grids = np.ogrid[sl]
-            ell = sum(((gr - ci) / ri) ** 2 for gr, ci, ri in zip(grids, c, r)) <= 1.0
-            out.append((sl, ell))
+            out.append(self._ellipse(g, spacing, self.local_mm))
         return out
+
+    @staticmethod
+    def _ellipse(seed, spacing, radius_mm) -> tuple:
+        """``(slices, bool ellipsoid)`` of radius ``radius_mm`` around a click."""
+        c = np.argwhere(seed).mean(axis=0)
+        r = np.array([radius_mm / s for s in spacing])
+        sl = tuple(slice(max(int(np.floor(ci - ri)), 0), int(np.ceil(ci + ri)) + 1)
+                   for ci, ri in zip(c, r))
+        grids = np.ogrid[sl]
+        ell = sum(((gr - ci) / ri) ** 2 for gr, ci, ri in zip(grids, c, r)) <= 1.0
+        return sl, ell
 
     def _background_means(self, sm, grown, bg, box, means, noise, veto=()) -> list:
         """Intensities around the object that are clearly not object.
