@@ -276,3 +276,16 @@ def test_default_batch_is_one_window_on_the_cpu():
     two = sliding_window_inference(x, net, PATCH, 3, batch_size=2, device="cpu", amp="off")
     assert res.batch_size == 1 and set(sizes) == {1} and two.batch_size == 2
     np.testing.assert_array_equal(res.labels, two.labels)
+
+
+def test_bf16_run_leaves_the_module_contiguous_and_trainable():
+    x = _x((2, 16, 20, 20))
+    net = _conv(4, kernel=3, seed=9)
+    before = [p.detach().clone() for p in net.parameters()]
+    res = sliding_window_inference(x, net, (8, 8, 8), 4, device="cpu", amp="bf16")
+    ref = sliding_window_inference(x, net, (8, 8, 8), 4, device="cpu", amp="off")
+    assert (res.labels == ref.labels).mean() > 0.95
+    for p, b in zip(net.parameters(), before):
+        assert p.is_contiguous() and not p.is_inference()
+        torch.testing.assert_close(p.detach(), b, rtol=0, atol=0)
+    net(torch.from_numpy(x[None, :, :8, :8, :8])).sum().backward()  # still trainable
