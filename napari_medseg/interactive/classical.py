@@ -365,6 +365,12 @@ class ClassicalEngine(Engine):
             # intensity; the other side is capped as far from the seed
             caps = [max(self.k * noise, 0.5 * min(abs(m - b) for b in bg_means))
                     for m in means]
+            # a class never reaches past half-way to a distinct other class of
+            # the object (cortex and medulla): what lies beyond is that class's
+            # or, when it is neither, background the first shell could not see
+            far = 4 * self.k * noise
+            caps = [min([c] + [max(self.k * noise, 0.5 * abs(m - o)) for o in means
+                               if abs(m - o) > far]) for m, c in zip(means, caps)]
             near_bg = np.min([np.abs(sm - b) for b in bg_means], axis=0)
             grown = grow_global([caps[i] for i in gl], near_bg)
         grown = grown.copy()
