@@ -12,8 +12,9 @@ from napari_medseg.training.train_builtin import HELD_OUT_SEEDS, dice_per_class
 
 ORGANS = ("liver", "kidney_left", "kidney_right")
 # The spleen is the hardest class of the phantom (small, close in HU to the liver,
-# varied contrast and noise): held-out Dice about 0.86, below the 0.9 goal.
-SPLEEN_MIN = 0.8
+# varied contrast and noise): held-out Dice 0.91 on the card's 8 cases, about 0.89
+# on the three below.
+SPLEEN_MIN = 0.85
 
 
 @pytest.fixture(scope="module")
