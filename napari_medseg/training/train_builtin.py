@@ -52,7 +52,7 @@ HELD_OUT_SEEDS = tuple(range(100_001, 100_009))  # 8 cases never used in trainin
 FOCUS_ITERS = 1500
 FOCUS_LR = 1e-3
 FOCUS_FG = 0.75
-FOCUS_WEIGHTS = {2: 3.0, 3: 1.5}  # spleen, left kidney (its neighbour)
+FOCUS_WEIGHTS = {2: 5.0, 3: 1.5}  # spleen, left kidney (its neighbour)
 COLORS = {1: [0.86, 0.33, 0.24], 2: [0.55, 0.25, 0.65], 3: [0.95, 0.75, 0.2],
           4: [0.2, 0.7, 0.35], 5: [0.1, 0.6, 0.95]}
 
