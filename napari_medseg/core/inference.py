@@ -225,7 +225,7 @@ class _CellStitcher:
     allocated when its first window arrives and finalised (argmax, optional
     maps) and freed as soon as its last window has been added, so only the
     cells that still wait for windows are held: with windows in Z, then Y, then
-    X order that is about 0.6-0.9 of ``K x patch_z x Y x X``. Sums run in window
+    X order that is about 0.4-0.9 of ``K x patch_z x Y x X``. Sums run in window
     order, so the result equals whole-volume blending exactly.
     """
 
@@ -243,7 +243,7 @@ class _CellStitcher:
             # halves the buffers; float16 sums (11-bit mantissa) round less than bf16
             # logits (8 bits) already did, and ~3 significant digits suffice for argmax
             self.acc_dtype = torch.float16
-            log.info("%d classes: accumulating window logits in float16", n_classes)
+            log.info("accumulating window logits in float16 (%d classes)", n_classes)
         # windows still to come for each cell
         self.remaining = np.zeros([len(b) - 1 for b in self.bounds], dtype=np.int32)
         for w in itertools.product(*starts):
