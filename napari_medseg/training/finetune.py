@@ -42,6 +42,7 @@ import numpy as np
 from ..errors import MedSegError, check_cancel
 from ..models.card import ModelCard
 from .data import PatchSampler, list_dataset, load_cases
+from .losses import soft_dice_loss
 
 __all__ = ["finetune", "trainable_model", "dice_per_class", "fine_tuned_name",
            "add_cli_parser", "cmd_finetune"]
@@ -123,19 +124,7 @@ def _bump(version: str) -> str:
     return f"{m.group(1)}.{int(m.group(2)) + 1}.0"
 
 
-# ------------------------------------------------------------------- loss
-def _dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Soft Dice over the foreground classes (batch pooled), ``1 - mean Dice``."""
-    import torch.nn.functional as F
-
-    prob = logits.float().softmax(1)
-    onehot = F.one_hot(target, logits.shape[1]).permute(0, 4, 1, 2, 3).float()
-    dims = (0, 2, 3, 4)
-    inter = (prob * onehot).sum(dims)
-    denom = prob.sum(dims) + onehot.sum(dims)
-    return 1 - ((2 * inter + 1) / (denom + 1))[1:].mean()
-
-
+# ---------------------------------------------------------------- metrics
 def dice_per_class(pred: np.ndarray, ref: np.ndarray, names: dict) -> dict:
     """Dice per class name; classes absent from both maps are left out."""
     out = {}
@@ -208,7 +197,7 @@ def _train(net, runner, sampler, iterations, lr, batch, progress, cancel, step, 
         y = torch.from_numpy(yb)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = runner(x)
-        loss = F.cross_entropy(logits.float(), y) + _dice_loss(logits, y)
+        loss = F.cross_entropy(logits.float(), y) + soft_dice_loss(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

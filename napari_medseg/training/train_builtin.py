@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from ..core.volume import Volume, make_affine
 from ..models.card import ModelCard
 from ..models.networks import UNet3D, count_parameters
+from .losses import soft_dice_loss
 
 log = logging.getLogger(__name__)
 
@@ -157,14 +158,6 @@ def _cached_cases(n_cases: int, card: ModelCard, cache: Path | None):
 
 
 # ------------------------------------------------------------------- train
-def _dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Soft Dice over foreground classes, averaged (batch pooled)."""
-    prob = logits.float().softmax(1)
-    onehot = F.one_hot(target, logits.shape[1]).permute(0, 4, 1, 2, 3).float()
-    dims = (0, 2, 3, 4)
-    inter = (prob * onehot).sum(dims)
-    denom = prob.sum(dims) + onehot.sum(dims)
-    return 1 - ((2 * inter + 1) / (denom + 1))[1:].mean()
 
 
 def _phase(net, data, xs, ys, iters, lr, batch, seed, schedule, fg_fraction, log_every, name,
@@ -201,7 +194,7 @@ def _phase(net, data, xs, ys, iters, lr, batch, seed, schedule, fg_fraction, log
         x = x * float(rng.uniform(0.9, 1.1)) + float(rng.normal(0, 0.05))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
             logits = net(x)
-        loss = F.cross_entropy(logits.float(), y, weight=ce_weight) + _dice_loss(logits, y)
+        loss = F.cross_entropy(logits.float(), y, weight=ce_weight) + soft_dice_loss(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
