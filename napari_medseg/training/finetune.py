@@ -43,6 +43,7 @@ from ..errors import MedSegError, check_cancel
 from ..models.card import ModelCard
 from .data import PatchSampler, list_dataset, load_cases
 from .losses import soft_dice_loss
+from .metrics import dice_per_class
 
 __all__ = ["finetune", "trainable_model", "dice_per_class", "fine_tuned_name",
            "add_cli_parser", "cmd_finetune"]
@@ -125,17 +126,6 @@ def _bump(version: str) -> str:
 
 
 # ---------------------------------------------------------------- metrics
-def dice_per_class(pred: np.ndarray, ref: np.ndarray, names: dict) -> dict:
-    """Dice per class name; classes absent from both maps are left out."""
-    out = {}
-    for cid, name in names.items():
-        a, b = pred == cid, ref == cid
-        s = int(a.sum()) + int(b.sum())
-        if s:
-            out[name] = round(2.0 * int((a & b).sum()) / s, 4)
-    return out
-
-
 def _mean_dice(per_case: list) -> dict:
     names = sorted({n for c in per_case for n in c})
     return {n: round(float(np.mean([c[n] for c in per_case if n in c])), 4) for n in names}

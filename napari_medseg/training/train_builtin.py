@@ -37,6 +37,7 @@ from ..core.volume import Volume, make_affine
 from ..models.card import ModelCard
 from ..models.networks import UNet3D, count_parameters
 from .losses import soft_dice_loss
+from .metrics import dice_per_class
 
 log = logging.getLogger(__name__)
 
@@ -296,17 +297,6 @@ def _cpu_flags() -> str:
 
 
 # --------------------------------------------------------------- evaluate
-def dice_per_class(pred: np.ndarray, ref: np.ndarray, names: dict) -> dict:
-    """Dice per class name; classes absent from both maps are left out."""
-    out = {}
-    for cid, name in names.items():
-        a, b = pred == cid, ref == cid
-        s = int(a.sum()) + int(b.sum())
-        if s:
-            out[name] = round(2.0 * int((a & b).sum()) / s, 4)
-    return out
-
-
 def evaluate(out: Path, seeds=HELD_OUT_SEEDS) -> dict:
     """Run the saved package on held-out phantoms; write mean Dice per class into its card."""
     from ..core.phantom import make_abdomen_ct
