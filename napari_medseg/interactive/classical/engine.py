@@ -1,0 +1,270 @@
+"""The classical engine: prompts -> region -> seeds -> growth -> mask."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ...errors import check_cancel
+from ..base import Engine, Prompts, Region, roi_around
+from ._arrays import ellipse, noise_level, robust_stats, union
+from .growing import accept, grow
+from .negative import click_components, remove_negative, split
+from .refine import fill_holes, refine_edge
+from .seeds import locality, near_object, neighbourhood, prompt_seeds
+from .statistics import background_means, is_homogeneous, negative_classes
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ClassicalEngine"]
+
+
+class ClassicalEngine(Engine):
+    """Seeded, edge-aware region growing from clicks, boxes and scribbles.
+
+    Parameters
+    ----------
+    roi_size : tuple of 3 int
+        Smallest 3D region (voxels) grown in around the prompts.
+    k : float
+        Spreads (robust standard deviations) a voxel may differ from a seed's
+        intensity and still join the object in the first growth.
+    seed_radius_mm : float
+        Radius of the neighbourhood of a click that gives its statistics (mm).
+    smooth : float
+        Gaussian smoothing (voxels) before growing; 0 disables it.
+    local_mm : float
+        Radius (mm) around a later click within which its intensity counts as
+        object.
+    open_radius : int
+        Bridges this many voxels thin are cut before growing (0: off).
+    edge_passes : int
+        Passes of local half-way edge refinement (each moves the edge by at
+        most one voxel).
+    global_spread : float
+        How clearly (in ``k`` noise units, scaled) a later click's intensity
+        must stand apart from the blend of its neighbours to count as an
+        intensity class of the whole object (0: later clicks stay local).
+    veto_k : float
+        Noise units around such a click's intensity that no longer count as
+        background.
+    edge_mm : float
+        Radius (mm) within which a later click on a blurred edge adds voxels.
+    """
+
+    name = "classical"
+
+    def __init__(self, roi_size=(128, 128, 128), k: float = 2.5,
+                 seed_radius_mm: float = 3.0, smooth: float = 1.0,
+                 local_mm: float = 15.0, open_radius: int = 1, edge_passes: int = 3,
+                 global_spread: float = 2.0, veto_k: float = 2.5, edge_mm: float = 8.0):
+        super().__init__()
+        self.roi_size = tuple(int(v) for v in roi_size)
+        self.k = float(k)
+        self.seed_radius_mm = float(seed_radius_mm)
+        self.smooth = float(smooth)
+        self.local_mm = float(local_mm)
+        self.open_radius = int(open_radius)
+        self.edge_passes = int(edge_passes)
+        self.global_spread = float(global_spread)
+        self.veto_k = float(veto_k)
+        self.edge_mm = float(edge_mm)
+        self._smoothed: dict = {}
+
+    # ---------------------------------------------------------------- cache
+    def set_image(self, image, spacing) -> None:
+        super().set_image(image, spacing)
+        self._smoothed = {}
+
+    def _smooth_region(self, image, region: Region, pad: int):
+        """Smoothed ``image[region]`` and its noise level; reuses a cached block."""
+        for (lo, hi), (block, noise) in self._smoothed.items():
+            if all(s.start >= a and s.stop <= b for s, a, b in zip(region, lo, hi)):
+                sub = tuple(slice(s.start - a, s.stop - a) for s, a in zip(region, lo))
+                return block[sub], noise
+        shape = image.shape
+        big = tuple(slice(max(s.start - (pad if s.stop - s.start > 1 else 0), 0),
+                          min(s.stop + (pad if s.stop - s.start > 1 else 0), n))
+                    for s, n in zip(region, shape))
+        arr = np.asarray(image[big], dtype=np.float32)
+        sig = [self.smooth if (b.stop - b.start) > 1 else 0 for b in big]
+        noise = noise_level(arr, sig)
+        if self.smooth > 0:
+            arr = ndi.gaussian_filter(arr, sig, mode="nearest", truncate=2.0)
+        if len(self._smoothed) >= 4:
+            self._smoothed.pop(next(iter(self._smoothed)))
+        key = (tuple(b.start for b in big), tuple(b.stop for b in big))
+        self._smoothed[key] = (arr, noise)
+        sub = tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(region, big))
+        return arr[sub], noise
+
+    # -------------------------------------------------------------- predict
+    @staticmethod
+    def _region(prompts: Prompts, shape, roi_size) -> tuple[Region, int]:
+        """The part of the image worked on, and the smoothing pad around it."""
+        if prompts.mode == "2d":
+            return tuple(slice(prompts.index, prompts.index + 1) if a == prompts.axis
+                         else slice(0, shape[a]) for a in range(3)), 0
+        pts = prompts.all_points()
+        if prompts.scribbles is not None:
+            sc = np.argwhere(prompts.scribbles == 1)
+            if len(sc):
+                pts = np.concatenate([pts, sc.min(0)[None], sc.max(0)[None]])
+        return roi_around(pts, shape, roi_size), 16
+
+    def predict_region(self, image, spacing, prompts: Prompts,
+                       cancel: Callable[[], bool] | None = None
+                       ) -> tuple[np.ndarray, Region]:
+        image, spacing, prompts = self.prepare(image, spacing, prompts)
+        self.ensure_image(image, spacing)
+        region, pad = self._region(prompts, image.shape, self.roi_size)
+        sm, noise = self._smooth_region(image, region, pad)
+        check_cancel(cancel)
+        offset = np.array([s.start for s in region])
+        fg, bg, box = prompt_seeds(prompts, region, offset)
+        if prompts.mode == "2d":
+            ax = prompts.axis
+            sp = tuple(s for a, s in enumerate(spacing) if a != ax)
+            mask = self._segment(np.take(sm, 0, ax), [np.take(g, 0, ax) for g in fg],
+                                 np.take(bg, 0, ax),
+                                 None if box is None else np.take(box, 0, ax), sp, noise,
+                                 cancel)
+            mask = np.expand_dims(mask, ax)
+        else:
+            mask = self._segment(sm, fg, bg, box, spacing, noise, cancel)
+        return mask, region
+
+    # --------------------------------------------------------------- growth
+    def _segment(self, sm, fg: list, bg, box, spacing, noise0, cancel) -> np.ndarray:
+        """Grow the object in ``sm`` (2D or 3D) from seed groups ``fg``.
+
+        The first seed (and scribbles, box centres) grow globally; each later
+        click adds only what it reaches within ``local_mm`` of itself, so a
+        click changes the mask near where it was put.
+        """
+        if not fg:
+            return np.zeros(sm.shape, bool)
+        local = locality(fg, spacing, self.local_mm)
+        # the first click's statistics come from a wider neighbourhood (it is
+        # deep inside); later clicks (often on an edge) use their own voxel
+        stats = [robust_stats(sm[neighbourhood(g, spacing if loc is None else None,
+                                               self.seed_radius_mm)])
+                 for g, loc in zip(fg, local)]
+        means = [m for m, _ in stats]
+        noise = max(noise0, min(stats[0][1], 4 * noise0), 1e-3 * float(np.ptp(sm)), 1e-6)
+        # seeds that grow everywhere: the first click, scribbles, box centres
+        gl = [i for i, loc in enumerate(local) if loc is None]
+        seeds = np.zeros(sm.shape, bool)
+        for i in gl:
+            seeds |= fg[i]
+        seeds &= ~bg
+        g_means = [means[i] for i in gl]
+        nones = [None] * len(gl)
+
+        def grow_global(caps, near_bg=None):
+            return grow(accept(sm, g_means, caps, nones, near_bg), seeds, box,
+                        self.open_radius)
+
+        grown = grow_global([self.k * noise] * len(gl))
+        vals = sm[grown]
+        if vals.size > 50:  # confidence-connected: the object's own spread
+            spread = float(np.median(np.abs(vals - means[0]))) * 1.4826
+            noise = min(max(spread, noise), 4 * noise)
+            grown = grow_global([self.k * noise] * len(gl))
+        check_cancel(cancel)
+
+        veto = self._veto(sm, fg, local, means, spacing, noise)
+        clicks_bg = click_components(bg)
+        vouched = [v for v, tol in veto if tol < 3 * self.k * noise]
+        lab_neg, n_neg = ndi.label(clicks_bg)
+        neg_means = [float(np.median(sm[lab_neg == i])) for i in range(1, n_neg + 1)]
+        # with another intensity class vouched for by a later click, a second
+        # pass takes the background from around the object grown with it
+        for _ in range(2 if vouched else 1):
+            bg_means = background_means(sm, grown, bg & ~clicks_bg, box,
+                                        g_means + vouched, self.k * noise, veto=veto)
+            bg_means += negative_classes(neg_means, means, bg_means, self.k * noise)
+            log.debug("fg %s noise %.3g bg %s grown %d", means, noise, bg_means,
+                      grown.sum())
+            grown = self._grow_all(sm, fg, bg, box, spacing, noise, local, means,
+                                   bg_means, grown, grow_global, gl)
+        check_cancel(cancel)
+        return self._finish(sm, grown, fg, seeds, bg, clicks_bg, box, means, spacing)
+
+    def _veto(self, sm, fg, local, means, spacing, noise) -> list:
+        """``(intensity, tolerance)`` of later clicks inside a homogeneous region
+        (not on an edge): they vouch for their intensity being object (a
+        homogeneous neighbourhood for a wide range around it; a click whose
+        own voxels agree only for its intensity)."""
+        veto = []
+        for i, loc in enumerate(local):
+            if loc is None:
+                continue
+            if robust_stats(sm[neighbourhood(fg[i], spacing, self.seed_radius_mm)])[1] \
+                    <= 3 * noise:
+                veto.append((means[i], 3 * self.k * noise))
+            elif is_homogeneous(sm, fg[i], spacing, self.k * noise, self.global_spread,
+                                self.seed_radius_mm):
+                veto.append((means[i], self.veto_k * noise))
+        return veto
+
+    def _finish(self, sm, grown, fg, seeds, bg, clicks_bg, box, means, spacing):
+        """Negative clicks, watershed split, edge refinement, holes, box."""
+        if clicks_bg.any() and (grown & ndi.binary_dilation(clicks_bg)).any():
+            grown = remove_negative(sm, grown, clicks_bg, means, seeds | union(fg),
+                                    spacing, self.local_mm)
+        if bg.any() and (grown & bg).any():
+            grown = split(sm, grown, seeds | union(fg), bg)
+        for _ in range(self.edge_passes):
+            grown = refine_edge(sm, grown, bg)
+        grown = fill_holes(grown, bg)
+        if box is not None:
+            grown &= box
+        return grown
+
+    def _caps(self, means, bg_means, noise) -> list:
+        """How far (intensity) each object class reaches.
+
+        Equal spreads put the edge half-way to the nearest background
+        intensity; a class never reaches past half-way to a distinct other
+        class of the object (cortex and medulla): what lies beyond is that
+        class's or, when it is neither, background the first shell could not
+        see.
+        """
+        caps = [max(self.k * noise, 0.5 * min(abs(m - b) for b in bg_means)) for m in means]
+        far = 4 * self.k * noise
+        return [min([c] + [max(self.k * noise, 0.5 * abs(m - o)) for o in means
+                           if abs(m - o) > far]) for m, c in zip(means, caps)]
+
+    def _grow_all(self, sm, fg, bg, box, spacing, noise, local, means, bg_means, grown,
+                  grow_global, gl):
+        """Grow the global seeds, then each later click near itself (or near
+        the object, for a click inside a region of its own intensity)."""
+        near_bg = None
+        caps = [self.k * noise] * len(means)
+        if bg_means:
+            caps = self._caps(means, bg_means, noise)
+            near_bg = np.min([np.abs(sm - b) for b in bg_means], axis=0)
+            grown = grow_global([caps[i] for i in gl], near_bg)
+        grown = grown.copy()
+        for i, loc in enumerate(local):
+            if loc is None:
+                continue
+            sl, ell = loc
+            if not grown.any():
+                pass
+            elif is_homogeneous(sm, fg[i], spacing, self.k * noise, self.global_spread,
+                                self.seed_radius_mm):
+                sl = near_object(grown, fg[i], spacing, self.local_mm)
+                ell = np.ones(tuple(x.stop - x.start for x in sl), bool)
+            else:  # on a blurred edge: its intensity is object only close by
+                sl, ell = ellipse(fg[i], spacing, self.edge_mm)
+            sub_bg = None if near_bg is None else near_bg[sl]
+            acc = accept(sm[sl], [means[i]], [caps[i]], [None], sub_bg)
+            acc &= ell[tuple(slice(0, n) for n in acc.shape)]
+            seed = fg[i][sl] & ~bg[sl]
+            grown[sl] |= grow(acc, seed, None if box is None else box[sl], self.open_radius)
+        return grown

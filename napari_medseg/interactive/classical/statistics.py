@@ -1,0 +1,111 @@
+"""Intensity statistics of the classical engine: object and background classes."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ._arrays import bbox, kmeans_1d
+from .seeds import neighbourhood
+
+__all__ = ["background_means", "is_homogeneous", "negative_classes"]
+
+
+def _shell_values(sm, grown, box) -> np.ndarray:
+    """Intensities 3-5 voxels outside ``grown`` (inside the boxes' reach)."""
+    if not grown.any():
+        return np.zeros(0, sm.dtype)
+    sl = bbox(grown)
+    sl = tuple(slice(max(s.start - 6, 0), s.stop + 6) for s in sl)
+    g = grown[sl]
+    shell = ndi.binary_dilation(g, iterations=5) & ~ndi.binary_dilation(g, iterations=2)
+    if box is not None:
+        shell &= ndi.binary_dilation(box[sl], iterations=2)
+    return sm[sl][shell]
+
+
+def background_means(sm, grown, bg, box, means, tol: float, veto=()) -> list:
+    """Intensities around the object that are clearly not object.
+
+    The shell 3-5 voxels outside the first growth is clustered (1D k-means,
+    3 classes: it often holds several tissues); each background seed adds its
+    own median. Classes within ``tol`` of a seed are dropped, and shell
+    classes near the intensity of a later positive click (``veto``: the user
+    said that intensity is object, e.g. a kidney's cortex around its medulla),
+    or between two such intensities (the blur between medulla and cortex).
+
+    Parameters
+    ----------
+    sm : (Z, Y, X) or (Y, X) float array
+        Smoothed image.
+    grown, bg : bool arrays like ``sm``
+        The object grown so far and the background seeds.
+    box : bool array like ``sm`` or None
+        Inside the boxes.
+    means : list of float
+        Object intensities.
+    tol : float
+        Intensity distance under which a class counts as object.
+    veto : list of (float, float)
+        ``(intensity, tolerance)`` of later clicks vouching for an intensity.
+    """
+    def separable(b):
+        return all(abs(b - m) > tol for m in means)
+
+    vouched = sorted(list(means) + [v for v, _ in veto])
+
+    def blend(c):
+        return any(a < c < b for a, b in zip(vouched[:-1], vouched[1:]))
+
+    vals = _shell_values(sm, grown, box)
+    out = []
+    if vals.size >= 8:
+        vals = vals[np.min([np.abs(vals - m) for m in means], axis=0) > tol]
+    if vals.size >= 8:
+        out += [c for c, n in kmeans_1d(vals, 3) if n >= 0.1 * vals.size and separable(c)
+                and all(abs(c - v) > t for v, t in veto) and not blend(c)]
+    if bg.any():
+        lab, _ = ndi.label(bg)
+        for i, sl in enumerate(ndi.find_objects(lab), start=1):
+            b = float(np.median(sm[sl][lab[sl] == i]))
+            if separable(b):
+                out.append(b)
+    return out
+
+
+def is_homogeneous(sm, seed, spacing, tol: float, spread: float, radius_mm: float) -> bool:
+    """True when a click's intensity is a class of its own, not a blend of
+    its neighbours.
+
+    A click on a blurred edge lies strictly between the darker and the
+    brighter side around it; a click on a thin layer (a kidney's cortex
+    between medulla and fat) does not. ``tol`` is the engine's ``k * noise``,
+    ``spread`` its ``global_spread`` (0: never), ``radius_mm`` the
+    neighbourhood looked at.
+    """
+    if spread <= 0:
+        return False
+    c = float(np.median(sm[seed]))
+    lo, hi = np.percentile(sm[neighbourhood(seed, spacing, radius_mm)], [5, 95])
+    margin = max(tol, 0.15 * float(hi - lo)) * spread / 2
+    return not (lo + margin < c < hi - margin)
+
+
+def negative_classes(neg_means, means, bg_means, tol: float) -> list:
+    """Intensities of negative clicks that are background everywhere.
+
+    A negative click whose intensity lies in the middle between the object's
+    and a background class (a click on a blurred edge, or on a thin layer of
+    partial volume) is no intensity class of its own: it only acts around
+    itself (:func:`~.negative.remove_negative`); nor is one within ``tol`` of
+    an object intensity.
+    """
+    out = []
+    for c in neg_means:
+        if any(abs(c - m) <= tol for m in means):
+            continue
+        if any(0.25 < (c - m) / (b - m) < 0.75 for m in means for b in bg_means
+               if abs(b - m) > 2 * tol):
+            continue
+        out.append(c)
+    return out
