@@ -1,0 +1,188 @@
+"""SAM2 and nnInteractive adapters, run end to end on checkpoints built here.
+
+The checkpoints have random weights: they test the plumbing (loading, prompt
+coordinates, 2D / 3D results on the image grid, caching), not quality.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from napari_medseg.core.phantom import make_abdomen_ct
+from napari_medseg.errors import MedSegError
+from napari_medseg.interactive import Prompts, make_engine
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    img, lab = make_abdomen_ct(seed=0, shape=(24, 80, 80), spacing=(3.0, 2.0, 2.0))
+    return np.asarray(img.data), img.spacing, np.asarray(lab.data)
+
+
+# ------------------------------------------------------------------ nnInteractive
+def _need_nninteractive():
+    if importlib.util.find_spec("nnInteractive") is None:
+        pytest.skip("nninteractive is not installed (pip install napari-medseg[nninteractive])")
+
+
+PATCH = (64, 64, 64)  # nnInteractive's refinement keeps a 24-voxel margin: > 48 per axis
+
+
+def _nninteractive_folder(root, patch=PATCH, info=None):
+    """An nnInteractive model folder with random weights (plans, dataset, fold_0)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    arch = {"network_class_name":
+            "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {
+                "n_stages": 3, "features_per_stage": [4, 8, 16],
+                "conv_op": "torch.nn.modules.conv.Conv3d",
+                "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+                "n_conv_per_stage": [1, 1, 1], "n_conv_per_stage_decoder": [1, 1],
+                "conv_bias": True, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
+                "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+                "nonlin_kwargs": {"inplace": True}},
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+    resample = "resample_data_or_seg_to_shape"
+    cfg = {"data_identifier": "nnInteractivePlans_3d", "preprocessor_name": "DefaultPreprocessor",
+           "batch_size": 1, "patch_size": list(patch), "median_image_size_in_voxels": list(patch),
+           "spacing": [1.0, 1.0, 1.0], "normalization_schemes": ["ZScoreNormalization"],
+           "use_mask_for_norm": [False], "resampling_fn_data": resample,
+           "resampling_fn_seg": resample, "resampling_fn_probabilities": resample,
+           "resampling_fn_data_kwargs": {}, "resampling_fn_seg_kwargs": {},
+           "resampling_fn_probabilities_kwargs": {}, "architecture": arch, "batch_dice": False}
+    plans = {"dataset_name": "Dataset998_Tiny", "plans_name": "nnInteractivePlans",
+             "original_median_spacing_after_transp": [1.0, 1.0, 1.0],
+             "original_median_shape_after_transp": list(patch),
+             "image_reader_writer": "SimpleITKIO", "transpose_forward": [0, 1, 2],
+             "transpose_backward": [0, 1, 2], "experiment_planner_used": "ExperimentPlanner",
+             "label_manager": "LabelManager", "foreground_intensity_properties_per_channel": {},
+             "configurations": {"3d_fullres_tiny": cfg}}
+    ds = {"channel_names": {"0": "any"}, "labels": {"background": 0, "object": 1},
+          "numTraining": 1, "file_ending": ".nii.gz"}
+    (root / "fold_0").mkdir(parents=True)
+    (root / "plans.json").write_text(json.dumps(plans))
+    (root / "dataset.json").write_text(json.dumps(ds))
+    # the layout of the published nnInteractive v1.0 folder (7 interaction channels)
+    name = "inference_session_class.json" if info is None else "inference_info.json"
+    (root / name).write_text(json.dumps(info or {"point_radius": 2, "interaction_decay": 0.9}))
+    pm = PlansManager(plans)
+    torch.manual_seed(0)
+    net = nnUNetTrainer.build_network_architecture(
+        pm, pm.get_configuration("3d_fullres_tiny"), 1 + 7, 2, enable_deep_supervision=False)
+    ckpt = {"network_weights": net.state_dict(), "trainer_name": "nnInteractiveTrainer_stub",
+            "init_args": {"plans": plans, "configuration": "3d_fullres_tiny", "fold": 0,
+                          "dataset_json": ds},
+            "current_epoch": 0, "_best_ema": np.float64(0.0), "optimizer_state": None}
+    torch.save(ckpt, root / "fold_0" / "checkpoint_final.pth")
+    return root
+
+
+@pytest.fixture(scope="module")
+def nni_engine(tmp_path_factory):
+    _need_nninteractive()
+    folder = _nninteractive_folder(tmp_path_factory.mktemp("nni") / "model")
+    return make_engine("nnInteractive", folder, device="cpu", autozoom=False)
+
+
+def _channel(session, name, positive=True):
+    pos, neg = session.channel_mapping[name]
+    return np.asarray(session.interactions[pos if positive else neg].float())
+
+
+def test_nninteractive_points_box_3d(nni_engine, phantom):
+    image, spacing, lab = phantom
+    kid = np.round(np.argwhere(lab == 3).mean(0)).astype(int)
+    neg = kid + [0, 0, 20]
+    m = nni_engine.predict(image, spacing, Prompts(positive=[kid], negative=[neg]))
+    assert m.shape == image.shape and m.dtype == bool and m.any()
+    s = nni_engine.session
+    pts_pos, pts_neg = _channel(s, "points"), _channel(s, "points", False)
+    # the clicks land where they were given, in (z, y, x) array order
+    assert tuple(np.unravel_index(pts_pos.argmax(), pts_pos.shape)) == tuple(kid)
+    assert tuple(np.unravel_index(pts_neg.argmax(), pts_neg.shape)) == tuple(neg)
+    # without autozoom one patch is predicted, centred on the positive click
+    for ax, c in enumerate(kid):
+        idx = np.nonzero(np.moveaxis(m, ax, 0).any(axis=(1, 2)))[0]
+        assert idx.min() >= c - PATCH[ax] // 2 and idx.max() < c + PATCH[ax] // 2
+    # a box drawn on one slice is a 2D box; prompts are replayed, not accumulated
+    box = [[kid - [0, 6, 6], kid + [0, 6, 6]]]
+    nni_engine.predict(image, spacing, Prompts(boxes=box))
+    bb = _channel(s, "bbox2d")
+    assert not _channel(s, "points").any()
+    zs, ys, xs = np.nonzero(bb)
+    assert set(zs) == {kid[0]} and ys.min() == kid[1] - 6 and ys.max() == kid[1] + 6
+    assert xs.min() == kid[2] - 6 and xs.max() == kid[2] + 6
+    with pytest.raises(MedSegError, match="one slice"):
+        nni_engine.predict(image, spacing, Prompts(boxes=[[kid - 2, kid + 2]]))
+
+
+def test_nninteractive_scribbles_2d_and_image_cache(nni_engine, phantom):
+    image, spacing, lab = phantom
+    kid = np.round(np.argwhere(lab == 3).mean(0)).astype(int)
+    z = int(kid[0])
+    sc = np.zeros(image.shape, np.uint8)
+    sc[z, kid[1] - 2:kid[1] + 3, kid[2]] = 1
+    sc[z, 5:8, 5:20] = 2
+    nni_engine.ensure_image(image, spacing)
+    prepared = nni_engine.session.preprocessed_image
+    m = nni_engine.predict(image, spacing, Prompts(scribbles=sc, mode="2d", index=z))
+    assert nni_engine.session.preprocessed_image is prepared  # normalised once per image
+    assert m.shape == image.shape and not np.delete(m, z, axis=0).any()
+    s = nni_engine.session
+    assert np.array_equal(_channel(s, "scribble") > 0, sc == 1)
+    assert np.array_equal(_channel(s, "scribble", False) > 0, sc == 2)
+    mask, region = nni_engine.predict_region(image, spacing,
+                                             Prompts(scribbles=sc, mode="2d", index=z))
+    assert region[0] == slice(z, z + 1) and mask.shape == (1, *image.shape[1:])
+
+
+def test_nninteractive_modern_capability_file(tmp_path, phantom):
+    _need_nninteractive()
+    info = {"inference_class": "nnInteractiveInferenceSession", "point_radius": 2,
+            "supported_interactions": {"points": True, "bbox2d": True, "bbox3d": True,
+                                       "scribble": True, "lasso": False},
+            "interaction_channels": 6,  # besides prev_seg
+            "channel_mapping": {"prev_seg": 0, "bbox2d": [1, 2], "bbox3d": [1, 2],
+                                "lasso": [1, 2], "points": [3, 4], "scribble": [5, 6]}}
+    folder = _nninteractive_folder(tmp_path / "model", info=info)
+    eng = make_engine("nnInteractive", folder, device="cpu", autozoom=False)
+    image, spacing, lab = phantom
+    kid = np.round(np.argwhere(lab == 3).mean(0)).astype(int)
+    m = eng.predict(image, spacing, Prompts(boxes=[[kid - [2, 6, 6], kid + [2, 6, 6]]]))
+    assert m.shape == image.shape
+    assert set(np.nonzero(_channel(eng.session, "bbox3d"))[0]) == set(range(kid[0] - 2,
+                                                                        kid[0] + 3))
+
+
+def test_nninteractive_refuses_bad_folders(tmp_path):
+    _need_nninteractive()
+    with pytest.raises(MedSegError, match="not found"):
+        make_engine("nnInteractive", tmp_path / "missing").session
+    with pytest.raises(MedSegError, match="plans.json"):
+        make_engine("nnInteractive", tmp_path).session
+    folder = _nninteractive_folder(tmp_path / "model")
+    ck = folder / "fold_0" / "checkpoint_final.pth"
+    # a pickled object beyond tensors and plain data is refused, not constructed
+    torch.save({"network_weights": {}, "x": Fraction(1, 3)}, ck)
+    with pytest.raises(MedSegError, match="refused"):
+        make_engine("nnInteractive", folder).session
+    torch.save({"network_weights": {"w": torch.zeros(1)},
+                "trainer_name": "nnInteractiveTrainer_stub",
+                "init_args": {"configuration": "3d_fullres_tiny"}}, ck)
+    with pytest.raises(MedSegError, match="does not fit"):
+        make_engine("nnInteractive", folder).session
+
+
+def test_make_engine_needs_a_path():
+    for name in ("nnInteractive", "SAM2"):
+        with pytest.raises(MedSegError, match="choose a local"):
+            make_engine(name)
