@@ -14,7 +14,8 @@ from ._arrays import ellipse, noise_level, robust_stats, union
 from .growing import accept, grow
 from .negative import click_components, remove_negative, split
 from .refine import fill_holes, refine_edge
-from .seeds import locality, near_object, neighbourhood, prompt_seeds
+from .seeds import (band_around, distance_to_object, locality, near_object, neighbourhood,
+                    prompt_seeds)
 from .statistics import background_means, is_homogeneous, negative_classes
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,10 @@ class ClassicalEngine(Engine):
         background.
     edge_mm : float
         Radius (mm) within which a later click on a blurred edge adds voxels.
+    detail_cnr : float
+        Contrast between the object and its nearest surrounding intensity
+        class, in units of the image's noise, above which the image smoothed
+        by only ``smooth / 2`` is grown in (0: never).
     """
 
     name = "classical"
@@ -60,7 +65,8 @@ class ClassicalEngine(Engine):
     def __init__(self, roi_size=(128, 128, 128), k: float = 2.5,
                  seed_radius_mm: float = 3.0, smooth: float = 1.0,
                  local_mm: float = 15.0, open_radius: int = 1, edge_passes: int = 3,
-                 global_spread: float = 2.0, veto_k: float = 2.5, edge_mm: float = 8.0):
+                 global_spread: float = 2.0, veto_k: float = 2.5, edge_mm: float = 8.0,
+                 detail_cnr: float = 6.0):
         super().__init__()
         self.roi_size = tuple(int(v) for v in roi_size)
         self.k = float(k)
@@ -72,6 +78,7 @@ class ClassicalEngine(Engine):
         self.global_spread = float(global_spread)
         self.veto_k = float(veto_k)
         self.edge_mm = float(edge_mm)
+        self.detail_cnr = float(detail_cnr)
         self._smoothed: dict = {}
 
     # ---------------------------------------------------------------- cache
@@ -79,27 +86,30 @@ class ClassicalEngine(Engine):
         super().set_image(image, spacing)
         self._smoothed = {}
 
-    def _smooth_region(self, image, region: Region, pad: int):
-        """Smoothed ``image[region]`` and its noise level; reuses a cached block."""
-        for (lo, hi), (block, noise) in self._smoothed.items():
+    def _smooth_region(self, image, region: Region, pad: int) -> tuple:
+        """``(smoothed, noise, lightly smoothed, its noise, raw noise)`` of
+        ``image[region]``; reuses a cached block."""
+        for (lo, hi), blocks in self._smoothed.items():
             if all(s.start >= a and s.stop <= b for s, a, b in zip(region, lo, hi)):
                 sub = tuple(slice(s.start - a, s.stop - a) for s, a in zip(region, lo))
-                return block[sub], noise
+                return blocks[0][sub], blocks[1], blocks[2][sub], blocks[3], blocks[5]
         shape = image.shape
         big = tuple(slice(max(s.start - (pad if s.stop - s.start > 1 else 0), 0),
                           min(s.stop + (pad if s.stop - s.start > 1 else 0), n))
                     for s, n in zip(region, shape))
-        arr = np.asarray(image[big], dtype=np.float32)
-        sig = [self.smooth if (b.stop - b.start) > 1 else 0 for b in big]
-        noise = noise_level(arr, sig)
-        if self.smooth > 0:
-            arr = ndi.gaussian_filter(arr, sig, mode="nearest", truncate=2.0)
+        raw = np.asarray(image[big], dtype=np.float32)
+        blocks = []
+        for sigma in (self.smooth, self.smooth / 2, 0.0):
+            sig = [sigma if (b.stop - b.start) > 1 else 0 for b in big]
+            arr = ndi.gaussian_filter(raw, sig, mode="nearest", truncate=2.0) \
+                if sigma > 0 else raw
+            blocks += [arr, noise_level(raw, sig)]
         if len(self._smoothed) >= 4:
             self._smoothed.pop(next(iter(self._smoothed)))
         key = (tuple(b.start for b in big), tuple(b.stop for b in big))
-        self._smoothed[key] = (arr, noise)
+        self._smoothed[key] = tuple(blocks)
         sub = tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(region, big))
-        return arr[sub], noise
+        return blocks[0][sub], blocks[1], blocks[2][sub], blocks[3], blocks[5]
 
     # -------------------------------------------------------------- predict
     @staticmethod
@@ -121,7 +131,7 @@ class ClassicalEngine(Engine):
         image, spacing, prompts = self.prepare(image, spacing, prompts)
         self.ensure_image(image, spacing)
         region, pad = self._region(prompts, image.shape, self.roi_size)
-        sm, noise = self._smooth_region(image, region, pad)
+        sm, noise, light, noise_light, raw_noise = self._smooth_region(image, region, pad)
         check_cancel(cancel)
         offset = np.array([s.start for s in region])
         fg, bg, box = prompt_seeds(prompts, region, offset)
@@ -131,19 +141,24 @@ class ClassicalEngine(Engine):
             mask = self._segment(np.take(sm, 0, ax), [np.take(g, 0, ax) for g in fg],
                                  np.take(bg, 0, ax),
                                  None if box is None else np.take(box, 0, ax), sp, noise,
-                                 cancel)
+                                 cancel, light=(np.take(light, 0, ax), noise_light, raw_noise))
             mask = np.expand_dims(mask, ax)
         else:
-            mask = self._segment(sm, fg, bg, box, spacing, noise, cancel)
+            mask = self._segment(sm, fg, bg, box, spacing, noise, cancel,
+                                 light=(light, noise_light, raw_noise))
         return mask, region
 
     # --------------------------------------------------------------- growth
-    def _segment(self, sm, fg: list, bg, box, spacing, noise0, cancel) -> np.ndarray:
+    def _segment(self, sm, fg: list, bg, box, spacing, noise0, cancel,
+                 light=None) -> np.ndarray:
         """Grow the object in ``sm`` (2D or 3D) from seed groups ``fg``.
 
         The first seed (and scribbles, box centres) grow globally; each later
         click adds only what it reaches within ``local_mm`` of itself, so a
-        click changes the mask near where it was put.
+        click changes the mask near where it was put. ``light`` is
+        ``(lightly smoothed image, its noise, the raw image's noise)``: an
+        object that stands out from its surroundings by ``detail_cnr`` raw
+        noise units is grown there (thin structures keep their shape).
         """
         if not fg:
             return np.zeros(sm.shape, bool)
@@ -175,8 +190,16 @@ class ClassicalEngine(Engine):
             noise = min(max(spread, noise), 4 * noise)
             grown = grow_global([self.k * noise] * len(gl))
         check_cancel(cancel)
+        if light is not None and self.detail_cnr > 0:
+            shell = background_means(sm, grown, bg & ~click_components(bg), box, g_means,
+                                     self.k * noise)
+            cnr = min(abs(means[0] - b) for b in shell) / light[2] if shell else 0.0
+            log.debug("contrast %.3g noise units", cnr)
+            if cnr >= self.detail_cnr:
+                return self._segment(light[0], fg, bg, box, spacing, light[1], cancel)
 
-        veto = self._veto(sm, fg, local, means, spacing, noise)
+        touch = self._touching(sm, grown, fg, local, means, spacing, noise)
+        veto = self._veto(sm, fg, local, means, spacing, noise, touch)
         clicks_bg = click_components(bg)
         vouched = [v for v, tol in veto if tol < 3 * self.k * noise]
         lab_neg, n_neg = ndi.label(clicks_bg)
@@ -190,18 +213,41 @@ class ClassicalEngine(Engine):
             log.debug("fg %s noise %.3g bg %s grown %d", means, noise, bg_means,
                       grown.sum())
             grown = self._grow_all(sm, fg, bg, box, spacing, noise, local, means,
-                                   bg_means, grown, grow_global, gl)
+                                   bg_means, grown, grow_global, gl, touch)
         check_cancel(cancel)
-        return self._finish(sm, grown, fg, seeds, bg, clicks_bg, box, means, spacing)
+        return self._finish(sm, grown, fg, seeds, bg, clicks_bg, box, means, spacing, noise)
 
-    def _veto(self, sm, fg, local, means, spacing, noise) -> list:
+    def _touching(self, sm, grown, fg, local, means, spacing, noise) -> list:
+        """Which later clicks sit at the object's edge and ask for it to move
+        out there: those within about a voxel of the first growth, and those
+        on a blend (their centre voxel unlike their neighbours) within the
+        reach of edge refinement."""
+        near = max(spacing)
+        out = []
+        for i, loc in enumerate(local):
+            if loc is None:
+                out.append(False)
+                continue
+            far = (self.edge_passes + 1) * near
+            d = distance_to_object(grown, fg[i], spacing, far + near)
+            blend = abs(self._centre_value(sm, fg[i]) - means[i]) > self.k * noise
+            out.append(d <= 0.5 * (near + min(spacing)) or (blend and d <= far))
+        return out
+
+    @staticmethod
+    def _centre_value(sm, seed) -> float:
+        """The smoothed image at a click's centre voxel."""
+        return float(sm[tuple(np.round(np.argwhere(seed).mean(axis=0)).astype(int))])
+
+    def _veto(self, sm, fg, local, means, spacing, noise, touch) -> list:
         """``(intensity, tolerance)`` of later clicks inside a homogeneous region
         (not on an edge): they vouch for their intensity being object (a
         homogeneous neighbourhood for a wide range around it; a click whose
-        own voxels agree only for its intensity)."""
+        own voxels agree only for its intensity). A click touching the object
+        (``touch``) vouches for nothing."""
         veto = []
         for i, loc in enumerate(local):
-            if loc is None:
+            if loc is None or touch[i]:
                 continue
             if robust_stats(sm[neighbourhood(fg[i], spacing, self.seed_radius_mm)])[1] \
                     <= 3 * noise:
@@ -211,19 +257,51 @@ class ClassicalEngine(Engine):
                 veto.append((means[i], self.veto_k * noise))
         return veto
 
-    def _finish(self, sm, grown, fg, seeds, bg, clicks_bg, box, means, spacing):
-        """Negative clicks, watershed split, edge refinement, holes, box."""
+    def _finish(self, sm, grown, fg, seeds, bg, clicks_bg, box, means, spacing, noise):
+        """Negative clicks, watershed split, edge refinement, holes, box.
+
+        The watershed split only starts from background scribbles, box edges
+        and negative clicks of an object intensity (a same-intensity
+        neighbour); a negative click of another intensity has done its work
+        in :func:`~.negative.remove_negative`.
+        """
         if clicks_bg.any() and (grown & ndi.binary_dilation(clicks_bg)).any():
             grown = remove_negative(sm, grown, clicks_bg, means, seeds | union(fg),
                                     spacing, self.local_mm)
-        if bg.any() and (grown & bg).any():
-            grown = split(sm, grown, seeds | union(fg), bg)
+        markers = bg & ~clicks_bg
+        lab, _ = ndi.label(clicks_bg)
+        for i, sl in enumerate(ndi.find_objects(lab), start=1):
+            click = lab[sl] == i
+            if min(abs(float(np.median(sm[sl][click])) - m) for m in means) <= self.k * noise:
+                markers[sl] |= click
+        if (grown & markers).any():
+            grown = split(sm, grown, seeds | union(fg), markers)
         for _ in range(self.edge_passes):
             grown = refine_edge(sm, grown, bg)
         grown = fill_holes(grown, bg)
         if box is not None:
             grown &= box
         return grown
+
+    def _extend_edge(self, sm, grown, seed, bg, box, spacing, noise, g_means) -> None:
+        """Move the object's edge out to a click at it (in place).
+
+        Voxels join that are at least as object-like as the click's centre
+        (a blend of object and surroundings), lie within ``edge_mm`` of the
+        click and no farther from the object than the click plus a voxel, and
+        connect to it.
+        """
+        sl, ell = ellipse(seed, spacing, self.edge_mm)
+        sub = sm[sl]
+        c = self._centre_value(sm, seed)
+        m = min(g_means, key=lambda v: abs(v - c))
+        acc = np.abs(sub - m) <= abs(c - m) + 0.5 * self.k * noise
+        acc &= ell[tuple(slice(0, n) for n in acc.shape)]
+        d = distance_to_object(grown, seed, spacing, self.edge_mm)
+        if np.isfinite(d):
+            acc &= band_around(grown[sl], spacing, d + max(spacing))
+        s = seed[sl] & ~bg[sl]
+        grown[sl] |= grow(acc, s, None if box is None else box[sl], 0)
 
     def _caps(self, means, bg_means, noise) -> list:
         """How far (intensity) each object class reaches.
@@ -240,9 +318,13 @@ class ClassicalEngine(Engine):
                            if abs(m - o) > far]) for m, c in zip(means, caps)]
 
     def _grow_all(self, sm, fg, bg, box, spacing, noise, local, means, bg_means, grown,
-                  grow_global, gl):
+                  grow_global, gl, touch):
         """Grow the global seeds, then each later click near itself (or near
-        the object, for a click inside a region of its own intensity)."""
+        the object, for a click inside a region of its own intensity).
+
+        A click touching the object (``touch``) only adds voxels within one
+        voxel more of the object than itself: a band along the edge.
+        """
         near_bg = None
         caps = [self.k * noise] * len(means)
         if bg_means:
@@ -250,8 +332,12 @@ class ClassicalEngine(Engine):
             near_bg = np.min([np.abs(sm - b) for b in bg_means], axis=0)
             grown = grow_global([caps[i] for i in gl], near_bg)
         grown = grown.copy()
+        g_means = [means[i] for i in gl]
         for i, loc in enumerate(local):
             if loc is None:
+                continue
+            if touch[i]:
+                self._extend_edge(sm, grown, fg[i], bg, box, spacing, noise, g_means)
                 continue
             sl, ell = loc
             if not grown.any():

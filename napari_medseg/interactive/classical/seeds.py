@@ -139,3 +139,24 @@ def near_object(grown: np.ndarray, seed: np.ndarray, spacing, local_mm: float) -
     boxes = [bbox(m) for m in (grown, seed) if m.any()]
     return tuple(slice(max(min(b[a].start for b in boxes) - r[a], 0),
                        max(b[a].stop for b in boxes) + r[a]) for a in range(len(r)))
+
+
+def distance_to_object(grown: np.ndarray, seed: np.ndarray, spacing,
+                       reach_mm: float) -> float:
+    """Distance (mm) from a click's centre to the nearest voxel of ``grown``;
+    ``inf`` when none lies within ``reach_mm``."""
+    c = np.round(np.argwhere(seed).mean(axis=0)).astype(int)
+    r = [int(np.ceil(reach_mm / s)) for s in spacing]
+    win = tuple(slice(max(ci - ri, 0), ci + ri + 1) for ci, ri in zip(c, r))
+    sub = grown[win]
+    if not sub.any():
+        return float("inf")
+    d = ndi.distance_transform_edt(~sub, sampling=spacing)
+    return float(d[tuple(ci - w.start for ci, w in zip(c, win))])
+
+
+def band_around(grown: np.ndarray, spacing, width_mm: float) -> np.ndarray:
+    """Voxels within ``width_mm`` of ``grown`` (a window of the object's edge)."""
+    if not grown.any():
+        return np.zeros(grown.shape, bool)
+    return ndi.distance_transform_edt(~grown, sampling=spacing) <= width_mm
