@@ -12,7 +12,8 @@ import torch
 from napari_medseg.core.phantom import make_abdomen_ct
 from napari_medseg.errors import MedSegError
 from napari_medseg.interactive import Prompts, make_engine
-from napari_medseg.interactive.click_model import (WEIGHTS, ClickModelEngine, ClickNet,
+from napari_medseg.interactive import click_roi as roi
+from napari_medseg.interactive.click_model import (ARCH, WEIGHTS, ClickModelEngine, ClickNet,
                                                    click_channels, load_click_net)
 from napari_medseg.interactive.simulate import simulate_clicks
 
@@ -23,42 +24,102 @@ def phantom():
     return np.asarray(img.data), img.spacing, np.asarray(lab.data)
 
 
-def test_shipped_click_weights_are_small_and_plain():
-    assert WEIGHTS.is_file() and WEIGHTS.stat().st_size < 5e6
+def test_shipped_click_weights_are_small_plain_and_tagged():
+    assert WEIGHTS.is_file() and WEIGHTS.stat().st_size < 2e6
     state = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
+    assert bytes(state["_arch"].tolist()).decode() == ARCH
     net = load_click_net()
-    out = net(torch.zeros(1, 3, 8, 16, 16))
+    out = net(torch.zeros(1, 4, 8, 16, 16))
     assert out.shape == (1, 1, 8, 16, 16)
+
+
+def test_old_or_foreign_click_weights_are_refused(tmp_path):
+    old = tmp_path / "old.pt"
+    torch.save({"_width": torch.tensor(16), "stem.0.weight": torch.zeros(16, 3, 3, 3, 3)}, old)
+    with pytest.raises(MedSegError, match="format 'v1'.*retrain"):
+        load_click_net(old)
+    with pytest.raises(MedSegError, match="not found"):
+        load_click_net(tmp_path / "missing.pt")
 
 
 def test_click_channels_normalise_to_the_click():
     crop = np.full((8, 16, 16), 500.0, np.float32)
     crop[:, :, 8:] = 900
-    x = click_channels(crop, np.array([[4.0, 8.0, 3.0]]), np.zeros((0, 3)))
-    assert x.shape == (3, 8, 16, 16)
+    prev = np.zeros(crop.shape, np.float32)
+    prev[:, :, :8] = 1
+    x = click_channels(crop, np.array([[4.0, 8.0, 3.0]]), np.zeros((0, 3)), prev)
+    assert x.shape == (4, 8, 16, 16) and x.dtype == np.float32
     assert abs(x[0, 4, 8, 3]) < 1e-6 and x[0, 4, 8, 12] > 0
     assert x[1, 4, 8, 3] == pytest.approx(1.0) and x[2].max() == 0
+    assert np.array_equal(x[3], prev)
+    assert click_channels(crop, [[4, 8, 3]], np.zeros((0, 3)))[3].max() == 0
 
 
-def test_click_model_segments_an_organ(phantom):
+def test_grid_plan_keeps_the_budget_and_the_image_resolution():
+    # a large region is coarsened to the budget, nearly isotropic in mm
+    g = roi.plan_grid((64, 128, 128), (2.5, 1.5, 1.5), roi.BUDGET_3D)
+    assert all(n % roi.MULTIPLE == 0 for n in g)
+    assert np.prod(g) <= 1.15 * roi.BUDGET_3D
+    mm = np.array((64 * 2.5, 128 * 1.5, 128 * 1.5)) / g
+    assert mm.max() / mm.min() < 1.4
+    # a small region keeps (about) the image's voxels, never finer
+    assert roi.plan_grid((16, 24, 24), (1.0, 1.0, 1.0), roi.BUDGET_3D) == (16, 24, 24)
+    # a 2D slab keeps its slices and fits the in-plane budget
+    g2 = roi.plan_grid((8, 400, 300), (5.0, 0.5, 0.5), roi.INPLANE_2D, fixed=(0,))
+    assert g2[0] == 8 and g2[1] * g2[2] <= 1.15 * roi.INPLANE_2D
+    # cell-centred mapping of points onto the grid
+    p = roi.to_grid([[0, 0, 0], [63, 127, 127]], np.zeros(3), np.array([64, 128, 128]),
+                    (32, 64, 64))
+    assert np.allclose(p[0], -0.25) and np.allclose(p[1], [31.25, 63.25, 63.25])
+    lo, hi = roi.grow_box(np.array([10, 10, 10]), np.array([20, 20, 20]), [(0, 0), (2, 1)],
+                          (100, 100, 25))
+    assert lo.tolist() == [0, 10, 10] and hi.tolist() == [20, 20, 25]
+
+
+def test_click_model_segments_organs_and_refines(phantom):
     image, spacing, lab = phantom
     eng = make_engine("click model")
     assert isinstance(eng, ClickModelEngine)
-    run = simulate_clicks(eng, image, spacing, lab == 1, n_clicks=2)
-    assert run.dice[-1] > 0.5, run.dice  # trained, not random
+    for k in (1, 3):  # liver (larger than the first 64 mm region) and a kidney
+        run = simulate_clicks(eng, image, spacing, lab == k, n_clicks=3)
+        assert run.dice[-1] > 0.8, (k, run.dice)  # trained, not random
     with pytest.raises(MedSegError, match="positive click"):
         eng.predict(image, spacing, Prompts(boxes=[[[10, 20, 20], [12, 40, 40]]]))
     m = eng.predict(image, spacing, Prompts(positive=[[16, 40, 30]], mode="2d", index=16))
     assert m.shape == image.shape and not m[15].any() and not m[17].any()
 
 
+def test_click_model_feeds_back_its_last_mask(phantom):
+    image, spacing, lab = phantom
+    eng = ClickModelEngine()
+    kid = np.argwhere(lab == 3).mean(0)
+    first = Prompts(positive=[kid])
+    m1 = eng.predict(image, spacing, first)
+    assert eng._previous(eng._last[0], Prompts(positive=[kid], negative=[[2, 2, 2]]))
+    again = eng.predict(image, spacing, Prompts(positive=[kid]))  # unchanged prompts: cached
+    assert np.array_equal(m1, again)
+    # another image (or prompts that do not extend the last ones) start afresh
+    assert eng._previous(eng._last[0], Prompts(positive=[kid + 1])) is None
+    m2 = eng.predict(image, spacing, Prompts(positive=[kid], negative=[[2, 2, 2]]))
+    assert m2.shape == image.shape and m2.any()
+
+
+def test_click_model_2d_on_another_axis(phantom):
+    image, spacing, lab = phantom
+    kid = np.round(np.argwhere(lab == 3).mean(0)).astype(int)
+    m = ClickModelEngine().predict(image, spacing,
+                                   Prompts(positive=[kid], mode="2d", axis=2, index=kid[2]))
+    assert m.shape == image.shape and m[:, :, kid[2]].any()
+    assert not np.delete(m, kid[2], axis=2).any()
+
+
 def test_training_script_writes_loadable_weights(tmp_path):
     from napari_medseg.training.train_click_model import train
 
     out = tmp_path / "w.pt"
-    summary = train(out, minutes=0.02, batch=1, width=4, n_phantoms=1)
-    assert summary["steps"] >= 1 and out.is_file()
+    summary = train(out, minutes=0.02, width=4, n_phantoms=1, cache=tmp_path / "pool.npz")
+    assert summary["steps"] >= 1 and out.is_file() and (tmp_path / "pool.npz").is_file()
     net = load_click_net(out)
     assert isinstance(net, ClickNet) and net.width == 4
 

@@ -1,13 +1,23 @@
-"""A learned click model: a small 3D network from image + click maps to a mask.
+"""A learned click model: a small 3D network from image, clicks and last mask to a mask.
 
-The network sees three channels on a region around the clicks: the image,
-normalised to the intensity under the first positive click and the spread of
-the region (so it works on CT and MR alike), and one map each for positive and
-negative clicks (Gaussian blobs). It returns mask logits for the region. It is
-trained on the synthetic phantoms with simulated clicks by
-``python -m napari_medseg.training.train_click_model`` and the weights ship in
-the package (``click_model.pt``, a plain state dict read with
-``weights_only=True``).
+The network sees four channels on a region around the clicks, resampled onto a
+grid of a fixed voxel budget (:mod:`.click_roi`): the image, normalised to the
+intensity under the first positive click and the spread of the region (so it
+works on CT and MR alike), one map each for positive and negative clicks
+(Gaussian blobs) and the mask of the previous update, so that each later click
+refines the last answer instead of starting over. It returns mask logits on
+the grid, which are interpolated back onto the image's voxels.
+
+A 3D update looks at the box around the clicks and the previous mask (a
+64 mm cube around a first click) and grows it while the mask reaches its
+border; a 2D update looks at a slab of :data:`~.click_roi.SLAB_2D` slices
+around the slice. The network was trained (RITM style: later clicks at the
+centre of its own largest error) on the synthetic CT and MR phantoms by::
+
+    python -m napari_medseg.training.train_click_model --minutes 30 --threads 1
+
+and the weights ship in the package (``click_model.pt``: a plain state dict
+read with ``weights_only=True``, tagged with :data:`ARCH`).
 """
 
 from __future__ import annotations
@@ -18,55 +28,59 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch import nn
 from scipy import ndimage as ndi
+from torch import nn
 
 from ..errors import MedSegError, check_cancel
-from .base import Engine, Prompts, Region, roi_around
+from . import click_roi as roi
+from .base import Engine, Prompts, Region
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClickNet", "ClickModelEngine", "click_channels", "WEIGHTS", "CLICK_SIGMA"]
+__all__ = ["ClickNet", "ClickModelEngine", "click_channels", "load_click_net", "WEIGHTS",
+           "CLICK_SIGMA", "ARCH"]
 
 #: The weights shipped with the package.
 WEIGHTS = Path(__file__).with_name("click_model.pt")
-#: Standard deviation (voxels) of the Gaussian blob drawn for each click.
+#: Standard deviation (grid voxels) of the Gaussian blob drawn for each click.
 CLICK_SIGMA = 2.0
+#: Architecture tag stored in the weights; other tags are refused.
+ARCH = "clicknet-v2"
 
 
-def _block(cin, cout):
+def _conv(cin, cout, stride=1, norm=True):
+    if not norm:  # the half-resolution level: normalising it would cost most of the time
+        return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=1),
+                             nn.LeakyReLU(0.01, inplace=True))
     return nn.Sequential(
-        nn.Conv3d(cin, cout, 3, padding=1, bias=False), nn.InstanceNorm3d(cout, affine=True),
-        nn.LeakyReLU(0.01, inplace=True),
-        nn.Conv3d(cout, cout, 3, padding=1, bias=False), nn.InstanceNorm3d(cout, affine=True),
-        nn.LeakyReLU(0.01, inplace=True),
-    )
+        nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.InstanceNorm3d(cout, affine=True), nn.LeakyReLU(0.01, inplace=True))
 
 
 class ClickNet(nn.Module):
-    """A small 3D U-Net: ``(B, 3, Z, Y, X)`` -> ``(B, 1, Z, Y, X)`` logits.
+    """A small 3D U-Net: ``(B, 4, Z, Y, X)`` -> ``(B, 1, Z, Y, X)`` logits.
 
-    The first convolution halves the in-plane resolution (CT and MR slices are
-    usually finer than their spacing), the U-Net works on that grid and the
-    logits are interpolated back. ``Z`` must be a multiple of 4 and ``Y``,
-    ``X`` multiples of 8. About 0.2 M parameters.
+    A strided first convolution brings the grid to half resolution, where a
+    three-level U-Net runs; its features are interpolated back to the grid and
+    combined voxel by voxel with the input channels (so thin structures keep
+    the grid's resolution). Every side must be a multiple of 8. About 0.1 M
+    parameters at ``width=12``.
     """
 
-    def __init__(self, width: int = 16):
+    def __init__(self, width: int = 12, in_channels: int = 4):
         super().__init__()
         w = width
-        self.stem = nn.Sequential(
-            nn.Conv3d(3, w, 3, stride=(1, 2, 2), padding=1, bias=False),
-            nn.InstanceNorm3d(w, affine=True), nn.LeakyReLU(0.01, inplace=True))
-        self.enc1 = _block(w, w)
-        self.enc2 = _block(w, 2 * w)
-        self.enc3 = _block(2 * w, 4 * w)
-        self.up2 = nn.ConvTranspose3d(4 * w, 2 * w, 2, stride=2)
-        self.dec2 = _block(4 * w, 2 * w)
-        self.up1 = nn.ConvTranspose3d(2 * w, w, 2, stride=2)
-        self.dec1 = _block(2 * w, w)
-        self.head = nn.Conv3d(w, 1, 1)
         self.width = width
+        self.stem = _conv(in_channels, w, stride=2, norm=False)
+        self.enc1 = _conv(w, w, norm=False)
+        self.enc2 = nn.Sequential(_conv(w, 2 * w), _conv(2 * w, 2 * w))
+        self.enc3 = nn.Sequential(_conv(2 * w, 4 * w), _conv(4 * w, 4 * w))
+        self.up2 = nn.ConvTranspose3d(4 * w, 2 * w, 2, stride=2)
+        self.dec2 = _conv(4 * w, 2 * w)
+        self.up1 = nn.ConvTranspose3d(2 * w, w, 2, stride=2)
+        self.dec1 = _conv(2 * w, w, norm=False)
+        self.head = nn.Sequential(nn.Conv3d(w + in_channels, 8, 1), nn.LeakyReLU(0.01, True),
+                                  nn.Conv3d(8, 1, 1))
 
     def forward(self, x):
         e1 = self.enc1(self.stem(x))
@@ -74,15 +88,16 @@ class ClickNet(nn.Module):
         e3 = self.enc3(nn.functional.max_pool3d(e2, 2))
         d2 = self.dec2(torch.cat([self.up2(e3), e2], 1))
         d1 = self.dec1(torch.cat([self.up1(d2), e1], 1))
-        return nn.functional.interpolate(self.head(d1), size=x.shape[2:], mode="trilinear",
-                                         align_corners=False)
+        f = nn.functional.interpolate(d1, size=x.shape[2:], mode="trilinear",
+                                      align_corners=False)
+        return self.head(torch.cat([f, x], 1))
 
 
 def _click_map(points, shape, sigma=CLICK_SIGMA) -> np.ndarray:
     """Max of Gaussian blobs (peak 1) at ``points`` (array indices in ``shape``)."""
     out = np.zeros(shape, np.float32)
     r = int(np.ceil(3 * sigma))
-    for p in points:
+    for p in np.asarray(points, float).reshape(-1, 3):
         c = np.round(p).astype(int)
         sl = tuple(slice(max(ci - r, 0), min(ci + r + 1, n)) for ci, n in zip(c, shape))
         if any(s.stop <= s.start for s in sl):
@@ -93,38 +108,100 @@ def _click_map(points, shape, sigma=CLICK_SIGMA) -> np.ndarray:
     return out
 
 
-def click_channels(crop: np.ndarray, positive, negative) -> np.ndarray:
-    """The network input ``(3, Z, Y, X)`` float32 for an image crop and its clicks.
+def click_channels(crop: np.ndarray, positive, negative, previous=None) -> np.ndarray:
+    """The network input ``(4, Z, Y, X)`` float32 for a grid crop and its clicks.
 
     Parameters
     ----------
     crop : (Z, Y, X) array
-        Image region (any units).
+        Image region on the network's grid (any units).
     positive, negative : (N, 3) array
         Clicks in the crop's array indices; at least one positive.
+    previous : (Z, Y, X) array, optional
+        The previous mask on the same grid (values in [0, 1]); zeros if None.
     """
     crop = np.asarray(crop, np.float32)
+    positive = np.asarray(positive, float).reshape(-1, 3)
     p0 = np.clip(np.round(positive[0]).astype(int), 0, np.array(crop.shape) - 1)
     sl = tuple(slice(max(c - 1, 0), c + 2) for c in p0)
     centre = float(np.median(crop[sl]))
-    q25, q75 = np.percentile(crop[:: 2, :: 2, :: 2], [25, 75])
+    q25, q75 = np.percentile(crop[::2, ::2, ::2], [25, 75])
     scale = max(float(q75 - q25) / 1.35, 1e-3 * (float(np.ptp(crop)) + 1e-6), 1e-6)
     img = np.clip((crop - centre) / scale, -5.0, 5.0)
-    return np.stack([img, _click_map(positive, crop.shape), _click_map(negative, crop.shape)])
+    prev = (np.zeros(crop.shape, np.float32) if previous is None
+            else np.asarray(previous, np.float32))
+    return np.stack([img, _click_map(positive, crop.shape), _click_map(negative, crop.shape),
+                     prev]).astype(np.float32)
+
+
+def keep_clicked(mask: np.ndarray, positive, negative) -> np.ndarray:
+    """The connected parts of ``mask`` under a positive click, negative clicks cleared."""
+    mask = np.asarray(mask, bool)
+    hi = np.array(mask.shape) - 1
+    pos = np.clip(np.round(np.asarray(positive).reshape(-1, mask.ndim)), 0, hi).astype(int)
+    lab, n = ndi.label(mask)
+    if n:
+        ids = np.unique(lab[tuple(pos.T)])
+        ids = ids[ids > 0]
+        if len(ids):
+            mask = np.isin(lab, ids)
+    for p in np.round(np.asarray(negative).reshape(-1, mask.ndim)).astype(int):
+        if np.all(p >= 0) and np.all(p <= hi):
+            mask[tuple(p)] = False
+    return mask
 
 
 def load_click_net(path=WEIGHTS) -> ClickNet:
-    """Load the shipped (or a given) click network on the CPU, in eval mode."""
+    """Load the shipped (or a given) click network on the CPU, in eval mode.
+
+    Raises
+    ------
+    MedSegError
+        When the file is missing or holds another architecture's weights.
+    """
     path = Path(path)
     if not path.is_file():
         raise MedSegError(f"click model weights not found at {path}; train them with "
                           "`python -m napari_medseg.training.train_click_model`", str(path))
     state = torch.load(path, map_location="cpu", weights_only=True)
-    width = int(state.pop("_width").item()) if "_width" in state else 16
+    arch = state.pop("_arch", None)
+    arch = bytes(arch.tolist()).decode("ascii", "replace") if arch is not None else "v1"
+    if arch != ARCH or not isinstance(state, dict):
+        raise MedSegError(f"{path} holds click model weights of format {arch!r}, but this "
+                          f"version reads {ARCH!r}; retrain them with `python -m "
+                          "napari_medseg.training.train_click_model`", str(path))
+    width = int(state.pop("_width").item())
     net = ClickNet(width)
     net.load_state_dict(state)
     net.eval()
     return net
+
+
+def state_for_saving(net: ClickNet) -> dict:
+    """A plain tensor state dict of ``net`` with its architecture tag and width."""
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    state["_width"] = torch.tensor(net.width)
+    state["_arch"] = torch.tensor(list(ARCH.encode("ascii")), dtype=torch.uint8)
+    return state
+
+
+def _paste(src: np.ndarray, src_lo, lo, hi) -> np.ndarray:
+    """Float array of shape ``hi - lo`` holding the part of ``src`` (at ``src_lo``) inside."""
+    out = np.zeros(tuple(np.asarray(hi) - np.asarray(lo)), np.float32)
+    a = np.maximum(np.asarray(src_lo), lo)
+    b = np.minimum(np.asarray(src_lo) + np.asarray(src.shape), hi)
+    if np.all(b > a):
+        out[tuple(slice(i - j, k - j) for i, k, j in zip(a, b, lo))] = \
+            src[tuple(slice(i - j, k - j) for i, k, j in zip(a, b, src_lo))]
+    return out
+
+
+def _mask_corners(mask: np.ndarray, start) -> np.ndarray:
+    """The two corners (array indices) of the bounding box of ``mask`` placed at ``start``."""
+    idx = np.argwhere(mask)
+    if not len(idx):
+        return np.zeros((0, mask.ndim))
+    return np.stack([idx.min(0), idx.max(0)]) + np.asarray(start)
 
 
 class ClickModelEngine(Engine):
@@ -134,26 +211,51 @@ class ClickModelEngine(Engine):
     ----------
     weights : path, optional
         A state dict saved by the training script; the shipped one by default.
-    roi_size : tuple of 3 int
-        Smallest region (voxels) the network sees around the clicks.
     threads : int, optional
         Torch CPU threads (torch's default when None).
+    budget : int
+        Most grid voxels of a 3D update (:data:`~.click_roi.BUDGET_3D`).
+    max_grow : int
+        How often a 3D region may double towards borders the mask reaches.
+
+    Notes
+    -----
+    The last prompts and mask are cached: when new prompts extend them (a
+    click added), the last mask is the network's previous-mask input; the
+    image grid of an unchanged region is reused.
     """
 
     name = "click model"
 
-    def __init__(self, weights=None, roi_size=(48, 96, 96), threads: int | None = None):
+    def __init__(self, weights=None, threads: int | None = None,
+                 budget: int = roi.BUDGET_3D, max_grow: int = 2):
         super().__init__()
         self.weights = Path(weights) if weights is not None else WEIGHTS
-        self.roi_size = tuple(int(v) for v in roi_size)
         self.threads = threads
+        self.budget = int(budget)
+        self.max_grow = int(max_grow)
         self._net: ClickNet | None = None
+        self._last = None  # (key, positive, negative, mask, region)
+        self._grid = None  # (key, lo, hi, grid shape, resampled crop)
 
     @property
     def net(self) -> ClickNet:
         if self._net is None:
             self._net = load_click_net(self.weights)
         return self._net
+
+    def _previous(self, key, prompts: Prompts):
+        """The cached ``(mask, region, same)`` when ``prompts`` extend the cached ones."""
+        if self._last is None or self._last[0] != key:
+            return None
+        _, pos, neg, mask, region = self._last
+        if len(pos) > len(prompts.positive) or len(neg) > len(prompts.negative):
+            return None
+        if not (np.array_equal(pos, prompts.positive[:len(pos)])
+                and np.array_equal(neg, prompts.negative[:len(neg)])):
+            return None
+        same = len(pos) == len(prompts.positive) and len(neg) == len(prompts.negative)
+        return mask, region, same
 
     def predict_region(self, image, spacing, prompts: Prompts,
                        cancel: Callable[[], bool] | None = None
@@ -162,51 +264,109 @@ class ClickModelEngine(Engine):
         if not len(prompts.positive):
             raise MedSegError("the click model needs at least one positive click on the "
                               "object", "prompts")
-        shape = image.shape
-        size = list(self.roi_size)
-        if prompts.mode == "2d":  # a slab around the slice, the full slice in-plane
-            size[prompts.axis] = min(16, shape[prompts.axis])
-        region = roi_around(prompts.all_points(), shape, size, margin=8)
-        region = self._fit(region, shape)
-        offset = np.array([s.start for s in region], float)
-        crop = np.asarray(image[region], np.float32)
-        x = click_channels(crop, prompts.positive - offset,
-                           prompts.negative - offset if len(prompts.negative)
-                           else np.zeros((0, 3)))
-        check_cancel(cancel)
-        pad = [(0, (-n) % m) for n, m in zip(crop.shape, (4, 8, 8))]
-        x = np.pad(x, [(0, 0), *pad], mode="edge")
+        key = (self.image_key(image, spacing), prompts.mode, prompts.axis, prompts.index)
+        prev = self._previous(key, prompts)
+        if prev is not None and prev[2]:
+            return prev[0].copy(), prev[1]
         if self.threads:
             torch.set_num_threads(self.threads)
-        with torch.inference_mode():
-            logits = self.net(torch.from_numpy(x)[None])[0, 0].numpy()
-        check_cancel(cancel)
-        mask = logits[tuple(slice(0, n) for n in crop.shape)] > 0
-        seeds = np.zeros(crop.shape, bool)
-        for p in np.round(prompts.positive - offset).astype(int):
-            seeds[tuple(p)] = True
-        lab, n = ndi.label(mask)
-        if n:
-            ids = np.unique(lab[seeds])
-            ids = ids[ids > 0]
-            if len(ids):
-                mask = np.isin(lab, ids)
-        for p in np.round(prompts.negative - offset).astype(int):
-            mask[tuple(p)] = False
-        if prompts.mode == "2d":
-            k = prompts.index - region[prompts.axis].start
-            mask = np.take(mask, [k], axis=prompts.axis)
-            region = tuple(slice(prompts.index, prompts.index + 1) if a == prompts.axis
-                           else region[a] for a in range(3))
-        return mask, region
+        run = self._predict_2d if prompts.mode == "2d" else self._predict_3d
+        mask, region = run(image, spacing, prompts, prev, key, cancel)
+        self._last = (key, prompts.positive.copy(), prompts.negative.copy(), mask, region)
+        return mask.copy(), region
 
-    @staticmethod
-    def _fit(region: Region, shape) -> Region:
-        """Grow ``region`` to multiples of 4 where the image allows."""
-        out = []
-        for s, n in zip(region, shape):
-            length = s.stop - s.start
-            want = min(int(np.ceil(length / 4) * 4), n)
-            start = max(min(s.start, n - want), 0)
-            out.append(slice(start, start + want))
-        return tuple(out)
+    # ----------------------------------------------------------------- steps
+    def _grid_crop(self, key, vol, lo, hi, grid, fixed) -> np.ndarray:
+        """``vol[lo:hi]`` resampled onto ``grid`` (cached for an unchanged region)."""
+        c = self._grid
+        if c is not None and c[0] == key and np.array_equal(c[1], lo) \
+                and np.array_equal(c[2], hi) and c[3] == grid:
+            return c[4]
+        crop = np.asarray(vol[tuple(slice(a, b) for a, b in zip(lo, hi))], np.float32)
+        out = roi.resample(crop, grid)
+        self._grid = (key, lo.copy(), hi.copy(), grid, out)
+        return out
+
+    def _forward(self, crop_g, pos_g, neg_g, prev_g) -> np.ndarray:
+        x = click_channels(crop_g, pos_g, neg_g, prev_g)
+        with torch.inference_mode():
+            return self.net(torch.from_numpy(x)[None])[0, 0].numpy()
+
+    def _predict_3d(self, image, spacing, prompts, prev, key, cancel):
+        pos, neg = prompts.positive, prompts.negative
+        shape = np.array(image.shape)
+        clicks = np.concatenate([pos, neg])
+        if prev is not None:
+            start = [s.start for s in prev[1]]
+            pts = np.concatenate([clicks, _mask_corners(prev[0], start)])
+            lo, hi = roi.box_around(pts, spacing, shape, margin_mm=6.0, rel=0.15)
+        else:
+            lo, hi = roi.box_around(clicks, spacing, shape, min_mm=roi.FIRST_ROI_MM)
+        for attempt in range(self.max_grow + 1):
+            check_cancel(cancel)
+            grid = roi.plan_grid(hi - lo, spacing, self.budget)
+            crop_g = self._grid_crop(key, image, lo, hi, grid, ())
+            prev_g = None
+            if prev is not None:
+                start = [s.start for s in prev[1]]
+                prev_g = roi.resample(_paste(prev[0], start, lo, hi), grid)
+            logits = self._forward(crop_g, roi.to_grid(pos, lo, hi, grid),
+                                   roi.to_grid(neg, lo, hi, grid), prev_g)
+            mask_g = keep_clicked(logits > 0, roi.to_grid(pos, lo, hi, grid), np.zeros((0, 3)))
+            faces = roi.touching_faces(mask_g, lo, hi, shape)
+            if not faces or attempt == self.max_grow:
+                break
+            lo, hi = roi.grow_box(lo, hi, faces, shape)
+        check_cancel(cancel)
+        mask = keep_clicked(roi.resample(logits, hi - lo) > 0, pos - lo, neg - lo)
+        return mask, tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+    def _predict_2d(self, image, spacing, prompts, prev, key, cancel):
+        ax, idx = prompts.axis, int(prompts.index)
+        order = [ax] + [a for a in range(3) if a != ax]
+        vol = np.moveaxis(image, ax, 0) if isinstance(image, np.ndarray) else \
+            np.moveaxis(np.asarray(image), ax, 0)
+        sp = np.asarray(spacing, float)[order]
+        pos, neg = prompts.positive[:, order], prompts.negative[:, order]
+        shape = np.array(vol.shape)
+        z0 = int(np.clip(idx - roi.SLAB_2D // 2, 0, max(shape[0] - roi.SLAB_2D, 0)))
+        z1 = int(min(z0 + roi.SLAB_2D, shape[0]))
+        pts = np.concatenate([pos, neg])
+        prev2 = None
+        if prev is not None:
+            prev2 = (np.moveaxis(prev[0], ax, 0)[0], [prev[1][a].start for a in order[1:]])
+            corners = _mask_corners(prev2[0], prev2[1])
+            pts = np.concatenate([pts, np.insert(corners, 0, idx, axis=1)])
+            lo, hi = roi.box_around(pts, sp, shape, margin_mm=6.0, rel=0.15)
+        else:
+            lo, hi = roi.box_around(pts, sp, shape, min_mm=roi.FIRST_ROI_MM)
+        lo[0], hi[0] = z0, z1
+        k = idx - z0
+        for attempt in range(self.max_grow + 1):
+            check_cancel(cancel)
+            grid = roi.plan_grid(hi - lo, sp, roi.INPLANE_2D, fixed=(0,))
+            crop_g = self._grid_crop(key, vol, lo, hi, grid, (0,))
+            prev_g = np.zeros(grid, np.float32)
+            if prev2 is not None:
+                prev_g[k] = roi.resample(_paste(prev2[0], prev2[1], lo[1:], hi[1:])[None],
+                                         (1, *grid[1:]))[0]
+            pad = roi.SLAB_2D - grid[0]
+            if pad > 0:  # fewer slices than the slab: repeat the last one
+                crop_g = np.pad(crop_g, [(0, pad), (0, 0), (0, 0)], mode="edge")
+                prev_g = np.pad(prev_g, [(0, pad), (0, 0), (0, 0)])
+            logits = self._forward(crop_g, roi.to_grid(pos, lo, hi, grid),
+                                   roi.to_grid(neg, lo, hi, grid), prev_g)[k]
+            p2 = roi.to_grid(pos, lo, hi, grid)[:, 1:]
+            mask_g = keep_clicked(logits > 0, p2, np.zeros((0, 2)))
+            faces = roi.touching_faces(mask_g[None], lo, hi, shape, fixed=(0,))
+            if not faces or attempt == self.max_grow:
+                break
+            lo, hi = roi.grow_box(lo, hi, faces, shape, fixed=(0,))
+        check_cancel(cancel)
+        up = roi.resample(logits[None], (1, *(hi[1:] - lo[1:])))[0]
+        mask = keep_clicked(up > 0, pos[:, 1:] - lo[1:], neg[:, 1:] - lo[1:])
+        region = [None] * 3
+        region[ax] = slice(idx, idx + 1)
+        for a, l, h in zip(order[1:], lo[1:], hi[1:]):
+            region[a] = slice(int(l), int(h))
+        return np.expand_dims(mask, ax), tuple(region)
