@@ -186,3 +186,145 @@ def test_make_engine_needs_a_path():
     for name in ("nnInteractive", "SAM2"):
         with pytest.raises(MedSegError, match="choose a local"):
             make_engine(name)
+
+
+# --------------------------------------------------------------------------- SAM2
+def _need_sam2():
+    if importlib.util.find_spec("sam2") is None:
+        pytest.skip("sam2 is not installed (pip install napari-medseg[sam2])")
+
+
+def _tiny_sam2(folder, size=64):
+    """A SAM 2.1 checkpoint with random weights and its YAML config beside it.
+
+    The package's hiera-t config, shrunk (8-wide trunk, 32-wide decoder, 64 px
+    images); the object-score head is biased to "present" so that the random
+    decoder's masks are not all suppressed.
+    """
+    import yaml
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    base = (importlib.util.find_spec("sam2").submodule_search_locations[0]
+            + "/configs/sam2.1/sam2.1_hiera_t.yaml")
+    cfg = OmegaConf.to_container(OmegaConf.load(base))
+    m = cfg["model"]
+    d, mem, feat = 32, 16, size // 16
+    m.update(image_size=size, num_maskmem=3)
+    m["image_encoder"]["trunk"].update(
+        embed_dim=8, num_heads=1, stages=[1, 1, 2, 1], global_att_blocks=[3],
+        window_pos_embed_bkg_spatial_size=[2, 2], window_spec=[4, 4, 2, 1])
+    m["image_encoder"]["neck"].update(d_model=d, backbone_channel_list=[64, 32, 16, 8])
+    m["image_encoder"]["neck"]["position_encoding"]["num_pos_feats"] = d
+    ma = m["memory_attention"]
+    ma.update(d_model=d, num_layers=1)
+    ma["layer"].update(d_model=d, dim_feedforward=32)
+    ma["layer"]["self_attention"].update(embedding_dim=d, feat_sizes=[feat, feat])
+    ma["layer"]["cross_attention"].update(embedding_dim=d, feat_sizes=[feat, feat],
+                                          kv_in_dim=mem)
+    me = m["memory_encoder"]
+    me.update(out_dim=mem, in_dim=d)
+    me["position_encoding"]["num_pos_feats"] = mem
+    me["mask_downsampler"]["embed_dim"] = d
+    me["fuser"]["layer"]["dim"] = d
+    me["fuser"]["num_layers"] = 1
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    torch.manual_seed(0)
+    model = instantiate(m, _recursive_=True)
+    with torch.no_grad():
+        model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(10.0)
+    torch.save({"model": model.state_dict()}, folder / "tiny.pt")
+    return folder / "tiny.pt"
+
+
+@pytest.fixture(scope="module")
+def sam2_ckpt(tmp_path_factory):
+    _need_sam2()
+    return _tiny_sam2(tmp_path_factory.mktemp("sam2"))
+
+
+def test_sam2_2d_slices_and_feature_cache(sam2_ckpt, phantom):
+    image, spacing, lab = phantom
+    eng = make_engine("SAM2", sam2_ckpt, device="cpu")
+    kid = np.argwhere(lab == 3).mean(0)
+    z = int(round(kid[0]))
+    p = Prompts(positive=[kid], mode="2d")
+    m = eng.predict(image, spacing, p)
+    assert m.shape == image.shape and m[z].any() and not np.delete(m, z, axis=0).any()
+    assert list(eng._features) == [(0, z)]
+    feats = eng._features[(0, z)][1]
+    again = eng.predict(image, spacing, Prompts(positive=[kid], mode="2d"))
+    assert np.array_equal(m, again) and eng._features[(0, z)][1] is feats  # not recomputed
+    # a click elsewhere on the slice changes the result; a box is a prompt of its own
+    other = eng.predict(image, spacing, Prompts(positive=[kid + [0, 20, -20]], mode="2d"))
+    assert not np.array_equal(other, m)
+    boxed = eng.predict(image, spacing, Prompts(boxes=[[kid - [0, 8, 8], kid + [0, 8, 8]]],
+                                                mode="2d"))
+    assert boxed[z].any()
+    # a sagittal slice (axis 2)
+    x = int(round(kid[2]))
+    ms = eng.predict(image, spacing, Prompts(positive=[kid], mode="2d", axis=2, index=x))
+    assert ms[:, :, x].any() and not np.delete(ms, x, axis=2).any()
+    assert (2, x) in eng._features
+    # scribbles become clicks; background alone is not enough
+    sc = np.zeros(image.shape, np.uint8)
+    sc[z, int(kid[1]) - 2:int(kid[1]) + 3, int(kid[2])] = 1
+    assert eng.predict(image, spacing, Prompts(scribbles=sc, mode="2d", index=z))[z].any()
+    with pytest.raises(MedSegError, match="positive"):
+        eng.predict(image, spacing, Prompts(positive=[kid], negative=[kid + [1, 0, 0]],
+                                            mode="2d", index=z + 1))
+
+
+def test_sam2_3d_propagation(sam2_ckpt, phantom):
+    image, spacing, lab = phantom
+    eng = make_engine("SAM2", sam2_ckpt, device="cpu", max_slices=3)
+    kid = np.argwhere(lab == 3).mean(0)
+    z = int(round(kid[0]))
+    m2 = eng.predict(image, spacing, Prompts(positive=[kid], mode="2d"))
+    mask, region = eng.predict_region(image, spacing, Prompts(positive=[kid]))
+    m3 = np.zeros(image.shape, bool)
+    m3[region] = mask
+    zs = np.nonzero(m3.any(axis=(1, 2)))[0]
+    assert zs.min() >= z - 3 and zs.max() <= z + 3 and len(zs) > 1  # propagated, bounded
+    assert np.array_equal(m3[z], m2[z])  # the prompted slice is SAM 2's own answer there
+    assert {k for _, k in eng._features} <= set(range(z - 4, z + 5))  # only slices visited
+    n = dict(eng._features)
+    eng.predict(image, spacing, Prompts(positive=[kid], negative=[kid + [0, 3, 3]]))
+    assert all(eng._features[k] is v for k, v in n.items())  # features reused
+
+
+def test_sam2_checkpoint_checks(tmp_path, sam2_ckpt):
+    from napari_medseg.interactive.sam2 import sam2_config
+
+    with pytest.raises(MedSegError, match="not found"):
+        make_engine("SAM2", tmp_path / "missing.pt").model
+    bad = tmp_path / "bad.pt"
+    torch.save({"model": {"foo": torch.zeros(2)}}, bad)
+    with pytest.raises(MedSegError, match="published"):
+        make_engine("SAM2", bad).model
+    torch.save({"model": {"foo": Fraction(1, 3)}}, bad)
+    with pytest.raises(MedSegError, match="cannot read"):
+        make_engine("SAM2", bad).model
+    # a config may only build sam2 classes
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(sam2_ckpt.read_bytes())
+    text = sam2_ckpt.with_suffix(".yaml").read_text()
+    evil.with_suffix(".yaml").write_text(
+        text.replace("sam2.modeling.memory_encoder.Fuser", "os.system", 1))
+    with pytest.raises(MedSegError, match="only sam2"):
+        make_engine("SAM2", evil).model
+    # published checkpoints are recognised from their weights (SAM 2.1 hiera-t here)
+    state = {"image_encoder.trunk.patch_embed.proj.weight": torch.zeros(96, 3, 7, 7),
+             "no_obj_embed_spatial": torch.zeros(1, 64)}
+    state.update({f"image_encoder.trunk.blocks.{i}.norm1.weight": torch.zeros(1)
+                  for i in range(12)})
+    cfg = sam2_config(tmp_path / "sam2.1_hiera_tiny.pt", state)
+    assert cfg["image_encoder"]["trunk"]["stages"] == [1, 2, 7, 2]
+    assert cfg["no_obj_embed_spatial"] is True
+    # a checkpoint whose weights do not fit its config
+    torch.save({"model": {"image_encoder.trunk.pos_embed": torch.zeros(1)}},
+               evil)
+    evil.with_suffix(".yaml").write_text(text)
+    with pytest.raises(MedSegError, match="does not fit"):
+        make_engine("SAM2", evil).model

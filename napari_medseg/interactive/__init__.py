@@ -7,7 +7,9 @@ mask (:class:`~napari_medseg.interactive.base.Engine`):
 * ``"click model"``: a small 3D network shipped with the package;
 * ``"Segment Anything"``: SAM / MedSAM from a local checkpoint
   (``segment-anything`` package);
-* ``"nnInteractive"``: from a local model folder (``nnInteractive`` package).
+* ``"SAM2"``: SAM 2 / SAM 2.1 / MedSAM2 from a local checkpoint (``sam2``
+  package), propagated through the slices by its video predictor;
+* ``"nnInteractive"``: from a local model folder (``nninteractive`` package).
 
 Importing this package loads no torch; the engines load their own dependencies.
 """
@@ -24,6 +26,7 @@ ENGINES = {
     "classical": False,
     "click model": False,
     "Segment Anything": True,
+    "SAM2": True,
     "nnInteractive": True,
 }
 
@@ -36,7 +39,7 @@ def make_engine(name: str, path=None, **kwargs) -> Engine:
     name : str
         Engine name.
     path : path, optional
-        SAM / MedSAM checkpoint or nnInteractive model folder; for the click
+        SAM / MedSAM / SAM2 checkpoint or nnInteractive model folder; for the click
         model, other weights than the shipped ones.
 
     Raises
@@ -54,14 +57,18 @@ def make_engine(name: str, path=None, **kwargs) -> Engine:
         from .click_model import ClickModelEngine
 
         return ClickModelEngine(weights=path, **kwargs)
-    if name in ("Segment Anything", "nnInteractive"):
+    if name in ("Segment Anything", "SAM2", "nnInteractive"):
         if not path:
-            what = "checkpoint file" if name == "Segment Anything" else "model folder"
+            what = "model folder" if name == "nnInteractive" else "checkpoint file"
             raise MedSegError(f"choose a local {what} for {name} first", name)
         if name == "Segment Anything":
             from .sam import SamEngine
 
             return SamEngine(path, **kwargs)
+        if name == "SAM2":
+            from .sam2 import Sam2Engine
+
+            return Sam2Engine(path, **kwargs)
         from .nninteractive import NNInteractiveEngine
 
         return NNInteractiveEngine(path, **kwargs)
