@@ -328,3 +328,27 @@ def test_sam2_checkpoint_checks(tmp_path, sam2_ckpt):
     evil.with_suffix(".yaml").write_text(text)
     with pytest.raises(MedSegError, match="does not fit"):
         make_engine("SAM2", evil).model
+
+
+def test_widget_runs_sam2_from_a_chosen_checkpoint(make_napari_viewer, sam2_ckpt, phantom):
+    from napari_medseg._widgets.interactive import InteractiveWidget
+
+    image, spacing, lab = phantom
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="ct", scale=spacing)
+    widget = InteractiveWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Interactive")
+    widget.image_combo.setCurrentText("ct")
+    widget.engine_combo.setCurrentText("SAM2")
+    assert widget.engine_combo.currentText() == "SAM2"
+    widget.path_edit.setText(str(sam2_ckpt))
+    widget.mode_combo.setCurrentText("2D slice")
+    widget.add_prompt_layers()
+    kid = np.round(np.argwhere(lab == 3).mean(0))
+    viewer.dims.set_point(0, kid[0] * spacing[0])
+    pos = viewer.layers["positive"]
+    pos.add(kid)
+    widget.wait(30000)
+    preview = viewer.layers["interactive preview"].data
+    assert preview[int(kid[0])].any(), widget.status.text()
+    assert not np.delete(preview, int(kid[0]), axis=0).any()
