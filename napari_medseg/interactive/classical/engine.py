@@ -16,7 +16,7 @@ from .negative import click_components, remove_negative, split
 from .refine import fill_holes, refine_edge
 from .seeds import (band_around, distance_to_object, locality, near_object, neighbourhood,
                     prompt_seeds)
-from .statistics import background_means, is_homogeneous, negative_classes
+from .statistics import background_means, is_homogeneous, negative_classes, same_tissue
 
 log = logging.getLogger(__name__)
 
@@ -208,14 +208,16 @@ class ClassicalEngine(Engine):
         # pass takes the background from around the object grown with it
         for _ in range(2 if vouched else 1):
             bg_means = background_means(sm, grown, bg & ~clicks_bg, box,
-                                        g_means + vouched, self.k * noise, veto=veto)
+                                        g_means + vouched, self.k * noise, veto=veto,
+                                        rims=light is not None and sm.ndim == 3)
             bg_means += negative_classes(neg_means, means, bg_means, self.k * noise)
             log.debug("fg %s noise %.3g bg %s grown %d", means, noise, bg_means,
                       grown.sum())
             grown = self._grow_all(sm, fg, bg, box, spacing, noise, local, means,
                                    bg_means, grown, grow_global, gl, touch)
         check_cancel(cancel)
-        return self._finish(sm, grown, fg, seeds, bg, clicks_bg, box, means, spacing, noise)
+        return self._finish(sm, grown, fg, seeds, bg, clicks_bg, box, means, spacing, noise,
+                            bg_means)
 
     def _touching(self, sm, grown, fg, local, means, spacing, noise) -> list:
         """Which later clicks sit at the object's edge and ask for it to move
@@ -257,23 +259,28 @@ class ClassicalEngine(Engine):
                 veto.append((means[i], self.veto_k * noise))
         return veto
 
-    def _finish(self, sm, grown, fg, seeds, bg, clicks_bg, box, means, spacing, noise):
+    def _finish(self, sm, grown, fg, seeds, bg, clicks_bg, box, means, spacing, noise,
+                bg_means):
         """Negative clicks, watershed split, edge refinement, holes, box.
 
-        The watershed split only starts from background scribbles, box edges
-        and negative clicks of an object intensity (a same-intensity
-        neighbour); a negative click of another intensity has done its work
-        in :func:`~.negative.remove_negative`.
+        A negative click of the object's own tissue (:func:`same_tissue`: a
+        same-intensity neighbour) is a marker of the watershed split, with
+        background scribbles and box edges; one of another intensity removes
+        the region around it closer to its intensity
+        (:func:`~.negative.remove_negative`).
         """
-        if clicks_bg.any() and (grown & ndi.binary_dilation(clicks_bg)).any():
-            grown = remove_negative(sm, grown, clicks_bg, means, seeds | union(fg),
-                                    spacing, self.local_mm)
-        markers = bg & ~clicks_bg
+        same = np.zeros(bg.shape, bool)
         lab, _ = ndi.label(clicks_bg)
         for i, sl in enumerate(ndi.find_objects(lab), start=1):
             click = lab[sl] == i
-            if min(abs(float(np.median(sm[sl][click])) - m) for m in means) <= self.k * noise:
-                markers[sl] |= click
+            c = float(np.median(sm[sl][click]))
+            if any(abs(c - m) <= same_tissue(m, bg_means, self.k * noise) for m in means):
+                same[sl] |= click
+        other = clicks_bg & ~same
+        if other.any() and (grown & ndi.binary_dilation(other)).any():
+            grown = remove_negative(sm, grown, other, means, seeds | union(fg),
+                                    spacing, self.local_mm)
+        markers = (bg & ~clicks_bg) | same
         if (grown & markers).any():
             grown = split(sm, grown, seeds | union(fg), markers)
         for _ in range(self.edge_passes):
@@ -295,11 +302,11 @@ class ClassicalEngine(Engine):
         sub = sm[sl]
         c = self._centre_value(sm, seed)
         m = min(g_means, key=lambda v: abs(v - c))
-        acc = np.abs(sub - m) <= abs(c - m) + 0.5 * self.k * noise
+        acc = np.abs(sub - m) <= abs(c - m)
         acc &= ell[tuple(slice(0, n) for n in acc.shape)]
         d = distance_to_object(grown, seed, spacing, self.edge_mm)
         if np.isfinite(d):
-            acc &= band_around(grown[sl], spacing, d + max(spacing))
+            acc &= band_around(grown[sl], spacing, d + min(spacing))
         s = seed[sl] & ~bg[sl]
         grown[sl] |= grow(acc, s, None if box is None else box[sl], 0)
 

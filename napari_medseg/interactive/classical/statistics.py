@@ -8,7 +8,7 @@ from scipy import ndimage as ndi
 from ._arrays import bbox, kmeans_1d
 from .seeds import neighbourhood
 
-__all__ = ["background_means", "is_homogeneous", "negative_classes"]
+__all__ = ["background_means", "is_homogeneous", "negative_classes", "same_tissue"]
 
 
 def _shell_values(sm, grown, box) -> np.ndarray:
@@ -24,7 +24,8 @@ def _shell_values(sm, grown, box) -> np.ndarray:
     return sm[sl][shell]
 
 
-def background_means(sm, grown, bg, box, means, tol: float, veto=()) -> list:
+def background_means(sm, grown, bg, box, means, tol: float, veto=(),
+                     rims: bool = False) -> list:
     """Intensities around the object that are clearly not object.
 
     The shell 3-5 voxels outside the first growth is clustered (1D k-means,
@@ -48,6 +49,10 @@ def background_means(sm, grown, bg, box, means, tol: float, veto=()) -> list:
         Intensity distance under which a class counts as object.
     veto : list of (float, float)
         ``(intensity, tolerance)`` of later clicks vouching for an intensity.
+    rims : bool
+        Drop a shell class 40-75 % of the way from the object to a farther
+        shell class on the same side: in a strongly smoothed image, the
+        blurred rim of a growth that stopped short (a low-contrast lesion).
     """
     def separable(b):
         return all(abs(b - m) > tol for m in means)
@@ -57,13 +62,20 @@ def background_means(sm, grown, bg, box, means, tol: float, veto=()) -> list:
     def blend(c):
         return any(a < c < b for a, b in zip(vouched[:-1], vouched[1:]))
 
+    def rim(c, shell):
+        # a class part-way between the object and a farther class on the same
+        # side is the blurred rim of a growth stopped short, not a tissue
+        m = min(means, key=lambda v: abs(v - c))
+        return any(0.4 < (c - m) / (b - m) < 0.75 for b in shell if abs(b - m) > abs(c - m))
+
     vals = _shell_values(sm, grown, box)
     out = []
     if vals.size >= 8:
         vals = vals[np.min([np.abs(vals - m) for m in means], axis=0) > tol]
     if vals.size >= 8:
-        out += [c for c, n in kmeans_1d(vals, 3) if n >= 0.1 * vals.size and separable(c)
-                and all(abs(c - v) > t for v, t in veto) and not blend(c)]
+        shell = [c for c, n in kmeans_1d(vals, 3) if n >= 0.1 * vals.size and separable(c)
+                 and all(abs(c - v) > t for v, t in veto) and not blend(c)]
+        out += [c for c in shell if not (rims and rim(c, shell))]
     if bg.any():
         lab, _ = ndi.label(bg)
         for i, sl in enumerate(ndi.find_objects(lab), start=1):
@@ -91,6 +103,14 @@ def is_homogeneous(sm, seed, spacing, tol: float, spread: float, radius_mm: floa
     return not (lo + margin < c < hi - margin)
 
 
+def same_tissue(m: float, bg_means, tol: float) -> float:
+    """How far from object intensity ``m`` a voxel still counts as the same
+    tissue: ``tol``, or a quarter of the way to the nearest background class."""
+    if not bg_means:
+        return tol
+    return max(tol, 0.25 * min(abs(b - m) for b in bg_means))
+
+
 def negative_classes(neg_means, means, bg_means, tol: float) -> list:
     """Intensities of negative clicks that are background everywhere.
 
@@ -98,11 +118,14 @@ def negative_classes(neg_means, means, bg_means, tol: float) -> list:
     and a background class (a click on a blurred edge, or on a thin layer of
     partial volume) is no intensity class of its own: it only acts around
     itself (:func:`~.negative.remove_negative`); nor is one within ``tol`` of
-    an object intensity.
+    an object intensity or a quarter of the way from it to the nearest
+    background class (the same tissue: :func:`~.negative.split` parts it).
     """
     out = []
     for c in neg_means:
-        if any(abs(c - m) <= tol for m in means):
+        # near an object intensity (a quarter of the way to the nearest
+        # background class): the same tissue, split off by the watershed
+        if any(abs(c - m) <= same_tissue(m, bg_means, tol) for m in means):
             continue
         if any(0.25 < (c - m) / (b - m) < 0.75 for m in means for b in bg_means
                if abs(b - m) > 2 * tol):
