@@ -98,7 +98,24 @@ def bench_engine(name: str, cases, latency, n_clicks: int, path=None) -> dict:
     out["latency_2d_ms_p50"] = round(1000 * float(np.median(t2)), 1) if t2 else None
     out["latency_3d_ms_p50"] = round(1000 * float(np.median(t3)), 1) if t3 else None
     out["per_object"] = per_object
+    out["per_object_dice_at_5"] = {k: v[min(4, len(v) - 1)] for k, v in per_object.items()}
+    out["goals"] = _goals(out, curves)
     return out
+
+
+#: Issue goals on 2 CPU cores: Dice after 5 clicks, latency per update (ms).
+GOALS = {"dice_at_5": 0.85, "latency_2d_ms": 50.0, "latency_3d_ms": 500.0}
+
+
+def _goals(out: dict, curves: np.ndarray) -> dict:
+    """Which goals an engine reaches: mean and every object's Dice after 5
+    clicks, and the median 2D / 3D update latencies."""
+    last = curves[:, min(4, curves.shape[1] - 1)]
+    t2, t3 = out["latency_2d_ms_p50"], out["latency_3d_ms_p50"]
+    return {"dice_at_5": bool(last.mean() >= GOALS["dice_at_5"]),
+            "every_object_dice_at_5": bool((last >= GOALS["dice_at_5"]).all()),
+            "latency_2d": t2 is not None and t2 <= GOALS["latency_2d_ms"],
+            "latency_3d": t3 is not None and t3 <= GOALS["latency_3d_ms"]}
 
 
 def main(argv=None) -> int:
