@@ -13,8 +13,12 @@ remaining window touches a cell, it is finalised (argmax to ``uint8`` /
 ``float16``) and its buffer freed. The peak is below ``K x patch_z x Y x X``
 floats (about 0.4-0.9 of it) instead of ``K x Z x Y x X``; with mixed precision,
 or when a one-patch-deep slab would pass ``ACCUMULATOR_BUDGET_BYTES`` (many
-classes), the cells are kept in ``float16``, and the windows per batch are capped so a batch of logits stays
-below ``OUTPUT_BUDGET_BYTES``. On the CPU one window runs at a time by default.
+classes), the cells are kept in ``float16``, and the windows per batch are capped
+so a batch of logits stays below ``OUTPUT_BUDGET_BYTES``. On the CPU one window runs
+at a time by default. When the network ends in a 1x1x1 convolution with fewer
+inputs than classes (most segmentation networks with many classes), the cells
+hold the features entering it and the convolution runs per finished cell, so
+memory does not grow with the number of classes at all.
 
 Other features: batches of windows, mirror test-time augmentation (all eight
 flips of the three axes, logits averaged), mixed precision (bf16 autocast on
@@ -230,8 +234,11 @@ class _CellStitcher:
     """
 
     def __init__(self, n_classes, shape, patch, starts, device, importance, want_prob,
-                 uncertainty, low_precision=False):
+                 uncertainty, low_precision=False, head=None):
         self.k = n_classes
+        self.head = head
+        # channels held per voxel: the logits, or the features entering a pointwise head
+        self.c = head.in_channels if head is not None else n_classes
         self.shape = shape
         self.patch = patch
         self.g = importance
@@ -239,18 +246,18 @@ class _CellStitcher:
         self.bounds = [sorted(set(st) | {s + p for s in st}) for st, p in zip(starts, patch)]
         z, y, x = shape
         self.acc_dtype = torch.float32
-        if low_precision or n_classes * patch[0] * y * x * 4 > ACCUMULATOR_BUDGET_BYTES:
+        if low_precision or self.c * patch[0] * y * x * 4 > ACCUMULATOR_BUDGET_BYTES:
             # halves the buffers; float16 sums (11-bit mantissa) round less than bf16
-            # logits (8 bits) already did, and ~3 significant digits suffice for argmax
+            # outputs (8 bits) already did, and ~3 significant digits suffice for argmax
             self.acc_dtype = torch.float16
-            log.info("accumulating window logits in float16 (%d classes)", n_classes)
+            log.info("accumulating window outputs in float16 (%d channels)", self.c)
         # windows still to come for each cell
         self.remaining = np.zeros([len(b) - 1 for b in self.bounds], dtype=np.int32)
         for w in itertools.product(*starts):
             self.remaining[self._block(w)] += 1
         self.cells = {}
         self.open_voxels = self.peak_open_voxels = 0
-        self.want_w = want_prob or uncertainty is not None
+        self.want_w = want_prob or uncertainty is not None or head is not None
         self.uncertainty = uncertainty
         dtype = np.uint8 if n_classes <= 255 else np.uint16
         self.labels = np.zeros(shape, dtype=dtype)
@@ -267,7 +274,7 @@ class _CellStitcher:
         cell = self.cells.get(idx)
         if cell is None:
             size = tuple(self.bounds[a][i + 1] - self.bounds[a][i] for a, i in enumerate(idx))
-            acc = torch.zeros((self.k,) + size, dtype=self.acc_dtype, device=self.device)
+            acc = torch.zeros((self.c,) + size, dtype=self.acc_dtype, device=self.device)
             wsum = torch.zeros(size, device=self.device) if self.want_w else None
             uacc = torch.zeros(size, device=self.device) if self.uncertainty == "tta" else None
             cell = self.cells[idx] = (acc, wsum, uacc)
@@ -276,7 +283,7 @@ class _CellStitcher:
         return cell
 
     def add(self, logits, start, spread=None):
-        """Add one window's ``(K, pz, py, px)`` logits at ``start = (z0, y0, x0)``."""
+        """Add one window's ``(K, pz, py, px)`` logits (or head features) at ``start``."""
         block = self._block(start)
         ranges = [range(s.start, s.stop) for s in block]
         step = max(1, _ADD_CHUNK_ELEMENTS // math.prod(logits.shape[1:]))
@@ -286,7 +293,7 @@ class _CellStitcher:
             win = tuple(slice(o, o + n) for o, n in zip(lo, acc.shape[1:]))
             g = self.g[win]
             # mixed dtypes make torch cast through temporaries: a few classes at a time
-            for c in range(0, self.k, step):
+            for c in range(0, self.c, step):
                 acc[c:c + step].addcmul_(logits[(slice(c, c + step),) + win], g)
             if wsum is not None:
                 wsum += g
@@ -313,6 +320,8 @@ class _CellStitcher:
                                 None if uacc is None else uacc[c:c + n])
 
     def _finalize_rows(self, a, region, wsum, uacc):
+        if self.head is not None:  # blended features -> blended logits (times wsum)
+            a = self.head.apply(a, wsum)
         if self.k == 1:
             lab = a[0] > 0
         else:
@@ -339,6 +348,96 @@ class _CellStitcher:
         elif self.uncertainty == "tta":
             u = uacc / wsum
             self.unc[region] = u.clamp(0, 1).to(torch.float16).cpu().numpy()
+
+
+# --------------------------------------------------------------------------- pointwise head
+class _PointwiseHead:
+    """A network's last layer when it is a 1x1x1 convolution, applied after blending.
+
+    Gaussian blending is a weighted mean and a 1x1x1 convolution is affine, so
+    blending the ``F`` features that enter the head and applying the head to each
+    finished cell gives the logits that blending the head's ``K`` outputs gives,
+    while the cells hold ``F`` channels instead of ``K`` (32 instead of 105 for a
+    whole-body DynUNet). Found by :func:`_probe_head`, never assumed.
+    """
+
+    def __init__(self, parent: torch.nn.Module, name: str, conv: torch.nn.Conv3d):
+        self.parent, self.name, self.conv = parent, name, conv
+        w = conv.weight.detach()
+        self.weight = w.reshape(w.shape[0], w.shape[1]).float()
+        self.bias = None if conv.bias is None else conv.bias.detach().float()
+        self.in_channels = int(conv.in_channels)
+
+    @contextlib.contextmanager
+    def removed(self):
+        """Run the network without its head (it returns the head's input features)."""
+        setattr(self.parent, self.name, torch.nn.Identity())
+        try:
+            yield
+        finally:
+            setattr(self.parent, self.name, self.conv)
+
+    def apply(self, feats: torch.Tensor, wsum: torch.Tensor) -> torch.Tensor:
+        """Weighted logit sums ``(K, ...)`` from weighted feature sums ``(F, ...)``."""
+        w = self.weight.to(feats.device)
+        out = torch.tensordot(w, feats.float(), dims=([1], [0]))
+        if self.bias is not None:
+            out += self.bias.to(feats.device).view(-1, *([1] * wsum.ndim)) * wsum
+        return out
+
+
+def _head_candidates(predictor, n_classes: int) -> list:
+    """``(parent, name, conv)`` for each 1x1x1 convolution that could end the network."""
+    if not isinstance(predictor, torch.nn.Module) or any(
+            isinstance(m, torch.jit.ScriptModule) for m in predictor.modules()):
+        return []
+    out = []
+    for parent in predictor.modules():
+        for name, m in parent.named_children():
+            if (type(m) is torch.nn.Conv3d and tuple(m.kernel_size) == (1, 1, 1)
+                    and tuple(m.stride) == (1, 1, 1) and m.padding in ((0, 0, 0), "valid")
+                    and m.groups == 1 and m.out_channels == n_classes
+                    and m.in_channels < n_classes):
+                out.append((parent, name, m))
+    return out
+
+
+def _probe_head(predictor, batch, n_classes):
+    """Run ``predictor`` once; return ``(head or None, its features, the output)``.
+
+    A candidate is the head only when the network's output *is* that
+    convolution's output (the same storage, at most viewed with its spatial axes
+    permuted): nothing runs after it, so it may be moved after blending.
+    """
+    cands = _head_candidates(predictor, n_classes)
+    seen, hooks = {}, []
+    for i, (_, _, conv) in enumerate(cands):
+        def hook(mod, inp, out, i=i):
+            seen[i] = (inp[0], out)
+        hooks.append(conv.register_forward_hook(hook))
+    try:
+        y = predictor(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    y = y[0] if isinstance(y, (list, tuple)) else y
+    for i, (feats, out) in seen.items():
+        if (isinstance(y, torch.Tensor) and isinstance(out, torch.Tensor)
+                and y.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+                and y.numel() == out.numel() and y.shape[:2] == out.shape[:2]
+                and y.stride(1) == out.stride(1)):
+            parent, name, conv = cands[i]
+            if y.shape[2:] != out.shape[2:]:  # spatial axes permuted like the output
+                feats = _match_permutation(feats, out, y)
+            return _PointwiseHead(parent, name, conv), feats, y
+    return None, None, y
+
+
+def _match_permutation(feats, out, y):
+    """``feats`` with its spatial axes permuted the way ``out`` became ``y``."""
+    strides = list(out.stride()[2:])
+    order = [2 + strides.index(s) for s in y.stride()[2:]]
+    return feats.permute(0, 1, *order)
 
 
 # --------------------------------------------------------------------------- prediction
@@ -424,7 +523,7 @@ def _channels_last(predictor, device, amp_dtype):
     """
     use = (device.type == "cpu" and amp_dtype is not None
            and isinstance(predictor, torch.nn.Module)
-           and not isinstance(predictor, torch.jit.ScriptModule))
+           and not any(isinstance(m, torch.jit.ScriptModule) for m in predictor.modules()))
     if not use:
         yield False
         return
@@ -436,33 +535,53 @@ def _channels_last(predictor, device, amp_dtype):
 
 
 def _run(t, predictor, patch, n_classes, overlap, batch_size, tta, device, amp_dtype,
-         acc_device, uncertainty, want_prob, progress, cancel):
+         acc_device, uncertainty, want_prob, progress, cancel, split_head=True):
     shape = tuple(t.shape[1:])
     starts = [window_starts(s, p, overlap) for s, p in zip(shape, patch)]
     windows = list(itertools.product(*starts))  # Z-major order
     total = len(windows)
     importance = gaussian_importance_map(patch, device=acc_device)
-    stitch = _CellStitcher(n_classes, shape, patch, starts, acc_device, importance,
-                           want_prob, uncertainty, low_precision=amp_dtype is not None)
     axes_list = _mirror_axes(tta or uncertainty == "tta")
     pz, py, px = patch
+
+    def make_batch(chunk):
+        batch = torch.stack([t[:, z:z + pz, y:y + py, x:x + px] for z, y, x in chunk])
+        return batch.contiguous(memory_format=torch.channels_last_3d) if cl else batch
+
     done = 0
     # the layout change happens outside inference mode: the weights stay trainable
     with _channels_last(predictor, device, amp_dtype) as cl, torch.inference_mode(), \
-            _autocast(device, amp_dtype):
+            _autocast(device, amp_dtype), contextlib.ExitStack() as stack:
+        head, first = None, None
+        if split_head and uncertainty != "tta" and _head_candidates(predictor, n_classes):
+            chunk = windows[:batch_size]
+            head, feats, logits = _probe_head(predictor, make_batch(chunk).to(device),
+                                              n_classes)
+            if head is not None and not tta:  # the probe already ran the first batch
+                first = (chunk, feats)
+            del feats, logits
+            if head is not None:
+                stack.enter_context(head.removed())
+                log.info("blending %d features before the 1x1x1 head instead of %d logits",
+                         head.in_channels, n_classes)
+        n_out = head.in_channels if head is not None else n_classes
+        stitch = _CellStitcher(n_classes, shape, patch, starts, acc_device, importance,
+                               want_prob, uncertainty, low_precision=amp_dtype is not None,
+                               head=head)
         for b in range(0, total, batch_size):
             check_cancel(cancel)
             chunk = windows[b:b + batch_size]
-            batch = torch.stack([t[:, z:z + pz, y:y + py, x:x + px] for z, y, x in chunk])
-            if cl:
-                batch = batch.contiguous(memory_format=torch.channels_last_3d)
-            logits, spread = _run_predictor(predictor, batch.to(device), n_classes, axes_list,
-                                            uncertainty == "tta")
+            if first is not None and b == 0:
+                logits, spread = first[1], None
+                first = None
+            else:
+                logits, spread = _run_predictor(predictor, make_batch(chunk).to(device), n_out,
+                                                axes_list, uncertainty == "tta")
             logits = logits.to(acc_device)
             spread = None if spread is None else spread.to(acc_device)
             for i, start in enumerate(chunk):
                 stitch.add(logits[i], start, None if spread is None else spread[i])
-            del logits, spread, batch
+            del logits, spread
             done += len(chunk)
             if progress is not None:
                 progress(done, total)
@@ -472,7 +591,8 @@ def _run(t, predictor, patch, n_classes, overlap, batch_size, tta, device, amp_d
 
 def sliding_window_inference(x, predictor, patch_size, n_classes, overlap=0.5, batch_size=None,
                              tta=False, device="auto", amp="auto", uncertainty=None,
-                             return_probability=False, progress=None, cancel=None):
+                             return_probability=False, progress=None, cancel=None,
+                             split_head=True):
     """Segment a volume window by window, blending windows with Gaussian weights.
 
     Parameters
@@ -509,6 +629,11 @@ def sliding_window_inference(x, predictor, patch_size, n_classes, overlap=0.5, b
         ``progress(windows_done, windows_total)`` after each batch.
     cancel : callable, optional
         Returns True to stop; checked between batches.
+    split_head : bool
+        When the predictor is a ``torch.nn.Module`` whose output comes straight
+        from a 1x1x1 convolution with fewer inputs than classes (checked on the
+        first window), blend that convolution's input features and apply it per
+        finished cell: the same logits, with memory independent of the classes.
 
     Returns
     -------
@@ -553,7 +678,8 @@ def sliding_window_inference(x, predictor, patch_size, n_classes, overlap=0.5, b
     batch_size = min(batch_size, max(1, OUTPUT_BUDGET_BYTES // per_window))
     args = dict(predictor=predictor, patch=patch, n_classes=n_classes, overlap=float(overlap),
                 tta=bool(tta), device=dev, amp_dtype=amp_dtype, uncertainty=uncertainty,
-                want_prob=bool(return_probability), progress=progress, cancel=cancel)
+                want_prob=bool(return_probability), progress=progress, cancel=cancel,
+                split_head=bool(split_head))
     try:
         stitch, n = _run(t, batch_size=batch_size, acc_device=dev, **args)
     except torch.OutOfMemoryError:

@@ -282,18 +282,29 @@ class TorchModel(Model):
         self.axis_order = axis_order
 
     def make_predictor(self, device):
-        net = self.network.to(device)
-        if self.axis_order == "xyz":
-            def run(x):
-                y = net(x.permute(0, 1, 4, 3, 2))
-                y = y[0] if isinstance(y, (list, tuple)) else y
-                return y.permute(0, 1, 4, 3, 2)
-            return run
+        return _ZyxNetwork(self.network.to(device), self.axis_order)
 
-        def run_zyx(x):
-            y = net(x)
-            return y[0] if isinstance(y, (list, tuple)) else y
-        return run_zyx
+
+class _ZyxNetwork(torch.nn.Module):
+    """The network as a ``(B, C, Z, Y, X) -> (B, K, Z, Y, X)`` module.
+
+    Transposes around networks trained in ``(x, y, z)`` order and keeps only the
+    full-resolution output of deep-supervision networks. A module rather than a
+    closure, so the inference engine can change its memory layout and find a
+    1x1x1 output convolution to apply after blending.
+    """
+
+    def __init__(self, network: torch.nn.Module, axis_order: str = "zyx"):
+        super().__init__()
+        self.network = network
+        self.xyz = axis_order == "xyz"
+
+    def forward(self, x):
+        if self.xyz:
+            x = x.permute(0, 1, 4, 3, 2)
+        y = self.network(x)
+        y = y[0] if isinstance(y, (list, tuple)) else y
+        return y.permute(0, 1, 4, 3, 2) if self.xyz else y
 
 
 # ------------------------------------------------------------ postprocessing

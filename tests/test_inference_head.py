@@ -1,0 +1,108 @@
+"""Blending the features before a 1x1x1 output convolution instead of its many logits."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from napari_medseg.core.inference import _head_candidates, sliding_window_inference
+from napari_medseg.models.networks import UNet3D
+from napari_medseg.models.predictor import _ZyxNetwork
+
+PATCH = (8, 16, 16)
+
+
+def _net(classes=12, seed=0):
+    torch.manual_seed(seed)
+    return UNet3D(1, classes, features=(4, 8, 16)).eval()
+
+
+def _x(shape=(1, 21, 37, 29), seed=0):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def _run(net, x, split, caplog=None, **kw):
+    kw = {"device": "cpu", "amp": "off", "return_probability": True,
+          "uncertainty": "entropy", **kw}
+    return sliding_window_inference(x, net, PATCH, 12, split_head=split, **kw)
+
+
+def test_split_head_gives_the_same_result_and_says_so(caplog):
+    net, x = _net(), _x()
+    ref = _run(net, x, split=False)
+    with caplog.at_level(logging.INFO, logger="napari_medseg.core.inference"):
+        res = _run(net, x, split=True)
+    assert "blending 4 features before the 1x1x1 head instead of 12 logits" in caplog.text
+    np.testing.assert_array_equal(res.labels, ref.labels)
+    np.testing.assert_allclose(res.probability.astype(np.float32),
+                               ref.probability.astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(res.uncertainty.astype(np.float32),
+                               ref.uncertainty.astype(np.float32), atol=2e-3)
+    assert isinstance(net.head, torch.nn.Conv3d)  # the network is given back whole
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_split_head_with_mirrors_batches_and_bf16(tta):
+    net, x = _net(seed=1), _x(seed=1)
+    for amp, agree in (("off", 1.0), ("bf16", 0.97)):
+        ref = _run(net, x, False, amp=amp, tta=tta, batch_size=3)
+        res = _run(net, x, True, amp=amp, tta=tta, batch_size=3)
+        assert (res.labels == ref.labels).mean() >= agree
+
+
+def test_transposing_wrapper_keeps_the_head_on_the_right_axes(caplog):
+    net, x = _net(seed=2), _x(seed=2)
+    wrapped = _ZyxNetwork(net, "xyz")
+    ref = _run(wrapped, x, split=False)
+    with caplog.at_level(logging.INFO, logger="napari_medseg.core.inference"):
+        res = _run(wrapped, x, split=True)
+    assert "before the 1x1x1 head" in caplog.text
+    np.testing.assert_array_equal(res.labels, ref.labels)
+
+
+class _Scaled(torch.nn.Module):
+    """A 1x1x1 convolution followed by one more operation: not a movable head."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return torch.tanh(self.net(x)) * 3.0
+
+
+def test_a_convolution_that_is_not_last_is_left_in_place(caplog):
+    net, x = _Scaled(_net(seed=3)), _x(seed=3)
+    assert _head_candidates(net, 12)  # a candidate by its shape...
+    with caplog.at_level(logging.INFO, logger="napari_medseg.core.inference"):
+        res = _run(net, x, split=True)
+    assert "before the 1x1x1 head" not in caplog.text  # ...but not by what runs after it
+    ref = _run(net, x, split=False)
+    np.testing.assert_array_equal(res.labels, ref.labels)
+    np.testing.assert_array_equal(res.probability, ref.probability)
+
+
+def test_no_candidates_for_few_classes_functions_and_torchscript():
+    assert not _head_candidates(_net(classes=3), 3)  # 4 features > 3 classes: no gain
+    assert not _head_candidates(lambda b: b, 12)
+    scripted = torch.jit.script(_net())
+    assert not _head_candidates(scripted, 12)
+    assert not _head_candidates(_ZyxNetwork(scripted), 12)
+
+
+def test_cancel_during_a_split_run_gives_the_head_back():
+    from napari_medseg.errors import Cancelled
+
+    net, x = _net(seed=4), _x(seed=4)
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(Cancelled):
+        _run(net, x, split=True, cancel=cancel)
+    assert isinstance(net.head, torch.nn.Conv3d)
