@@ -54,6 +54,14 @@ setup_python() {
     log "installing napari-medseg[$extras] (torch pinned by constraints.txt)"
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -c constraints.txt -e ".[$extras]"
+    if [ "$extras" = test ]; then
+        # sam2 ships only as source and its build needs torch: build it against ours
+        # (an isolated build would fetch the newest CUDA torch), without its CUDA kernels
+        log "installing sam2 (source build against the pinned torch)"
+        .venv/bin/python -m pip install -q -c constraints.txt "setuptools>=77" wheel
+        SAM2_BUILD_CUDA=0 .venv/bin/python -m pip install -q --no-build-isolation \
+            -c constraints.txt -e ".[sam2]"
+    fi
     echo "$want" > "$stamp"
 }
 
