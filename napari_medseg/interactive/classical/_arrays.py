@@ -6,7 +6,65 @@ import numpy as np
 from scipy import ndimage as ndi
 
 __all__ = ["ball_offsets", "bbox", "connected", "union", "ellipse", "kmeans_1d",
-           "robust_stats", "noise_level"]
+           "robust_stats", "noise_level", "dilate", "erode", "fill_all_holes"]
+
+
+def _shifted(ndim: int, axis: int) -> tuple[tuple, tuple]:
+    """Index pairs ``(lo, hi)`` that view an array one voxel apart along ``axis``."""
+    lo = tuple(slice(1, None) if a == axis else slice(None) for a in range(ndim))
+    hi = tuple(slice(None, -1) if a == axis else slice(None) for a in range(ndim))
+    return lo, hi
+
+
+def dilate(mask: np.ndarray, iterations: int = 1, within: np.ndarray | None = None
+           ) -> np.ndarray:
+    """Binary dilation by the face-connected cross, ``iterations`` times.
+
+    The same result as ``ndi.binary_dilation(mask, cross, iterations, mask=within)``
+    for ``mask`` inside ``within`` (outside the array counts as background),
+    several times faster: shifted views OR-ed together.
+    """
+    out = np.array(mask, bool, copy=True)
+    for _ in range(iterations):
+        src = out.copy()
+        for a in range(out.ndim):
+            lo, hi = _shifted(out.ndim, a)
+            out[lo] |= src[hi]
+            out[hi] |= src[lo]
+        if within is not None:
+            out &= within
+    return out
+
+
+def erode(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
+    """Binary erosion by the face-connected cross (``ndi.binary_erosion`` with
+    ``border_value=0``: voxels on the array's border are eroded)."""
+    out = np.array(mask, bool, copy=True)
+    for _ in range(iterations):
+        src = out.copy()
+        for a in range(out.ndim):
+            lo, hi = _shifted(out.ndim, a)
+            out[lo] &= src[hi]
+            out[hi] &= src[lo]
+            edge = [slice(None)] * out.ndim
+            for i in (0, -1):
+                edge[a] = i
+                out[tuple(edge)] = False
+    return out
+
+
+def fill_all_holes(mask: np.ndarray) -> np.ndarray:
+    """``ndi.binary_fill_holes`` (face-connected background): the background
+    not connected to the array's border becomes object."""
+    lab, n = ndi.label(~mask)
+    if n == 0:
+        return mask.copy()
+    border = np.zeros(n + 1, bool)
+    for a in range(mask.ndim):
+        for i in (0, -1):
+            border[np.unique(np.take(lab, i, axis=a))] = True
+    border[0] = False
+    return ~border[lab]
 
 
 def ball_offsets(radius_vox) -> np.ndarray:

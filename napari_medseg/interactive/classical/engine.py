@@ -10,7 +10,7 @@ from scipy import ndimage as ndi
 
 from ...errors import check_cancel
 from ..base import Engine, Prompts, Region, roi_around
-from ._arrays import ellipse, noise_level, robust_stats, union
+from ._arrays import dilate, ellipse, noise_level, robust_stats, union
 from .growing import accept, grow
 from .negative import click_components, remove_negative, split
 from .refine import fill_holes, refine_edge
@@ -277,7 +277,7 @@ class ClassicalEngine(Engine):
             if any(abs(c - m) <= same_tissue(m, bg_means, self.k * noise) for m in means):
                 same[sl] |= click
         other = clicks_bg & ~same
-        if other.any() and (grown & ndi.binary_dilation(other)).any():
+        if other.any() and (grown & dilate(other)).any():
             grown = remove_negative(sm, grown, other, means, seeds | union(fg),
                                     spacing, self.local_mm)
         markers = (bg & ~clicks_bg) | same

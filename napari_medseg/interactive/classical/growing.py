@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage as ndi
 
-from ._arrays import bbox, connected
+from ._arrays import bbox, connected, dilate, erode
 
 __all__ = ["accept", "grow"]
 
@@ -57,16 +56,15 @@ def grow(cand, seeds, box, open_radius: int = 1) -> np.ndarray:
     sl = bbox(plain)
     sl = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in sl)
     c, sd = plain[sl], seeds[sl]
-    st = ndi.generate_binary_structure(cand.ndim, 1)
-    core = ndi.binary_opening(c, st, iterations=open_radius)
+    core = dilate(erode(c, open_radius), open_radius)
     if not (core & sd).any():  # a thin structure: the opening would erase it
         return plain
     # thick parts of the opening not joined to the seeds' core are another
     # structure reached through a thin bridge: drop them (and the edge the
     # opening trimmed off them); thin parts (a ribbon, a sheet) stay
     own = connected(core, sd)
-    own = ndi.binary_dilation(own, st, iterations=open_radius + 1, mask=c)
-    other = ndi.binary_dilation(core & ~own, st, iterations=open_radius + 1, mask=c & ~own)
+    own = dilate(own, open_radius + 1, within=c)
+    other = dilate(core & ~own, open_radius + 1, within=c & ~own)
     out = np.zeros(cand.shape, bool)
     out[sl] = connected(c & ~other, sd & c)
     return out

@@ -14,11 +14,14 @@ def click_components(bg: np.ndarray, max_voxels: int = 30) -> np.ndarray:
     """The small parts of ``bg``: negative clicks (not scribbles or box edges)."""
     if not bg.any():
         return bg
-    lab, n = ndi.label(bg)
+    box = bbox(bg)
+    lab, n = ndi.label(bg[box])
     sizes = np.bincount(lab.ravel(), minlength=n + 1)
     small = sizes <= max_voxels
     small[0] = False
-    return small[lab]
+    out = np.zeros(bg.shape, bool)
+    out[box] = small[lab]
+    return out
 
 
 def remove_negative(sm, grown, clicks, means, seeds, spacing, reach_mm: float

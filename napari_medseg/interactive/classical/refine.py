@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from ._arrays import bbox
+from ._arrays import bbox, dilate, erode, fill_all_holes
 
 __all__ = ["refine_edge", "fill_holes"]
 
@@ -24,10 +24,10 @@ def refine_edge(sm, mask, bg, size: int = 5) -> np.ndarray:
     sl = tuple(slice(max(s.start - 4, 0), s.stop + 4) for s in sl)
     m = mask[sl]
     img = sm[sl]
-    st = ndi.generate_binary_structure(m.ndim, 1)
-    inner = ndi.binary_erosion(m, st, iterations=1)
-    outer = ndi.binary_dilation(m, st, iterations=3) & ~ndi.binary_dilation(m, st)
-    shell = ndi.binary_dilation(m, st) & ~m & ~bg[sl]
+    inner = erode(m)
+    near = dilate(m)
+    outer = dilate(near, 2) & ~near
+    shell = near & ~m & ~bg[sl]
 
     def local_mean(sel):
         w = ndi.uniform_filter(sel.astype(np.float32), size)
@@ -53,7 +53,7 @@ def fill_holes(mask, bg, max_fraction: float = 0.002, min_voxels: int = 64) -> n
         return mask
     box = bbox(mask)
     sub = mask[box]
-    holes = ndi.binary_fill_holes(sub) & ~sub
+    holes = fill_all_holes(sub) & ~sub
     if not holes.any():
         return mask
     lab, n = ndi.label(holes)

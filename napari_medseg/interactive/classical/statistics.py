@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from ._arrays import bbox, kmeans_1d
+from ._arrays import bbox, dilate, kmeans_1d
 from .seeds import neighbourhood
 
 __all__ = ["background_means", "is_homogeneous", "negative_classes", "same_tissue"]
@@ -18,9 +18,10 @@ def _shell_values(sm, grown, box) -> np.ndarray:
     sl = bbox(grown)
     sl = tuple(slice(max(s.start - 6, 0), s.stop + 6) for s in sl)
     g = grown[sl]
-    shell = ndi.binary_dilation(g, iterations=5) & ~ndi.binary_dilation(g, iterations=2)
+    near = dilate(g, 2)
+    shell = dilate(near, 3) & ~near
     if box is not None:
-        shell &= ndi.binary_dilation(box[sl], iterations=2)
+        shell &= dilate(box[sl], 2)
     return sm[sl][shell]
 
 
