@@ -220,3 +220,18 @@ def test_high_contrast_thin_ribbon_keeps_its_shape():
     img, ribbon = _cortex_scene()
     run = simulate_clicks(ClassicalEngine(), img, (1.0, 1.0, 1.0), ribbon, n_clicks=1)
     assert run.dice[0] > 0.9
+
+
+def test_growths_kept_between_clicks_give_the_same_mask(scene):
+    """An update reusing the previous updates' growths equals a fresh engine's."""
+    img, organ, _, _ = scene
+    eng = ClassicalEngine()
+    run = simulate_clicks(eng, img, SPACING, organ, n_clicks=4)
+    assert eng._growths.hits > 0  # later clicks did reuse the first click's growth
+    again = eng.predict(img, SPACING, run.prompts)
+    fresh = ClassicalEngine().predict(img, SPACING, run.prompts)
+    assert np.array_equal(again, fresh)
+    shifted = img + np.float32(5.0)  # another image: nothing reused from the first
+    eng.predict(shifted, SPACING, run.prompts)
+    assert np.array_equal(eng.predict(shifted, SPACING, run.prompts),
+                          ClassicalEngine().predict(shifted, SPACING, run.prompts))

@@ -11,6 +11,7 @@ from scipy import ndimage as ndi
 from ...errors import check_cancel
 from ..base import Engine, Prompts, Region, roi_around
 from ._arrays import dilate, ellipse, noise_level, robust_stats, union
+from .cache import GrowthCache, mask_key
 from .growing import accept, grow
 from .negative import click_components, remove_negative, split
 from .refine import fill_holes, refine_edge
@@ -80,11 +81,13 @@ class ClassicalEngine(Engine):
         self.edge_mm = float(edge_mm)
         self.detail_cnr = float(detail_cnr)
         self._smoothed: dict = {}
+        self._growths = GrowthCache()
 
     # ---------------------------------------------------------------- cache
     def set_image(self, image, spacing) -> None:
         super().set_image(image, spacing)
         self._smoothed = {}
+        self._growths.clear()
 
     def _smooth_region(self, image, region: Region, pad: int) -> tuple:
         """``(smoothed, noise, lightly smoothed, its noise, raw noise)`` of
@@ -135,22 +138,24 @@ class ClassicalEngine(Engine):
         check_cancel(cancel)
         offset = np.array([s.start for s in region])
         fg, bg, box = prompt_seeds(prompts, region, offset)
+        key = (tuple((s.start, s.stop) for s in region), prompts.mode, prompts.axis)
         if prompts.mode == "2d":
             ax = prompts.axis
             sp = tuple(s for a, s in enumerate(spacing) if a != ax)
             mask = self._segment(np.take(sm, 0, ax), [np.take(g, 0, ax) for g in fg],
                                  np.take(bg, 0, ax),
                                  None if box is None else np.take(box, 0, ax), sp, noise,
-                                 cancel, light=(np.take(light, 0, ax), noise_light, raw_noise))
+                                 cancel, light=(np.take(light, 0, ax), noise_light, raw_noise),
+                                 key=key)
             mask = np.expand_dims(mask, ax)
         else:
             mask = self._segment(sm, fg, bg, box, spacing, noise, cancel,
-                                 light=(light, noise_light, raw_noise))
+                                 light=(light, noise_light, raw_noise), key=key)
         return mask, region
 
     # --------------------------------------------------------------- growth
     def _segment(self, sm, fg: list, bg, box, spacing, noise0, cancel,
-                 light=None) -> np.ndarray:
+                 light=None, key=None) -> np.ndarray:
         """Grow the object in ``sm`` (2D or 3D) from seed groups ``fg``.
 
         The first seed (and scribbles, box centres) grow globally; each later
@@ -159,6 +164,8 @@ class ClassicalEngine(Engine):
         ``(lightly smoothed image, its noise, the raw image's noise)``: an
         object that stands out from its surroundings by ``detail_cnr`` raw
         noise units is grown there (thin structures keep their shape).
+        ``key`` names the region and image ``sm`` comes from; growths are
+        reused between updates under it (None: not kept).
         """
         if not fg:
             return np.zeros(sm.shape, bool)
@@ -178,10 +185,20 @@ class ClassicalEngine(Engine):
         seeds &= ~bg
         g_means = [means[i] for i in gl]
         nones = [None] * len(gl)
+        clicks_bg = click_components(bg)
+        if key is not None:
+            key = key + (mask_key(seeds), mask_key(box), self.open_radius)
 
-        def grow_global(caps, near_bg=None):
-            return grow(accept(sm, g_means, caps, nones, near_bg), seeds, box,
-                        self.open_radius)
+        def grow_global(caps, bg_means=None):
+            k = None if key is None else key + (tuple(g_means), tuple(caps),
+                                                tuple(bg_means or ()))
+            out = self._growths.get(k)
+            if out is None:
+                near_bg = _distance_to_classes(sm, bg_means)
+                out = grow(accept(sm, g_means, caps, nones, near_bg), seeds, box,
+                           self.open_radius)
+                self._growths.put(k, out)
+            return out
 
         grown = grow_global([self.k * noise] * len(gl))
         vals = sm[grown]
@@ -191,16 +208,16 @@ class ClassicalEngine(Engine):
             grown = grow_global([self.k * noise] * len(gl))
         check_cancel(cancel)
         if light is not None and self.detail_cnr > 0:
-            shell = background_means(sm, grown, bg & ~click_components(bg), box, g_means,
+            shell = background_means(sm, grown, bg & ~clicks_bg, box, g_means,
                                      self.k * noise)
             cnr = min(abs(means[0] - b) for b in shell) / light[2] if shell else 0.0
             log.debug("contrast %.3g noise units", cnr)
             if cnr >= self.detail_cnr:
-                return self._segment(light[0], fg, bg, box, spacing, light[1], cancel)
+                return self._segment(light[0], fg, bg, box, spacing, light[1], cancel,
+                                     key=None if key is None else key[:3] + ("light",))
 
         touch = self._touching(sm, grown, fg, local, means, spacing, noise)
         veto = self._veto(sm, fg, local, means, spacing, noise, touch)
-        clicks_bg = click_components(bg)
         vouched = [v for v, tol in veto if tol < 3 * self.k * noise]
         lab_neg, n_neg = ndi.label(clicks_bg)
         neg_means = [float(np.median(sm[lab_neg == i])) for i in range(1, n_neg + 1)]
@@ -332,12 +349,10 @@ class ClassicalEngine(Engine):
         A click touching the object (``touch``) only adds voxels within one
         voxel more of the object than itself: a band along the edge.
         """
-        near_bg = None
         caps = [self.k * noise] * len(means)
         if bg_means:
             caps = self._caps(means, bg_means, noise)
-            near_bg = np.min([np.abs(sm - b) for b in bg_means], axis=0)
-            grown = grow_global([caps[i] for i in gl], near_bg)
+            grown = grow_global([caps[i] for i in gl], bg_means)
         grown = grown.copy()
         g_means = [means[i] for i in gl]
         for i, loc in enumerate(local):
@@ -355,9 +370,17 @@ class ClassicalEngine(Engine):
                 ell = np.ones(tuple(x.stop - x.start for x in sl), bool)
             else:  # on a blurred edge: its intensity is object only close by
                 sl, ell = ellipse(fg[i], spacing, self.edge_mm)
-            sub_bg = None if near_bg is None else near_bg[sl]
+            sub_bg = _distance_to_classes(sm[sl], bg_means)
             acc = accept(sm[sl], [means[i]], [caps[i]], [None], sub_bg)
             acc &= ell[tuple(slice(0, n) for n in acc.shape)]
             seed = fg[i][sl] & ~bg[sl]
             grown[sl] |= grow(acc, seed, None if box is None else box[sl], self.open_radius)
         return grown
+
+
+def _distance_to_classes(sm, bg_means) -> np.ndarray | None:
+    """Per voxel, the intensity distance to the nearest of ``bg_means``
+    (None without background classes)."""
+    if not bg_means:
+        return None
+    return np.min([np.abs(sm - b) for b in bg_means], axis=0)
