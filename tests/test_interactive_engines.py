@@ -235,3 +235,36 @@ def test_growths_kept_between_clicks_give_the_same_mask(scene):
     eng.predict(shifted, SPACING, run.prompts)
     assert np.array_equal(eng.predict(shifted, SPACING, run.prompts),
                           ClassicalEngine().predict(shifted, SPACING, run.prompts))
+
+
+@pytest.mark.parametrize("noise,delta", [(4.0, 6.0), (4.0, 12.0), (8.0, 12.0)])
+def test_negative_click_on_a_slightly_brighter_neighbour_only_splits(noise, delta):
+    """A negative click on a touching neighbour a little brighter than the
+    object (same tissue for the engine: nearer the object than a quarter of
+    the way to the background) marks a watershed split; it must not also
+    carve every voxel nearer its intensity out of the object (which riddles
+    the object with noise-shaped holes around the click)."""
+    rng = np.random.default_rng(1)
+    shape = (24, 64, 64)
+    organ = _ellipsoid(shape, (12, 32, 22), (8, 18, 14))
+    twin = _ellipsoid(shape, (12, 32, 46), (7, 12, 13)) & ~organ
+    img = np.full(shape, 20.0, np.float32)
+    img[organ] = 100
+    img[twin] = 100 + delta
+    img = ndi.gaussian_filter(img, 0.8) + rng.normal(0, noise, shape).astype(np.float32)
+    mask = ClassicalEngine().predict(
+        img, SPACING, Prompts(positive=[[12, 32, 22]], negative=[[12, 32, 50]]))
+    assert (mask & twin).sum() < 0.05 * twin.sum()
+    assert (organ & ~mask).sum() < 0.05 * organ.sum()  # the carving lost 8-11 %
+    assert dice(mask, organ) > 0.955
+
+
+@pytest.mark.parametrize("thickness,blur", [(2.0, 0.6), (4.0, 1.0)])
+def test_later_clicks_at_a_ribbons_edge_never_undo_it(thickness, blur):
+    """Simulated clicks on a cortex-like ribbon land on its blurred edge; each
+    may only move the edge out there, never throw away the ribbon grown so
+    far (a click's blend intensity taken as an object class did)."""
+    img, ribbon = _cortex_scene(thickness=thickness, blur=blur)
+    run = simulate_clicks(ClassicalEngine(), img, (1.0, 1.0, 1.0), ribbon, n_clicks=5)
+    assert run.dice[0] > 0.9
+    assert min(run.dice) > run.dice[0] - 0.03, run.dice
