@@ -296,6 +296,8 @@ class ClickModelEngine(Engine):
         pos, neg = prompts.positive, prompts.negative
         shape = np.array(image.shape)
         clicks = np.concatenate([pos, neg])
+        if prev is not None and not prev[0].any():
+            prev = None  # nothing to refine: start afresh
         if prev is not None:
             start = [s.start for s in prev[1]]
             pts = np.concatenate([clicks, _mask_corners(prev[0], start)])
@@ -333,7 +335,7 @@ class ClickModelEngine(Engine):
         z1 = int(min(z0 + roi.SLAB_2D, shape[0]))
         pts = np.concatenate([pos, neg])
         prev2 = None
-        if prev is not None:
+        if prev is not None and prev[0].any():
             prev2 = (np.moveaxis(prev[0], ax, 0)[0], [prev[1][a].start for a in order[1:]])
             corners = _mask_corners(prev2[0], prev2[1])
             pts = np.concatenate([pts, np.insert(corners, 0, idx, axis=1)])

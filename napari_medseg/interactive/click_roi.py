@@ -52,7 +52,7 @@ def plan_grid(extent, spacing, budget: int, fixed: tuple = ()) -> tuple[int, ...
     Returns
     -------
     tuple of 3 int
-        Multiples of :data:`MULTIPLE` (fixed axes: unchanged); the grid's
+        Multiples of :data:`MULTIPLE`, at least two (fixed axes: unchanged); the grid's
         voxels are at least the image's in every axis, and as isotropic in mm
         as ``budget`` allows.
     """
@@ -78,7 +78,7 @@ def plan_grid(extent, spacing, budget: int, fixed: tuple = ()) -> tuple[int, ...
             shape.append(int(ext[a]))
             continue
         n = mm[a] / max(sp[a], t)
-        shape.append(max(MULTIPLE, int(round(n / MULTIPLE)) * MULTIPLE))
+        shape.append(max(2 * MULTIPLE, int(round(n / MULTIPLE)) * MULTIPLE))
     while float(np.prod([shape[a] for a in free])) > budget * 1.15:
         a = max(free, key=lambda k: shape[k])
         shape[a] -= MULTIPLE

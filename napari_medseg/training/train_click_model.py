@@ -177,6 +177,11 @@ def _loss(logits, y):
     return dice + torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
 
 
+def _save(net: ClickNet, out) -> None:
+    with atomic_path(out, overwrite=True) as tmp:
+        torch.save(state_for_saving(net), tmp)
+
+
 def train(out=WEIGHTS, minutes: float = 30.0, width: int = 12, n_phantoms: int = 40,
           threads: int = 1, seed: int = 0, lr: float = 2e-3, init=None,
           cache: Path | None = None) -> dict:
@@ -215,7 +220,11 @@ def train(out=WEIGHTS, minutes: float = 30.0, width: int = 12, n_phantoms: int =
         ex = _example(pool, net, rng)
         if ex is None:
             continue
-        loss = _loss(net(torch.from_numpy(ex[0])[None]), torch.from_numpy(ex[1])[None])
+        try:
+            loss = _loss(net(torch.from_numpy(ex[0])[None]), torch.from_numpy(ex[1])[None])
+        except (RuntimeError, ValueError) as err:  # keep a long run alive; say so
+            log.warning("skipped an example of shape %s: %s", ex[0].shape, err)
+            continue
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -227,9 +236,9 @@ def train(out=WEIGHTS, minutes: float = 30.0, width: int = 12, n_phantoms: int =
         if step % 50 == 0:
             log.info("step %d loss %.4f (mean of last 50) %.0f s", step,
                      np.mean(losses[-50:]), time.perf_counter() - t0)
-    net.eval()
-    with atomic_path(out, overwrite=True) as tmp:
-        torch.save(state_for_saving(net), tmp)
+        if step % 1000 == 0:  # a checkpoint, in case the run is stopped
+            _save(net, out)
+    _save(net, out)
     summary = {"steps": step, "final_loss": float(np.mean(losses[-100:])),
                "seconds": time.perf_counter() - t0, "out": str(out)}
     log.info("saved %s", summary)
