@@ -17,7 +17,7 @@ from .negative import click_components, remove_negative, split
 from .refine import fill_holes, refine_edge
 from .seeds import (band_around, distance_to_object, locality, near_object, neighbourhood,
                     prompt_seeds)
-from .statistics import background_means, is_homogeneous, negative_classes, same_tissue
+from .statistics import background_means, is_homogeneous, is_object_tissue, negative_classes
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ class ClassicalEngine(Engine):
                 bg_means):
         """Negative clicks, watershed split, edge refinement, holes, box.
 
-        A negative click of the object's own tissue (:func:`same_tissue`: a
+        A negative click of the object's own tissue (:func:`is_object_tissue`: a
         same-intensity neighbour) is a marker of the watershed split, with
         background scribbles and box edges; one of another intensity removes
         the region around it closer to its intensity
@@ -291,7 +291,7 @@ class ClassicalEngine(Engine):
         for i, sl in enumerate(ndi.find_objects(lab), start=1):
             click = lab[sl] == i
             c = float(np.median(sm[sl][click]))
-            if any(abs(c - m) <= same_tissue(m, bg_means, self.k * noise) for m in means):
+            if is_object_tissue(c, means, bg_means, self.k * noise):
                 same[sl] |= click
         other = clicks_bg & ~same
         if other.any() and (grown & dilate(other)).any():
