@@ -441,6 +441,40 @@ def _match_permutation(feats, out, y):
 
 
 # --------------------------------------------------------------------------- prediction
+def _glibc_trim():
+    """glibc's ``malloc_trim``, or None on other C libraries."""
+    import ctypes
+    import ctypes.util
+    import os
+    import platform
+
+    if os.environ.get("NAPARI_MEDSEG_NO_TRIM") or platform.system() != "Linux" \
+            or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # pragma: no cover - exotic platforms
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn
+
+
+_TRIM = _glibc_trim()
+
+
+def _release_free_memory():
+    """Hand freed heap pages back to the system between windows.
+
+    A window frees hundreds of MB of temporaries of a few MB each; glibc keeps
+    such chunks in its heap, where the next window's different sizes fragment
+    them, and the resident size grows past what is in use (about 0.15 GiB at
+    128^3 windows). ``malloc_trim`` returns the free pages; it takes about a
+    millisecond.
+    """
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 def _foreground(logits):
     if logits.shape[1] == 1:
         return torch.sigmoid(logits[:, 0].float())
@@ -582,6 +616,7 @@ def _run(t, predictor, patch, n_classes, overlap, batch_size, tta, device, amp_d
             for i, start in enumerate(chunk):
                 stitch.add(logits[i], start, None if spread is None else spread[i])
             del logits, spread
+            _release_free_memory()
             done += len(chunk)
             if progress is not None:
                 progress(done, total)
