@@ -259,11 +259,14 @@ def test_negative_click_on_a_slightly_brighter_neighbour_only_splits(noise, delt
     assert dice(mask, organ) > 0.955
 
 
-@pytest.mark.parametrize("thickness,blur", [(2.0, 0.6), (4.0, 1.0)])
+@pytest.mark.parametrize("thickness,blur", [(2.0, 0.6), (4.0, 1.0), (3.0, 1.0), (4.0, 1.4)])
 def test_later_clicks_at_a_ribbons_edge_never_undo_it(thickness, blur):
     """Simulated clicks on a cortex-like ribbon land on its blurred edge; each
-    may only move the edge out there, never throw away the ribbon grown so
-    far (a click's blend intensity taken as an object class did)."""
+    may only move the edge there, never throw away the ribbon grown so far:
+    a positive click's blend intensity taken as an object class did, and so
+    did a watershed split from a negative click on the edge between the
+    ribbon and the white matter flooding the whole ribbon (every voxel of a
+    thin ribbon is edge) from a low-gradient spot."""
     img, ribbon = _cortex_scene(thickness=thickness, blur=blur)
     run = simulate_clicks(ClassicalEngine(), img, (1.0, 1.0, 1.0), ribbon, n_clicks=5)
     assert run.dice[0] > 0.9

@@ -17,7 +17,8 @@ from .negative import click_components, remove_negative, split
 from .refine import fill_holes, refine_edge
 from .seeds import (band_around, distance_to_object, locality, near_object, neighbourhood,
                     prompt_seeds)
-from .statistics import background_means, is_homogeneous, is_object_tissue, negative_classes
+from .statistics import (background_means, is_blend, is_homogeneous, negative_classes,
+                         same_tissue)
 
 log = logging.getLogger(__name__)
 
@@ -280,26 +281,31 @@ class ClassicalEngine(Engine):
                 bg_means):
         """Negative clicks, watershed split, edge refinement, holes, box.
 
-        A negative click of the object's own tissue (:func:`is_object_tissue`: a
+        A negative click of the object's own tissue (:func:`same_tissue`: a
         same-intensity neighbour) is a marker of the watershed split, with
         background scribbles and box edges; one of another intensity removes
         the region around it closer to its intensity
-        (:func:`~.negative.remove_negative`).
+        (:func:`~.negative.remove_negative`). A split from a click part-way
+        to a background class (a blend: on an edge) is kept only when it
+        leaves more of the object than it takes.
         """
         same = np.zeros(bg.shape, bool)
+        blend = False
         lab, _ = ndi.label(clicks_bg)
         for i, sl in enumerate(ndi.find_objects(lab), start=1):
             click = lab[sl] == i
             c = float(np.median(sm[sl][click]))
-            if is_object_tissue(c, means, bg_means, self.k * noise):
+            if any(abs(c - m) <= same_tissue(m, bg_means, self.k * noise) for m in means):
                 same[sl] |= click
+                blend |= is_blend(c, means, bg_means)
         other = clicks_bg & ~same
         if other.any() and (grown & dilate(other)).any():
             grown = remove_negative(sm, grown, other, means, seeds | union(fg),
                                     spacing, self.local_mm)
         markers = (bg & ~clicks_bg) | same
         if (grown & markers).any():
-            grown = split(sm, grown, seeds | union(fg), markers)
+            grown = split(sm, grown, seeds | union(fg), markers, spacing,
+                          self.edge_mm / 2 if blend else None)
         for _ in range(self.edge_passes):
             grown = refine_edge(sm, grown, bg)
         grown = fill_holes(grown, bg)

@@ -71,10 +71,18 @@ def remove_negative(sm, grown, clicks, means, seeds, spacing, reach_mm: float
     return out
 
 
-def split(sm, grown, seeds, bg) -> np.ndarray:
+def split(sm, grown, seeds, bg, spacing=None, reach_mm: float | None = None
+          ) -> np.ndarray:
     """Marker watershed on the gradient magnitude inside ``grown`` between
     object ``seeds`` and background seeds ``bg`` (two touching structures of
-    one intensity split at the strongest edge between the seeds)."""
+    one intensity split at the strongest edge between the seeds).
+
+    With ``reach_mm`` (mm) given, a split that would take more of the object
+    than it leaves counts as no split of two structures (on a thin ribbon,
+    whose every voxel is edge, a marker in a low-gradient spot floods nearly
+    all of it): then only what lies within ``reach_mm`` of a background seed
+    is taken.
+    """
     from skimage.segmentation import watershed
 
     box = bbox(grown)
@@ -85,6 +93,11 @@ def split(sm, grown, seeds, bg) -> np.ndarray:
     markers[seeds[box] & g] = 1
     grad = ndi.gaussian_gradient_magnitude(sm[box], 1.0)
     lab = watershed(grad, markers, mask=g)
+    kept = connected(lab == 1, seeds[box] & (lab == 1))
+    lost = int(g.sum()) - int(kept.sum())
+    if reach_mm is not None and lost > kept.sum():
+        near = ndi.distance_transform_edt(~bg[box], sampling=spacing) <= reach_mm
+        kept = connected(kept | (g & ~near), seeds[box])
     out = np.zeros(grown.shape, bool)
-    out[box] = lab == 1
-    return connected(out, seeds & out)
+    out[box] = kept
+    return out

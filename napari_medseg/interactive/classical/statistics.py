@@ -8,8 +8,8 @@ from scipy import ndimage as ndi
 from ._arrays import bbox, dilate, kmeans_1d
 from .seeds import neighbourhood
 
-__all__ = ["background_means", "is_homogeneous", "negative_classes", "same_tissue",
-           "is_object_tissue"]
+__all__ = ["background_means", "is_blend", "is_homogeneous", "negative_classes",
+           "same_tissue"]
 
 
 def _shell_values(sm, grown, box) -> np.ndarray:
@@ -113,21 +113,12 @@ def same_tissue(m: float, bg_means, tol: float) -> float:
     return max(tol, 0.25 * min(abs(b - m) for b in bg_means))
 
 
-def is_object_tissue(c: float, means, bg_means, tol: float) -> bool:
-    """True when a negative click of intensity ``c`` lies on the object's own
-    tissue (a touching same-intensity neighbour, split off by the watershed).
-
-    It must be within :func:`same_tissue` of an object intensity and no more
-    than a quarter of the way from it to a background class on its side: a
-    click part-way to a background class is on the blurred edge between them
-    (a thin ribbon's spread is mostly such edge, so its tolerance is wide).
-    """
-    for m in means:
-        if abs(c - m) > same_tissue(m, bg_means, tol):
-            continue
-        if all((c - m) / (b - m) <= 0.25 for b in bg_means if (b - m) * (c - m) > 0):
-            return True
-    return False
+def is_blend(c: float, means, bg_means) -> bool:
+    """True when intensity ``c`` lies more than a quarter of the way from every
+    object intensity towards a background class on its side (a voxel on the
+    blurred edge between them, not the object's own tissue)."""
+    return all(any(0.25 < (c - m) / (b - m) for b in bg_means if (b - m) * (c - m) > 0)
+               for m in means)
 
 
 def negative_classes(neg_means, means, bg_means, tol: float) -> list:
