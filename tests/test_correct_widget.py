@@ -177,3 +177,104 @@ def test_dense_edit_uses_mask_history_and_undoes(rng):
     np.testing.assert_array_equal(layer.data, data)
     layer.redo()
     np.testing.assert_array_equal(layer.data, swapped)
+
+
+@pytest.fixture
+def notes():
+    """Messages of the napari notifications shown during the test."""
+    from napari.utils.notifications import notification_manager
+
+    seen: list = []
+
+    def grab(event):
+        seen.append(str(getattr(event, "value", event)))
+
+    notification_manager.notification_ready.connect(grab)
+    yield seen
+    notification_manager.notification_ready.disconnect(grab)
+
+
+def _corner_islands():
+    """Small islands near each corner of slice 5, and one on slice 6 top-left."""
+    lab = np.zeros((12, 48, 48), np.uint8)
+    for y in (3, 43):
+        for x in (3, 43):
+            lab[5, y:y + 2, x:x + 2] = 1
+    lab[6, 3:5, 3:5] = 1
+    lab[5, 8:16, 8:16] = 2                 # big: survives
+    return lab
+
+
+def _zoom_on_top_left(viewer, layer, z=5, half_voxels=10):
+    """Show slice ``z`` and zoom in so that about ``half_voxels`` voxels either side
+    of voxel (8, 8) are visible."""
+    viewer.dims.ndisplay = 2
+    viewer.dims.set_point(0, layer.data_to_world((z, 0, 0))[0])
+    camera = viewer.scene.camera
+    centre = layer.data_to_world((z, 8, 8))
+    camera.center = tuple(centre[-2:])
+    camera.zoom = max(viewer.canvas.size) / (2 * half_voxels * SPACING[1])
+
+
+def test_current_view_region_edits_only_visible_voxels(widget, qtbot):
+    viewer, layer, w = widget
+    layer.data = _corner_islands()
+    before = layer.data.copy()
+    _zoom_on_top_left(viewer, layer)
+    w.region_combo.setCurrentText("Current view")
+    assert not w.range_row.isVisibleTo(w)
+    region = w.region(layer)
+    assert region[0] == slice(5, 6)                        # the slice shown only
+    for sl in region[1:]:                                  # the top-left corner
+        assert sl.start <= 3 and 5 <= sl.stop < 43
+    _select(w, "islands")
+    w.all_check.setChecked(True)
+    w.params["islands"]["volume"].setValue(20.0)
+    n_undo = len(layer._undo_history)
+    w.run(background=False)
+    assert len(layer._undo_history) == n_undo + 1          # exactly one undo step
+    expected = before.copy()
+    expected[5, 3:5, 3:5] = 0                              # the visible island only
+    np.testing.assert_array_equal(layer.data, expected)
+    outside = np.ones(before.shape, bool)
+    outside[region] = False
+    np.testing.assert_array_equal(layer.data[outside], before[outside])
+    assert w.last_changed == 4
+    _check_undo_redo(layer, before, expected)
+
+
+def test_current_view_fill_holes_inside_view_only(widget):
+    viewer, layer, w = widget
+    lab = np.zeros((12, 48, 48), np.uint8)
+    lab[5, 2:14, 2:14] = 1                 # visible ring with a hole
+    lab[5, 30:42, 30:42] = 1               # the same out of view
+    lab[5, 6:10, 6:10] = 0
+    lab[5, 34:38, 34:38] = 0
+    layer.data = lab
+    before = lab.copy()
+    _zoom_on_top_left(viewer, layer)
+    w.region_combo.setCurrentText("Current view")
+    _select(w, "holes")
+    w.label_spin.setValue(1)
+    w.params["holes"]["mode"].setCurrentIndex(1)           # per slice
+    w.run(background=False)
+    expected = before.copy()
+    expected[5, 6:10, 6:10] = 1
+    _check_undo_redo(layer, before, expected)
+
+
+def test_current_view_in_3d_asks_for_the_2d_view(widget, notes):
+    from napari_medseg.errors import MedSegError
+
+    viewer, layer, w = widget
+    before = layer.data.copy()
+    viewer.dims.ndisplay = 3
+    w.region_combo.setCurrentText("Current view")
+    with pytest.raises(MedSegError, match="2D view"):
+        w.region(layer)
+    _select(w, "islands")
+    n_undo = len(layer._undo_history)
+    assert w.run(background=False) is None
+    np.testing.assert_array_equal(layer.data, before)
+    assert len(layer._undo_history) == n_undo
+    assert any("2D view" in n and "seg" in n for n in notes), notes

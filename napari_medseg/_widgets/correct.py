@@ -24,6 +24,7 @@ from ..core import corrections as C
 from ..errors import MedSegError
 from .._napari.history import apply_edit
 from .._napari.layers import volume_from_layer
+from .._napari.prediction import view_region
 from ._common import Job, JobBar, notify_exception, show_info
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,10 @@ __all__ = ["CorrectWidget", "SHORTCUTS"]
 
 #: Work on more voxels than this runs in a worker thread.
 BACKGROUND_VOXELS = 4_000_000
+
+#: The regions an operation can be limited to, in the order of the Region box.
+REGIONS = ("Whole volume", "Current slice", "Slice range", "Current view")
+WHOLE, SLICE, RANGE, VIEW = range(len(REGIONS))
 
 #: key -> (operation, extra settings) for the viewer shortcuts.
 SHORTCUTS = {
@@ -80,7 +85,11 @@ class CorrectWidget(QWidget):
         row.addWidget(self.label_spin, 1)
         row.addWidget(self.all_check)
         self.region_combo = QComboBox()
-        self.region_combo.addItems(["Whole volume", "Current slice", "Slice range"])
+        self.region_combo.addItems(list(REGIONS))
+        self.region_combo.setToolTip(
+            "Current slice: the slice shown in the 2D view. Slice range: the slices "
+            "below. Current view: the voxels visible in the 2D canvas (current slice "
+            "x the zoomed-in rectangle).")
         self.from_spin, self.to_spin = QSpinBox(), QSpinBox()
         rng = QHBoxLayout()
         rng.addWidget(self.from_spin)
@@ -270,7 +279,7 @@ class CorrectWidget(QWidget):
 
     def _sync_region(self, index=None) -> None:
         layer = self.layer()
-        show = self.region_combo.currentIndex() == 2
+        show = self.region_combo.currentIndex() == RANGE
         self.range_row.setVisible(show)
         self.range_label.setVisible(show)
         if layer is not None:
@@ -279,16 +288,44 @@ class CorrectWidget(QWidget):
                 s.setRange(0, n - 1)
 
     def region(self, layer):
-        """The region the operation works on (tuple of 3 slices or None)."""
+        """The region the operation works on (tuple of 3 slices or None).
+
+        Raises
+        ------
+        MedSegError
+            "Current view" in a 3D view (the visible part is not a box), or when
+            the layer is out of view.
+        """
         mode = self.region_combo.currentIndex()
-        if mode == 0:
+        if mode == WHOLE:
             return None
+        if mode == VIEW:
+            return self.view_region(layer)
         axis = self.slicing_axis()
-        if mode == 1:
+        if mode == SLICE:
             z = self.current_slice(layer)
             return C.slice_range(z, z + 1, axis)
         a, b = sorted((self.from_spin.value(), self.to_spin.value()))
         return C.slice_range(a, b + 1, axis)
+
+    def view_region(self, layer):
+        """The voxels of ``layer`` visible in the 2D canvas: the current slice x the
+        visible in-plane rectangle, as 3 array slices ``(Z, Y, X)``.
+
+        Raises
+        ------
+        MedSegError
+            In a 3D view, or when the layer is out of view.
+        """
+        if self.viewer.dims.ndisplay != 2:
+            raise MedSegError("'Current view' needs the 2D view (in 3D what is visible "
+                              "is not a box of voxels); switch to 2D and zoom in on the "
+                              "part to correct, or choose 'Whole volume'", layer.name)
+        try:
+            return view_region(layer, self.viewer, margin_slices=0)
+        except MedSegError:
+            raise MedSegError("the layer is not in view; pan to the part to correct or "
+                              "choose 'Whole volume'", layer.name) from None
 
     # -------------------------------------------------------------- running
     def operation(self, op: str, layer, **extra):
