@@ -23,15 +23,21 @@ How it works (3D mode; 2D mode is the same on one slice):
    everywhere only when it is no blend of object and background. Where the
    grown object still touches a background seed (two structures of the same
    intensity), a marker watershed on the gradient magnitude splits them at
-   the strongest edge between the seeds (edge-aware propagation).
+   the strongest edge between the seeds (edge-aware propagation). A split
+   from a click on an edge that would take more of the object than it leaves
+   (a thin ribbon is all edge) takes only what lies near the click.
 5. Holes are filled and everything outside a box is dropped. Thin bridges are
    cut only towards thick structures beyond them, so thin objects (a cortical
    ribbon) survive.
 
+The first click's growth is kept between updates (``cache``): a later click
+only pays for its own local growth, the negative prompts and the edges.
+
 Modules: ``seeds`` (prompts as seed masks), ``statistics`` (object and
 background intensity classes), ``growing`` (seeded region growing),
-``negative`` (negative prompts), ``refine`` (edges and holes) and ``engine``
-(:class:`ClassicalEngine`, which ties them together).
+``negative`` (negative prompts), ``refine`` (edges and holes), ``cache``
+(growths kept between updates) and ``engine`` (:class:`ClassicalEngine`,
+which ties them together).
 """
 
 from .engine import ClassicalEngine
