@@ -201,3 +201,51 @@ def test_blocked_folder_is_a_clear_error(tmp_path):
     with pytest.raises(MedSegError, match="Dataset512_B"):
         export_training_case(img, lab, folder)
     assert not list((folder / "imagesTr").glob("*")) if (folder / "imagesTr").is_dir() else True
+
+
+# ------------------------------------------------- leftovers of killed exports
+def test_owner_records_judge_only_dead_writers_dead():
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from napari_medseg.io.export._staging import OTHER_HOST_MAX_AGE_S, _owner_record, \
+        writer_alive
+
+    me = _owner_record()
+    assert writer_alive(me)
+    # a process id now used by another process (another start time)
+    assert not writer_alive({**me, "start": "1"}) or me["start"] is None
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = {**me, "pid": int(done.stdout), "start": None}
+    assert not writer_alive(dead)
+    # another host: cannot be checked, so dead only when very old
+    other = {**me, "host": socket.gethostname() + "-elsewhere", "pid": 1}
+    assert writer_alive(other)
+    assert not writer_alive({**other, "time": time.time() - OTHER_HOST_MAX_AGE_S - 1})
+
+
+def test_staging_without_reservation_is_removed_and_owned_ones_kept(tmp_path):
+    import socket
+    import time
+
+    folder = tmp_path / "Dataset520_S"
+    img, lab = _case()
+    export_training_case(img, lab, folder)
+    medseg = folder / ".medseg"
+    orphan = medseg / "staging" / "case_007"
+    orphan.mkdir(parents=True)
+    (orphan / "case_007_0000.nii.gz").write_bytes(b"half")
+    # a writer on another machine, right now: never touched
+    remote = medseg / "staging" / "case_001"
+    remote.mkdir()
+    (remote / "case_001_0000.nii.gz").write_bytes(b"half")
+    (medseg / "cases" / "case_001").mkdir()
+    (medseg / "cases" / "case_001" / "owner.json").write_text(json.dumps(
+        {"pid": 1, "host": socket.gethostname() + "-elsewhere", "time": time.time()}))
+    assert export_training_case(img, lab, folder) == "case_002"
+    assert not orphan.exists() and not (medseg / "cases" / "case_007").exists()
+    assert (remote / "case_001_0000.nii.gz").read_bytes() == b"half"
+    assert (medseg / "cases" / "case_001" / "owner.json").exists()

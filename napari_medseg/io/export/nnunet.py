@@ -14,7 +14,10 @@ reservation folder (``.medseg/cases/{case}``, an atomic ``mkdir``) before any
 file is written, so two exports running at once get different ids. Each file
 is first written into ``.medseg/staging/{case}/`` and then renamed into place
 (the label file last), so nnU-Net never sees a partial case, even when the
-process is killed; a failed export removes what it had published.
+process is killed; a failed export removes what it had published. What an
+export killed mid-case leaves behind (its staging folder, reservation and any
+images published without their label) is removed by the next export into the
+dataset once that writer's process is known to be dead (see ``_staging``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 
 from ...core.volume import Volume, same_grid
 from ...errors import Cancelled, MedSegError, check_cancel
+from ._staging import claim_case_id, clean_stale, finish_case, release_case_id
 from ._util import folder_lock, read_json, write_json
 from .monai import append_datalist
 
@@ -157,31 +161,6 @@ def _write(path: Path, vol: Volume, label: bool) -> None:
         write_volume(path, vol, overwrite=False)
 
 
-def _claim_case_id(dataset_dir: Path, prefix: str) -> str:
-    """Atomically reserve the next free case id (``{prefix}_{n:03d}``)."""
-    claims = dataset_dir / ".medseg" / "cases"
-    claims.mkdir(parents=True, exist_ok=True)
-    taken = set()
-    pat = re.compile(rf"^{re.escape(prefix)}_(\d+)(?:_\d{{4}})?{re.escape(FILE_ENDING)}$")
-    for sub in ("imagesTr", "labelsTr"):
-        folder = dataset_dir / sub
-        if folder.is_dir():
-            for p in folder.iterdir():
-                m = pat.match(p.name)
-                if m:
-                    taken.add(int(m.group(1)))
-    n = 0
-    while True:
-        if n not in taken:
-            case = f"{prefix}_{n:03d}"
-            try:
-                (claims / case).mkdir()
-                return case
-            except FileExistsError:
-                pass
-        n += 1
-
-
 def export_training_case(image_vols, labels: Volume, dataset_dir, dataset_name=None,
                          channel_names=None, label_names=None, ledger=None,
                          case_prefix: str = "case", datalist="datalist.json",
@@ -263,7 +242,9 @@ def export_training_case(image_vols, labels: Volume, dataset_dir, dataset_name=N
     lab_vol = Volume(lab.astype(dtype, copy=False), affine=affine, is_label=True,
                      label_names=names, label_colors=dict(labels.label_colors))
 
-    case = _claim_case_id(dataset_dir, case_prefix)
+    clean_stale(dataset_dir, FILE_ENDING)
+    case = claim_case_id(dataset_dir, case_prefix, FILE_ENDING,
+                         datalist=None if not datalist else str(datalist))
     stage = dataset_dir / ".medseg" / "staging" / case
     moved: list[Path] = []
     total = len(vols) + 3
@@ -301,12 +282,14 @@ def export_training_case(image_vols, labels: Volume, dataset_dir, dataset_name=N
         if datalist:
             append_datalist(dataset_dir / datalist, [d for _, d in staged[: len(vols)]],
                             dataset_dir / "labelsTr" / label_name, extra={"case": case})
+        shutil.rmtree(stage, ignore_errors=True)
+        finish_case(dataset_dir, case)  # after the staging folder: see _staging
     except BaseException as exc:
         for p in reversed(moved):
             with contextlib.suppress(OSError):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-        with contextlib.suppress(OSError):
-            (dataset_dir / ".medseg" / "cases" / case).rmdir()
+        shutil.rmtree(stage, ignore_errors=True)
+        release_case_id(dataset_dir, case)
         if isinstance(exc, (MedSegError, Cancelled)):
             raise
         if isinstance(exc, OSError):
