@@ -120,8 +120,12 @@ def claim_case_id(dataset_dir: Path, prefix: str, file_ending: str, **info) -> s
             except FileExistsError:
                 n += 1
                 continue
-            record = _owner_record(**info)
-            (claims / case / OWNER_FILE).write_text(json.dumps(record), encoding="utf-8")
+            try:
+                (claims / case / OWNER_FILE).write_text(json.dumps(_owner_record(**info)),
+                                                        encoding="utf-8")
+            except OSError:
+                release_case_id(dataset_dir, case)
+                raise
             return case
         n += 1
 

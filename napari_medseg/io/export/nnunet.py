@@ -242,9 +242,13 @@ def export_training_case(image_vols, labels: Volume, dataset_dir, dataset_name=N
     lab_vol = Volume(lab.astype(dtype, copy=False), affine=affine, is_label=True,
                      label_names=names, label_colors=dict(labels.label_colors))
 
-    clean_stale(dataset_dir, FILE_ENDING)
-    case = claim_case_id(dataset_dir, case_prefix, FILE_ENDING,
-                         datalist=None if not datalist else str(datalist))
+    try:
+        clean_stale(dataset_dir, FILE_ENDING)
+        case = claim_case_id(dataset_dir, case_prefix, FILE_ENDING,
+                             datalist=None if not datalist else str(datalist))
+    except OSError as exc:
+        raise MedSegError(f"cannot reserve a case id in {dataset_dir / '.medseg'} "
+                          f"({exc.strerror}); choose a writable folder", where) from exc
     stage = dataset_dir / ".medseg" / "staging" / case
     moved: list[Path] = []
     total = len(vols) + 3
