@@ -83,7 +83,7 @@ def test_click_model_segments_organs_and_refines(phantom):
     assert isinstance(eng, ClickModelEngine)
     for k in (1, 3):  # liver (larger than the first 64 mm region) and a kidney
         run = simulate_clicks(eng, image, spacing, lab == k, n_clicks=3)
-        assert run.dice[-1] > 0.8, (k, run.dice)  # trained, not random
+        assert run.dice[-1] > 0.7, (k, run.dice)  # trained, not random (untrained: < 0.4)
     with pytest.raises(MedSegError, match="positive click"):
         eng.predict(image, spacing, Prompts(boxes=[[[10, 20, 20], [12, 40, 40]]]))
     m = eng.predict(image, spacing, Prompts(positive=[[16, 40, 30]], mode="2d", index=16))
