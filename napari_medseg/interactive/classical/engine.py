@@ -14,7 +14,7 @@ from ._arrays import dilate, ellipse, noise_level, robust_stats, union
 from .cache import GrowthCache, mask_key
 from .growing import accept, grow
 from .negative import click_components, remove_negative, split
-from .refine import fill_holes, refine_edge
+from .refine import fill_holes, refine_edge, trim_shell
 from .seeds import (band_around, distance_to_object, locality, near_object, neighbourhood,
                     prompt_seeds)
 from .statistics import (background_means, is_blend, is_homogeneous, negative_classes,
@@ -60,6 +60,11 @@ class ClassicalEngine(Engine):
         Contrast between the object and its nearest surrounding intensity
         class, in units of the image's noise, above which the image smoothed
         by only ``smooth / 2`` is grown in (0: never).
+    thin_spread : float
+        A first click whose neighbourhood spreads more than this many noise
+        units lies in a thin shell: once there are negative clicks, the mask
+        is trimmed to the object's intensity in the raw image on a side no
+        background class bounds (0: never).
     """
 
     name = "classical"
@@ -68,7 +73,7 @@ class ClassicalEngine(Engine):
                  seed_radius_mm: float = 3.0, smooth: float = 1.0,
                  local_mm: float = 15.0, open_radius: int = 1, edge_passes: int = 3,
                  global_spread: float = 2.0, veto_k: float = 2.5, edge_mm: float = 8.0,
-                 detail_cnr: float = 6.0):
+                 detail_cnr: float = 6.0, thin_spread: float = 3.0):
         super().__init__()
         self.roi_size = tuple(int(v) for v in roi_size)
         self.k = float(k)
@@ -81,6 +86,7 @@ class ClassicalEngine(Engine):
         self.veto_k = float(veto_k)
         self.edge_mm = float(edge_mm)
         self.detail_cnr = float(detail_cnr)
+        self.thin_spread = float(thin_spread) if thin_spread > 0 else np.inf
         self._smoothed: dict = {}
         self._growths = GrowthCache()
 
@@ -91,12 +97,13 @@ class ClassicalEngine(Engine):
         self._growths.clear()
 
     def _smooth_region(self, image, region: Region, pad: int) -> tuple:
-        """``(smoothed, noise, lightly smoothed, its noise, raw noise)`` of
+        """``(smoothed, noise, lightly smoothed, its noise, raw noise, raw)`` of
         ``image[region]``; reuses a cached block."""
         for (lo, hi), blocks in self._smoothed.items():
             if all(s.start >= a and s.stop <= b for s, a, b in zip(region, lo, hi)):
                 sub = tuple(slice(s.start - a, s.stop - a) for s, a in zip(region, lo))
-                return blocks[0][sub], blocks[1], blocks[2][sub], blocks[3], blocks[5]
+                return (blocks[0][sub], blocks[1], blocks[2][sub], blocks[3], blocks[5],
+                        blocks[4][sub])
         shape = image.shape
         big = tuple(slice(max(s.start - (pad if s.stop - s.start > 1 else 0), 0),
                           min(s.stop + (pad if s.stop - s.start > 1 else 0), n))
@@ -113,7 +120,7 @@ class ClassicalEngine(Engine):
         key = (tuple(b.start for b in big), tuple(b.stop for b in big))
         self._smoothed[key] = tuple(blocks)
         sub = tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(region, big))
-        return blocks[0][sub], blocks[1], blocks[2][sub], blocks[3], blocks[5]
+        return blocks[0][sub], blocks[1], blocks[2][sub], blocks[3], blocks[5], blocks[4][sub]
 
     # -------------------------------------------------------------- predict
     @staticmethod
@@ -135,7 +142,8 @@ class ClassicalEngine(Engine):
         image, spacing, prompts = self.prepare(image, spacing, prompts)
         self.ensure_image(image, spacing)
         region, pad = self._region(prompts, image.shape, self.roi_size)
-        sm, noise, light, noise_light, raw_noise = self._smooth_region(image, region, pad)
+        sm, noise, light, noise_light, raw_noise, raw = self._smooth_region(image, region,
+                                                                            pad)
         check_cancel(cancel)
         offset = np.array([s.start for s in region])
         fg, bg, box = prompt_seeds(prompts, region, offset)
@@ -146,30 +154,35 @@ class ClassicalEngine(Engine):
             mask = self._segment(np.take(sm, 0, ax), [np.take(g, 0, ax) for g in fg],
                                  np.take(bg, 0, ax),
                                  None if box is None else np.take(box, 0, ax), sp, noise,
-                                 cancel, light=(np.take(light, 0, ax), noise_light, raw_noise),
+                                 cancel, light=(np.take(light, 0, ax), noise_light, raw_noise,
+                                        np.take(raw, 0, ax)),
                                  key=key)
             mask = np.expand_dims(mask, ax)
         else:
             mask = self._segment(sm, fg, bg, box, spacing, noise, cancel,
-                                 light=(light, noise_light, raw_noise), key=key)
+                                 light=(light, noise_light, raw_noise, raw), key=key)
         return mask, region
 
     # --------------------------------------------------------------- growth
     def _segment(self, sm, fg: list, bg, box, spacing, noise0, cancel,
-                 light=None, key=None) -> np.ndarray:
+                 light=None, key=None, raw=None) -> np.ndarray:
         """Grow the object in ``sm`` (2D or 3D) from seed groups ``fg``.
 
         The first seed (and scribbles, box centres) grow globally; each later
         click adds only what it reaches within ``local_mm`` of itself, so a
         click changes the mask near where it was put. ``light`` is
-        ``(lightly smoothed image, its noise, the raw image's noise)``: an
-        object that stands out from its surroundings by ``detail_cnr`` raw
-        noise units is grown there (thin structures keep their shape).
+        ``(lightly smoothed image, its noise, the raw image's noise, the raw
+        image)``: an object that stands out from its surroundings by
+        ``detail_cnr`` raw noise units is grown there (thin structures keep
+        their shape).
         ``key`` names the region and image ``sm`` comes from; growths are
-        reused between updates under it (None: not kept).
+        reused between updates under it (None: not kept). ``raw`` is ``(raw
+        image, its noise)`` (taken from ``light`` when None).
         """
         if not fg:
             return np.zeros(sm.shape, bool)
+        if raw is None and light is not None and len(light) > 3:
+            raw = (light[3], light[2])
         local = locality(fg, spacing, self.local_mm)
         # the first click's statistics come from a wider neighbourhood (it is
         # deep inside); later clicks (often on an edge) use their own voxel
@@ -215,7 +228,8 @@ class ClassicalEngine(Engine):
             log.debug("contrast %.3g noise units", cnr)
             if cnr >= self.detail_cnr:
                 return self._segment(light[0], fg, bg, box, spacing, light[1], cancel,
-                                     key=None if key is None else key[:3] + ("light",))
+                                     key=None if key is None else key[:3] + ("light",),
+                                     raw=raw)
 
         touch = self._touching(sm, grown, fg, local, means, spacing, noise)
         veto = self._veto(sm, fg, local, means, spacing, noise, touch)
@@ -234,8 +248,13 @@ class ClassicalEngine(Engine):
             grown = self._grow_all(sm, fg, bg, box, spacing, noise, local, means,
                                    bg_means, grown, grow_global, gl, touch)
         check_cancel(cancel)
+        # a first click whose neighbourhood spreads far more than the noise
+        # sits in a layer thinner than that neighbourhood (a shell)
+        thin = raw if stats[0][1] > self.thin_spread * noise0 else None
+        log.debug("click spread %.3g noise %.3g thin %s", stats[0][1], noise0,
+                  thin is not None)
         return self._finish(sm, grown, fg, seeds, bg, clicks_bg, box, means, spacing, noise,
-                            bg_means)
+                            bg_means, thin)
 
     def _touching(self, sm, grown, fg, local, means, spacing, noise) -> list:
         """Which later clicks sit at the object's edge and ask for it to move
@@ -278,7 +297,7 @@ class ClassicalEngine(Engine):
         return veto
 
     def _finish(self, sm, grown, fg, seeds, bg, clicks_bg, box, means, spacing, noise,
-                bg_means):
+                bg_means, thin=None):
         """Negative clicks, watershed split, edge refinement, holes, box.
 
         A negative click of the object's own tissue (:func:`same_tissue`: a
@@ -287,7 +306,8 @@ class ClassicalEngine(Engine):
         the region around it closer to its intensity
         (:func:`~.negative.remove_negative`). A split from a click part-way
         to a background class (a blend: on an edge) is kept only when it
-        leaves more of the object than it takes.
+        leaves more of the object than it takes. ``thin`` is ``(raw image,
+        its noise)`` for a thin shell (see :func:`~.refine.trim_shell`).
         """
         same = np.zeros(bg.shape, bool)
         blend = False
@@ -308,6 +328,9 @@ class ClassicalEngine(Engine):
                           self.edge_mm / 2 if blend else None)
         for _ in range(self.edge_passes):
             grown = refine_edge(sm, grown, bg)
+        if thin is not None and clicks_bg.any():
+            grown = trim_shell(thin[0], grown, seeds | union(fg), means, bg_means,
+                               self.k * thin[1])
         grown = fill_holes(grown, bg)
         if box is not None:
             grown &= box

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from ._arrays import bbox, dilate, erode, fill_all_holes
+from ._arrays import bbox, connected, dilate, erode, fill_all_holes
 
-__all__ = ["refine_edge", "fill_holes"]
+__all__ = ["refine_edge", "fill_holes", "trim_shell"]
 
 
 def refine_edge(sm, mask, bg, size: int = 5) -> np.ndarray:
@@ -64,3 +64,36 @@ def fill_holes(mask, bg, max_fraction: float = 0.002, min_voxels: int = 64) -> n
     out = mask.copy()
     out[box] = sub | keep[lab]
     return out
+
+
+def trim_shell(raw, mask, seeds, means, bg_means, tol: float) -> np.ndarray:
+    """Cut a thin shell's mask down to the shell's own intensity.
+
+    A layer one or two voxels thick (CSF under the skull) is a blend of its
+    neighbours in a smoothed image, so the growth also takes the thin dark
+    blends next to it (the skull's inner table), and the growth's tolerance,
+    widened by that blend, bounds nothing on a side without a background
+    class. In the raw image the shell keeps its own intensity: voxels farther
+    than ``tol`` from every object intensity on such an unbounded side are
+    dropped, and what stays connected to the seeds is kept.
+
+    Parameters
+    ----------
+    raw : (Z, Y, X) or (Y, X) float array
+        The unsmoothed image.
+    mask, seeds : bool arrays like ``raw``
+        The object and every object seed.
+    means, bg_means : list of float
+        Object and background intensities.
+    tol : float
+        Intensity tolerance (``k`` times the raw image's noise).
+    """
+    if not mask.any():
+        return mask
+    ok = np.zeros(mask.shape, bool)
+    for m in means:
+        lo = m - tol if not any(b < m for b in bg_means) else -np.inf
+        hi = m + tol if not any(b > m for b in bg_means) else np.inf
+        ok |= (raw >= lo) & (raw <= hi)
+    out = connected(mask & ok, seeds & mask & ok)
+    return out if out.any() else mask
