@@ -271,3 +271,24 @@ def test_later_clicks_at_a_ribbons_edge_never_undo_it(thickness, blur):
     run = simulate_clicks(ClassicalEngine(), img, (1.0, 1.0, 1.0), ribbon, n_clicks=5)
     assert run.dice[0] > 0.9
     assert min(run.dice) > run.dice[0] - 0.03, run.dice
+
+
+def test_thin_shell_is_trimmed_to_its_own_intensity():
+    """Subarachnoid CSF in the head phantom: a 2 mm layer between the skull's
+    inner table and the cortex. In the smoothed image the growth also takes
+    the skull's thin dark blends; once negative clicks are in, the shell is
+    trimmed to its own intensity in the raw image (the side towards the
+    darker skull has no background class to bound it)."""
+    from napari_medseg.core.phantom import make_head_mr
+
+    img, lab = make_head_mr(seed=0)
+    image = np.asarray(img.data, np.float32)
+    cc, _ = ndi.label(np.asarray(lab.data) == 1)
+    csf = cc == np.argmax(np.bincount(cc.ravel())[1:]) + 1  # the shell, not the ventricles
+    plain = simulate_clicks(ClassicalEngine(thin_spread=0), image, img.spacing, csf,
+                            n_clicks=3)
+    trimmed = simulate_clicks(ClassicalEngine(), image, img.spacing, csf, n_clicks=3)
+    assert len(trimmed.prompts.negative) >= 1
+    assert plain.dice[-1] < 0.62
+    assert trimmed.dice[-1] > plain.dice[-1] + 0.03
+    assert trimmed.dice[0] == plain.dice[0]  # one click: nothing to trim yet
