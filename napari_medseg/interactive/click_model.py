@@ -12,9 +12,10 @@ A 3D update looks at the box around the clicks and the previous mask (a
 64 mm cube around a first click) and grows it while the mask reaches its
 border; a 2D update looks at a slab of :data:`~.click_roi.SLAB_2D` slices
 around the slice. The network was trained (RITM style: later clicks at the
-centre of its own largest error) on the synthetic CT and MR phantoms by::
+centre of its own largest error) on the synthetic CT and MR phantoms, 18 minutes
+on one CPU thread, by::
 
-    python -m napari_medseg.training.train_click_model --minutes 30 --threads 1
+    python -m napari_medseg.training.train_click_model --minutes 18 --threads 1
 
 and the weights ship in the package (``click_model.pt``: a plain state dict
 read with ``weights_only=True``, tagged with :data:`ARCH`).
@@ -63,7 +64,7 @@ class ClickNet(nn.Module):
     A strided first convolution brings the grid to half resolution, where a
     three-level U-Net runs; its features are interpolated back to the grid and
     combined voxel by voxel with the input channels (so thin structures keep
-    the grid's resolution). Every side must be a multiple of 8. About 0.1 M
+    the grid's resolution). Every side must be a multiple of 8. About 0.17 M
     parameters at ``width=12``.
     """
 

@@ -1,8 +1,8 @@
 """Train the built-in click model on synthetic phantoms with simulated clicks.
 
-Usage (the shipped weights; 30 minutes on one CPU thread)::
+Usage (the shipped weights: 18 minutes, 5,500 steps on one CPU thread)::
 
-    nice python -m napari_medseg.training.train_click_model --minutes 30 --threads 1 \
+    nice python -m napari_medseg.training.train_click_model --minutes 18 --threads 1 \
         --out napari_medseg/interactive/click_model.pt --log train_click.log
 
 Training follows the interactive-segmentation recipe of RITM / DeepEdit on
