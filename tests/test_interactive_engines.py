@@ -237,6 +237,16 @@ def test_growths_kept_between_clicks_give_the_same_mask(scene):
                           ClassicalEngine().predict(shifted, SPACING, run.prompts))
 
 
+def test_2d_update_after_3d_updates_equals_a_fresh_engines(scene):
+    """A slice is smoothed in-plane only, whatever 3D blocks the engine kept."""
+    img, organ, _, _ = scene
+    eng = ClassicalEngine()
+    simulate_clicks(eng, img, SPACING, organ, n_clicks=2)  # keeps 3D-smoothed blocks
+    prompts = Prompts(positive=[[12, 32, 22]], negative=[[12, 32, 44]], mode="2d", index=12)
+    np.testing.assert_array_equal(eng.predict(img, SPACING, prompts),
+                                  ClassicalEngine().predict(img, SPACING, prompts))
+
+
 @pytest.mark.parametrize("noise,delta", [(4.0, 6.0), (4.0, 12.0), (8.0, 12.0)])
 def test_negative_click_on_a_slightly_brighter_neighbour_only_splits(noise, delta):
     """A negative click on a touching neighbour a little brighter than the

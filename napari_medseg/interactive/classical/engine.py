@@ -99,8 +99,11 @@ class ClassicalEngine(Engine):
     def _smooth_region(self, image, region: Region, pad: int) -> tuple:
         """``(smoothed, noise, lightly smoothed, its noise, raw noise, raw)`` of
         ``image[region]``; reuses a cached block."""
-        for (lo, hi), blocks in self._smoothed.items():
-            if all(s.start >= a and s.stop <= b for s, a, b in zip(region, lo, hi)):
+        # a slice (2D) is smoothed in-plane only: never reuse a block smoothed in 3D
+        flat = tuple(s.stop - s.start == 1 for s in region)
+        for (lo, hi, block_flat), blocks in self._smoothed.items():
+            if block_flat == flat and all(s.start >= a and s.stop <= b
+                                          for s, a, b in zip(region, lo, hi)):
                 sub = tuple(slice(s.start - a, s.stop - a) for s, a in zip(region, lo))
                 return (blocks[0][sub], blocks[1], blocks[2][sub], blocks[3], blocks[5],
                         blocks[4][sub])
@@ -117,7 +120,7 @@ class ClassicalEngine(Engine):
             blocks += [arr, noise_level(raw, sig)]
         if len(self._smoothed) >= 4:
             self._smoothed.pop(next(iter(self._smoothed)))
-        key = (tuple(b.start for b in big), tuple(b.stop for b in big))
+        key = (tuple(b.start for b in big), tuple(b.stop for b in big), flat)
         self._smoothed[key] = tuple(blocks)
         sub = tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(region, big))
         return blocks[0][sub], blocks[1], blocks[2][sub], blocks[3], blocks[5], blocks[4][sub]
