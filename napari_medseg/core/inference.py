@@ -388,8 +388,7 @@ class _PointwiseHead:
 
 def _head_candidates(predictor, n_classes: int) -> list:
     """``(parent, name, conv)`` for each 1x1x1 convolution that could end the network."""
-    if not isinstance(predictor, torch.nn.Module) or any(
-            isinstance(m, torch.jit.ScriptModule) for m in predictor.modules()):
+    if not _uses_python_modules(predictor):
         return []
     out = []
     for parent in predictor.modules():
@@ -547,25 +546,57 @@ def _autocast(device: torch.device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-@contextlib.contextmanager
-def _channels_last(predictor, device, amp_dtype):
-    """Run a CPU module in ``channels_last_3d`` under mixed precision, then restore it.
+class _GroupNormAsInstanceNorm(torch.nn.Module):
+    """An ``InstanceNorm`` computed as a group norm with one channel per group.
 
-    oneDNN then convolves without reordering every activation to its blocked
-    layout and back (about 0.1 GiB less at 128^3 windows, same speed). Kept off in
-    fp32 so fp32 results stay bit-identical to calling the model directly.
+    The same function (statistics per sample and channel over all voxels); on the
+    CPU, PyTorch's group norm has a kernel for ``channels_last_3d`` bf16 tensors,
+    while its instance norm copies every activation to a contiguous layout and back
+    (4x slower at 32 x 128^3, half of a U-Net window's time).
     """
-    use = (device.type == "cpu" and amp_dtype is not None
-           and isinstance(predictor, torch.nn.Module)
-           and not any(isinstance(m, torch.jit.ScriptModule) for m in predictor.modules()))
-    if not use:
+
+    def __init__(self, norm: torch.nn.Module):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x):
+        n = self.norm
+        return F.group_norm(x, x.shape[1], n.weight, n.bias, n.eps)
+
+
+def _uses_python_modules(predictor) -> bool:
+    return isinstance(predictor, torch.nn.Module) and not any(
+        isinstance(m, torch.jit.ScriptModule) for m in predictor.modules())
+
+
+@contextlib.contextmanager
+def _cpu_fast_path(predictor, device, amp_dtype):
+    """Run a CPU module in ``channels_last_3d`` with fast instance norms, then restore it.
+
+    Under mixed precision on the CPU, oneDNN then convolves without reordering
+    every activation to its blocked layout and back (about 0.1 GiB less at 128^3
+    windows), and instance norms (without running statistics) run as group norms
+    that keep that layout (a 5.6 M-parameter DynUNet window: 2.6 -> 1.25 s). Kept
+    off in fp32 so fp32 results stay bit-identical to calling the model directly.
+    Yields whether the inputs should be made ``channels_last_3d``.
+    """
+    if not (device.type == "cpu" and amp_dtype is not None and _uses_python_modules(predictor)):
         yield False
         return
+    swapped = []
+    for parent in list(predictor.modules()):
+        for name, m in list(parent.named_children()):
+            if (type(m) in (torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d,
+                            torch.nn.InstanceNorm3d) and not m.track_running_stats):
+                setattr(parent, name, _GroupNormAsInstanceNorm(m))
+                swapped.append((parent, name, m))
     predictor.to(memory_format=torch.channels_last_3d)
     try:
         yield True
     finally:
         predictor.to(memory_format=torch.contiguous_format)
+        for parent, name, m in swapped:
+            setattr(parent, name, m)
 
 
 def _run(t, predictor, patch, n_classes, overlap, batch_size, tta, device, amp_dtype,
@@ -584,7 +615,7 @@ def _run(t, predictor, patch, n_classes, overlap, batch_size, tta, device, amp_d
 
     done = 0
     # the layout change happens outside inference mode: the weights stay trainable
-    with _channels_last(predictor, device, amp_dtype) as cl, torch.inference_mode(), \
+    with _cpu_fast_path(predictor, device, amp_dtype) as cl, torch.inference_mode(), \
             _autocast(device, amp_dtype), contextlib.ExitStack() as stack:
         head, first = None, None
         if split_head and uncertainty != "tta" and _head_candidates(predictor, n_classes):

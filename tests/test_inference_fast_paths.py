@@ -1,4 +1,5 @@
-"""Blending the features before a 1x1x1 output convolution instead of its many logits."""
+"""The engine's fast paths: a 1x1x1 head applied after blending, instance norms as group
+norms under CPU mixed precision, freed heap pages handed back."""
 
 from __future__ import annotations
 
@@ -117,3 +118,49 @@ def test_free_heap_pages_are_handed_back_on_glibc():
         assert inference._TRIM is not None
         assert inference._TRIM(0) in (0, 1)  # 1: memory was released, 0: none to release
     inference._release_free_memory()  # a no-op elsewhere, never an error
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", [(2, 5, 6, 7, 8), (1, 3, 9, 10)])
+def test_group_norm_stand_in_equals_instance_norm(affine, shape):
+    from napari_medseg.core.inference import _GroupNormAsInstanceNorm
+
+    cls = torch.nn.InstanceNorm3d if len(shape) == 5 else torch.nn.InstanceNorm2d
+    norm = cls(shape[1], affine=affine, eps=1e-4)
+    if affine:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 2.0)
+            norm.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(shape) * 4 + 3
+    torch.testing.assert_close(_GroupNormAsInstanceNorm(norm)(x), norm(x), rtol=1e-4, atol=1e-4)
+
+
+class _Recorder(torch.nn.Module):
+    """Conv, a norm without and one with running statistics; records what it ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 4, 3, padding=1)
+        self.norm = torch.nn.InstanceNorm3d(4, affine=True)
+        self.tracked = torch.nn.InstanceNorm3d(4, track_running_stats=True)
+        self.head = torch.nn.Conv3d(4, 3, 3, padding=1)
+        self.seen = set()
+
+    def forward(self, x):
+        h = self.conv(x)
+        self.seen.add((type(self.norm).__name__, type(self.tracked).__name__,
+                       not h.is_contiguous()))  # channels-last activations
+        return self.head(torch.relu(self.tracked(self.norm(h))))
+
+
+def test_cpu_bf16_runs_norms_as_group_norms_and_gives_the_modules_back():
+    torch.manual_seed(5)
+    net, x = _Recorder().eval(), _x(seed=5)
+    ref = sliding_window_inference(x, net, PATCH, 3, device="cpu", amp="off")
+    assert net.seen == {("InstanceNorm3d", "InstanceNorm3d", False)}  # fp32: untouched
+    net.seen.clear()
+    res = sliding_window_inference(x, net, PATCH, 3, device="cpu", amp="bf16")
+    # only the norm without running statistics is swapped; activations are channels-last
+    assert net.seen == {("_GroupNormAsInstanceNorm", "InstanceNorm3d", True)}
+    assert type(net.norm) is torch.nn.InstanceNorm3d and net.conv.weight.is_contiguous()
+    assert (res.labels == ref.labels).mean() > 0.97
