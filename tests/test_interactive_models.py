@@ -174,9 +174,9 @@ def test_sam_adapter_rejects_bad_checkpoints(tmp_path):
 
 @pytest.mark.skipif(
     not os.environ.get("NAPARI_MEDSEG_NNINTERACTIVE_MODEL"),
-    reason="nnInteractive needs its package and a trained model folder "
-           "(set NAPARI_MEDSEG_NNINTERACTIVE_MODEL); its networks are too large to build "
-           "in a test")
+    reason="opt-in check with published nnInteractive weights: set "
+           "NAPARI_MEDSEG_NNINTERACTIVE_MODEL to their folder (the plumbing is tested with "
+           "a random-weights model in test_interactive_adapters.py)")
 def test_nninteractive_adapter(phantom):
     pytest.importorskip("nnInteractive")
     image, spacing, lab = phantom
