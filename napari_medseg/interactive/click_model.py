@@ -13,7 +13,8 @@ A 3D update looks at the box around the clicks and the previous mask (a
 border; a 2D update looks at a slab of :data:`~.click_roi.SLAB_2D` slices
 around the slice. The network was trained (RITM style: later clicks at the
 centre of its own largest error) on the synthetic CT and MR phantoms, 18 minutes
-on one CPU thread and 30 more from those weights on two, by::
+on one CPU thread and 30 + 24 more from the last weights on two (the commands are
+in the training module's docstring and docs/models.md), e.g.::
 
     python -m napari_medseg.training.train_click_model --minutes 18 --threads 1 --out A.pt
     python -m napari_medseg.training.train_click_model --minutes 30 --threads 2 \

@@ -1,12 +1,14 @@
 """Train the built-in click model on synthetic phantoms with simulated clicks.
 
 Usage (the shipped weights: 18 minutes, 5,500 steps from scratch on one CPU thread,
-then 30 minutes, 12,000 steps more at a lower learning rate on two)::
+then 30 and 24 minutes more, each from the last weights at a lower learning rate on two)::
 
     nice python -m napari_medseg.training.train_click_model --minutes 18 --threads 1 \
-        --out /tmp/click_18min.pt --log train_click.log
+        --out /tmp/click_a.pt --log train_click.log
     nice python -m napari_medseg.training.train_click_model --minutes 30 --threads 2 \
-        --lr 1e-3 --init /tmp/click_18min.pt --out napari_medseg/interactive/click_model.pt
+        --lr 1e-3 --init /tmp/click_a.pt --out /tmp/click_b.pt
+    nice python -m napari_medseg.training.train_click_model --minutes 24 --threads 2 \
+        --lr 7e-4 --seed 1 --init /tmp/click_b.pt --out napari_medseg/interactive/click_model.pt
 
 Training follows the interactive-segmentation recipe of RITM / DeepEdit on
 randomised phantoms (abdomen CT and head MR, ``vary=True``; the pool is built
