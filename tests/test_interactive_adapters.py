@@ -6,6 +6,7 @@ coordinates, 2D / 3D results on the image grid, caching), not quality.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from fractions import Fraction
@@ -17,6 +18,8 @@ import torch
 from napari_medseg.core.phantom import make_abdomen_ct
 from napari_medseg.errors import MedSegError
 from napari_medseg.interactive import Prompts, make_engine
+
+from _tiny_nnunet import TINY_PLAIN_UNET
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +42,7 @@ def _nninteractive_folder(root, patch=PATCH, info=None):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    arch = {"network_class_name":
-            "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-            "arch_kwargs": {
-                "n_stages": 3, "features_per_stage": [4, 8, 16],
-                "conv_op": "torch.nn.modules.conv.Conv3d",
-                "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
-                "n_conv_per_stage": [1, 1, 1], "n_conv_per_stage_decoder": [1, 1],
-                "conv_bias": True, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-                "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
-                "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
-                "nonlin_kwargs": {"inplace": True}},
-            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+    arch = copy.deepcopy(TINY_PLAIN_UNET)
     resample = "resample_data_or_seg_to_shape"
     cfg = {"data_identifier": "nnInteractivePlans_3d", "preprocessor_name": "DefaultPreprocessor",
            "batch_size": 1, "patch_size": list(patch), "median_image_size_in_voxels": list(patch),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from napari_medseg.errors import MedSegError
 from napari_medseg.models import load_model
 
+from _tiny_nnunet import TINY_PLAIN_UNET
 from test_models_loaders import ThresholdNet, box_volume, threshold_card
 
 
@@ -137,18 +139,7 @@ def _nnunet_folder(tmp_path, train_steps=60):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    arch = {"network_class_name":
-            "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-            "arch_kwargs": {
-                "n_stages": 3, "features_per_stage": [4, 8, 16],
-                "conv_op": "torch.nn.modules.conv.Conv3d",
-                "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
-                "n_conv_per_stage": [1, 1, 1], "n_conv_per_stage_decoder": [1, 1],
-                "conv_bias": True, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-                "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
-                "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
-                "nonlin_kwargs": {"inplace": True}},
-            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+    arch = copy.deepcopy(TINY_PLAIN_UNET)
     resample = "resample_data_or_seg_to_shape"
     plans = {
         "dataset_name": "Dataset999_Box", "plans_name": "nnUNetPlans",
