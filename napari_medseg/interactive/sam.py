@@ -33,6 +33,7 @@ import torch
 from scipy import ndimage as ndi
 
 from ..errors import MedSegError, check_cancel
+from ._checkpoint import read_state_dict
 from .base import Engine, Prompts, Region
 
 log = logging.getLogger(__name__)
@@ -121,16 +122,7 @@ def _config_for(checkpoint: Path, state: dict) -> dict:
 def load_sam(checkpoint) -> torch.nn.Module:
     """Build SAM from a local state-dict checkpoint (never unpickles objects)."""
     checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise MedSegError("SAM checkpoint not found; choose a .pth file on disk",
-                          str(checkpoint))
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise MedSegError(f"cannot read the checkpoint ({exc}); it must be a plain state "
-                          "dict", str(checkpoint)) from exc
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
+    state = read_state_dict(checkpoint, "SAM", ".pth")
     sam = build_sam(_config_for(checkpoint, state))
     try:
         sam.load_state_dict(state)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import MedSegError, check_cancel
+from ._checkpoint import read_state_dict
 from .base import Engine, Prompts, Region
 
 log = logging.getLogger(__name__)
@@ -61,24 +62,6 @@ def _need_sam2():
                           "napari-medseg[sam2]", "SAM2")
 
 
-def _read_state(checkpoint: Path) -> dict:
-    if not checkpoint.is_file():
-        raise MedSegError("SAM2 checkpoint not found; choose a .pt file on disk",
-                          str(checkpoint))
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise MedSegError(f"cannot read the checkpoint ({str(exc).splitlines()[0]}); it "
-                          "must hold tensors only", str(checkpoint)) from exc
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
-                                              for v in state.values()):
-        raise MedSegError("not a SAM2 checkpoint (expected {'model': state_dict})",
-                          str(checkpoint))
-    return state
-
-
 def _check_targets(node, where: str) -> None:
     """Refuse a config that would build anything but SAM 2's own classes."""
     if isinstance(node, dict):
@@ -107,7 +90,7 @@ def sam2_config(checkpoint, state: dict | None = None) -> dict:
     if side.is_file():
         src = side
     else:
-        state = _read_state(checkpoint) if state is None else state
+        state = read_state_dict(checkpoint, "SAM2", ".pt") if state is None else state
         w = state.get("image_encoder.trunk.patch_embed.proj.weight")
         blocks = {k.split(".")[3] for k in state if k.startswith("image_encoder.trunk.blocks.")}
         key = None if w is None else (int(w.shape[0]), len(blocks))
@@ -136,7 +119,7 @@ def load_sam2(checkpoint, device: str = "cpu") -> torch.nn.Module:
 
     _need_sam2()
     checkpoint = Path(checkpoint)
-    state = _read_state(checkpoint)
+    state = read_state_dict(checkpoint, "SAM2", ".pt")
     cfg = dict(sam2_config(checkpoint, state), **_PREDICTOR)
     cfg["sam_mask_decoder_extra_args"] = dict(cfg.get("sam_mask_decoder_extra_args") or {},
                                               **_DECODER)
