@@ -368,14 +368,10 @@ class _PointwiseHead:
         self.bias = None if conv.bias is None else conv.bias.detach().float()
         self.in_channels = int(conv.in_channels)
 
-    @contextlib.contextmanager
     def removed(self):
         """Run the network without its head (it returns the head's input features)."""
-        setattr(self.parent, self.name, torch.nn.Identity())
-        try:
-            yield
-        finally:
-            setattr(self.parent, self.name, self.conv)
+        return _stand_ins([(self.parent, self.name, self.conv)],
+                          lambda conv: torch.nn.Identity())
 
     def apply(self, feats: torch.Tensor, wsum: torch.Tensor) -> torch.Tensor:
         """Weighted logit sums ``(K, ...)`` from weighted feature sums ``(F, ...)``."""
@@ -390,25 +386,20 @@ def _head_candidates(predictor, n_classes: int) -> list:
     """``(parent, name, conv)`` for each 1x1x1 convolution that could end the network."""
     if not _uses_python_modules(predictor):
         return []
-    out = []
-    for parent in predictor.modules():
-        for name, m in parent.named_children():
-            if (type(m) is torch.nn.Conv3d and tuple(m.kernel_size) == (1, 1, 1)
-                    and tuple(m.stride) == (1, 1, 1) and m.padding in ((0, 0, 0), "valid")
-                    and m.groups == 1 and m.out_channels == n_classes
-                    and m.in_channels < n_classes):
-                out.append((parent, name, m))
-    return out
+    return _children(predictor, lambda m: (
+        type(m) is torch.nn.Conv3d and tuple(m.kernel_size) == (1, 1, 1)
+        and tuple(m.stride) == (1, 1, 1) and m.padding in ((0, 0, 0), "valid")
+        and m.groups == 1 and m.out_channels == n_classes and m.in_channels < n_classes))
 
 
-def _probe_head(predictor, batch, n_classes):
+def _probe_head(predictor, batch, cands):
     """Run ``predictor`` once; return ``(head or None, its features, the output)``.
 
-    A candidate is the head only when the network's output *is* that
-    convolution's output (the same storage, at most viewed with its spatial axes
-    permuted): nothing runs after it, so it may be moved after blending.
+    A candidate (from :func:`_head_candidates`) is the head only when the
+    network's output *is* that convolution's output (the same storage, at most
+    viewed with its spatial axes permuted): nothing runs after it, so it may be
+    moved after blending.
     """
-    cands = _head_candidates(predictor, n_classes)
     seen, hooks = {}, []
     for i, (_, _, conv) in enumerate(cands):
         def hook(mod, inp, out, i=i):
@@ -468,7 +459,7 @@ def _release_free_memory():
     such chunks in its heap, where the next window's different sizes fragment
     them, and the resident size grows past what is in use (about 0.15 GiB at
     128^3 windows). ``malloc_trim`` returns the free pages; it takes about a
-    millisecond.
+    millisecond. Setting ``NAPARI_MEDSEG_NO_TRIM`` turns it off (to measure it).
     """
     if _TRIM is not None:
         _TRIM(0)
@@ -569,6 +560,24 @@ def _uses_python_modules(predictor) -> bool:
         isinstance(m, torch.jit.ScriptModule) for m in predictor.modules())
 
 
+def _children(predictor: torch.nn.Module, keep) -> list:
+    """``(parent, name, module)`` for every submodule of ``predictor`` that ``keep`` accepts."""
+    return [(parent, name, m) for parent in predictor.modules()
+            for name, m in parent.named_children() if keep(m)]
+
+
+@contextlib.contextmanager
+def _stand_ins(found, make):
+    """Put ``make(module)`` in place of each ``(parent, name, module)``; restore after."""
+    for parent, name, m in found:
+        setattr(parent, name, make(m))
+    try:
+        yield
+    finally:
+        for parent, name, m in found:
+            setattr(parent, name, m)
+
+
 @contextlib.contextmanager
 def _cpu_fast_path(predictor, device, amp_dtype):
     """Run a CPU module in ``channels_last_3d`` with fast instance norms, then restore it.
@@ -583,20 +592,15 @@ def _cpu_fast_path(predictor, device, amp_dtype):
     if not (device.type == "cpu" and amp_dtype is not None and _uses_python_modules(predictor)):
         yield False
         return
-    swapped = []
-    for parent in list(predictor.modules()):
-        for name, m in list(parent.named_children()):
-            if (type(m) in (torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d,
-                            torch.nn.InstanceNorm3d) and not m.track_running_stats):
-                setattr(parent, name, _GroupNormAsInstanceNorm(m))
-                swapped.append((parent, name, m))
-    predictor.to(memory_format=torch.channels_last_3d)
-    try:
-        yield True
-    finally:
-        predictor.to(memory_format=torch.contiguous_format)
-        for parent, name, m in swapped:
-            setattr(parent, name, m)
+    norms = _children(predictor, lambda m: (
+        type(m) in (torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d)
+        and not m.track_running_stats))
+    with _stand_ins(norms, _GroupNormAsInstanceNorm):
+        predictor.to(memory_format=torch.channels_last_3d)
+        try:
+            yield True
+        finally:
+            predictor.to(memory_format=torch.contiguous_format)
 
 
 def _run(t, predictor, patch, n_classes, overlap, batch_size, tta, device, amp_dtype,
@@ -618,12 +622,13 @@ def _run(t, predictor, patch, n_classes, overlap, batch_size, tta, device, amp_d
     with _cpu_fast_path(predictor, device, amp_dtype) as cl, torch.inference_mode(), \
             _autocast(device, amp_dtype), contextlib.ExitStack() as stack:
         head, first = None, None
-        if split_head and uncertainty != "tta" and _head_candidates(predictor, n_classes):
-            chunk = windows[:batch_size]
-            head, feats, logits = _probe_head(predictor, make_batch(chunk).to(device),
-                                              n_classes)
+        cands = _head_candidates(predictor, n_classes) \
+            if split_head and uncertainty != "tta" else []
+        if cands:
+            head, feats, logits = _probe_head(
+                predictor, make_batch(windows[:batch_size]).to(device), cands)
             if head is not None and not tta:  # the probe already ran the first batch
-                first = (chunk, feats)
+                first = feats
             del feats, logits
             if head is not None:
                 stack.enter_context(head.removed())
@@ -636,9 +641,8 @@ def _run(t, predictor, patch, n_classes, overlap, batch_size, tta, device, amp_d
         for b in range(0, total, batch_size):
             check_cancel(cancel)
             chunk = windows[b:b + batch_size]
-            if first is not None and b == 0:
-                logits, spread = first[1], None
-                first = None
+            if first is not None:
+                logits, spread, first = first, None, None
             else:
                 logits, spread = _run_predictor(predictor, make_batch(chunk).to(device), n_out,
                                                 axes_list, uncertainty == "tta")
