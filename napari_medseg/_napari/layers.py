@@ -15,8 +15,10 @@ radiological convention), and a RAS-stored NIfTI shows the same way.
 
 Because the whole voxel-to-world mapping is napari's own transform, a Labels
 layer that napari creates from the image ("New labels layer") inherits it, and
-:func:`affine_from_layer_attributes` recovers the exact file affine from any
-layer, with or without our metadata. Nothing here imports Qt.
+:func:`affine_from_layer_attributes` recovers the file affine from any layer
+(exactly, unless the orientation swaps axes). Turning a layer back into a
+Volume, with the stored geometry, names and colours, is
+:mod:`napari_medseg._napari.boundary`. Nothing here imports Qt.
 """
 
 from __future__ import annotations
@@ -32,11 +34,7 @@ __all__ = [
     "layer_kwargs",
     "volume_to_layer_data",
     "affine_from_layer_attributes",
-    "affine_from_layer",
-    "exact_affine",
-    "volume_from_layer",
     "label_colormap_dict",
-    "current_layers",
 ]
 
 #: RAS point -> napari world point ``(S, P, L)``.
@@ -151,8 +149,10 @@ def volume_to_layer_data(vol: Volume, name: str | None = None, **extra) -> tuple
         kwargs["name"] = [f"{name} [{i}]" for i in range(vol.n_channels)] if name else None
         if kwargs["name"] is None:
             kwargs.pop("name")
-    if vol.modality == "CT":
-        kwargs.setdefault("contrast_limits", (-160.0, 240.0))  # abdomen window (HU)
+    if vol.data.ndim == 3:  # CT: soft-tissue window; MR / PET / unknown: percentiles
+        from ..core.display import default_contrast
+
+        kwargs.setdefault("contrast_limits", default_contrast(vol.data, vol.modality))
     kwargs.update(extra)
     return (data, kwargs, "image")
 
@@ -196,105 +196,17 @@ def affine_from_layer_attributes(attributes: dict, ndim: int = 3) -> np.ndarray:
     return out
 
 
-def current_layers() -> list:
-    """Layers of napari's current viewer, or ``[]`` when there is none.
-
-    Readers and writers get no viewer from npe2; they use this to find the
-    image a labels file belongs to.
-    """
-    try:
-        import napari
-
-        viewer = napari.current_viewer()
-    except Exception:  # noqa: BLE001 - no napari, no viewer: nothing to match
-        return []
-    return [] if viewer is None else list(viewer.layers)
+_MOVED = ("current_layers", "exact_affine", "affine_from_layer", "volume_from_layer")
 
 
-def _layer_attributes(layer) -> dict:
-    return {
-        "scale": layer.scale,
-        "translate": layer.translate,
-        "rotate": layer.rotate,
-        "shear": layer.shear,
-        "affine": layer.affine.affine_matrix,
-        "metadata": getattr(layer, "metadata", {}),
-    }
+def __getattr__(name):
+    """Compatibility: reading layers back moved to :mod:`napari_medseg._napari.boundary`."""
+    if name in _MOVED:
+        from . import boundary
 
+        return getattr(boundary, name)
+    if name == "_layer_attributes":
+        from .boundary import layer_attributes
 
-def _matches_transform(attributes: dict, affine: np.ndarray) -> bool:
-    """True when the layer transform is exactly what ``layer_kwargs`` gives ``affine``."""
-    scale, translate, naff = _transform_parts(affine)
-    rot = attributes.get("rotate")
-    shear = attributes.get("shear")
-    lay_aff = attributes.get("affine")
-    lay_aff = np.asarray(getattr(lay_aff, "affine_matrix", lay_aff)
-                         if lay_aff is not None else np.eye(4), dtype=float)
-    return (
-        np.allclose(np.asarray(attributes.get("scale"), float)[-3:], scale, atol=1e-6)
-        and np.allclose(np.asarray(attributes.get("translate"), float)[-3:], translate,
-                        atol=1e-4)
-        and np.allclose(lay_aff[-4:, -4:], naff, atol=1e-6)
-        and (rot is None or np.allclose(np.asarray(rot, float)[-3:, -3:], np.eye(3)))
-        and (shear is None or not np.any(np.asarray(shear, float)))
-    )
-
-
-def exact_affine(attributes: dict, candidates=()) -> np.ndarray:
-    """The exact RAS affine for a layer's attributes.
-
-    Uses the affine stored in the layer's ``metadata["medseg"]`` (or, failing
-    that, in one of ``candidates``: attribute dicts of other layers, e.g. the
-    image a Labels layer was drawn on) when napari's transform still agrees with
-    it; otherwise derives it from the transform alone.
-    """
-    for attrs in (attributes, *candidates):
-        meta = (attrs.get("metadata") or {}).get(META_KEY) or {}
-        stored = meta.get("affine")
-        if stored is not None:
-            stored = np.asarray(stored, dtype=float)
-            if _matches_transform(attributes, stored):
-                return stored
-    return affine_from_layer_attributes(attributes)
-
-
-def affine_from_layer(layer, viewer=None) -> np.ndarray:
-    """The exact RAS affine of a napari layer (see :func:`exact_affine`).
-
-    With ``viewer``, the other layers' stored geometry is used when the layer
-    itself has none (a Labels layer napari made from an image).
-    """
-    others = []
-    if viewer is not None:
-        others = [_layer_attributes(lyr) for lyr in viewer.layers if lyr is not layer]
-    return exact_affine(_layer_attributes(layer), others)
-
-
-def volume_from_layer(layer, is_label: bool | None = None, viewer=None) -> Volume:
-    """Wrap a napari Image or Labels layer as a Volume on its true grid.
-
-    ``viewer`` lets a layer without stored geometry borrow the exact affine of
-    another layer on the same transform (see :func:`affine_from_layer`).
-    """
-    meta = dict(layer.metadata.get(META_KEY, {})) if hasattr(layer, "metadata") else {}
-    if is_label is None:
-        is_label = layer.__class__.__name__ == "Labels"
-    names = {}
-    colors = {}
-    if is_label:
-        feats = getattr(layer, "features", None)
-        if feats is not None and len(feats) and "name" in feats and "index" in feats:
-            names = {int(i): str(n) for i, n in zip(feats["index"], feats["name"]) if int(i)}
-        elif "label_names" in meta:
-            names = {int(k): v for k, v in meta["label_names"].items()}
-    return Volume(
-        data=layer.data,
-        affine=affine_from_layer(layer, viewer),
-        modality=meta.get("modality", "unknown"),
-        is_label=bool(is_label),
-        label_names=names,
-        label_colors=colors,
-        source=meta.get("source"),
-        meta={k: v for k, v in meta.items()
-              if k not in ("affine", "modality", "source", "is_label", "label_names")},
-    )
+        return layer_attributes
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

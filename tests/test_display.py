@@ -1,0 +1,68 @@
+"""Modality-aware display: CT window presets, percentile windows, the Display widget."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_medseg._napari.layers import volume_to_layer_data
+from napari_medseg.core.display import (PRESET_KEYS, WINDOW_PRESETS, default_contrast,
+                                        percentile_limits, window_limits)
+from napari_medseg.core.volume import Volume
+
+
+def test_presets_are_the_radiological_windows():
+    assert window_limits(*WINDOW_PRESETS["soft tissue"]) == (-160.0, 240.0)
+    assert window_limits(*WINDOW_PRESETS["liver"]) == (15.0, 165.0)
+    assert window_limits(*WINDOW_PRESETS["lung"]) == (-1350.0, 150.0)
+    assert window_limits(*WINDOW_PRESETS["bone"]) == (-500.0, 1300.0)
+    assert window_limits(*WINDOW_PRESETS["brain"]) == (0.0, 80.0)
+    assert len(set(PRESET_KEYS.values())) == len(PRESET_KEYS)
+
+
+def test_percentile_window_ignores_zero_background():
+    rng = np.random.default_rng(0)
+    img = np.zeros((20, 40, 40), np.float32)
+    img[5:15, 10:30, 10:30] = rng.normal(500, 50, (10, 20, 20))
+    img[10, 20, 20] = 1e6  # one hot voxel must not stretch the window
+    lo, hi = percentile_limits(img)
+    assert 300 < lo < 450 and 550 < hi < 700
+
+
+def test_flat_image_gets_a_valid_window():
+    lo, hi = percentile_limits(np.full((3, 4, 5), 7.0))
+    assert hi > lo
+
+
+def test_ct_layer_opens_with_soft_tissue_and_mr_with_percentiles():
+    data = np.linspace(-1000, 2000, 4 * 5 * 6).reshape(4, 5, 6).astype(np.int16)
+    _, kw, _ = volume_to_layer_data(Volume(data, modality="CT"))
+    assert kw["contrast_limits"] == (-160.0, 240.0)
+    _, kw, _ = volume_to_layer_data(Volume(data, modality="MR"))
+    assert kw["contrast_limits"] == pytest.approx(default_contrast(data, "MR"))
+    assert kw["contrast_limits"][0] > -1000 and kw["contrast_limits"][1] < 2000
+
+
+def test_display_widget_sets_modality_and_windows(make_napari_viewer):
+    from napari_medseg._napari.layer_roles import layer_modality
+    from napari_medseg._napari.layers import volume_from_layer
+
+    viewer = make_napari_viewer()
+    data = np.linspace(-1000, 2000, 8 * 9 * 10).reshape(8, 9, 10).astype(np.float32)
+    layer = viewer.add_image(data, name="ct")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Display")
+    assert widget.layer() is layer
+    widget.modality_combo.setCurrentText("CT")
+    assert layer_modality(layer) == "CT"
+    assert volume_from_layer(layer).modality == "CT"
+    assert tuple(layer.contrast_limits) == (-160.0, 240.0)
+    widget.buttons["lung"].click()
+    assert tuple(layer.contrast_limits) == (-1350.0, 150.0)
+    # the keyboard shortcut reaches the same preset
+    from app_model.types import KeyBinding
+
+    viewer.keymap[KeyBinding.from_str(PRESET_KEYS["bone"].replace("-", "+"))](viewer)
+    assert tuple(layer.contrast_limits) == (-500.0, 1300.0)
+    widget.modality_combo.setCurrentText("MR")
+    lo, hi = layer.contrast_limits
+    assert (lo, hi) == pytest.approx(percentile_limits(data))
