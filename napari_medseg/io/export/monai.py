@@ -23,7 +23,7 @@ def _rel(p, base: Path) -> str:
 
 
 def append_datalist(datalist_path, images, label, key: str = "training",
-                    extra: dict | None = None) -> Path:
+                    extra: dict | None = None, modality: dict | None = None) -> Path:
     """Append one case to a MONAI datalist JSON file, atomically.
 
     The file follows the decathlon layout read by
@@ -43,6 +43,10 @@ def append_datalist(datalist_path, images, label, key: str = "training",
         Section to append to (``"training"``).
     extra : dict, optional
         More JSON-able fields for the entry (e.g. ``{"case": "case_003"}``).
+    modality : dict, optional
+        Channel index to modality, e.g. ``{"0": "CT"}``, stored as the
+        datalist's top-level ``"modality"`` (the Medical Segmentation Decathlon
+        layout, which MONAI's ``DecathlonDataset`` reads); an existing entry is kept.
 
     Returns
     -------
@@ -63,6 +67,8 @@ def append_datalist(datalist_path, images, label, key: str = "training",
         if not isinstance(data, dict) or not isinstance(data.get(key, []), list):
             raise MedSegError(f"not a MONAI datalist (expected an object with a "
                               f"'{key}' list); choose another file", str(datalist_path))
+        if modality and not data.get("modality"):
+            data["modality"] = {str(k): str(v) for k, v in modality.items()}
         cases = data.setdefault(key, [])
         if any(c.get("label") == entry["label"] for c in cases if isinstance(c, dict)):
             log.info("%s already lists %s", datalist_path, entry["label"])

@@ -285,7 +285,8 @@ def export_training_case(image_vols, labels: Volume, dataset_dir, dataset_name=N
         _update_dataset_json(dataset_dir, dataset_name, channel_names, vols, names, present)
         if datalist:
             append_datalist(dataset_dir / datalist, [d for _, d in staged[: len(vols)]],
-                            dataset_dir / "labelsTr" / label_name, extra={"case": case})
+                            dataset_dir / "labelsTr" / label_name, extra={"case": case},
+                            modality=(read_dataset_json(dataset_dir) or {}).get("channel_names"))
         shutil.rmtree(stage, ignore_errors=True)
         finish_case(dataset_dir, case)  # after the staging folder: see _staging
     except BaseException as exc:
