@@ -234,9 +234,10 @@ class _CellStitcher:
     """
 
     def __init__(self, n_classes, shape, patch, starts, device, importance, want_prob,
-                 uncertainty, low_precision=False, head=None):
+                 uncertainty, low_precision=False, head=None, sink=None):
         self.k = n_classes
         self.head = head
+        self.sink = sink
         # channels held per voxel: the logits, or the features entering a pointwise head
         self.c = head.in_channels if head is not None else n_classes
         self.shape = shape
@@ -257,7 +258,8 @@ class _CellStitcher:
             self.remaining[self._block(w)] += 1
         self.cells = {}
         self.open_voxels = self.peak_open_voxels = 0
-        self.want_w = want_prob or uncertainty is not None or head is not None
+        self.want_w = want_prob or uncertainty is not None or head is not None \
+            or sink is not None
         self.uncertainty = uncertainty
         dtype = np.uint8 if n_classes <= 255 else np.uint16
         self.labels = np.zeros(shape, dtype=dtype)
@@ -322,6 +324,9 @@ class _CellStitcher:
     def _finalize_rows(self, a, region, wsum, uacc):
         if self.head is not None:  # blended features -> blended logits (times wsum)
             a = self.head.apply(a, wsum)
+        if self.sink is not None:  # blended logits go on (e.g. to be resampled first)
+            self.sink(region, a.float() / wsum)
+            return
         if self.k == 1:
             lab = a[0] > 0
         else:
@@ -604,12 +609,21 @@ def _cpu_fast_path(predictor, device, amp_dtype):
 
 
 def _run(t, predictor, patch, n_classes, overlap, batch_size, tta, device, amp_dtype,
-         acc_device, uncertainty, want_prob, progress, cancel, split_head=True):
+         acc_device, uncertainty, want_prob, progress, cancel, split_head=True,
+         starts_fn=None, importance=None, sink=None):
     shape = tuple(t.shape[1:])
-    starts = [window_starts(s, p, overlap) for s, p in zip(shape, patch)]
+    starts_fn = starts_fn or window_starts
+    starts = [sorted(set(int(v) for v in starts_fn(s, p, overlap)))
+              for s, p in zip(shape, patch)]
     windows = list(itertools.product(*starts))  # Z-major order
     total = len(windows)
-    importance = gaussian_importance_map(patch, device=acc_device)
+    if importance is None:
+        importance = gaussian_importance_map(patch, device=acc_device)
+    else:
+        importance = torch.as_tensor(importance, dtype=torch.float32).to(acc_device)
+        if tuple(importance.shape) != tuple(patch):
+            raise MedSegError(f"importance map of shape {tuple(importance.shape)} does not "
+                              f"match the window {patch}")
     axes_list = _mirror_axes(tta or uncertainty == "tta")
     pz, py, px = patch
 
@@ -637,7 +651,7 @@ def _run(t, predictor, patch, n_classes, overlap, batch_size, tta, device, amp_d
         n_out = head.in_channels if head is not None else n_classes
         stitch = _CellStitcher(n_classes, shape, patch, starts, acc_device, importance,
                                want_prob, uncertainty, low_precision=amp_dtype is not None,
-                               head=head)
+                               head=head, sink=sink)
         for b in range(0, total, batch_size):
             check_cancel(cancel)
             chunk = windows[b:b + batch_size]
@@ -662,7 +676,7 @@ def _run(t, predictor, patch, n_classes, overlap, batch_size, tta, device, amp_d
 def sliding_window_inference(x, predictor, patch_size, n_classes, overlap=0.5, batch_size=None,
                              tta=False, device="auto", amp="auto", uncertainty=None,
                              return_probability=False, progress=None, cancel=None,
-                             split_head=True):
+                             split_head=True, starts_fn=None, importance=None, cell_sink=None):
     """Segment a volume window by window, blending windows with Gaussian weights.
 
     Parameters
@@ -704,6 +718,20 @@ def sliding_window_inference(x, predictor, patch_size, n_classes, overlap=0.5, b
         from a 1x1x1 convolution with fewer inputs than classes (checked on the
         first window), blend that convolution's input features and apply it per
         finished cell: the same logits, with memory independent of the classes.
+    starts_fn : callable, optional
+        ``starts_fn(size, window, overlap) -> list of int``: window start indices
+        along one axis of the (padded) volume; :func:`window_starts` by default
+        (nnU-Net places its windows with its own rule).
+    importance : array_like, optional
+        ``(pz, py, px)`` blending weights (positive) instead of
+        :func:`gaussian_importance_map`.
+    cell_sink : callable, optional
+        ``cell_sink(region, logits)``: receives each finished piece of the
+        blended logits instead of the engine taking its argmax: ``region`` is
+        three slices of the grid of ``x`` and ``logits`` a float32 ``(K, dz, dy,
+        dx)`` tensor (the weighted mean of the windows' logits). Pieces arrive
+        once each, roughly in Z order; the returned labels are then all 0. For
+        callers that resample the logits before the argmax (nnU-Net's export).
 
     Returns
     -------
@@ -746,10 +774,25 @@ def sliding_window_inference(x, predictor, patch_size, n_classes, overlap=0.5, b
     batch_size = max(int(batch_size), 1)
     per_window = n_classes * math.prod(patch) * 4 * (2 if tta or uncertainty == "tta" else 1)
     batch_size = min(batch_size, max(1, OUTPUT_BUDGET_BYTES // per_window))
+    sink = None
+    if cell_sink is not None:
+        if uncertainty is not None or return_probability:
+            raise MedSegError("cell_sink cannot be combined with uncertainty or probability maps")
+
+        def sink(region, logits):  # padded grid -> grid of x
+            out, sub = [], [slice(None)]
+            for r, c in zip(region, crop):
+                lo, hi = max(r.start, c.start), min(r.stop, c.stop)
+                if hi <= lo:
+                    return
+                out.append(slice(lo - c.start, hi - c.start))
+                sub.append(slice(lo - r.start, hi - r.start))
+            cell_sink(tuple(out), logits[tuple(sub)])
     args = dict(predictor=predictor, patch=patch, n_classes=n_classes, overlap=float(overlap),
                 tta=bool(tta), device=dev, amp_dtype=amp_dtype, uncertainty=uncertainty,
                 want_prob=bool(return_probability), progress=progress, cancel=cancel,
-                split_head=bool(split_head))
+                split_head=bool(split_head), starts_fn=starts_fn, importance=importance,
+                sink=sink)
     try:
         stitch, n = _run(t, batch_size=batch_size, acc_device=dev, **args)
     except torch.OutOfMemoryError:
@@ -762,6 +805,8 @@ def sliding_window_inference(x, predictor, patch_size, n_classes, overlap=0.5, b
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         batch_size = 1
+        if hasattr(cell_sink, "reset"):  # the pieces it already had are sent again
+            cell_sink.reset()
         stitch, n = _run(t, batch_size=1, acc_device=torch.device("cpu"), **args)
     labels = np.ascontiguousarray(stitch.labels[crop])
     prob = None if stitch.prob is None else np.ascontiguousarray(stitch.prob[crop])

@@ -1,14 +1,23 @@
-"""Trained nnU-Net v2 result folders, run through ``nnunetv2`` (optional extra).
+"""Trained nnU-Net v2 result folders (optional extra ``napari-medseg[nnunet]``).
 
 A result folder (``nnUNet_results/DatasetXXX/<Trainer>__<Plans>__<config>``) holds
 ``plans.json``, ``dataset.json`` and ``fold_N/checkpoint_final.pth``. nnU-Net's
 own loader unpickles checkpoints with ``weights_only=False``; here checkpoints
 are read with ``weights_only=True`` (plain containers, tensors and numpy scalars
-only) and handed to ``nnUNetPredictor.manual_initialization``, so a tampered
-checkpoint is refused instead of executed. nnU-Net then does its own
-preprocessing (cropping, resampling to the plans' spacing, normalisation),
-sliding-window inference with Gaussian weighting and export back to the input
-grid; images go in as ``(C, Z, Y, X)`` with their ``(z, y, x)`` spacing, the axis
+only), so a tampered checkpoint is refused instead of executed. The networks
+are built from the plans by nnU-Net's builder (``dynamic_network_architectures``).
+
+Two backends run them; both give nnU-Net's labels:
+
+- ``"native"`` (default): nnU-Net's preprocessing, then the plugin's own
+  sliding-window engine with nnU-Net's window positions and Gaussian, and
+  nnU-Net's export (logits resampled to the input grid, then argmax) done slab
+  by slab (:mod:`napari_medseg.models.nnunet_native`): bounded memory, bf16 /
+  channels-last on capable CPUs, progress and cancel per window.
+- ``"nnunetv2"``: ``nnUNetPredictor`` itself (``manual_initialization``), the
+  reference path.
+
+Images go in as ``(C, Z, Y, X)`` with their ``(z, y, x)`` spacing, the axis
 order nnU-Net's SimpleITK reader uses.
 """
 
@@ -127,7 +136,11 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def load_nnunet(path, folds=None, checkpoint: str = "checkpoint_final.pth") -> "NnunetModel":
+BACKENDS = ("native", "nnunetv2")
+
+
+def load_nnunet(path, folds=None, checkpoint: str = "checkpoint_final.pth",
+                backend: str = "native", card: ModelCard | None = None) -> "NnunetModel":
     """Load an nnU-Net v2 result folder.
 
     Parameters
@@ -138,26 +151,45 @@ def load_nnunet(path, folds=None, checkpoint: str = "checkpoint_final.pth") -> "
         Folds to ensemble; all with a checkpoint by default.
     checkpoint : str
         Checkpoint file name in each fold folder.
+    backend : {"native", "nnunetv2"}
+        Run in the plugin's engine, or through ``nnUNetPredictor`` (reference).
+    card : ModelCard, optional
+        A card to use instead of the one read from the folder.
     """
+    if backend not in BACKENDS:
+        raise MedSegError(f"unknown nnU-Net backend {backend!r}; use 'native' or 'nnunetv2'",
+                          str(path))
     try:
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor  # noqa: F401
     except ImportError as exc:
         raise MedSegError("nnU-Net result folders need nnunetv2; install "
                           "napari-medseg[nnunet]", str(path)) from exc
     path = Path(path)
-    card = nnunet_card(path, checkpoint)
+    card = card or nnunet_card(path, checkpoint)
     folds = list(folds) if folds is not None else _folds(path, checkpoint)
     ckpts = [load_checkpoint(path / f"fold_{f}" / checkpoint) for f in folds]
-    return NnunetModel(card, path, ckpts)
+    model = NnunetModel(card, path, ckpts)
+    model.backend = backend
+    return model
 
 
 class NnunetModel(Model):
     """An nnU-Net v2 ensemble behind the :class:`Model` API.
 
     ``overlap`` maps to nnU-Net's ``tile_step_size = 1 - overlap``; ``tta`` to its
-    mirroring over the axes the checkpoint allows. Uncertainty is the normalised
-    entropy of nnU-Net's class probabilities.
+    mirroring over the axes the checkpoint allows (none for ``NoMirroring``
+    trainers). Uncertainty is the normalised entropy of the class probabilities.
+
+    Attributes
+    ----------
+    backend : {"native", "nnunetv2"}
+        Which pipeline :meth:`predict` uses (see module notes).
+    amp : str
+        Mixed precision of the native backend (``"auto"``: bf16 where the CPU
+        or GPU has it; ``"off"``: float32 throughout).
     """
+
+    backend = "native"
 
     def __init__(self, card, folder: Path, checkpoints: list):
         super().__init__(card, str(folder))
@@ -172,8 +204,15 @@ class NnunetModel(Model):
             "configuration", card.extra["configuration"]))
         axes = first.get("inference_allowed_mirroring_axes")
         self.mirror_axes_nn = None if axes is None else tuple(int(a) for a in axes)
+        if "NoMirroring" in self.trainer_name:
+            self.mirror_axes_nn = None
         self.parameters = [c["network_weights"] for c in checkpoints]
+        self.configuration_manager = self.plans_manager.get_configuration(self.configuration)
+        self.label_manager = self.plans_manager.get_label_manager(self.dataset_json)
+        self.n_outputs = int(self.label_manager.num_segmentation_heads)
+        self.has_regions = bool(self.label_manager.has_regions)
         self.network = self._build_network()
+        self._native = None
 
     def _build_network(self):
         from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
@@ -181,14 +220,21 @@ class NnunetModel(Model):
             determine_num_input_channels
 
         cm = self.plans_manager.get_configuration(self.configuration)
-        try:
-            trainer = recursive_find_trainer_class_by_name(self.trainer_name)
-        except Exception as exc:  # nnunetv2 raises RuntimeError / AssertionError
-            raise MedSegError(f"nnU-Net trainer {self.trainer_name} is not installed",
-                              self.source) from exc
         n_in = determine_num_input_channels(self.plans_manager, cm, self.dataset_json)
         n_out = self.plans_manager.get_label_manager(self.dataset_json).num_segmentation_heads
-        if "plans_manager" in inspect.signature(trainer.build_network_architecture).parameters:
+        try:
+            trainer = recursive_find_trainer_class_by_name(self.trainer_name)
+        except Exception:  # nnunetv2 raises RuntimeError / AssertionError
+            trainer = None
+        if trainer is None:  # e.g. TotalSegmentator's trainers: the plans' default network
+            from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+            log.info("nnU-Net trainer %s is not installed; building the plans' network",
+                     self.trainer_name)
+            net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                         cm.network_arch_init_kwargs_req_import, n_in, n_out,
+                                         allow_init=False, deep_supervision=False)
+        elif "plans_manager" in inspect.signature(trainer.build_network_architecture).parameters:
             net = trainer.build_network_architecture(self.plans_manager, cm, n_in, n_out,
                                                      enable_deep_supervision=False)
         else:  # older nnunetv2
@@ -201,7 +247,30 @@ class NnunetModel(Model):
         except RuntimeError as exc:
             raise MedSegError("the checkpoint does not fit the network in plans.json: "
                               f"{str(exc).splitlines()[0]}", self.source) from exc
-        return net
+        return net.eval()
+
+    def native_network(self, device):
+        """The fold ensemble as one ``(B, C, z, y, x) -> (B, K, z, y, x)`` module on ``device``."""
+        import copy
+
+        from .nnunet_native import EnsembleNetwork, Network2D, _FullResolution
+
+        # the reference backend loads each fold into self.network in turn: reload fold 0
+        self.network.load_state_dict(self.parameters[0])
+        if self._native is None:
+            nets = []
+            for params in self.parameters:
+                net = self.network if not nets else copy.deepcopy(self.network)
+                net.load_state_dict(params)
+                nets.append(net.eval())
+            net = nets[0] if len(nets) == 1 else EnsembleNetwork(nets)
+            if len(self.configuration_manager.patch_size) == 2:
+                net = Network2D(net)
+            elif len(nets) == 1 and getattr(net, "decoder", None) is not None and \
+                    getattr(net.decoder, "deep_supervision", False):
+                net = _FullResolution(net)
+            self._native = net
+        return self._native.to(device)
 
     def _predictor(self, device, overlap, tta):
         import torch
@@ -217,9 +286,7 @@ class NnunetModel(Model):
                                 self.mirror_axes_nn)
         return p
 
-    def _predict_array(self, vols, device, overlap, tta, uncertainty, progress, cancel):
-        from ..core.inference import pick_device
-
+    def _stack(self, vols):
         ref = vols[0]
         channels = []
         for v in vols:
@@ -229,6 +296,33 @@ class NnunetModel(Model):
         if not np.isfinite(x).all():
             raise MedSegError("the image contains NaN or infinite values; fill or mask them "
                               "before running a model", ref.source)
+        return x
+
+    def run_array(self, x, spacing, device="auto", overlap=0.5, tta=False, uncertainty=None,
+                  progress=None, cancel=None, keep_logits=False):
+        """Run the native backend on a ``(C, Z, Y, X)`` array with ``(z, y, x)`` spacing (mm).
+
+        Returns
+        -------
+        napari_medseg.models.nnunet_native.NativeResult
+        """
+        from .nnunet_native import run_native
+
+        return run_native(self, x, spacing, device=device, overlap=overlap, tta=tta,
+                          amp=self.amp, uncertainty=uncertainty, progress=progress,
+                          cancel=cancel, keep_logits=keep_logits)
+
+    def _predict_array(self, vols, device, overlap, tta, uncertainty, progress, cancel):
+        from ..core.inference import pick_device
+
+        ref = vols[0]
+        x = self._stack(vols)
+        if self.backend == "native":
+            res = self.run_array(x, ref.spacing, device=device, overlap=overlap,
+                                 tta=tta or uncertainty == "tta",
+                                 uncertainty="entropy" if uncertainty else None,
+                                 progress=progress, cancel=cancel)
+            return res.labels, res.uncertainty, dict(res.info, backend="native")
         dev = pick_device(device)
         pred = self._predictor(dev, overlap, tta or uncertainty == "tta")
         if progress:
@@ -246,4 +340,5 @@ class NnunetModel(Model):
         check_cancel(cancel)
         if progress:
             progress(1, 1)
-        return np.asarray(seg), unc, {"device": str(dev), "amp": "nnunet", "windows": None}
+        return np.asarray(seg), unc, {"device": str(dev), "amp": "nnunet", "windows": None,
+                                      "backend": "nnunetv2"}

@@ -1,0 +1,464 @@
+"""nnU-Net v2 result folders run through the plugin's own inference engine.
+
+The pipeline is nnU-Net's, step by step, so the labels are the ones
+``nnUNetPredictor`` gives (see ``tests/test_nnunet_native.py``):
+
+1. **Preprocessing** by nnU-Net's own preprocessor class named in the plans
+   (``DefaultPreprocessor.run_case_npy``): transpose by ``transpose_forward``,
+   crop to the non-zero bounding box, the normalisation the plans name (CT:
+   clip to the fingerprint's 0.5 / 99.5 percentiles, then its mean / std from
+   ``foreground_intensity_properties_per_channel``), resampling to the plans'
+   spacing with its order and its anisotropy rule (a low-resolution axis more
+   than 3x coarser is resampled on its own, nearest neighbour).
+2. **Sliding window** in :func:`~napari_medseg.core.inference.sliding_window_inference`
+   with nnU-Net's window positions (:func:`nnunet_window_starts`, step
+   ``1 - overlap``, 0.5 by default) and its Gaussian (:func:`nnunet_gaussian`:
+   sigma = window / 8, computed as nnU-Net does, float16-rounded), zero padding
+   of axes smaller than the window, mirror TTA over the axes the checkpoint
+   allows (none for ``NoMirroring`` trainers), folds averaged per window.
+   The engine stitches cell by cell, with its bf16 / channels-last CPU paths,
+   progress and cancel; nnU-Net instead holds ``classes x volume`` float16
+   logits.
+3. **Export** as nnU-Net does it (``convert_predicted_logits_to_segmentation_with_correct_shape``):
+   the logits are resampled to the cropped input grid (linear in-plane, the
+   anisotropic axis nearest neighbour, as ``resample_data_or_seg_to_shape``
+   with order 1 / order_z 0), then argmax, put back into the crop box and
+   transposed back. :class:`LogitResampler` does this slab by slab as the
+   engine finishes cells, so no ``classes x volume`` array is ever held; when
+   no resampling is needed the engine's own per-cell argmax is used directly.
+
+Plans whose probability resampling is not nnU-Net's default order-1 function,
+and region-based (sigmoid) models, fall back to nnU-Net's own export of a whole
+logit array (correct, without the memory bound).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import MedSegError
+
+__all__ = ["nnunet_window_starts", "nnunet_gaussian", "LogitResampler", "NativeResult",
+           "EnsembleNetwork", "Network2D", "run_native"]
+
+log = logging.getLogger(__name__)
+
+#: Resampled logits computed at a time stay below this (float32 bytes).
+SLAB_BUDGET_BYTES = 64 << 20
+
+
+# ------------------------------------------------------------------ windows
+def nnunet_window_starts(size: int, window: int, overlap: float) -> list[int]:
+    """nnU-Net's window start indices along one axis (``compute_steps_for_sliding_window``).
+
+    The step is at most ``window * (1 - overlap)``; the windows are spread
+    evenly so the last one ends flush with the volume (rounded half to even).
+
+    Examples
+    --------
+    >>> nnunet_window_starts(110, 64, 0.5)
+    [0, 23, 46]
+    >>> nnunet_window_starts(40, 64, 0.5)
+    [0]
+    """
+    step = 1.0 - float(overlap)
+    if size <= window:
+        return [0]
+    n = int(np.ceil((size - window) / (window * step))) + 1
+    actual = (size - window) / (n - 1)
+    return [int(np.round(actual * i)) for i in range(n)]
+
+
+@functools.lru_cache(maxsize=8)
+def _gaussian(patch: tuple) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    tmp = np.zeros(patch)
+    tmp[tuple(p // 2 for p in patch)] = 1.0
+    g = gaussian_filter(tmp, [p / 8.0 for p in patch], 0, mode="constant", cval=0.0)
+    g = torch.from_numpy(g / (g.max() / 10.0)).to(torch.float16)
+    zero = g == 0
+    if zero.any():
+        g[zero] = g[~zero].min()
+    return g.float().numpy()
+
+
+def nnunet_gaussian(patch) -> torch.Tensor:
+    """nnU-Net's blending weights for a window (``compute_gaussian``), as float32.
+
+    A unit impulse at ``patch // 2`` filtered with sigma = patch / 8 (scipy,
+    zero outside), scaled to a peak of 10, rounded to float16 as nnU-Net
+    stores it, zeros replaced by the smallest non-zero weight.
+
+    Parameters
+    ----------
+    patch : sequence of int
+        Window size (2 or 3 axes).
+    """
+    return torch.from_numpy(_gaussian(tuple(int(p) for p in patch)).copy())
+
+
+# ------------------------------------------------------------------ networks
+class EnsembleNetwork(torch.nn.Module):
+    """The mean of several networks' logits (nnU-Net's fold ensemble, per window).
+
+    nnU-Net averages whole-volume logits of each fold; blending is linear, so
+    averaging each window's logits first gives the same result.
+    """
+
+    def __init__(self, networks):
+        super().__init__()
+        self.members = torch.nn.ModuleList(networks)
+
+    def forward(self, x):
+        out = None
+        for net in self.members:
+            y = net(x)
+            y = y[0] if isinstance(y, (list, tuple)) else y
+            out = y.float() if out is None else out + y
+        return out / len(self.members)
+
+
+class Network2D(torch.nn.Module):
+    """A 2D nnU-Net network as a ``(B, C, 1, Y, X) -> (B, K, 1, Y, X)`` module."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x):
+        y = self.network(x[:, :, 0])
+        y = y[0] if isinstance(y, (list, tuple)) else y
+        return y[:, :, None]
+
+
+class _FullResolution(torch.nn.Module):
+    """Only the full-resolution output of a network (deep supervision lists)."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x):
+        y = self.network(x)
+        return y[0] if isinstance(y, (list, tuple)) else y
+
+
+# ------------------------------------------------------------------ resampling
+def _axis_map(n_in: int, n_out: int, mode: str):
+    """Source indices and weights along one axis: ``out[o] = (1-w) x[i0] + w x[i1]``.
+
+    ``linear`` follows scikit-image's ``resize`` (``order=1``, ``mode="edge"``:
+    scipy's ``zoom`` with ``grid_mode=True``); ``nearest`` follows nnU-Net's
+    separate-axis step (``map_coordinates(order=0, mode="nearest")`` at
+    ``in / out * (o + 0.5) - 0.5``).
+    """
+    o = np.arange(n_out, dtype=np.float64)
+    c = float(n_in) / n_out * (o + 0.5) - 0.5
+    if n_in == n_out:
+        idx = np.arange(n_in)
+        return idx, idx, np.zeros(n_out)
+    if mode == "nearest":
+        from scipy.ndimage import map_coordinates
+
+        idx = map_coordinates(np.arange(n_in, dtype=np.float64), [c], order=0,
+                              mode="nearest").astype(np.int64)
+        return idx, idx, np.zeros(n_out)
+    lo = np.floor(c)
+    w = c - lo
+    i0 = np.clip(lo, 0, n_in - 1).astype(np.int64)
+    i1 = np.clip(lo + 1, 0, n_in - 1).astype(np.int64)
+    return i0, i1, w
+
+
+def _interp(t: torch.Tensor, dim: int, amap) -> torch.Tensor:
+    i0, i1, w = amap
+    if t.shape[dim] == len(i0) and np.array_equal(i0, np.arange(len(i0))) and not w.any():
+        return t
+    a = t.index_select(dim, torch.from_numpy(i0))
+    if not w.any():
+        return a
+    b = t.index_select(dim, torch.from_numpy(i1))
+    shape = [1] * t.ndim
+    shape[dim] = len(w)
+    wt = torch.from_numpy(w.astype(np.float32)).view(shape)
+    return torch.lerp(a, b, wt)
+
+
+class LogitResampler:
+    """Resample blended logits to the cropped input grid and take the argmax, slab by slab.
+
+    The engine hands finished pieces of the logits (:meth:`__call__`, its
+    ``cell_sink``); complete slices along axis 0 are kept until every output
+    slice that needs them is done, so memory is a few slices of ``K`` logits.
+
+    Parameters
+    ----------
+    n_classes : int
+    in_shape, out_shape : tuple of 3 int
+        The network grid and the cropped input grid.
+    modes : sequence of 3 str
+        ``"linear"`` or ``"nearest"`` per axis.
+    keep_logits : bool
+        Also keep the resampled ``(K, *out_shape)`` logits (small volumes, tests).
+    entropy : bool
+        Also compute the normalised entropy of the softmax on the output grid.
+    """
+
+    def __init__(self, n_classes, in_shape, out_shape, modes, keep_logits=False,
+                 entropy=False):
+        self.k = int(n_classes)
+        self.in_shape = tuple(int(s) for s in in_shape)
+        self.out_shape = tuple(int(s) for s in out_shape)
+        self.maps = [_axis_map(i, o, m) for i, o, m in zip(self.in_shape, self.out_shape, modes)]
+        self.keep_logits = keep_logits
+        self.want_entropy = entropy
+        per_slice = self.k * max(self.in_shape[1], self.out_shape[1]) \
+            * max(self.in_shape[2], self.out_shape[2]) * 4
+        self.slab = max(1, SLAB_BUDGET_BYTES // max(per_slice, 1))
+        i0, i1, w = self.maps[0]
+        self.needed = np.zeros(self.in_shape[0], dtype=bool)
+        self.needed[i0] = True
+        self.needed[i1[w > 0]] = True
+        self.reset()
+
+    def reset(self):
+        """Forget everything received (before a run starts again)."""
+        z, y, x = self.out_shape
+        self.labels = np.zeros(self.out_shape, dtype=np.uint8 if self.k <= 255 else np.uint16)
+        self.logits = np.zeros((self.k, z, y, x), np.float32) if self.keep_logits else None
+        self.entropy = np.zeros(self.out_shape, np.float16) if self.want_entropy else None
+        self.slices = {}
+        self.filled = np.zeros(self.in_shape[0], dtype=np.int64)
+        self.next_out = 0
+        self.peak_slices = 0
+
+    def __call__(self, region, logits):
+        zs, ys, xs = region
+        plane = self.in_shape[1] * self.in_shape[2]
+        for i, z in enumerate(range(zs.start, zs.stop)):
+            self.filled[z] += (ys.stop - ys.start) * (xs.stop - xs.start)
+            if not self.needed[z]:  # no output slice samples it
+                continue
+            buf = self.slices.get(z)
+            if buf is None:
+                buf = self.slices[z] = torch.empty((self.k,) + self.in_shape[1:],
+                                                   dtype=torch.float32)
+                self.peak_slices = max(self.peak_slices, len(self.slices))
+            buf[:, ys, xs] = logits[:, i].to("cpu", torch.float32)
+            if self.filled[z] > plane:  # pragma: no cover - internal consistency
+                raise RuntimeError("nnU-Net export: a logit slice was received twice")
+        self._emit()
+
+    def _ready(self, o):
+        i0, i1 = self.maps[0][0][o], self.maps[0][1][o]
+        return self.filled[i0] == self.in_shape[1] * self.in_shape[2] and \
+            self.filled[i1] == self.in_shape[1] * self.in_shape[2]
+
+    def _emit(self):
+        n_out = self.out_shape[0]
+        while self.next_out < n_out and self._ready(self.next_out):
+            stop = self.next_out
+            while stop < n_out and stop - self.next_out < self.slab and self._ready(stop):
+                stop += 1
+            self._compute(self.next_out, stop)
+            self.next_out = stop
+            # later output slices need input slices from i0[stop] on (i0 <= i1, both rising)
+            keep_from = int(self.maps[0][0][stop]) if stop < n_out else self.in_shape[0]
+            for z in [z for z in self.slices if z < keep_from]:
+                del self.slices[z]
+
+    def _compute(self, start, stop):
+        i0, i1, w = (a[start:stop] for a in self.maps[0])
+        i1 = np.where(w > 0, i1, i0)  # weight 0: the second slice is not needed
+        zs = sorted(set(i0.tolist()) | set(i1.tolist()))
+        stack = torch.stack([self.slices[z] for z in zs], dim=1)  # (K, n, Yi, Xi)
+        pos = {z: j for j, z in enumerate(zs)}
+        v = _interp(stack, 1, (np.array([pos[z] for z in i0], dtype=np.int64),
+                               np.array([pos[z] for z in i1], dtype=np.int64), w))
+        del stack
+        v = _interp(v, 2, self.maps[1])
+        v = _interp(v, 3, self.maps[2])
+        out = slice(start, stop)
+        self.labels[out] = v.argmax(0).numpy().astype(self.labels.dtype)
+        if self.logits is not None:
+            self.logits[:, out] = v.numpy()
+        if self.entropy is not None:
+            p = torch.softmax(v, 0)
+            ent = -(p * torch.log(p.clamp_min(1e-12))).sum(0) / math.log(max(self.k, 2))
+            self.entropy[out] = ent.clamp(0, 1).numpy().astype(np.float16)
+
+    def finish(self):
+        """Check every output slice was made; return the labels ``(Z, Y, X)``."""
+        if self.next_out != self.out_shape[0]:  # pragma: no cover - internal consistency
+            raise RuntimeError("nnU-Net export: some output slices were never completed")
+        return self.labels
+
+
+# ------------------------------------------------------------------ pipeline
+@dataclass
+class NativeResult:
+    """What :func:`run_native` returns.
+
+    Attributes
+    ----------
+    labels : numpy.ndarray
+        ``(Z, Y, X)`` labels on the input grid.
+    uncertainty : numpy.ndarray or None
+        ``(Z, Y, X)`` float16 normalised entropy, when asked for.
+    info : dict
+        Run details (device, amp, windows, shapes, seconds per step).
+    logits : numpy.ndarray or None
+        ``(K, z, y, x)`` resampled logits in nnU-Net's cropped and transposed
+        frame (``keep_logits=True`` only).
+    bbox : list or None
+        nnU-Net's crop box in the transposed frame.
+    """
+
+    labels: np.ndarray
+    uncertainty: np.ndarray | None
+    info: dict
+    logits: np.ndarray | None = None
+    bbox: list | None = None
+
+
+def _probability_resampling(cm):
+    """``(modes or None, kwargs)``: streamable axis modes of the plans' probability resampling."""
+    cfg = cm.configuration
+    name = str(cfg.get("resampling_fn_probabilities", "resample_data_or_seg_to_shape"))
+    kw = dict(cfg.get("resampling_fn_probabilities_kwargs") or {})
+    if name != "resample_data_or_seg_to_shape" or kw.get("is_seg") or \
+            int(kw.get("order", 1)) != 1 or int(kw.get("order_z", 0)) not in (0, 1):
+        return None, kw
+    return kw, kw
+
+
+def run_native(model, x: np.ndarray, spacing, device="cpu", overlap=0.5, tta=False, amp="auto",
+               uncertainty=None, progress=None, cancel=None, keep_logits=False) -> NativeResult:
+    """Run an nnU-Net result folder on one case in the plugin's engine.
+
+    Parameters
+    ----------
+    model : napari_medseg.models.nnunet.NnunetModel
+        The loaded folder (plans, dataset json, networks).
+    x : numpy.ndarray
+        ``(C, Z, Y, X)`` input in nnU-Net's axis order (SimpleITK's: ``z, y, x``).
+    spacing : sequence of 3 float
+        Voxel size in mm along ``(Z, Y, X)``.
+    device, amp : str
+        As :func:`~napari_medseg.core.inference.sliding_window_inference`.
+    overlap : float
+        ``1 - tile_step_size``; 0.5 is nnU-Net's default.
+    tta : bool
+        Mirror over the axes the checkpoint allows.
+    uncertainty : {None, "entropy"}
+        Normalised entropy of the class probabilities on the input grid.
+    progress, cancel : callable, optional
+    keep_logits : bool
+        Also return the resampled logits (for comparisons on small volumes).
+
+    Returns
+    -------
+    NativeResult
+    """
+    import time
+
+    from nnunetv2.preprocessing.resampling.default_resampling import \
+        determine_do_sep_z_and_axis
+
+    from ..core.inference import pick_device, sliding_window_inference
+
+    t0 = time.perf_counter()
+    pm, cm = model.plans_manager, model.configuration_manager
+    pre = cm.preprocessor_class(verbose=False)
+    props = {"spacing": [float(s) for s in spacing]}
+    data, _, props = pre.run_case_npy(np.asarray(x), None, props, pm, cm, model.dataset_json)
+    t_pre = time.perf_counter() - t0
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    is_2d = len(cm.patch_size) == 2
+    patch = (1, *cm.patch_size) if is_2d else tuple(cm.patch_size)
+    net_shape = data.shape[1:]
+    out_shape = tuple(int(s) for s in props["shape_after_cropping_and_before_resampling"])
+    k = model.n_outputs
+    spacing_t = [props["spacing"][i] for i in pm.transpose_forward]
+    current = list(cm.spacing) if len(cm.spacing) == 3 else [spacing_t[0], *cm.spacing]
+
+    kw, all_kw = _probability_resampling(cm)
+    resample_needed = tuple(net_shape) != out_shape
+    resampler = None
+    whole = None
+    if resample_needed or keep_logits:
+        if kw is not None and not model.has_regions:
+            sep, axis = determine_do_sep_z_and_axis(
+                kw.get("force_separate_z"), current, spacing_t,
+                kw.get("separate_z_anisotropy_threshold", 3))
+            modes = ["linear"] * 3
+            if sep and int(kw.get("order_z", 0)) == 0:
+                modes[int(axis)] = "nearest"
+            resampler = LogitResampler(k, net_shape, out_shape, modes, keep_logits=keep_logits,
+                                       entropy=uncertainty is not None)
+        else:  # nnU-Net's own export of the whole array (no memory bound)
+            whole = LogitResampler(k, net_shape, net_shape, ["linear"] * 3, keep_logits=True)
+    dev = pick_device(device)
+    net = model.native_network(dev)
+    axes = model.mirror_axes_nn if tta else None
+    engine_tta = False
+    if axes:
+        axes = tuple(int(a) + (1 if is_2d else 0) for a in axes)
+        if set(axes) == {0, 1, 2}:
+            engine_tta = True
+        else:
+            from .predictor import mirror_tta
+
+            net = mirror_tta(net, axes)
+    sink = resampler or whole
+    with torch.inference_mode():
+        res = sliding_window_inference(
+            data, net, patch_size=patch, n_classes=k, overlap=overlap, batch_size=model.batch_size,
+            tta=engine_tta, device=dev, amp=amp,
+            uncertainty=None if sink is not None else uncertainty,
+            progress=progress, cancel=cancel,
+            starts_fn=nnunet_window_starts, importance=nnunet_gaussian(patch),
+            cell_sink=sink)
+    del data
+    unc = None
+    logits = None
+    if resampler is not None:
+        seg = resampler.finish()
+        unc = resampler.entropy
+        logits = resampler.logits
+    elif whole is not None:
+        whole.finish()
+        from nnunetv2.inference.export_prediction import \
+            convert_predicted_logits_to_segmentation_with_correct_shape as _export
+
+        lab = _export(torch.from_numpy(whole.logits), pm, cm, model.label_manager, props)
+        return NativeResult(np.asarray(lab), None, {
+            "device": res.device, "amp": res.amp, "windows": res.n_windows,
+            "inference_seconds": res.seconds, "preprocess_seconds": t_pre,
+            "export": "nnunetv2"}, None, props["bbox_used_for_cropping"])
+    else:
+        seg = res.labels
+        unc = res.uncertainty
+    full = np.zeros(tuple(props["shape_before_cropping"]), dtype=seg.dtype)
+    box = tuple(slice(int(a), int(b)) for a, b in props["bbox_used_for_cropping"])
+    full[box] = seg
+    full = full.transpose(pm.transpose_backward)
+    if unc is not None:
+        u = np.zeros(tuple(props["shape_before_cropping"]), np.float16)
+        u[box] = unc
+        unc = u.transpose(pm.transpose_backward)
+    info = {"device": res.device, "amp": res.amp, "windows": res.n_windows,
+            "inference_seconds": res.seconds, "preprocess_seconds": t_pre,
+            "network_shape": list(net_shape), "export": "streamed" if resampler else "direct",
+            "seconds": time.perf_counter() - t0}
+    if resampler is not None:
+        info["export_peak_slices"] = resampler.peak_slices
+    return NativeResult(np.ascontiguousarray(full), unc, info, logits,
+                        props["bbox_used_for_cropping"])

@@ -1,0 +1,212 @@
+"""nnU-Net v2 folders in the plugin's engine agree with nnUNetPredictor (fp32 runs).
+
+The reference is ``nnUNetPredictor`` itself: its preprocessing, its window
+positions, Gaussian, mirroring and fold averaging, and its export. nnunetv2
+(2.x) accumulates the blended logits in float16 on every device, which alone
+moves logits by ~1e-3; for an fp32 reference the subclass below keeps that one
+buffer in float32 and changes nothing else.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nnunetv2")
+
+from napari_medseg.core.volume import Volume, make_affine  # noqa: E402
+from napari_medseg.models import load_model  # noqa: E402
+from napari_medseg.models.nnunet_native import (LogitResampler, nnunet_gaussian,  # noqa: E402
+                                                nnunet_window_starts)
+
+from _tiny_totalseg import make_result_folder  # noqa: E402
+
+
+def _fp32_predictor(folder, tta, folds):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    class Fp32Predictor(nnUNetPredictor):
+        """nnUNetPredictor with its blended-logit buffer in float32 instead of float16."""
+
+        @torch.inference_mode()
+        def _internal_predict_sliding_window_return_logits(self, data, slicers,
+                                                           do_on_device=True):
+            from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+            logits = torch.zeros((self.label_manager.num_segmentation_heads, *data.shape[1:]))
+            weights = torch.zeros(data.shape[1:])
+            g = compute_gaussian(tuple(self.configuration_manager.patch_size), sigma_scale=1. / 8,
+                                 value_scaling_factor=10, device=torch.device("cpu"))
+            for sl in slicers:
+                pred = self._internal_maybe_mirror_and_predict(data[sl][None])[0]
+                logits[sl] += pred * g
+                weights[sl[1:]] += g
+            return logits / weights
+
+    p = Fp32Predictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta,
+                      perform_everything_on_device=False, device=torch.device("cpu"),
+                      verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    p.initialize_from_trained_model_folder(str(folder), use_folds=folds)
+    return p
+
+
+def _reference(folder, x, spacing, tta=False, folds=(0,)):
+    """nnUNetPredictor's resampled logits (cropped, transposed frame) and its labels."""
+    from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
+    from nnunetv2.inference.export_prediction import \
+        convert_predicted_logits_to_segmentation_with_correct_shape
+
+    p = _fp32_predictor(folder, tta, folds)
+    pm, cm = p.plans_manager, p.configuration_manager
+    ppa = PreprocessAdapterFromNpy([x], [None], [{"spacing": list(spacing)}], [None], pm,
+                                   p.dataset_json, cm, num_threads_in_multithreaded=1,
+                                   verbose=False)
+    dct = next(ppa)
+    logits = p.predict_logits_from_preprocessed_data(dct["data"]).cpu()
+    props = dct["data_properties"]
+    sp_t = [props["spacing"][i] for i in pm.transpose_forward]
+    res = cm.resampling_fn_probabilities(logits, props["shape_after_cropping_and_before_resampling"],
+                                         cm.spacing, sp_t)
+    labels = convert_predicted_logits_to_segmentation_with_correct_shape(
+        logits, pm, cm, p.label_manager, props)
+    return np.asarray(res, np.float32), np.asarray(labels), props
+
+
+def _compare(model, x, spacing, tta=False, folds=(0,)):
+    ours = model.run_array(x, spacing, device="cpu", tta=tta, keep_logits=True)
+    ref_logits, ref_labels, props = _reference(model.folder, x, spacing, tta, folds)
+    assert ours.logits.shape == ref_logits.shape
+    err = np.abs(ours.logits - ref_logits).max()
+    assert err <= 1e-4 * np.abs(ref_logits).max(), (err, np.abs(ref_logits).max())
+    assert ours.labels.shape == ref_labels.shape == x.shape[1:]
+    # labels equal wherever the top two logits differ by more than 1e-3
+    top2 = np.sort(ref_logits, axis=0)[-2:]
+    clear = (top2[1] - top2[0]) > 1e-3
+    t = model.plans_manager.transpose_forward
+    box = tuple(slice(a, b) for a, b in props["bbox_used_for_cropping"])
+    ours_t = ours.labels.transpose(t)
+    ref_t = ref_labels.transpose(t)
+    np.testing.assert_array_equal(ours_t[box][clear], ref_t[box][clear])
+    outside = np.ones(ours_t.shape, bool)
+    outside[box] = False
+    assert not ours_t[outside].any() and not ref_t[outside].any()
+    assert clear.mean() > 0.95  # the check covers nearly every voxel
+    assert len(np.unique(ref_labels)) > 2  # a real multi-class result, not all one class
+    return ours
+
+
+def _ct(shape, seed=0, border=0):
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    body = (y ** 2 + x ** 2) < 0.8
+    a = np.where(body, 40.0, -1000.0) + 900.0 * ((z * 3 + y * 2 + x) > 0.5) * body
+    a += rng.normal(0, 30, shape)
+    if border:
+        a[:border], a[-border:] = 0, 0
+        a[:, :border] = 0
+    return a.astype(np.float32)
+
+
+def test_window_starts_and_gaussian_follow_nnunet():
+    from nnunetv2.inference.sliding_window_prediction import (
+        compute_gaussian, compute_steps_for_sliding_window)
+
+    for size, win in [(110, 64), (37, 16), (16, 16), (129, 48), (300, 112)]:
+        assert nnunet_window_starts(size, win, 0.5) == \
+            compute_steps_for_sliding_window((size,), (win,), 0.5)[0]
+        assert nnunet_window_starts(size, win, 0.2) == \
+            compute_steps_for_sliding_window((size,), (win,), 0.8)[0]
+    for patch in [(16, 16, 16), (8, 20, 12), (28, 28)]:
+        ref = compute_gaussian(patch, 1 / 8, 10, device=torch.device("cpu")).float()
+        assert torch.equal(nnunet_gaussian(patch), ref)
+
+
+@pytest.mark.parametrize("case", ["separate_z", "trilinear"])
+def test_streamed_export_equals_nnunet_resampling(case):
+    """Logits fed cell by cell come out as nnU-Net's resample_data_or_seg_to_shape."""
+    from nnunetv2.preprocessing.resampling.default_resampling import \
+        resample_data_or_seg_to_shape
+
+    rng = np.random.default_rng(1)
+    if case == "separate_z":
+        in_shape, out_shape, cur, new = (20, 17, 23), (9, 31, 12), [3.0, 1, 1], [6.5, 0.55, 1.9]
+        modes = ["nearest", "linear", "linear"]
+    else:
+        in_shape, out_shape, cur, new = (21, 17, 13), (30, 11, 20), [1, 1, 1], [0.7, 1.5, 0.65]
+        modes = ["linear"] * 3
+    k = 4
+    logits = rng.normal(size=(k,) + in_shape).astype(np.float32)
+    ref = resample_data_or_seg_to_shape(logits, out_shape, cur, new, is_seg=False, order=1,
+                                        order_z=0, force_separate_z=None)
+    r = LogitResampler(k, in_shape, out_shape, modes, keep_logits=True)
+    for z0 in range(0, in_shape[0], 4):  # cells in z order, y and x blocks within
+        for y0 in range(0, in_shape[1], 8):
+            for x0 in range(0, in_shape[2], 5):
+                region = (slice(z0, min(z0 + 4, in_shape[0])), slice(y0, min(y0 + 8, in_shape[1])),
+                          slice(x0, min(x0 + 5, in_shape[2])))
+                r(region, torch.from_numpy(logits[(slice(None),) + region]))
+    labels = r.finish()
+    np.testing.assert_allclose(r.logits, ref, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(labels, ref.argmax(0))
+    assert r.peak_slices < in_shape[0] // 2  # slices are dropped once used
+
+
+def test_anisotropic_odd_volume_with_zero_border_matches_predictor(tmp_path):
+    """Separate-z resampling both ways, crop to non-zero, CT normalisation, 2 folds."""
+    folder = make_result_folder(tmp_path, "Dataset501_Aniso", ["a", "b", "c", "d"],
+                                spacing=(2.5, 1.0, 1.0), patch=(8, 16, 16), folds=(0, 1), seed=3)
+    model = load_model(folder)
+    model.amp = "off"
+    x = _ct((13, 37, 29), seed=1, border=2)[None]
+    ours = _compare(model, x, (3.0, 0.8, 0.8), folds=(0, 1))
+    assert ours.info["export"] == "streamed"
+
+
+def test_transposed_plans_zscore_and_mirroring_match_predictor(tmp_path):
+    """transpose_forward, z-score normalisation, trilinear export, mirror TTA."""
+    folder = make_result_folder(tmp_path, "Dataset502_Iso", ["a", "b", "c"],
+                                spacing=(1.0, 1.0, 1.0), patch=(16, 8, 16), seed=5,
+                                transpose=(2, 0, 1), normalization="ZScoreNormalization")
+    model = load_model(folder)
+    model.amp = "off"
+    x = _ct((19, 14, 23), seed=2)[None]
+    _compare(model, x, (1.3, 1.1, 0.9), tta=True)
+
+
+def test_oblique_volume_through_predict_matches_reference_backend(tmp_path):
+    """Model.predict on an oblique Volume: native and nnUNetPredictor backends agree."""
+    folder = make_result_folder(tmp_path, "Dataset503_Oblique", ["a", "b", "c"],
+                                spacing=(2.0, 1.2, 1.2), patch=(8, 16, 16), seed=7)
+    th = np.deg2rad(20)
+    rot = np.array([[np.cos(th), -np.sin(th), 0], [np.sin(th), np.cos(th), 0], [0, 0, 1]])
+    vol = Volume(_ct((11, 27, 21), seed=3), make_affine((2.5, 1.0, 1.1), (5, -3, 8), rot),
+                 modality="CT")
+    model = load_model(folder)
+    model.amp = "off"
+    seen = []
+    pred = model.predict(vol, device="cpu", progress=lambda d, t: seen.append((d, t)))
+    assert pred.info["backend"] == "native" and seen and seen[-1][0] == seen[-1][1]
+    assert pred.labels.shape3 == vol.shape3 and np.allclose(pred.labels.affine, vol.affine)
+    ref_logits, ref_labels, props = _reference(folder, np.asarray(vol.data)[None], vol.spacing)
+    top2 = np.sort(ref_logits, axis=0)[-2:]
+    clear = (top2[1] - top2[0]) > 1e-3
+    box = tuple(slice(a, b) for a, b in props["bbox_used_for_cropping"])
+    np.testing.assert_array_equal(pred.labels.data[box][clear], ref_labels[box][clear])
+    model.backend = "nnunetv2"
+    ref = model.predict(vol, device="cpu")
+    assert ref.info["backend"] == "nnunetv2"
+    # the stock predictor sums in float16: equal except near ties
+    assert (ref.labels.data == pred.labels.data).mean() > 0.99
+
+
+def test_cancel_stops_native_run(tmp_path):
+    from napari_medseg.errors import Cancelled
+
+    folder = make_result_folder(tmp_path, "Dataset504_Cancel", ["a"], spacing=(1.0, 1.0, 1.0),
+                                patch=(8, 8, 8))
+    model = load_model(folder)
+    calls = []
+    with pytest.raises(Cancelled):
+        model.predict(Volume(_ct((20, 20, 20))), device="cpu",
+                      cancel=lambda: calls.append(1) or len(calls) > 2)
