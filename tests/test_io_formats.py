@@ -140,8 +140,10 @@ def test_raw_nrrd_and_mha_are_memory_mapped(tmp_path):
     assert vol.spacing == pytest.approx((2.0, 0.6, 0.5))
 
 
-def test_tiff_imagej_and_ome_spacing(tmp_path):
+def test_tiff_imagej_and_ome_spacing(tmp_path, monkeypatch):
     import tifffile
+
+    from napari_medseg.io import tiff
 
     data = np.arange(3 * 4 * 5, dtype=np.uint16).reshape(3, 4, 5)
     tifffile.imwrite(tmp_path / "ij.tif", data, imagej=True, resolution=(1 / 0.25, 1 / 0.5),
@@ -154,7 +156,13 @@ def test_tiff_imagej_and_ome_spacing(tmp_path):
                                "PhysicalSizeZ": 3.0, "PhysicalSizeZUnit": "mm"})
     vol = read_volume(tmp_path / "x.ome.tif")
     assert vol.spacing == pytest.approx((3.0, 0.7, 0.7))
+    assert isinstance(vol.data, np.ndarray)  # small compressed stack: decoded in one pass
+    np.testing.assert_array_equal(vol.data, data)
+    monkeypatch.setattr(tiff, "_EAGER_BYTES", 0)  # as if larger than 1 GB
+    monkeypatch.setattr(tiff, "_CHUNK_BYTES", 2 * 4 * 5 * 2)  # two pages per chunk
+    vol = read_volume(tmp_path / "x.ome.tif")
     assert not isinstance(vol.data, np.ndarray)  # compressed: dask, read on demand
+    assert vol.data.numblocks[0] == 2
     np.testing.assert_array_equal(np.asarray(vol.data), data)
 
 
@@ -182,7 +190,8 @@ def test_refuses_overwrite_and_leaves_file(tmp_path, labels):
     assert target.read_bytes() == b"precious"
     write_labels(target, labels, overwrite=True)
     assert read_volume(target).shape3 == labels.shape3
-    assert sorted(os.listdir(tmp_path)) == ["seg.nii.gz"]  # no temporary left behind
+    # the labels and their class-name sidecar; no temporary left behind
+    assert sorted(os.listdir(tmp_path)) == ["seg.json", "seg.nii.gz"]
 
 
 def test_detached_nhdr_is_read_not_written(tmp_path, labels):

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..core.volume import Volume
 from ..errors import MedSegError
+from ._common import guarded
 from .atomic import atomic_path, check_writable
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,12 @@ def read_volume(path, lazy: bool = True, is_label: bool | None = None) -> Volume
     Raises
     ------
     MedSegError
-        When the path is missing, of an unknown type, corrupt, 2D, RGB or 5D.
+        When the path is missing, of an unknown type, corrupt, 2D, RGB or 5D:
+        always one line naming the file and what to do. Every reader checks the
+        header before it allocates (sizes against the file's length, a finite
+        invertible affine, voxel sizes in 1e-4..1e3 mm, a known data type), so
+        hostile files neither crash nor exhaust memory; data read later (dask)
+        raises the same one-line error.
     """
     path = Path(path)
     if not path.exists():
@@ -120,11 +126,13 @@ def read_volume(path, lazy: bool = True, is_label: bool | None = None) -> Volume
     if fmt == "dicom":
         from .dicom import read_dicom
 
-        vol = read_dicom(path, lazy=lazy)
+        with guarded(path):
+            vol = read_dicom(path, lazy=lazy)
         if is_label is not None:
             vol.is_label = bool(is_label)
         return vol
-    vol = _reader(fmt)(path, lazy=lazy, is_label=is_label)
+    with guarded(path):
+        vol = _reader(fmt)(path, lazy=lazy, is_label=is_label)
     log.info("read %s", vol)
     return vol
 
@@ -135,7 +143,8 @@ def read_volumes(path, lazy: bool = True) -> list[Volume]:
     if path.is_dir() and format_of(path) == "dicom":
         from .dicom import read_dicom_series
 
-        return read_dicom_series(path, lazy=lazy)
+        with guarded(path):
+            return read_dicom_series(path, lazy=lazy)
     return [read_volume(path, lazy=lazy)]
 
 
@@ -170,6 +179,11 @@ def _verify(path: Path, vol: Volume, as_label: bool) -> None:
 def geometry(path) -> tuple[tuple, np.ndarray]:
     """``(shape (Z, Y, X), RAS affine)`` of a file, reading only its header if possible."""
     fmt = format_of(path)
+    with guarded(path):
+        return _geometry(path, fmt)
+
+
+def _geometry(path, fmt) -> tuple[tuple, np.ndarray]:
     if fmt == "nifti":
         from .nifti import read_nifti_header
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..core.volume import LPS_TO_RAS, Volume
 from ..errors import MedSegError
-from ._common import check_spatial
+from ._common import check_geometry, check_spatial, guarded, one_line
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ class Series:
     number: str
     modality: str
     headers: list = field(default_factory=list)  # (path, dataset without pixels)
+    #: DICOM-named files of the folder that could not be read (may be its slices).
+    unreadable: list = field(default_factory=list)
 
     def label(self) -> str:
         """Human-readable name: number, description, slice count and UID."""
@@ -93,28 +95,40 @@ def scan_series(folder) -> list[Series]:
     folder = Path(folder)
     groups: dict[tuple, Series] = {}
     skipped = 0
+    incomplete: list[tuple[Path, str | None]] = []  # (file, its series UID if known)
     for p in sorted(folder.rglob("*")):
         if not p.is_file() or not (p.suffix.lower() == ".dcm" or is_dicom_file(p)):
             continue
         try:
             ds = pydicom.dcmread(p, stop_before_pixels=True)
-        except Exception as exc:
-            log.warning("%s: not readable as DICOM (%s); skipped", p, exc)
+            sop_class = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID",
+                                    ""))
+            if sop_class == _DICOMDIR_UID or str(ds.get("Modality", "")) in _NON_IMAGE:
+                skipped += 1
+                continue
+            if ("Rows" not in ds or "ImagePositionPatient" not in ds
+                    or "ImageOrientationPatient" not in ds):
+                skipped += 1  # no image slice, or one cut short: may belong to a series
+                incomplete.append((p, str(ds.get("SeriesInstanceUID", "")) or None))
+                continue
+            iop = tuple(round(float(v), 3) for v in ds.ImageOrientationPatient)
+            ipp = [float(v) for v in ds.ImagePositionPatient]
+            key = (str(ds.get("SeriesInstanceUID", "")), int(ds.Rows), int(ds.Columns), iop)
+            if len(iop) != 6 or len(ipp) != 3 or not np.all(np.isfinite(iop + tuple(ipp))) \
+                    or key[1] < 1 or key[2] < 1:
+                raise ValueError("implausible position, orientation or size")
+        except Exception as exc:  # noqa: BLE001 - pydicom raises anything on corrupt files
+            log.warning("%s: not readable as DICOM (%s); skipped", p, one_line(exc, 100))
             skipped += 1
+            incomplete.append((p, None))
             continue
-        sop_class = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
-        if (sop_class == _DICOMDIR_UID or str(ds.get("Modality", "")) in _NON_IMAGE
-                or "Rows" not in ds or "ImagePositionPatient" not in ds
-                or "ImageOrientationPatient" not in ds):
-            skipped += 1
-            continue
-        iop = tuple(round(float(v), 3) for v in ds.ImageOrientationPatient)
-        key = (str(ds.get("SeriesInstanceUID", "")), int(ds.Rows), int(ds.Columns), iop)
         if key not in groups:
             groups[key] = Series(uid=key[0], description=str(ds.get("SeriesDescription", "")),
                                  number=str(ds.get("SeriesNumber", "?")),
                                  modality=str(ds.get("Modality", "unknown")))
         groups[key].headers.append((p, ds))
+    for s in groups.values():
+        s.unreadable = [p for p, uid in incomplete if uid is None or uid == s.uid]
     if not groups:
         raise MedSegError(
             "holds no DICOM images with position information"
@@ -187,9 +201,24 @@ def _pixels(series: Series, folder):
             check_spatial(arr.shape, path, rgb=arr.ndim == 3 and arr.shape[-1] in (3, 4))
             raise MedSegError(f"{path.name} is a multi-frame image; open the file itself",
                               str(folder))
+        expected = planes[0].shape if planes else (int(hdr.Rows), int(hdr.Columns))
+        if arr.shape != expected:
+            raise MedSegError(f"{path.name} in {series.label()} holds a {arr.shape} image, "
+                              "not the series' size; the file is corrupt", str(folder))
         planes.append(arr)
-        slopes.append(float(hdr.get("RescaleSlope", 1) or 1))
-        inters.append(float(hdr.get("RescaleIntercept", 0) or 0))
+        try:
+            slope = float(hdr.get("RescaleSlope", 1) or 1)
+            inter = float(hdr.get("RescaleIntercept", 0) or 0)
+        except (TypeError, ValueError):
+            slope = inter = float("nan")
+        if not (np.isfinite(slope) and np.isfinite(inter)) or abs(slope) > 1e6 \
+                or abs(inter) > 1e9:
+            raise MedSegError(f"{path.name} in {series.label()} has an unusable rescale "
+                              f"(RescaleSlope {hdr.get('RescaleSlope')}, RescaleIntercept "
+                              f"{hdr.get('RescaleIntercept')}); the file is corrupt; fix or "
+                              "remove that slice", str(folder))
+        slopes.append(slope)
+        inters.append(inter)
     raw = np.stack(planes)
     slopes, inters = np.array(slopes), np.array(inters)
     if np.all(slopes == 1) and np.all(inters == np.round(inters)):
@@ -217,6 +246,13 @@ def _volume(series: Series, folder) -> Volume:
     lps[:3, 3] = first
     affine = np.eye(4)
     affine[:3] = LPS_TO_RAS @ lps[:3]
+    affine = check_geometry(affine, folder)
+    if series.unreadable:
+        names = ", ".join(p.name for p in series.unreadable[:3])
+        more = f" and {len(series.unreadable) - 3} more" if len(series.unreadable) > 3 else ""
+        notes.append(f"{len(series.unreadable)} DICOM file(s) in {folder} could not be read "
+                     f"({names}{more}); if they belong to {series.label()}, slices are missing "
+                     "(at its ends, where no gap shows); check or replace those files")
     for n in notes:
         warnings.warn(n, UserWarning, stacklevel=3)
     data = _pixels(series, folder)
@@ -259,6 +295,11 @@ def read_dicom_series(path, lazy: bool = True) -> list[Volume]:
     read whole.
     """
     folder, uid = _folder_and_filter(Path(path))
+    with guarded(folder):
+        return _read_series(path, folder, uid)
+
+
+def _read_series(path, folder, uid) -> list[Volume]:
     series = [s for s in scan_series(folder) if uid is None or s.uid == uid]
     if not series:
         raise MedSegError("its series has no images with position information", str(path))
@@ -285,6 +326,11 @@ def read_dicom(path, lazy: bool = True) -> Volume:
         order, ``meta["dicom_sop_instance_uids"]`` their SOP Instance UIDs.
     """
     folder, uid = _folder_and_filter(Path(path))
+    with guarded(folder):
+        return _read_one(path, folder, uid)
+
+
+def _read_one(path, folder, uid) -> Volume:
     series = [s for s in scan_series(folder) if uid is None or s.uid == uid]
     if not series:
         raise MedSegError("its series has no images with position information", str(path))

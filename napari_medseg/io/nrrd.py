@@ -16,7 +16,8 @@ import numpy as np
 
 from ..core.volume import LPS_TO_RAS, Volume
 from ..errors import MedSegError
-from ._common import check_spatial, looks_like_label_name, prepare_label_data
+from ._common import check_dtype, check_geometry, check_size, check_spatial, file_size, \
+    guarded, looks_like_label_name, one_line, prepare_label_data
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +34,83 @@ def _read_header(path: Path):
 
     try:
         with open(path, "rb") as fh:
+            if not fh.read(8).startswith(b"NRRD000"):
+                raise MedSegError("is not an NRRD file (no NRRD000x magic line); the file is "
+                                  "corrupt or not what its name says", str(path))
+            fh.seek(0)
             header = nrrd.read_header(fh)
             offset = fh.tell()
     except FileNotFoundError:
         raise MedSegError("file not found", str(path)) from None
+    except MedSegError:
+        raise
     except Exception as exc:
-        raise MedSegError(f"is not a readable NRRD file ({exc}); the file may be corrupt",
-                          str(path)) from exc
-    n = len(header.get("sizes", ()))
-    consistent = n > 0 and "type" in header and all(
-        len(header[k]) == n for k in ("kinds", "space directions") if k in header)
-    if not consistent:
-        raise MedSegError("has an incomplete or inconsistent NRRD header; the file may be "
-                          "truncated or corrupt", str(path))
+        raise MedSegError(f"is not a readable NRRD file ({one_line(exc, 120)}); the file may "
+                          "be corrupt", str(path)) from exc
+    with guarded(path):
+        n = len(header.get("sizes", ()))
+        consistent = n > 0 and "type" in header and all(
+            len(header[k]) == n for k in ("kinds", "space directions", "spacings")
+            if k in header)
+        if not consistent or int(header.get("dimension", n)) != n:
+            raise MedSegError("has an incomplete or inconsistent NRRD header; the file may be "
+                              "truncated or corrupt", str(path))
+        check_dtype(_dtype(header, path), path)
+        if any(int(s) < 1 for s in header["sizes"]):
+            raise MedSegError(f"has NRRD sizes {list(header['sizes'])}; sizes must be at least "
+                              "1; the header is corrupt", str(path))
     return header, offset
+
+
+def _dtype(header, path) -> np.dtype:
+    from nrrd.reader import _determine_datatype
+
+    try:
+        return _determine_datatype(header)
+    except Exception as exc:
+        raise MedSegError(f"has an unknown NRRD type ({one_line(header.get('type'), 40)!r}); "
+                          "the header is corrupt", str(path)) from exc
+
+
+def _data_file(path: Path, header) -> Path | None:
+    """The detached data file (inside the header's folder), or None when attached."""
+    name = header.get("data file", header.get("datafile"))
+    if name is None:
+        return None
+    name = str(name)
+    if name.upper().startswith("LIST") or " " in name.strip() or "%" in name:
+        raise MedSegError("keeps its voxels in a list of files, which napari-medseg does "
+                          "not read; save it as one .nrrd", str(path))
+    rel = Path(name.strip())
+    target = path.parent / rel
+    if rel.is_absolute() or ".." in rel.parts or not target.resolve().is_relative_to(
+            path.parent.resolve()):
+        raise MedSegError(f"names a data file outside its folder ({one_line(name, 80)}); keep "
+                          "the data file beside the header", str(path))
+    if not target.is_file():
+        raise MedSegError(f"its data file {rel.name} is missing; keep it beside the header",
+                          str(path))
+    return target
+
+
+def _check_data_size(path: Path, header, offset: int) -> None:
+    """The header's voxel count against the bytes of (possibly detached) data."""
+    target = _data_file(path, header)
+    avail = file_size(target) if target is not None else file_size(path) - offset
+    encoding = str(header.get("encoding", "raw")).lower()
+    sizes = [int(s) for s in header["sizes"]]
+    if encoding == "raw":
+        skip = int(header.get("byte skip", 0) or 0)
+        check_size(sizes, _dtype(header, path), avail - max(skip, 0), path,
+                   what="the NRRD header")
+    elif encoding in ("gzip", "gz", "bzip2", "bz2"):
+        check_size(sizes, _dtype(header, path), avail, path, compressed=True,
+                   what="the NRRD header")
+    elif encoding in ("ascii", "text", "txt"):
+        check_size(sizes, 1, avail, path, what="the NRRD header")  # >= 1 character a value
+    else:
+        raise MedSegError(f"has an NRRD encoding {one_line(encoding, 30)!r} napari-medseg does "
+                          "not read; save it as raw or gzip NRRD", str(path))
 
 
 def _read_data(path: Path, header, offset: int, lazy: bool):
@@ -55,21 +119,21 @@ def _read_data(path: Path, header, offset: int, lazy: bool):
     from nrrd.reader import _determine_datatype
 
     sizes = tuple(int(s) for s in header["sizes"])[::-1]
+    _check_data_size(path, header, offset)
     raw = header.get("encoding", "raw") == "raw"
     attached = "data file" not in header and "datafile" not in header
     skips = int(header.get("line skip", 0)) or int(header.get("byte skip", 0))
     if lazy and raw and attached and not skips:
         dtype = _determine_datatype(header)
-        need = offset + int(np.prod(sizes)) * dtype.itemsize
-        if path.stat().st_size < need:
-            raise MedSegError(f"is truncated ({path.stat().st_size} bytes, the header "
-                              f"promises {need})", str(path))
         return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=sizes)
     try:
         data, _ = nrrd.read(str(path), index_order="C")
     except Exception as exc:
-        raise MedSegError(f"could not read the voxel data ({exc}); the file may be "
-                          "truncated or corrupt", str(path)) from exc
+        raise MedSegError(f"could not read the voxel data ({one_line(exc, 120)}); the file "
+                          "may be truncated or corrupt", str(path)) from exc
+    if tuple(data.shape) != sizes:
+        raise MedSegError(f"holds voxel data of shape {data.shape}, not the header's "
+                          f"{sizes}; the file is corrupt", str(path))
     return data
 
 
@@ -92,6 +156,12 @@ def _affine(header, spatial_axes) -> np.ndarray:
     if origin is not None:
         aff[:3, 3] = to_ras @ np.asarray(origin, dtype=float)
     return aff
+
+
+def _checked_affine(header, spatial_axes, path) -> np.ndarray:
+    with guarded(path):
+        aff = _affine(header, spatial_axes)
+    return check_geometry(aff, path)
 
 
 def segment_fields(header) -> dict[int, dict]:
@@ -151,8 +221,9 @@ def nrrd_geometry(path) -> tuple[tuple, np.ndarray]:
     """``(shape (Z, Y, X), RAS affine)`` from the header alone."""
     path = Path(path)
     header, _ = _read_header(path)
-    sizes, spatial = _spatial_axes(header, path)
-    return tuple(sizes[a] for a in spatial)[::-1], _affine(header, spatial)
+    with guarded(path):
+        sizes, spatial = _spatial_axes(header, path)
+    return tuple(sizes[a] for a in spatial)[::-1], _checked_affine(header, spatial, path)
 
 
 def read_nrrd(path, lazy: bool = True, is_label: bool | None = None) -> Volume:
@@ -175,7 +246,13 @@ def read_nrrd(path, lazy: bool = True, is_label: bool | None = None) -> Volume:
     """
     path = Path(path)
     header, offset = _read_header(path)
+    with guarded(path):
+        return _read(path, header, offset, lazy, is_label)
+
+
+def _read(path: Path, header, offset: int, lazy: bool, is_label) -> Volume:
     sizes, spatial = _spatial_axes(header, path)
+    affine = _checked_affine(header, spatial, path)
     data = _read_data(path, header, offset, lazy)
     if len(sizes) == 4:  # C order: the non-spatial axis to the front
         nonspatial = [a for a in range(4) if a not in spatial][0]
@@ -192,7 +269,7 @@ def read_nrrd(path, lazy: bool = True, is_label: bool | None = None) -> Volume:
                           "cannot open it as labels", str(path))
     return Volume(
         data=data,
-        affine=_affine(header, spatial),
+        affine=affine,
         modality="unknown",
         is_label=label,
         label_names=names,

@@ -5,8 +5,9 @@ and ``unit``), OME ``PhysicalSize*`` or tifffile's own shaped metadata, in mm.
 TIFF has no patient orientation: such files get ITK's default (the LPS
 identity, RAS ``diag(-sx, -sy, sz)``). Files written here also carry the exact
 affine and label names in their metadata, so a round trip keeps the geometry.
-Uncompressed stacks are memory-mapped, compressed ones wrapped in dask page by
-page: opening takes well under a second whatever the size.
+Uncompressed stacks are memory-mapped; compressed ones are decoded in one pass
+(tifffile, all pages at once), or wrapped in dask a block of pages per chunk
+when larger than 1 GB.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import numpy as np
 
 from ..core.volume import Volume, make_affine
 from ..errors import MedSegError
-from ._common import check_spatial, looks_like_label_name, prepare_label_data
+from ._common import check_dtype, check_geometry, check_size, check_spatial, file_size, \
+    guarded, looks_like_label_name, one_line, prepare_label_data
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +41,12 @@ def _open(path: Path):
         return tifffile.TiffFile(str(path))
     except FileNotFoundError:
         raise MedSegError("file not found", str(path)) from None
+    except MemoryError as exc:
+        raise MedSegError("has a TIFF structure too large to read; the file is corrupt",
+                          str(path)) from exc
     except Exception as exc:
-        raise MedSegError(f"is not a readable TIFF file ({exc}); the file may be truncated "
-                          "or corrupt", str(path)) from exc
+        raise MedSegError(f"is not a readable TIFF file ({one_line(exc, 120)}); the file may "
+                          "be truncated or corrupt", str(path)) from exc
 
 
 def _unit(u) -> float:
@@ -126,39 +131,123 @@ def _axes_to_czyx(axes: str, shape, path: Path):
     return letters
 
 
-def _lazy(series, path: Path):
-    """A memory map for contiguous data, else a dask array reading one page per chunk."""
+#: Compressed stacks up to this size are decoded at once, in one pass over the
+#: file; larger ones are wrapped in dask, a block of pages per chunk.
+_EAGER_BYTES = 1 << 30
+_CHUNK_BYTES = 64 << 20
+
+
+def _check_ome(tif, path: Path) -> None:
+    """Refuse OME metadata claiming more planes than the file has pages.
+
+    tifffile trusts ``SizeZ`` / ``SizeC`` / ``SizeT`` and fills missing planes
+    with zeros, so a 10-page file claiming a million planes would be read as
+    a million mostly-empty frames.
+    """
+    if not tif.is_ome:
+        return
+    try:
+        root = ET.fromstring(tif.ome_metadata)
+    except (ET.ParseError, TypeError, ValueError):
+        return  # tifffile ignores unreadable OME metadata too
+    npages = len(tif.pages)
+    claimed = 0
+    for pix in (e for e in root.iter() if e.tag.endswith("Pixels")):
+        try:
+            sizes = {k: int(pix.get(f"Size{k}", 1)) for k in "XYZCT"}
+        except ValueError:
+            raise MedSegError("has OME metadata with a size that is not a whole number; the "
+                              "file is corrupt", str(path)) from None
+        if min(sizes.values()) < 1:
+            raise MedSegError(f"has OME sizes {sizes}; sizes must be at least 1; the file is "
+                              "corrupt", str(path))
+        planes = sizes["Z"] * sizes["C"] * sizes["T"]
+        spp = next((int(c.get("SamplesPerPixel", 1) or 1) for c in pix
+                    if c.tag.endswith("Channel")), 1)
+        claimed += planes // max(1, spp)
+    if claimed > npages:
+        raise MedSegError(f"has OME metadata claiming {claimed} image planes but the file holds "
+                          f"{npages} pages; the file is truncated or its metadata is wrong",
+                          str(path))
+
+
+def _check_pages(series, path: Path) -> bool:
+    """Check each page's claimed size, data location and compression; True if compressed."""
+    from tifffile import TIFF
+
+    fsize = file_size(path)
+    compressed = False
+    for page in series.pages:
+        if page is None:
+            raise MedSegError("is missing image pages its metadata lists; the file is "
+                              "truncated or corrupt", str(path))
+        key = getattr(page, "keyframe", page)
+        if key.dtype is None:
+            raise MedSegError("has a sample format napari-medseg does not read; the file is "
+                              "corrupt or unusual; convert it with Fiji", str(path))
+        check_dtype(key.dtype, path)
+        comp = int(key.compression)
+        if comp != 1 and comp not in TIFF.DECOMPRESSORS:
+            raise MedSegError(f"uses TIFF compression {comp}, which cannot be decoded here; "
+                              "the file is corrupt or needs `pip install imagecodecs`",
+                              str(path))
+        compressed = compressed or comp != 1
+        offsets, counts = page.dataoffsets, page.databytecounts
+        if len(offsets) != len(counts) or any(o < 0 or c < 0 or o + c > fsize
+                                              for o, c in zip(offsets, counts)):
+            raise MedSegError("has image data beyond the end of the file; the file is "
+                              "truncated or corrupt", str(path))
+        check_size(key.shape, key.dtype, sum(counts), path, compressed=comp != 1,
+                   what="a TIFF page")
+    return compressed
+
+
+def _lazy(series, path: Path, compressed: bool):
+    """A memory map for contiguous data, else None (small compressed stacks: read now),
+    else a dask array reading a block of pages per chunk (one open per block)."""
     import tifffile
 
-    if series.dataoffset is not None:
+    if series.dataoffset is not None and not compressed:
         try:
             return tifffile.memmap(str(path), series=0, mode="r")
         except (ValueError, OSError):
             pass
+    if series.nbytes <= _EAGER_BYTES:
+        return None
     import dask.array as da
     from dask import delayed
 
-    pages = list(series.pages)
-    page_shape = pages[0].shape
+    npages = len(series.pages)
+    page_shape = tuple(series.pages[0].shape)
+    page_bytes = max(1, int(np.prod(page_shape)) * series.dtype.itemsize)
+    step = max(1, _CHUNK_BYTES // page_bytes)
     dtype = series.dtype
 
-    def read(i):
-        with _open(path) as tif:
-            return tif.series[0].pages[i].asarray()
+    def read(a, b):
+        with guarded(path):
+            with _open(path) as tif:
+                return tif.asarray(key=range(a, b), series=0).reshape((b - a,) + page_shape)
 
-    planes = [da.from_delayed(delayed(read)(i), page_shape, dtype) for i in range(len(pages))]
-    return da.stack(planes).reshape(series.shape)
+    blocks = [da.from_delayed(delayed(read)(a, min(a + step, npages)),
+                              (min(a + step, npages) - a,) + page_shape, dtype)
+              for a in range(0, npages, step)]
+    return da.concatenate(blocks).reshape(series.shape)
 
 
 def read_tiff(path, lazy: bool = True, is_label: bool | None = None) -> Volume:
     """Read a TIFF / OME-TIFF stack as a Volume.
+
+    The file is checked before pixels are decoded: OME plane counts against the
+    pages present, each page's size against its data (and the file's end), the
+    compression and sample format, and a finite plausible voxel size.
 
     Parameters
     ----------
     path : str or Path
         ``.tif`` / ``.tiff`` (ImageJ hyperstack, OME-TIFF or plain multi-page).
     lazy : bool
-        Memory-map (uncompressed) or dask-wrap (compressed) instead of reading.
+        Memory-map uncompressed stacks; compressed ones up to 1 GB are decoded
+        in one pass, larger ones wrapped in dask (a block of pages per chunk).
     is_label : bool, optional
         Force a label map; by default integer files named like labels are.
 
@@ -168,24 +257,32 @@ def read_tiff(path, lazy: bool = True, is_label: bool | None = None) -> Volume:
         ``(Z, Y, X)`` or ``(C, Z, Y, X)`` data; spacing from the metadata (mm).
     """
     path = Path(path)
-    with _open(path) as tif:
+    with _open(path) as tif, guarded(path):
+        _check_ome(tif, path)
         series = tif.series[0]
         axes, shape = series.axes, tuple(series.shape)
         if series.pages[0] is not None and getattr(series.pages[0], "photometric", 0) == 2:
             check_spatial(shape, path, rgb=True)
         letters = _axes_to_czyx(axes, shape, path)
         check_spatial(tuple(n for a, n in zip(axes, shape) if n > 1 or a in "YX"), path)
+        compressed = _check_pages(series, path)
         affine, names = _geometry(tif, path, shape)
-        data = _lazy(series, path) if lazy else None
-        if data is None or not lazy:
+        affine = check_geometry(affine, path)
+        data = _lazy(series, path, compressed) if lazy else None
+        if data is None:
             try:
                 data = series.asarray()
+            except MedSegError:
+                raise
             except Exception as exc:
-                raise MedSegError(f"could not read the pixel data ({exc}); the file may "
-                                  "be truncated", str(path)) from exc
-    data = data.reshape(tuple(n for a, n in zip(axes, shape) if n > 1 or a in "YX"))
-    order = [letters.index(a) for a in "CZYX" if a in letters]
-    data = data.transpose(order)
+                raise MedSegError(f"could not read the pixel data ({one_line(exc, 120)}); the "
+                                  "file may be truncated or corrupt", str(path)) from exc
+        if int(np.prod(data.shape)) != int(np.prod(shape)):
+            raise MedSegError(f"holds pixel data of shape {data.shape}, not {shape}; the file "
+                              "is corrupt", str(path))
+        data = data.reshape(tuple(n for a, n in zip(axes, shape) if n > 1 or a in "YX"))
+        order = [letters.index(a) for a in "CZYX" if a in letters]
+        data = data.transpose(order)
     label = (looks_like_label_name(path) and data.dtype.kind in "iu" and data.ndim == 3) \
         if is_label is None else bool(is_label)
     return Volume(data=data, affine=affine, modality="unknown", is_label=label,
