@@ -133,6 +133,10 @@ def read_volume(path, lazy: bool = True, is_label: bool | None = None) -> Volume
         return vol
     with guarded(path):
         vol = _reader(fmt)(path, lazy=lazy, is_label=is_label)
+    if fmt == "nifti" and vol.is_label and not vol.label_names:
+        from .sidecar import read_label_sidecar
+
+        vol.label_names, vol.label_colors = read_label_sidecar(path)
     log.info("read %s", vol)
     return vol
 
@@ -211,6 +215,10 @@ def _write(path, vol: Volume, overwrite: bool, verify: bool, as_label: bool) -> 
         fn(tmp, vol, path, as_label)
     if verify:
         _verify(path, vol, as_label)
+    if as_label and format_of(path) == "nifti":  # names and colours beside the file
+        from .sidecar import write_label_sidecar
+
+        write_label_sidecar(path, vol.label_names, vol.label_colors)
     log.info("wrote %s", path)
     return path
 
@@ -227,7 +235,8 @@ def write_labels(path, labels_vol: Volume, overwrite: bool = False,
     labels_vol : Volume
         ``(Z, Y, X)`` integer class ids. Stored in the smallest integer dtype
         that holds them; ``label_names`` / ``label_colors`` go into ``.seg.nrrd``
-        segment fields and NRRD / TIFF metadata.
+        segment fields, NRRD / TIFF metadata and, for NIfTI, a JSON sidecar
+        (``case.json`` beside ``case.nii.gz``; see :mod:`napari_medseg.io.sidecar`).
     overwrite : bool
         Replace an existing file (otherwise :class:`MedSegError`).
     verify : bool
