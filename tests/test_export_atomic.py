@@ -56,9 +56,8 @@ def test_killed_label_writer_leaves_a_whole_file(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", _CHILD_LABELS, str(target)],
                             stderr=subprocess.PIPE)
     try:
-        # kill while a temporary file is being written
-        _kill_when(proc, lambda: any(p.name.startswith(".labels") for p in
-                                     tmp_path.iterdir()))
+        # kill while a temporary file is being written (in the hidden temporary folder)
+        _kill_when(proc, lambda: any((tmp_path / ".napari-medseg-tmp").glob("*labels.nii.gz")))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -68,6 +67,11 @@ def test_killed_label_writer_leaves_a_whole_file(tmp_path):
     expected = base.copy()
     expected[0, 0, 0] = stamp
     np.testing.assert_array_equal(back, expected)
+    # the killed writer's temporary file is removed by the next write to the folder
+    write_labels(tmp_path / "other.nii.gz", Volume(old, make_affine((2, 1, 1)), is_label=True))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".gz") == \
+        ["labels.nii.gz", "other.nii.gz"]
+    assert not (tmp_path / ".napari-medseg-tmp").exists()
 
 
 _CHILD_DATASET = textwrap.dedent("""

@@ -211,8 +211,14 @@ def _write(path, vol: Volume, overwrite: bool, verify: bool, as_label: bool) -> 
         raise MedSegError(f"expected a Volume to write, got {type(vol).__name__}", str(path))
     fn = _writer(path)
     check_writable(path, overwrite)
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        fn(tmp, vol, path, as_label)
+    try:
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            fn(tmp, vol, path, as_label)
+    finally:
+        if path.suffix.lower() == ".mhd":  # the old data file, or a new one left orphan
+            from .itk import remove_unreferenced_data
+
+            remove_unreferenced_data(path)
     if verify:
         _verify(path, vol, as_label)
     if as_label and format_of(path) == "nifti":  # names and colours beside the file

@@ -7,10 +7,11 @@ are memory-mapped when read lazily.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import shutil
-import tempfile
+import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from ._common import check_geometry, check_size, check_spatial, file_size, guard
 
 log = logging.getLogger(__name__)
 
-__all__ = ["read_itk", "write_itk", "itk_geometry", "read_meta_header", "MetaHeader"]
+__all__ = ["read_itk", "write_itk", "itk_geometry", "read_meta_header", "MetaHeader",
+           "remove_unreferenced_data"]
 
 _MET_TYPES = {
     "MET_CHAR": "i1", "MET_UCHAR": "u1", "MET_SHORT": "i2", "MET_USHORT": "u2",
@@ -356,26 +358,78 @@ def _image(vol: Volume, data: np.ndarray):
 
 
 def write_itk(tmp_path, vol: Volume, final_path, as_label: bool) -> None:
-    """Write ``vol`` as compressed MetaImage.
+    """Write ``vol`` as compressed MetaImage to ``tmp_path``.
 
-    For ``.mhd`` the data file (``<name>.zraw``) is written beside the final
-    header under its final name and the header goes to ``tmp_path``.
+    ``.mha`` is one file. For ``.mhd`` the header goes to ``tmp_path`` and the
+    voxels to a data file under a *new* name beside the final header,
+    ``<name>.<12 hex digits>.zraw``, which the header names: the previous
+    header and its data file stay intact until the header is renamed into
+    place (the last step of the atomic write), so a kill or a full disk at any
+    moment leaves the old pair or the new one. The old data file, now
+    unreferenced, is removed afterwards by :func:`remove_unreferenced_data`
+    (called by the writers in :mod:`napari_medseg.io`, also after a failure).
     """
     import SimpleITK as sitk
 
-    final_path = Path(final_path)
+    tmp_path, final_path = Path(tmp_path), Path(final_path)
     data = prepare_label_data(vol, final_path) if as_label else np.asarray(vol.data)
     img = _image(vol, data)
     if final_path.suffix.lower() != ".mhd":
         sitk.WriteImage(img, str(tmp_path), useCompression=True)
         return
-    work = Path(tempfile.mkdtemp(prefix=".medseg-", dir=final_path.parent))
+    sitk.WriteImage(img, str(tmp_path), useCompression=True)
+    written = tmp_path.with_suffix(".zraw")
     try:
-        header = work / final_path.name
-        sitk.WriteImage(img, str(header), useCompression=True)
-        for f in work.iterdir():
-            if f != header:
-                os.replace(f, final_path.parent / f.name)
-        shutil.copyfile(header, tmp_path)
+        data_name = f"{final_path.stem}.{secrets.token_hex(6)}.zraw"
+        text = tmp_path.read_bytes()
+        line = f"ElementDataFile = {written.name}".encode()
+        if not text.rstrip().endswith(line):
+            raise MedSegError("SimpleITK wrote an unexpected MetaImage header; nothing was "
+                              "replaced", str(final_path))
+        tmp_path.write_bytes(text.rstrip()[: -len(line)] + f"ElementDataFile = {data_name}\n"
+                             .encode())
+        with open(written, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(written, 0o666 & ~_umask())
+        os.replace(written, final_path.parent / data_name)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            written.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_unreferenced_data(header) -> list[Path]:
+    """Remove data files of ``header`` (``<stem>.zraw`` / ``.raw`` / ``<stem>.<hex>.zraw``)
+    that no ``.mhd`` header in its folder names any more; return them.
+
+    Runs after every ``.mhd`` write (successful or not): it drops the previous
+    data file once the new header is in place, and a new data file whose header
+    never made it.
+    """
+    header = Path(header)
+    folder = header.parent
+    pat = re.compile(rf"^{re.escape(header.stem)}(\.[0-9a-f]{{12}})?\.(zraw|raw)$")
+    candidates = [p for p in folder.iterdir() if pat.match(p.name) and p.is_file()]
+    if not candidates:
+        return []
+    referenced = set()
+    for other in folder.glob("*.[mM][hH][dD]"):
+        try:
+            items, _ = _meta_text(other)
+        except (MedSegError, OSError):
+            continue
+        for key, value in items:
+            if key.lower() == "elementdatafile":
+                referenced.add((folder / value).resolve())
+    removed = []
+    for p in candidates:
+        if p.resolve() not in referenced:
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    return removed
