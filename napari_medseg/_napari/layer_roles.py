@@ -21,6 +21,7 @@ __all__ = [
     "set_layer_modality",
     "PROMPT_ROLE",
     "mark_prompt_layer",
+    "prompt_metadata",
     "is_prompt_layer",
     "is_segmentation_layer",
     "locked_classes",
@@ -48,9 +49,14 @@ def layer_modality(layer) -> str:
     return str(_meta(layer).get("modality") or "unknown")
 
 
-def set_layer_modality(layer, modality: str) -> None:
-    """Record ``modality`` on the layer (the exports read it from there)."""
-    _meta(layer, create=True)["modality"] = str(modality)
+def set_layer_modality(layer, modality: str, source: str = "user") -> None:
+    """Record ``modality`` on the layer (the exports read it from there).
+
+    ``source`` says who decided (``"user"`` for a choice made by hand).
+    """
+    m = _meta(layer, create=True)
+    m["modality"] = str(modality)
+    m["modality_source"] = str(source)
 
 
 def mark_prompt_layer(layer, tool: str = "interactive") -> None:
@@ -58,6 +64,12 @@ def mark_prompt_layer(layer, tool: str = "interactive") -> None:
     m = _meta(layer, create=True)
     m["role"] = PROMPT_ROLE
     m["prompt_tool"] = str(tool)
+
+
+def prompt_metadata(tool: str = "interactive") -> dict:
+    """A fresh ``metadata`` dict for a new prompt layer (marked before it is added,
+    so no widget ever lists it as a segmentation)."""
+    return {META_KEY: {"role": PROMPT_ROLE, "prompt_tool": str(tool)}}
 
 
 def is_prompt_layer(layer) -> bool:

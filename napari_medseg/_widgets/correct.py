@@ -23,6 +23,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, Q
 from ..core import corrections as C
 from ..errors import MedSegError
 from .._napari.history import apply_edit
+from .._napari.layer_roles import is_segmentation_layer
 from .._napari.layers import volume_from_layer
 from .._napari.prediction import view_region
 from ._common import Job, JobBar, notify_exception, show_info
@@ -226,7 +227,7 @@ class CorrectWidget(QWidget):
 
     # ---------------------------------------------------------------- layers
     def _labels_layers(self):
-        return [lyr for lyr in self.viewer.layers if lyr.__class__.__name__ == "Labels"]
+        return [lyr for lyr in self.viewer.layers if is_segmentation_layer(lyr)]
 
     def _refresh_layers(self, event=None) -> None:
         current = self.layer_combo.currentText()
@@ -252,7 +253,7 @@ class CorrectWidget(QWidget):
 
     def _follow_active(self, event=None) -> None:
         active = self.viewer.layers.selection.active
-        if active is not None and active.__class__.__name__ == "Labels":
+        if active is not None and is_segmentation_layer(active):
             self.layer_combo.setCurrentText(active.name)
 
     def _on_layer(self, index=None) -> None:

@@ -23,6 +23,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBo
 
 from .._napari.layers import volume_from_layer, volume_to_layer_data
 from ..core.ledger import CorrectionLedger
+from .._napari.layer_roles import is_prompt_layer
 from ..core.volume import Volume, same_grid
 from ..errors import MedSegError
 from ..io.autosave import AutoSaver, Snapshot, find_recovery, image_key
@@ -155,7 +156,8 @@ class ExportWidget(QWidget):
             combo.clear()
             if kind is Image:
                 combo.addItem("(none)")
-            combo.addItems([lyr.name for lyr in self.viewer.layers if isinstance(lyr, kind)])
+            combo.addItems([lyr.name for lyr in self.viewer.layers if isinstance(lyr, kind)
+                            and not is_prompt_layer(lyr)])
             idx = combo.findText(current)
             if idx >= 0:
                 combo.setCurrentIndex(idx)

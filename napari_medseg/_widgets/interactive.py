@@ -23,6 +23,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBo
                             QLabel, QLineEdit, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
 from .._napari.layers import volume_from_layer
+from .._napari.layer_roles import prompt_metadata
 from ..errors import Cancelled, MedSegError
 from ..interactive import ENGINES, Prompts, make_engine
 from ._common import notify_exception, show_info
@@ -178,17 +179,19 @@ class InteractiveWidget(QWidget):
         layers = self.viewer.layers
         if self._layer("preview") is None:
             layers.append(Labels(np.zeros(shape, np.uint8), name=NAMES["preview"],
-                                 opacity=0.5, **geo))
+                                 opacity=0.5, metadata=prompt_metadata(), **geo))
         if self._layer("scribbles") is None:
-            layers.append(Labels(np.zeros(shape, np.uint8), name=NAMES["scribbles"], **geo))
+            layers.append(Labels(np.zeros(shape, np.uint8), name=NAMES["scribbles"],
+                                 metadata=prompt_metadata(), **geo))
         if self._layer("boxes") is None:
             self.viewer.add_shapes(name=NAMES["boxes"], ndim=img.ndim, edge_color="yellow",
-                                   face_color="transparent", edge_width=1, **geo)
+                                   face_color="transparent", edge_width=1,
+                                   metadata=prompt_metadata(), **geo)
         for key, colour in (("negative", "red"), ("positive", "lime")):
             if self._layer(key) is None:
                 self.viewer.add_points(np.zeros((0, img.ndim)), name=NAMES[key], ndim=img.ndim,
                                        face_color=colour, size=max(img.data.shape) / 25,
-                                       **geo)
+                                       metadata=prompt_metadata(), **geo)
         for key in ("positive", "negative", "boxes", "scribbles", "preview"):
             lyr = self._layer(key)
             lyr.bind_key("c", lambda _layer: self.commit(), overwrite=True)

@@ -21,6 +21,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, Q
 from ..core.ledger import PREDICTION_KEY
 from ..core.stats import body_mask, label_qa
 from .._napari.history import history_signature
+from .._napari.layer_roles import is_segmentation_layer
 from .._napari.layers import volume_from_layer
 from ._common import notify_exception
 
@@ -95,7 +96,7 @@ class QAWidget(QWidget):
             combo.blockSignals(True)
             combo.clear()
         self.layer_combo.addItems([lyr.name for lyr in self.viewer.layers
-                                   if lyr.__class__.__name__ == "Labels"])
+                                   if is_segmentation_layer(lyr)])
         self.image_combo.addItems(["(largest labelled region)"] + [
             lyr.name for lyr in self.viewer.layers if lyr.__class__.__name__ == "Image"])
         if keep_l:
