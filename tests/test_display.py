@@ -66,3 +66,53 @@ def test_display_widget_sets_modality_and_windows(make_napari_viewer):
     widget.modality_combo.setCurrentText("MR")
     lo, hi = layer.contrast_limits
     assert (lo, hi) == pytest.approx(percentile_limits(data))
+
+
+def _ct_nifti(path):
+    import nibabel as nib
+
+    rng = np.random.default_rng(1)
+    ct = np.full((40, 48, 12), -1000, np.int16)  # file order (i, j, k)
+    ct[8:40, 8:40, :] = rng.normal(40, 20, (32, 32, 12)).astype(np.int16)
+    ct[20:28, 20:28, :] = 700  # bone
+    nib.save(nib.Nifti1Image(ct, np.diag([0.8, 0.8, 2.5, 1.0])), str(path))
+    return path
+
+
+def test_nifti_ct_opens_as_ct_with_the_soft_tissue_window(make_napari_viewer, tmp_path):
+    from napari_medseg._napari.layer_roles import layer_modality
+
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(str(_ct_nifti(tmp_path / "ct.nii.gz")), plugin="napari-medseg")
+    assert layer_modality(layer) == "CT"
+    assert layer.metadata["medseg"]["modality_source"] == "intensities"
+    assert tuple(layer.contrast_limits) == (-160.0, 240.0)
+
+
+def test_modality_travels_into_nnunet_and_monai_exports(make_napari_viewer, tmp_path):
+    import json
+
+    from napari_medseg._napari.layers import volume_from_layer
+    from napari_medseg.io.export import export_training_case
+
+    viewer = make_napari_viewer()
+    [img] = viewer.open(str(_ct_nifti(tmp_path / "ct.nii.gz")), plugin="napari-medseg")
+    lab = np.zeros(img.data.shape, np.uint8)
+    lab[3:6, 10:20, 10:20] = 1
+    labels = viewer.add_labels(lab, scale=img.scale, translate=img.translate,
+                               affine=img.affine.affine_matrix)
+    ds = tmp_path / "Dataset501_Test"
+    export_training_case([volume_from_layer(img)], volume_from_layer(labels, viewer=viewer),
+                         ds, label_names={1: "liver"})
+    info = json.loads((ds / "dataset.json").read_text())
+    assert info["channel_names"] == {"0": "CT"}  # nnU-Net's CT normalisation
+    datalist = json.loads((ds / "datalist.json").read_text())
+    assert datalist["modality"] == {"0": "CT"}
+    # an MR chosen by the user in the Display widget becomes the channel name
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Display")
+    widget.layer_combo.setCurrentText(img.name)
+    widget.modality_combo.setCurrentText("MR")
+    ds2 = tmp_path / "Dataset502_Test"
+    export_training_case([volume_from_layer(img)], volume_from_layer(labels, viewer=viewer),
+                         ds2, label_names={1: "liver"})
+    assert json.loads((ds2 / "dataset.json").read_text())["channel_names"] == {"0": "MR"}

@@ -78,6 +78,24 @@ def _check_label_grid(vol) -> None:
         "image, or close the image to view the labels on their own", vol.source)
 
 
+def _note_modality(vol) -> None:
+    """Fill in an image's modality when its file does not say (NIfTI, NRRD, TIFF).
+
+    :func:`~napari_medseg.core.modality.detect_modality` decides from the file's
+    metadata or the intensities (air at -1000 HU is CT); how it decided is kept in
+    ``meta["modality_source"]`` / ``meta["modality_reason"]``.
+    """
+    from ..core.modality import detect_modality, normalize_modality
+
+    if normalize_modality(vol.modality) != "unknown":
+        return
+    guess = detect_modality(vol)
+    vol.modality = guess.modality
+    vol.meta["modality_source"] = guess.source
+    vol.meta["modality_reason"] = guess.reason
+    log.info("%s: modality %s", vol.source, guess)
+
+
 def read_layer_data(path) -> list[tuple]:
     """Read ``path`` and return napari layer data tuples (one per volume).
 
@@ -93,6 +111,8 @@ def read_layer_data(path) -> list[tuple]:
         if not data.flags.writeable or isinstance(data, np.memmap):
             data = np.array(data)  # painting needs a writable in-memory array
         vol = vol.with_data(data)
+    else:
+        _note_modality(vol)
     for note in vol.meta.get("warnings", []):
         log.warning(note)
     return [volume_to_layer_data(vol)]

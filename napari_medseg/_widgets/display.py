@@ -17,8 +17,9 @@ from qtpy.QtWidgets import (QComboBox, QFormLayout, QGridLayout, QLabel, QPushBu
                             QVBoxLayout, QWidget)
 
 from .._napari.layer_roles import layer_modality, set_layer_modality
-from ..core.display import (AUTO, MODALITIES, PRESET_KEYS, WINDOW_PRESETS,
-                            contrast_for_preset, default_preset)
+from ..core.display import (AUTO, PRESET_KEYS, WINDOW_PRESETS, contrast_for_preset,
+                            default_preset)
+from ..core.modality import MODALITIES, normalize_modality
 from ._common import notify_exception
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,8 @@ class DisplayWidget(QWidget):
         layer = self.layer()
         self._updating = True
         try:
-            self.modality_combo.setCurrentText(layer_modality(layer) if layer else "unknown")
+            self.modality_combo.setCurrentText(
+                normalize_modality(layer_modality(layer)) if layer else "unknown")
         finally:
             self._updating = False
         self.modality_combo.setEnabled(layer is not None)

@@ -22,7 +22,6 @@ __all__ = [
     "default_preset",
     "default_contrast",
     "contrast_for_preset",
-    "MODALITIES",
 ]
 
 #: CT windows, name -> (width, level) in HU.
@@ -40,8 +39,6 @@ PRESET_KEYS: dict[str, str] = {
     "soft tissue": "Alt-1", "liver": "Alt-2", "lung": "Alt-3", "bone": "Alt-4",
     "brain": "Alt-5", AUTO: "Alt-0",
 }
-#: Modalities the user can choose (DICOM Modality codes, plus "unknown").
-MODALITIES = ("CT", "MR", "PT", "US", "unknown")
 
 
 def window_limits(width: float, level: float) -> tuple[float, float]:
