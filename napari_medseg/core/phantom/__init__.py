@@ -1,11 +1,16 @@
 """Deterministic synthetic phantoms with ground-truth labels.
 
-Two generators give an image :class:`~napari_medseg.core.volume.Volume` and a
+Three generators give an image :class:`~napari_medseg.core.volume.Volume` and a
 label Volume on the same grid:
 
 * :func:`make_abdomen_ct`: an upper-abdomen CT in Hounsfield units with liver,
   spleen, kidneys and hypodense liver lesions (labelled), plus body wall, fat,
   bowel, stomach, vessels, spine and ribs (unlabelled).
+* :func:`make_abdomen_ct_synth`: a far more varied abdominal CT for training
+  (:mod:`.abdomen_synth`): random anatomy as a tissue map, then random contrast
+  phase, HU, texture, slice thickness, kernel and noise; classes
+  :data:`SYNTH_LABELS` (liver, spleen, kidneys, lesion, stomach, aorta, inferior
+  vena cava, pancreas).
 * :func:`make_head_mr`: a T1-weighted-like head MR with scalp, skull, CSF, gray
   and white matter, ventricles, deep gray nuclei and a lesion, a smooth
   multiplicative bias field and Rician noise.
@@ -23,6 +28,7 @@ blur from ``seed``, for training data. Both are deterministic for a given
 
 from ._common import ABDOMEN_COLORS, ABDOMEN_LABELS, HEAD_COLORS, HEAD_LABELS
 from .abdomen import make_abdomen_ct
+from .abdomen_synth import SYNTH_COLORS, SYNTH_LABELS, make_abdomen_ct_synth
 from .head import make_head_mr
 
 __all__ = [
@@ -31,5 +37,8 @@ __all__ = [
     "HEAD_LABELS",
     "HEAD_COLORS",
     "make_abdomen_ct",
+    "make_abdomen_ct_synth",
+    "SYNTH_LABELS",
+    "SYNTH_COLORS",
     "make_head_mr",
 ]
