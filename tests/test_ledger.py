@@ -7,6 +7,7 @@ import pytest
 
 from napari_medseg.core.ledger import CorrectionLedger
 from napari_medseg.errors import MedSegError
+from napari_medseg.io.ledger import save_ledger
 
 
 def _case():
@@ -62,18 +63,25 @@ def test_prediction_is_protected_and_shape_checked():
         led.summary(cur[:-1])
 
 
-def test_from_metadata():
-    pred, _ = _case()
-    assert CorrectionLedger.from_metadata({}, (1, 1, 1)) is None
-    led = CorrectionLedger.from_metadata(
-        {"medseg_prediction": pred, "medseg_model": {"name": "abdomen-ct-small"}}, (1, 1, 1))
-    assert led.meta["model"] == "abdomen-ct-small"
+def test_ledger_of_a_model_output_layer(make_napari_viewer):
+    """The boundary builds the ledger from the prediction and card kept on a layer."""
+    from napari_medseg._napari.boundary import ledger_of, store_prediction
+    from napari_medseg.models.card import ModelCard
+
+    pred, cur = _case()
+    viewer = make_napari_viewer()
+    layer = viewer.add_labels(cur.copy())
+    assert ledger_of(layer, (1, 1, 1)) is None
+    store_prediction(layer, pred.copy(), ModelCard(name="abdomen-ct-small", version="1.2"))
+    led = ledger_of(layer, (1, 1, 1))
+    assert led.meta == {"model": "abdomen-ct-small", "model_version": "1.2"}
+    assert led.totals(layer.data)["changed_voxels"] == 21
 
 
 def test_save_load_roundtrip(tmp_path):
     pred, cur = _case()
     led = CorrectionLedger(pred, (3.0, 0.5, 0.5), {1: "liver"}, meta={"model": "m"})
-    folder = led.save(tmp_path / "case_000", current=cur)
+    folder = save_ledger(led, tmp_path / "case_000", current=cur)
     info = json.loads((folder / "ledger.json").read_text())
     assert info["totals"]["changed_voxels"] == 21
     assert {r["label"] for r in info["summary"]} == {1, 2, 3}

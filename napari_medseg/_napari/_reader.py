@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MedSegError
-from .layers import affine_from_layer, current_layers, volume_to_layer_data
+from .boundary import affine_from_layer, current_layers, volume_to_layer_data, watch_viewer
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,15 @@ def _check_label_grid(vol) -> None:
         "image, or close the image to view the labels on their own", vol.source)
 
 
+def _watch_current_viewer() -> None:
+    try:
+        import napari
+
+        watch_viewer(napari.current_viewer())
+    except Exception:  # noqa: BLE001 - no viewer (a script): nothing to watch
+        log.debug("no viewer to watch", exc_info=True)
+
+
 def _note_modality(vol) -> None:
     """Fill in an image's modality when its file does not say (NIfTI, NRRD, TIFF).
 
@@ -100,9 +109,13 @@ def read_layer_data(path) -> list[tuple]:
     """Read ``path`` and return napari layer data tuples (one per volume).
 
     Label maps become Labels layers with names and colours; they are checked
-    against the images already open (same shape and affine).
+    against the images already open (same shape and affine). The current viewer
+    is watched so that a Labels layer napari makes from the image keeps its
+    exact geometry (:func:`~napari_medseg._napari.boundary.watch_viewer`).
     """
     from ..io import read_volume
+
+    _watch_current_viewer()
 
     vol = read_volume(path, lazy=True)
     if vol.is_label:

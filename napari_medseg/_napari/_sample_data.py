@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..data import SAMPLES, load_sample
-from .layers import volume_to_layer_data
+from .boundary import volume_to_layer_data
 
 __all__ = ["abdomen_ct", "head_mr", "sample_layers"]
 

@@ -22,7 +22,8 @@ import numpy as np
 
 from ..core.volume import Volume
 from ..errors import MedSegError
-from .layers import volume_to_layer_data
+from .boundary import MODEL_KEY, PREDICTION_KEY, prediction_of, store_prediction
+from .boundary import volume_to_layer_data
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,6 @@ __all__ = [
     "shapes_region",
     "region_shape",
 ]
-
-#: Layer metadata key holding the model's original ``(Z, Y, X)`` prediction.
-PREDICTION_KEY = "medseg_prediction"
-#: Layer metadata key holding the model card as a dict.
-MODEL_KEY = "medseg_model"
 
 Region = tuple[slice, slice, slice]
 
@@ -136,8 +132,7 @@ def prediction_layer_data(pred, image_name: str, model_name: str, card: Any = No
     labels = labels.with_data(data)
     name = result_layer_name(image_name, model_name)
     _, kwargs, kind = volume_to_layer_data(labels, name=name)
-    kwargs["metadata"][PREDICTION_KEY] = data.copy()
-    kwargs["metadata"][MODEL_KEY] = card_to_dict(card)
+    store_prediction(kwargs["metadata"], data.copy(), card)
     out = [(data, kwargs, kind)]
     unc = getattr(pred, "uncertainty", None)
     if unc is not None:
@@ -158,7 +153,7 @@ def _limits(arr: np.ndarray) -> tuple[float, float]:
 # ------------------------------------------------------------- re-running
 def is_corrected(layer) -> bool:
     """True when a model output layer's data differs from its stored prediction."""
-    original = layer.metadata.get(PREDICTION_KEY)
+    original = prediction_of(layer)
     if original is None:
         return False
     data = np.asarray(layer.data)

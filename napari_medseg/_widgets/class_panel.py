@@ -23,7 +23,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._napari.layers import volume_from_layer
+from .._napari.boundary import volume_from_layer
 
 log = logging.getLogger(__name__)
 

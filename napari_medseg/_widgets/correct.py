@@ -24,7 +24,7 @@ from ..core import corrections as C
 from ..errors import MedSegError
 from .._napari.history import apply_edit
 from .._napari.layer_roles import is_segmentation_layer
-from .._napari.layers import volume_from_layer
+from .._napari.boundary import volume_from_layer
 from .._napari.prediction import view_region
 from ._common import Job, JobBar, notify_exception, show_info
 

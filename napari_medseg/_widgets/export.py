@@ -21,8 +21,7 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout,
                             QLabel, QLineEdit, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
-from .._napari.layers import volume_from_layer, volume_to_layer_data
-from ..core.ledger import CorrectionLedger
+from .._napari.boundary import ledger_of, volume_from_layer, volume_to_layer_data, watch_viewer
 from .._napari.layer_roles import is_prompt_layer
 from ..core.volume import Volume, same_grid
 from ..errors import MedSegError
@@ -88,6 +87,7 @@ class ExportWidget(QWidget):
         self._saver = AutoSaver(lambda: None)
         self._autosave_worker = None
 
+        watch_viewer(self.viewer)
         self.labels_combo, self.image_combo = QComboBox(), QComboBox()
         self.format_combo = QComboBox()
         self.format_combo.addItems(list(FORMATS))
@@ -202,8 +202,7 @@ class ExportWidget(QWidget):
                 raise MedSegError(f"'{lab_layer.name}' is not on the grid of "
                                   f"'{img_layer.name}'; choose the image it was drawn on")
             vol.meta.update({k: v for k, v in image.meta.items() if k.startswith("dicom_")})
-        ledger = CorrectionLedger.from_metadata(lab_layer.metadata, vol.spacing,
-                                                vol.label_names)
+        ledger = ledger_of(lab_layer, vol.spacing, vol.label_names)
         return vol, image, ledger
 
     # ------------------------------------------------------------ export

@@ -22,7 +22,7 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout,
                             QLabel, QLineEdit, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
-from .._napari.layers import volume_from_layer
+from .._napari.boundary import volume_from_layer
 from .._napari.layer_roles import prompt_metadata
 from ..errors import Cancelled, MedSegError
 from ..interactive import ENGINES, Prompts, make_engine

@@ -18,11 +18,10 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, Q
                             QHeaderView, QLabel, QPushButton, QTableWidget, QTableWidgetItem,
                             QVBoxLayout, QWidget)
 
-from ..core.ledger import PREDICTION_KEY
 from ..core.stats import body_mask, label_qa
 from .._napari.history import history_signature
 from .._napari.layer_roles import is_segmentation_layer
-from .._napari.layers import volume_from_layer
+from .._napari.boundary import modality_of, prediction_of, volume_from_layer
 from ._common import notify_exception
 
 log = logging.getLogger(__name__)
@@ -167,13 +166,13 @@ class QAWidget(QWidget):
             img_layer = self.viewer.layers[name]
             if tuple(img_layer.data.shape[-3:]) == labels.shape:
                 image = np.asarray(img_layer.data)
-                modality = (img_layer.metadata.get("medseg") or {}).get("modality", "unknown")
+                modality = modality_of(img_layer)
                 thr = None if self.threshold.value() <= self.threshold.minimum() \
                     else self.threshold.value()
                 body = body_mask(image, threshold=thr, modality=modality)
         if body is None and labels.any():
             body = body_mask(labels=labels)
-        pred = layer.metadata.get(PREDICTION_KEY)
+        pred = prediction_of(layer)
         if pred is not None and np.shape(pred) != labels.shape:
             pred = None
         return label_qa(labels, vol.spacing, names=vol.label_names, image=image,

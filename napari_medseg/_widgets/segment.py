@@ -30,10 +30,14 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._napari.layers import volume_from_layer
+from .._napari.boundary import (
+    modality_of,
+    prediction_of,
+    store_prediction,
+    volume_from_layer,
+    watch_viewer,
+)
 from .._napari.prediction import (
-    MODEL_KEY,
-    PREDICTION_KEY,
     apply_labels,
     card_classes,
     card_to_dict,
@@ -86,6 +90,7 @@ class SegmentWidget(QWidget):
         self._channel_boxes: list[QComboBox] = []
         self._build()
         self.refresh_models()
+        watch_viewer(self.viewer)
         self._connect_layers()
         self._refresh_layers()
 
@@ -286,7 +291,7 @@ class SegmentWidget(QWidget):
             return -1
         mod = str(chans[i].get("modality", "")).upper() if i < len(chans) else ""
         for k, lyr in enumerate(self._image_layers()):
-            if mod and str(lyr.metadata.get("medseg", {}).get("modality", "")).upper() == mod:
+            if mod and modality_of(lyr, "").upper() == mod:
                 return k
         return min(i, len(images) - 1)
 
@@ -436,6 +441,7 @@ class SegmentWidget(QWidget):
         self._loaded[request["model_name"]] = model
         tuples = prediction_layer_data(pred, request["image"], request["model_name"],
                                        model.card)
+        request["card"] = model.card
         labels = self._put_labels(tuples[0], request)
         # one napari layer per event-loop turn keeps each pause of the GUI short
         for extra in tuples[1:]:
@@ -470,13 +476,12 @@ class SegmentWidget(QWidget):
             layer = Layer.create(data, kwargs, kind)
             self.viewer.add_layer(layer)
             return layer
-        original = layer.metadata.get(PREDICTION_KEY)
+        original = prediction_of(layer)
         if original is None or original.shape != data.shape:
             original = layer.data
         merged, new_pred = merge_prediction(layer.data, original, data, request["mode"],
                                             request["region"])
         changed = apply_labels(layer, merged)
-        layer.metadata[PREDICTION_KEY] = new_pred
-        layer.metadata[MODEL_KEY] = kwargs["metadata"][MODEL_KEY]
+        store_prediction(layer, new_pred, request["card"])
         log.info("re-ran %s: %d voxels changed (%s)", target, changed, request["mode"])
         return layer

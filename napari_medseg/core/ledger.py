@@ -1,11 +1,15 @@
 """The correction ledger: what the user changed in a model's prediction.
 
-A Labels layer produced by a model keeps the original prediction
-(``layer.metadata["medseg_prediction"]``). :class:`CorrectionLedger` compares
+A Labels layer produced by a model keeps the original prediction.
+:class:`CorrectionLedger` compares
 the current labels with it: per class, the voxels the user added and removed,
 the Dice overlap between prediction and current labels, and the region that
 changed. The ledger is saved beside exported training cases so that every
-correction can be counted (and reused) when the model is retrained.
+correction can be counted (and reused) when the model is retrained; writing it
+is :func:`napari_medseg.io.ledger.save_ledger` (atomic writes live in ``io``),
+reading it back is :meth:`CorrectionLedger.load`. Nothing here knows napari's
+layer metadata: :func:`napari_medseg._napari.boundary.ledger_of` builds the
+ledger of a layer.
 """
 
 from __future__ import annotations
@@ -17,18 +21,19 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MedSegError
-from ..io.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CorrectionLedger", "PREDICTION_KEY", "LEDGER_VERSION"]
+__all__ = ["CorrectionLedger", "LEDGER_VERSION", "PREDICTION_FILE", "CORRECTIONS_FILE",
+           "JSON_FILE"]
 
-#: Layer metadata key holding the original prediction.
-PREDICTION_KEY = "medseg_prediction"
 LEDGER_VERSION = 1
-_PRED_FILE = "prediction.npz"
-_DIFF_FILE = "corrections.npz"
-_JSON_FILE = "ledger.json"
+#: Files of a saved ledger folder: the compressed original prediction, the
+#: user's diff (flat indices and new labels) and the JSON record.
+PREDICTION_FILE = "prediction.npz"
+CORRECTIONS_FILE = "corrections.npz"
+JSON_FILE = "ledger.json"
+_PRED_FILE, _DIFF_FILE, _JSON_FILE = PREDICTION_FILE, CORRECTIONS_FILE, JSON_FILE
 
 
 def _bbox(mask: np.ndarray):
@@ -81,17 +86,6 @@ class CorrectionLedger:
         self.names = {int(k): str(v) for k, v in (names or {}).items()}
         self.meta = dict(meta or {})
         self._pred_counts = np.bincount(pred.ravel().astype(np.int64, copy=False))
-
-    # -------------------------------------------------------------- creation
-    @classmethod
-    def from_metadata(cls, metadata: dict, spacing, names=None):
-        """The ledger for a layer's metadata, or None when it holds no prediction."""
-        pred = (metadata or {}).get(PREDICTION_KEY)
-        if pred is None:
-            return None
-        card = (metadata or {}).get("medseg_model") or {}
-        meta = {"model": card.get("name"), "model_version": card.get("version")}
-        return cls(pred, spacing, names, meta={k: v for k, v in meta.items() if v})
 
     # ------------------------------------------------------------- analysis
     @property
@@ -181,43 +175,30 @@ class CorrectionLedger:
                 "changed_bbox": _bbox(diff)}
 
     # ------------------------------------------------------------ save/load
-    def save(self, folder, current=None) -> Path:
-        """Write the ledger into ``folder`` (created if missing); return the folder.
+    def record(self, current=None) -> dict:
+        """The JSON record of the ledger (what ``ledger.json`` holds).
 
-        Files: ``prediction.npz`` (compressed original prediction),
-        ``ledger.json`` (spacing, names, meta and, with ``current``, the
-        per-class summary and totals) and, with ``current``,
-        ``corrections.npz`` (flat indices of the changed voxels and their new
-        labels: the user's diff). Each file is written atomically.
+        ``version``, ``shape``, ``dtype``, ``spacing``, ``names``, ``meta`` and,
+        with ``current``, the per-class ``summary`` and the ``totals``.
         """
-        folder = Path(folder)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise MedSegError(f"cannot create the ledger folder ({exc.strerror}); choose "
-                              "a writable folder", str(folder)) from exc
         info = {"version": LEDGER_VERSION, "shape": list(self.prediction.shape),
                 "dtype": str(self.prediction.dtype), "spacing": list(self.spacing),
                 "names": {str(k): v for k, v in self.names.items()}, "meta": self.meta}
-        with atomic_path(folder / _PRED_FILE, overwrite=True) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez_compressed(fh, prediction=np.asarray(self.prediction))
         if current is not None:
             cur = self._check(current)
-            flat = np.flatnonzero(cur != self.prediction)
-            with atomic_path(folder / _DIFF_FILE, overwrite=True) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.savez_compressed(fh, index=flat, value=cur.ravel()[flat])
             info["summary"] = self.summary(cur)
             info["totals"] = self.totals(cur)
-        with atomic_path(folder / _JSON_FILE, overwrite=True) as tmp:
-            tmp.write_text(json.dumps(info, indent=2))
-        log.info("saved correction ledger to %s", folder)
-        return folder
+        return info
+
+    def diff(self, current) -> tuple[np.ndarray, np.ndarray]:
+        """The user's edits: flat indices of the changed voxels and their new labels."""
+        cur = self._check(current)
+        flat = np.flatnonzero(cur != self.prediction)
+        return flat, cur.ravel()[flat]
 
     @classmethod
     def load(cls, folder) -> "CorrectionLedger":
-        """Read a ledger written by :meth:`save`."""
+        """Read a ledger written by :func:`napari_medseg.io.ledger.save_ledger`."""
         folder = Path(folder)
         try:
             info = json.loads((folder / _JSON_FILE).read_text())
@@ -231,7 +212,7 @@ class CorrectionLedger:
 
     @staticmethod
     def load_current(folder) -> np.ndarray | None:
-        """The corrected labels saved with :meth:`save` (prediction + diff), or None."""
+        """The corrected labels saved with the ledger (prediction + diff), or None."""
         folder = Path(folder)
         if not (folder / _DIFF_FILE).exists():
             return None

@@ -74,6 +74,16 @@ def _frame_index(ds, inv_affine: np.ndarray, shape3) -> tuple[np.ndarray, ...]:
     return idx[2], idx[1], idx[0]
 
 
+def _display_color(rgb):
+    """A class colour (RGB floats in [0, 1]) as the segment's recommended CIELab colour."""
+    if rgb is None:
+        return None
+    import highdicom as hd
+
+    r, g, b = (int(round(255 * min(max(float(c), 0.0), 1.0))) for c in tuple(rgb)[:3])
+    return hd.color.CIELabColor.from_rgb(r, g, b)
+
+
 def export_dicom_seg(path, labels: Volume, source=None, label_names=None,
                      algorithm_type: str = "SEMIAUTOMATIC", algorithm_name: str | None = None,
                      algorithm_version: str | None = None, series_description=None,
@@ -170,6 +180,7 @@ def export_dicom_seg(path, labels: Volume, source=None, label_names=None,
             version=algorithm_version or __version__,
             family=codes.cid7162.ArtificialIntelligence)
     descriptions = []
+    colors = dict(labels.label_colors or {})
     for seg_no, k in enumerate(ids, start=1):
         name = str(names.get(k, f"label {k}"))
         cat, typ = _codes(name)
@@ -177,7 +188,7 @@ def export_dicom_seg(path, labels: Volume, source=None, label_names=None,
             segment_number=seg_no, segment_label=name[:64], segmented_property_category=cat,
             segmented_property_type=typ, algorithm_type=algorithm_type,
             algorithm_identification=algo, tracking_id=f"class {k}",
-            tracking_uid=hd.UID()))
+            tracking_uid=hd.UID(), display_color=_display_color(colors.get(k))))
     number = int(datasets[0].get("SeriesNumber") or 0) + 100
     seg = hd.seg.Segmentation(
         source_images=datasets, pixel_array=frames,

@@ -269,7 +269,9 @@ def export_training_case(image_vols, labels: Volume, dataset_dir, dataset_name=N
         staged.append((stage / label_name, dataset_dir / "labelsTr" / label_name))
         if ledger is not None:
             check_cancel(cancel)
-            ledger.save(stage / "ledger", current=lab)
+            from ..ledger import save_ledger
+
+            save_ledger(ledger, stage / "ledger", current=lab)
             staged.append((stage / "ledger", dataset_dir / "ledger" / case))
         if progress:
             progress(len(vols) + 2, total)
