@@ -3,9 +3,13 @@
 The network is built from the inference config's ``network_def`` by a small
 resolver of our own rather than MONAI's ``ConfigParser``, because a bundle
 config may hold ``$`` Python expressions that the parser would evaluate. Here
-``_target_`` must name a class in ``monai.networks`` (MONAI is imported only
-then), ``@id`` references are followed, and any ``$`` expression in the network
-definition is refused. Weights are read with ``torch.load(weights_only=True)``;
+``_target_`` must name a class of an explicit list of MONAI networks
+(:data:`ALLOWED_NETWORKS`, and the blocks they take, :data:`ALLOWED_BLOCKS`;
+never a function such as ``monai.networks.utils.save_state``, never with
+``pretrained=True`` or another argument that downloads), ``@id`` references
+are followed, and any ``$`` expression or ``%`` file reference in the network
+definition is refused. Every file read from the bundle must lie inside it
+(a symlink pointing outside is refused). Weights are read with ``torch.load(weights_only=True)``;
 ``models/model.ts`` (TorchScript) is used when there is no ``model.pt``.
 
 The card is derived from ``configs/metadata.json`` (name, version, license,
@@ -21,12 +25,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 from ..errors import MedSegError
 from .card import ModelCard, read_card
+from .loaders import inside_package
 
-__all__ = ["bundle_card", "load_bundle", "build_network_def"]
+__all__ = ["bundle_card", "load_bundle", "build_network_def", "ALLOWED_NETWORKS", "ALLOWED_BLOCKS"]
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +42,7 @@ def _read_config(path: Path) -> dict:
     for name in ("inference.json", "inference.yaml", "inference.yml"):
         f = cfg_dir / name
         if f.is_file():
-            text = f.read_text(encoding="utf-8")
+            text = inside_package(path, f).read_text(encoding="utf-8")
             try:
                 if name.endswith(".json"):
                     return json.loads(text)
@@ -53,7 +59,7 @@ def _read_metadata(path: Path) -> dict:
     if not f.is_file():
         return {}
     try:
-        return json.loads(f.read_text(encoding="utf-8"))
+        return json.loads(inside_package(path, f).read_text(encoding="utf-8"))
     except ValueError as exc:
         raise MedSegError(f"configs/metadata.json is not valid JSON ({exc})", str(path)) from exc
 
@@ -70,34 +76,60 @@ def _lookup(cfg: dict, ref: str):
     return node
 
 
+#: The only classes a bundle's ``network_def`` may build: ``monai.networks.nets``
+#: networks (and their common aliases) and the ``monai.networks.blocks`` they
+#: take as arguments. Functions (``monai.networks.utils.save_state`` writes
+#: files), factories and networks that fetch weights from the internet
+#: (HoVerNet, Transchex, TorchVisionFCModel, ...) are not in it.
+ALLOWED_NETWORKS = frozenset({
+    "AHNet", "AttentionUnet", "AutoEncoder", "BasicUNet", "BasicUnet", "BasicUNetPlusPlus",
+    "Classifier", "Critic", "DenseNet", "DenseNet121", "DenseNet169", "DenseNet201",
+    "DenseNet264", "DiNTS", "Discriminator", "DynUNet", "DynUnet", "EfficientNetBN",
+    "FlexibleUNet", "Generator", "GlobalNet", "HighResNet", "LocalNet", "MedNeXt", "RegUNet",
+    "Regressor", "ResNet", "SegResNet", "SegResNetDS", "SegResNetDS2", "SegResNetVAE",
+    "SwinUNETR", "UNet", "Unet", "UNETR", "VarAutoEncoder", "ViT", "ViTAutoEnc", "VNet",
+})
+ALLOWED_BLOCKS = frozenset({
+    "TopologyInstance", "Convolution", "ResidualUnit", "UnetBasicBlock", "UnetResBlock",
+    "UnetUpBlock", "UnetOutBlock",
+})
+#: Keyword arguments that make a network download weights when truthy.
+_DOWNLOAD_KW = re.compile(r"pretrain|url|download|repo_id|^weights$", re.I)
+
+
 def _network_class(target: str):
+    """The allowed MONAI class a ``_target_`` names, else :class:`MedSegError`."""
     import importlib
 
-    name = target.rsplit(".", 1)[-1]
-    if "." in target and not target.startswith("monai.networks."):
-        raise MedSegError(f"refused network class {target!r}: only monai.networks classes are "
-                          "built from bundle configs")
+    module, _, name = target.rpartition(".")
+    allowed = name in ALLOWED_NETWORKS or name in ALLOWED_BLOCKS
+    where = "monai.networks.nets" if name in ALLOWED_NETWORKS else "monai.networks.blocks"
+    if not allowed or (module and module != where and not module.startswith(where + ".")):
+        raise MedSegError(f"refused _target_ {target!r}: bundle configs may only build "
+                          "MONAI network classes (e.g. UNet, SegResNet, SwinUNETR); "
+                          "napari-medseg runs no other code from configs")
     try:
-        nets = importlib.import_module("monai.networks.nets")
+        pkg = importlib.import_module(where)
     except ImportError as exc:
         raise MedSegError("MONAI bundles need MONAI; install napari-medseg[monai]") from exc
-    if "." in target:
-        module, _, attr = target.rpartition(".")
-        cls = getattr(importlib.import_module(module), attr, None)
-    else:
-        cls = getattr(nets, name, None)
-    if cls is None:
-        raise MedSegError(f"network class {target!r} is not in monai.networks")
+    cls = getattr(pkg, name, None)
+    if cls is None or not isinstance(cls, type):
+        raise MedSegError(f"network class {target!r} is not in this MONAI version "
+                          f"({where}); update MONAI")
     return cls
 
 
 def build_network_def(node, cfg: dict, depth: int = 0):
     """Instantiate a bundle ``network_def`` without evaluating any expression.
 
+    Only classes in :data:`ALLOWED_NETWORKS` / :data:`ALLOWED_BLOCKS` are
+    built, never with a truthy ``pretrained`` (or any argument that downloads
+    weights); ``$`` expressions and ``%`` file references are refused.
+
     Raises
     ------
     MedSegError
-        ``$`` expressions, classes outside ``monai.networks`` or bad references.
+        ``$`` expressions, refused classes or arguments, or bad references.
     """
     if depth > 50:
         raise MedSegError("bundle config references are circular")
@@ -105,6 +137,9 @@ def build_network_def(node, cfg: dict, depth: int = 0):
         if node.startswith("$"):
             raise MedSegError(f"refused: the network definition holds a Python expression "
                               f"({node[:40]!r}); napari-medseg does not run code from configs")
+        if node.startswith("%"):
+            raise MedSegError(f"refused: the network definition refers to another file "
+                              f"({node[:40]!r}); put the network in configs/inference.json")
         if node.startswith("@"):
             return build_network_def(_lookup(cfg, node[1:]), cfg, depth + 1)
         return node
@@ -112,13 +147,23 @@ def build_network_def(node, cfg: dict, depth: int = 0):
         return [build_network_def(v, cfg, depth + 1) for v in node]
     if isinstance(node, dict):
         if "_target_" in node:
-            cls = _network_class(str(node["_target_"]))
+            target = str(node["_target_"])
+            cls = _network_class(target)
+            if str(node.get("_mode_", "default")) != "default" or node.get("_disabled_"):
+                raise MedSegError(f"refused _mode_ / _disabled_ on {target!r}: the network "
+                                  "must be built as a plain instance")
             kwargs = {k: build_network_def(v, cfg, depth + 1) for k, v in node.items()
                       if not k.startswith("_")}
+            for k, v in kwargs.items():
+                if _DOWNLOAD_KW.search(k) and v not in (False, None, "", 0):
+                    raise MedSegError(f"refused {target}({k}={v!r}): napari-medseg never "
+                                      "downloads weights; the bundle's models/model.pt holds "
+                                      f"them; set {k} to false")
             try:
                 return cls(**kwargs)
-            except TypeError as exc:
-                raise MedSegError(f"bundle network {node['_target_']}: {exc}") from exc
+            except Exception as exc:  # noqa: BLE001 - any constructor error is the config's
+                msg = " ".join(str(exc).split())[:160]
+                raise MedSegError(f"bundle network {target}: {msg}") from exc
         return {k: build_network_def(v, cfg, depth + 1) for k, v in node.items()}
     return node
 
@@ -207,6 +252,7 @@ def bundle_card(path) -> ModelCard:
     for suffix in ("card.yaml", "card.yml", "card.json"):
         own = path / suffix
         if own.is_file():
+            inside_package(path, own)
             over = read_card(own).to_dict()
             given = _given_keys(own)
             data.update({k: v for k, v in over.items() if k in given})
@@ -228,7 +274,7 @@ def _license(path: Path) -> str:
     for name in ("LICENSE", "docs/LICENSE", "LICENSE.txt"):
         f = path / name
         if f.is_file():
-            first = f.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+            first = inside_package(path, f).read_text(encoding="utf-8", errors="replace").strip().splitlines()
             return first[0][:80] if first else "see LICENSE"
     return "unknown"
 
@@ -249,6 +295,7 @@ def load_bundle(path):
     pt, ts = path / "models" / "model.pt", path / "models" / "model.ts"
     axis_order = card.extra.get("axis_order", "xyz")
     if pt.is_file():
+        inside_package(path, pt)
         cfg = _read_config(path)
         if "network_def" not in cfg:
             raise MedSegError("bundle config has no network_def to load models/model.pt into",
@@ -261,6 +308,7 @@ def load_bundle(path):
                               f"{str(exc).splitlines()[0]}", str(path)) from exc
         return TorchModel(card, net, str(path), axis_order)
     if ts.is_file():
+        inside_package(path, ts)
         return TorchModel(card, load_torchscript(ts, str(ts)), str(path), axis_order)
     raise MedSegError("MONAI bundle has neither models/model.pt nor models/model.ts",
                       str(path))

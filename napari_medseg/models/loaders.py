@@ -102,6 +102,24 @@ def load_torchscript(data, source: str) -> torch.jit.ScriptModule:
 
 
 # ------------------------------------------------------------------ package
+def inside_package(root, path) -> Path:
+    """``path`` when it resolves inside the package folder ``root``, else :class:`MedSegError`.
+
+    Symlinks are resolved first, so a link pointing outside the package (to
+    another user's files, ``/etc``, a network mount) is refused.
+    """
+    root, path = Path(root), Path(path)
+    try:
+        real_root, real = root.resolve(strict=True), path.resolve()
+    except (OSError, RuntimeError) as exc:  # a missing root, a symlink loop
+        raise MedSegError(f"cannot resolve {path.name} ({exc})", str(root)) from exc
+    if not real.is_relative_to(real_root):
+        raise MedSegError(f"{path.relative_to(root) if path.is_relative_to(root) else path} "
+                          "points outside the model package (a symlink?); refused; copy the "
+                          "file into the package", str(root))
+    return path
+
+
 class _Files:
     """Read files from a folder or a zip archive by relative name."""
 
@@ -133,7 +151,7 @@ class _Files:
             raise MedSegError(f"the package has no file {name!r} (named in its card)",
                               str(self.path))
         if self.zip is None:
-            return (self.path / name).read_bytes()
+            return inside_package(self.path, self.path / name).read_bytes()
         return self.zip.read(self.prefix + name)
 
 
