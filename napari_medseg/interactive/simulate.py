@@ -1,9 +1,13 @@
 """Simulated users: clicks placed where the current mask is most wrong.
 
 The standard protocol of interactive segmentation benchmarks: each next click
-goes to the centre of the largest error region (the voxel farthest from the
-region's border), positive when the object was missed there, negative when the
-mask spilled over. Used by the benchmark, the click-model training and tests.
+goes to the centre of the largest error (the voxel farthest from the error's
+border), positive when the object was missed there, negative when the mask
+spilled over. ``rule="deepest"`` takes the deepest error voxel over all errors;
+``rule="largest"`` (RITM, the CVPR 2025 interactive 3D challenge) first picks
+the largest connected error region, then its deepest voxel. A run can start
+with a box around the object on its largest slice (the challenge's box +
+clicks protocol). Used by the benchmark, the click-model training and tests.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from scipy import ndimage as ndi
 
 from .base import Engine, Prompts
 
-__all__ = ["dice", "next_click", "simulate_clicks", "ClickRun"]
+__all__ = ["dice", "next_click", "box_around", "simulate_clicks", "ClickRun"]
 
 
 def dice(a, b) -> float:
@@ -39,7 +43,22 @@ def _deepest(err: np.ndarray, spacing) -> tuple[float, np.ndarray | None]:
     return float(dist[idx]), point
 
 
-def next_click(pred, truth, spacing=None) -> tuple[np.ndarray, bool] | None:
+def _largest_error(pred, truth) -> tuple[np.ndarray, bool] | None:
+    """The largest connected error region and whether it is a miss."""
+    best, size, positive = None, 0, True
+    for err, pos in ((truth & ~pred, True), (pred & ~truth, False)):
+        if not err.any():
+            continue
+        lab, n = ndi.label(err)
+        counts = np.bincount(lab.ravel())[1:]
+        i = int(np.argmax(counts))
+        if counts[i] > size:
+            best, size, positive = lab == i + 1, int(counts[i]), pos
+    return None if best is None else (best, positive)
+
+
+def next_click(pred, truth, spacing=None, rule: str = "deepest"
+               ) -> tuple[np.ndarray, bool] | None:
     """Where a careful user clicks next.
 
     Parameters
@@ -48,6 +67,11 @@ def next_click(pred, truth, spacing=None) -> tuple[np.ndarray, bool] | None:
         Current mask and reference mask.
     spacing : sequence of float, optional
         Voxel size (mm); distances are measured in mm.
+    rule : {"deepest", "largest"}
+        ``"deepest"``: the error voxel farthest from the border of the misses
+        or of the spill-overs, whichever lies deeper. ``"largest"``: the
+        deepest voxel of the largest connected error region (misses and
+        spill-overs compared by voxel count).
 
     Returns
     -------
@@ -58,6 +82,13 @@ def next_click(pred, truth, spacing=None) -> tuple[np.ndarray, bool] | None:
     pred = np.asarray(pred, bool)
     truth = np.asarray(truth, bool)
     spacing = None if spacing is None else tuple(float(s) for s in spacing)
+    if rule == "largest":
+        err = _largest_error(pred, truth)
+        if err is None:
+            return None
+        return _deepest(err[0], spacing)[1], err[1]
+    if rule != "deepest":
+        raise ValueError(f"rule must be 'deepest' or 'largest', not {rule!r}")
     d_fn, p_fn = _deepest(truth & ~pred, spacing)
     d_fp, p_fp = _deepest(pred & ~truth, spacing)
     if p_fn is None and p_fp is None:
@@ -67,9 +98,35 @@ def next_click(pred, truth, spacing=None) -> tuple[np.ndarray, bool] | None:
     return p_fp, False
 
 
+def box_around(truth, axis: int = 0, index: int | None = None) -> tuple[np.ndarray, int]:
+    """A 2D box around ``truth`` on one slice: its corners and the slice.
+
+    Parameters
+    ----------
+    truth : (Z, Y, X) bool array
+        Reference mask (not empty).
+    axis : int
+        The box lies on a slice across this axis (0: axial).
+    index : int, optional
+        That slice; by default the one where ``truth`` is largest.
+
+    Returns
+    -------
+    corners : (2, 3) float array
+        Opposite corners (inclusive array indices), equal along ``axis``.
+    index : int
+    """
+    truth = np.asarray(truth, bool)
+    if index is None:
+        index = int(np.argmax(truth.sum(axis=tuple(a for a in range(3) if a != axis))))
+    pts = np.argwhere(np.take(truth, index, axis))
+    lo, hi = np.insert(pts.min(0), axis, index), np.insert(pts.max(0), axis, index)
+    return np.array([lo, hi], float), index
+
+
 @dataclass
 class ClickRun:
-    """Dice after each click and seconds per engine update."""
+    """Dice after each interaction and seconds per engine update."""
 
     dice: list = field(default_factory=list)
     seconds: list = field(default_factory=list)
@@ -77,7 +134,8 @@ class ClickRun:
 
 
 def simulate_clicks(engine: Engine, image, spacing, truth, n_clicks: int = 5,
-                    mode: str = "3d", axis: int = 0, index: int | None = None) -> ClickRun:
+                    mode: str = "3d", axis: int = 0, index: int | None = None,
+                    box: bool = False, rule: str = "deepest") -> ClickRun:
     """Run ``n_clicks`` simulated clicks on one object and record Dice and time.
 
     Parameters
@@ -92,6 +150,17 @@ def simulate_clicks(engine: Engine, image, spacing, truth, n_clicks: int = 5,
         Reference mask of the object.
     mode, axis, index
         ``"2d"`` evaluates on ``truth.take(index, axis)`` only.
+    box : bool
+        Start with a 2D box around ``truth`` on its largest slice across
+        ``axis`` (on slice ``index`` in 2D mode), kept with every later click:
+        ``n_clicks + 1`` interactions.
+    rule : {"deepest", "largest"}
+        Where each next click goes (:func:`next_click`).
+
+    Returns
+    -------
+    ClickRun
+        ``dice`` and ``seconds`` per interaction.
     """
     truth = np.asarray(truth, bool)
     if mode == "2d":
@@ -101,20 +170,26 @@ def simulate_clicks(engine: Engine, image, spacing, truth, n_clicks: int = 5,
         sp2 = tuple(s for a, s in enumerate(spacing) if a != axis)
     else:
         ref, sp2 = truth, spacing
+    boxes = np.zeros((0, 2, 3))
+    if box:
+        boxes = box_around(truth, axis, index if mode == "2d" else None)[0][None]
     pos, neg = [], []
     pred = np.zeros(ref.shape, bool)
     run = ClickRun()
-    for _ in range(n_clicks):
-        click = next_click(pred, ref, sp2)
-        if click is None:
-            run.dice.append(run.dice[-1] if run.dice else 1.0)
-            continue
-        p, positive = click
-        if mode == "2d":
-            p = np.insert(p, axis, index)
-        (pos if positive else neg).append(p)
+    for step in range(n_clicks + int(box)):
+        if box and step == 0:
+            click = None
+        else:
+            click = next_click(pred, ref, sp2, rule)
+            if click is None:
+                run.dice.append(run.dice[-1] if run.dice else 1.0)
+                continue
+            p, positive = click
+            if mode == "2d":
+                p = np.insert(p, axis, index)
+            (pos if positive else neg).append(p)
         prompts = Prompts(positive=np.array(pos).reshape(-1, 3),
-                          negative=np.array(neg).reshape(-1, 3),
+                          negative=np.array(neg).reshape(-1, 3), boxes=boxes,
                           mode=mode, axis=axis, index=index)
         t0 = time.perf_counter()
         mask, region = engine.predict_region(image, spacing, prompts)
