@@ -47,7 +47,25 @@ def _fp32_predictor(folder, tta, folds):
     p = Fp32Predictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta,
                       perform_everything_on_device=False, device=torch.device("cpu"),
                       verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-    p.initialize_from_trained_model_folder(str(folder), use_folds=folds)
+    # nnU-Net's own initialisation from the folder, minus its search through every
+    # trainer module (some import optional packages): the plans' network, the folds' weights
+    import json
+
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from napari_medseg.models.nnunet import load_checkpoint
+
+    pm = PlansManager(json.loads((folder / "plans.json").read_text()))
+    ds = json.loads((folder / "dataset.json").read_text())
+    cm = pm.get_configuration("3d_fullres")
+    ckpts = [load_checkpoint(folder / f"fold_{f}" / "checkpoint_final.pth") for f in folds]
+    net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                 cm.network_arch_init_kwargs_req_import, 1,
+                                 pm.get_label_manager(ds).num_segmentation_heads,
+                                 allow_init=False, deep_supervision=False)
+    p.manual_initialization(net, pm, cm, [c["network_weights"] for c in ckpts], ds,
+                            ckpts[0]["trainer_name"], ckpts[0]["inference_allowed_mirroring_axes"])
     return p
 
 

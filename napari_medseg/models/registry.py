@@ -7,7 +7,10 @@ Sources, in order (the first of two models with one name wins):
    (``deepbet-brain`` when ``napari-medseg[deepbet]`` is installed);
 3. ``user``: anything loadable in the user model folder
    (:func:`napari_medseg.paths.user_models_dir`, ``$NAPARI_MEDSEG_MODELS``);
-4. ``path``: any path given to :func:`load_model`.
+4. ``totalseg``: TotalSegmentator tasks whose weights are in its weights folder
+   (``$TOTALSEG_HOME_DIR/nnunet/results`` or ``~/.totalsegmentator/nnunet/results``;
+   :mod:`napari_medseg.models.totalseg`);
+5. ``path``: any path given to :func:`load_model`.
 
 Listing reads cards only; weights are loaded by :func:`load_model`.
 """
@@ -48,8 +51,15 @@ class ModelInfo:
     path: str
 
     def to_dict(self) -> dict:
-        """JSON-safe summary (the card included)."""
+        """JSON-safe summary (the card included).
+
+        ``metrics_real`` (figures on real scans) comes before ``metrics_synthetic``
+        (on phantoms), read from the card in its new or its legacy layout.
+        """
         return {"name": self.name, "source": self.source, "path": self.path,
+                "body_region": self.card.body_region,
+                "metrics_real": self.card.real_metrics,
+                "metrics_synthetic": self.card.synthetic_metrics,
                 "card": self.card.to_dict()}
 
 
@@ -102,8 +112,18 @@ def _extras() -> list[ModelInfo]:
     return [info] if info is not None else []
 
 
+def _totalseg() -> list[ModelInfo]:
+    from .totalseg import totalseg_infos
+
+    try:
+        return totalseg_infos()
+    except Exception as exc:  # a broken weights folder must not hide the other models
+        log.warning("skipping TotalSegmentator weights: %s: %s", type(exc).__name__, exc)
+        return []
+
+
 def list_models(include_user: bool = True) -> list[ModelInfo]:
-    """All available models: built-in, optional extras and the user folder.
+    """All available models: built-in, optional extras, the user folder and TotalSegmentator's.
 
     Returns
     -------
@@ -114,7 +134,7 @@ def list_models(include_user: bool = True) -> list[ModelInfo]:
 
     found = _scan(BUILTIN_DIR, "builtin") + _extras()
     if include_user:
-        found += _scan(user_models_dir(), "user")
+        found += _scan(user_models_dir(), "user") + _totalseg()
     seen, out = set(), []
     for info in found:
         if info.name in seen:
@@ -158,6 +178,10 @@ def load_model(name_or_path):
                 from .deepbet import load_deepbet
 
                 return load_deepbet()
+            if info.source == "totalseg":
+                from .totalseg import load_totalseg
+
+                return load_totalseg(info.name)
             return load_path(info.path)
     names = ", ".join(i.name for i in models) or "none"
     raise MedSegError(f"unknown model {text!r}: not a file or folder, and not one of the "

@@ -1,0 +1,180 @@
+"""TotalSegmentator weights folders: discovery, class map, five-part merge, roi subset.
+
+The folders are built in TotalSegmentator's exact layout with tiny random-weight
+networks (``_tiny_totalseg``). The reference for the merge follows
+TotalSegmentator's own steps with nibabel and ``nnUNetPredictor``: closest
+canonical orientation, ``ndimage.zoom(order=3)`` to 1.5 mm cast to int32, each
+part through nnU-Net (step 0.8, fp32 sums), the parts merged by class name in
+part order, labels zoomed back with order 0 and the orientation undone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("nnunetv2")
+
+from napari_medseg.core.volume import Volume, make_affine  # noqa: E402
+from napari_medseg.errors import MedSegError  # noqa: E402
+from napari_medseg.models import list_models, load_model  # noqa: E402
+from napari_medseg.models.totalseg import discover, weights_dir  # noqa: E402
+
+from _tiny_totalseg import TOTALSEG_PARTS, make_totalseg_home  # noqa: E402
+from test_nnunet_native import _ct, _fp32_predictor  # noqa: E402
+
+ALL_NAMES = [n for _, _, names in TOTALSEG_PARTS.values() for n in names]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return make_totalseg_home(tmp_path_factory.mktemp("totalseg_home"), mr=True)
+
+
+@pytest.fixture
+def ts_env(home, monkeypatch):
+    monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(home))
+    return home
+
+
+def _oblique_ct():
+    th = np.deg2rad(12)
+    rot = np.array([[-np.cos(th), 0, np.sin(th)], [0, -1, 0], [np.sin(th), 0, np.cos(th)]])
+    return Volume(_ct((13, 22, 19), seed=4), make_affine((2.4, 1.9, 2.1), (-20, 15, 40), rot),
+                  modality="CT")
+
+
+def test_weights_folder_resolution(tmp_path, monkeypatch):
+    monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
+    monkeypatch.delenv("TOTALSEG_HOME_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert weights_dir() == tmp_path / ".totalsegmentator" / "nnunet" / "results"
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "ts"))
+    assert weights_dir() == tmp_path / "ts" / "nnunet" / "results"
+    monkeypatch.setenv("TOTALSEG_WEIGHTS_PATH", str(tmp_path / "w"))
+    assert weights_dir() == tmp_path / "w"
+    assert discover() == []  # nothing there: nothing offered, nothing downloaded
+
+
+def test_discovery_cards_and_class_names(ts_env):
+    infos = {i.name: i for i in list_models() if i.source == "totalseg"}
+    assert {"total", "total-fast", "total_mr-fast"} <= set(infos)
+    card = infos["total"].card
+    assert card.label_names == {i + 1: n for i, n in enumerate(ALL_NAMES)}
+    assert card.target_spacing == (1.5, 1.5, 1.5) and card.orientation == "RAS"
+    assert card.license.startswith("Apache-2.0")
+    assert card.extra["dataset_ids"] == [291, 292, 293, 294, 295]
+    assert card.extra["class_map"] == "dataset.json" and card.extra["step"] == 0.8
+    assert "TotalSegmentator" in card.training
+    fast = infos["total-fast"].card
+    assert fast.label_names == card.label_names and fast.target_spacing == (3.0, 3.0, 3.0)
+    mr = infos["total_mr-fast"].card
+    assert mr.channels[0]["modality"] == "MR" and mr.label_names == {1: "spleen", 2: "liver",
+                                                                      3: "brain"}
+
+
+def test_other_dataset_folders_are_offered(tmp_path, monkeypatch):
+    from _tiny_totalseg import make_result_folder
+
+    results = tmp_path / "nnunet" / "results"
+    make_result_folder(results, "Dataset258_lung_vessels_248subj",
+                       ["lung_vessels", "lung_trachea_bronchia"], spacing=(1.0, 1.0, 1.0),
+                       patch=(16, 16, 16))
+    monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path))
+    (task,) = discover()
+    assert task.name == "totalseg-Dataset258_lung_vessels_248subj"
+    assert task.classes == {1: "lung_vessels", 2: "lung_trachea_bronchia"}
+    assert "licence" in task.license  # not claimed Apache-2.0 for a task it does not know
+
+
+def _totalseg_reference(home, vol, part_ids):
+    """TotalSegmentator's steps with nibabel and nnUNetPredictor (fp32 sums)."""
+    import nibabel as nib
+    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+    from scipy import ndimage
+
+    img = nib.Nifti1Image(np.asarray(vol.data).transpose(2, 1, 0), vol.affine)
+    can = nib.as_closest_canonical(img)
+    zooms = np.array(can.header.get_zooms()[:3], float)
+    zoom = zooms / 1.5
+    rsp = ndimage.zoom(can.get_fdata(), zoom, order=3).astype(np.int32)
+    x = rsp.transpose(2, 1, 0).astype(np.float32)[None]  # SimpleITK's (z, y, x)
+    spacing = [float(np.float32(s)) for s in (zooms / zoom)[::-1]]
+    name_to_id = {n: i + 1 for i, n in enumerate(ALL_NAMES)}
+    merged = np.zeros(rsp.shape, np.uint8)
+    results = home / "nnunet" / "results"
+    for part, (tid, dname, names) in TOTALSEG_PARTS.items():
+        if tid not in part_ids:
+            continue
+        folder = next((results / dname).iterdir())
+        p = _fp32_predictor(folder, tta=False, folds=(0,))
+        p.tile_step_size = 0.8
+        seg = p.predict_single_npy_array(x, {"spacing": spacing}).transpose(2, 1, 0)
+        for j, n in enumerate(names, start=1):
+            merged[seg == j] = name_to_id[n]
+    back = ndimage.zoom(merged, np.array(can.shape) / np.array(merged.shape), order=0)
+    out = nib.Nifti1Image(back, can.affine).as_reoriented(
+        ornt_transform(axcodes2ornt("RAS"), io_orientation(img.affine)))
+    return np.asarray(out.dataobj).transpose(2, 1, 0)
+
+
+def test_total_five_part_merge_matches_totalsegmentator_steps(ts_env):
+    vol = _oblique_ct()
+    model = load_model("total")
+    assert [p.folder.parent.name[:10] for p in model.parts] == \
+        [f"Dataset{t}" for t in (291, 292, 293, 294, 295)]
+    for p in model.parts:
+        p.amp = "off"
+    pred = model.predict(vol, device="cpu")
+    got = pred.labels.data
+    assert got.shape == vol.shape3 and np.allclose(pred.labels.affine, vol.affine)
+    assert pred.info["parts_run"] == 5
+    ref = _totalseg_reference(ts_env, vol, {291, 292, 293, 294, 295})
+    assert (got == ref).mean() > 0.995, (got == ref).mean()
+    present = set(np.unique(got).tolist()) - {0}
+    # classes from at least three different parts survive the merge
+    part_of = {i + 1: k for i, k in enumerate(n for n, (_, _, names) in TOTALSEG_PARTS.items()
+                                              for _ in names)}
+    assert len({part_of[c] for c in present}) >= 3
+    assert pred.labels.label_names[5] == "sacrum"
+
+
+def test_roi_subset_runs_only_the_needed_parts(ts_env):
+    vol = _oblique_ct()
+    model = load_model("total")
+    for p in model.parts:
+        p.amp = "off"
+    assert model.parts_for(["liver", "aorta"]) == [0, 2]
+    with pytest.raises(MedSegError, match="no class"):
+        model.parts_for(["not_an_organ"])
+    full, _ = model.run(vol, device="cpu")
+    sub, info = model.run(vol, device="cpu", roi_subset=["liver", "aorta"])
+    assert info["parts_run"] == 2
+    ids = {ALL_NAMES.index("liver") + 1, ALL_NAMES.index("aorta") + 1}
+    assert set(np.unique(sub).tolist()) <= ids | {0}
+    shared = np.isin(full, list(ids))
+    np.testing.assert_array_equal(sub[shared], full[shared])
+    ref = _totalseg_reference(ts_env, vol, {291, 293})
+    ref = ref * np.isin(ref, list(ids))
+    assert (sub == ref).mean() > 0.995
+
+
+def test_total_fast_and_reference_backend(ts_env):
+    vol = _oblique_ct()
+    model = load_model("total-fast")
+    model.parts[0].amp = "off"
+    ours = model.predict(vol, device="cpu")
+    assert ours.labels.shape3 == vol.shape3 and ours.info["parts_run"] == 1
+    model.backend = "nnunetv2"
+    ref = model.predict(vol, device="cpu")
+    assert ref.info["backend"] == "nnunetv2"
+    assert (ours.labels.data == ref.labels.data).mean() > 0.99
+
+
+def test_unknown_task_names_the_folder(ts_env):
+    from napari_medseg.models.totalseg import load_totalseg
+
+    with pytest.raises(MedSegError, match="TOTALSEG_HOME_DIR"):
+        load_totalseg("total_mr")
