@@ -84,14 +84,18 @@ def cmd_models(args) -> int:
 
 def cmd_predict(args) -> int:
     from .io import read_volume, write_labels, write_volume
-    from .io.atomic import check_writable
+    from .io.atomic import all_or_none
+    from .io.validate import check_image_values, check_outputs
     from .models import load_model
 
-    check_writable(args.output, args.overwrite)
-    if args.uncertainty:
-        check_writable(args.uncertainty, args.overwrite)
+    # outputs (format, folder, never an input) are checked before the model runs
+    check_outputs([args.output, args.uncertainty], args.input, args.overwrite)
     model = load_model(args.model)
     vols = [read_volume(p, lazy=True) for p in args.input]
+    for i, (p, v) in enumerate(zip(args.input, vols)):  # constant or absurd images
+        expect = model.card.channels[i]["modality"] if i < len(model.card.channels) else None
+        for w in check_image_values(v, str(p), expect):
+            print(f"warning: {w}", file=sys.stderr)
     bar = ProgressBar(f"{model.card.name}")
     try:
         pred = model.predict(vols, device=args.device, overlap=args.overlap, tta=args.tta,
@@ -99,11 +103,16 @@ def cmd_predict(args) -> int:
                              if args.uncertainty else None, progress=bar)
     finally:
         bar.close()
-    out = write_labels(args.output, pred.labels, overwrite=args.overwrite)
-    msg = f"wrote {out}"
-    if args.uncertainty and pred.uncertainty is not None:
-        unc = pred.uncertainty.with_data(pred.uncertainty.data.astype("float32"))
-        msg += f" and {write_volume(args.uncertainty, unc, overwrite=args.overwrite)}"
+    from .io.sidecar import sidecar_path
+
+    targets = [p for p in (args.output, args.uncertainty) if p]
+    targets += [sidecar_path(p) for p in targets if str(p).lower().endswith((".nii", ".nii.gz"))]
+    with all_or_none(targets):  # labels, uncertainty and names: all written or none
+        out = write_labels(args.output, pred.labels, overwrite=args.overwrite)
+        msg = f"wrote {out}"
+        if args.uncertainty and pred.uncertainty is not None:
+            unc = pred.uncertainty.with_data(pred.uncertainty.data.astype("float32"))
+            msg += f" and {write_volume(args.uncertainty, unc, overwrite=args.overwrite)}"
     counts = _counts(pred)
     print(f"{msg} ({pred.seconds:.1f} s; {counts})", file=sys.stderr)
     return 0
