@@ -25,6 +25,8 @@ from qtpy.QtWidgets import (
 
 from .._napari.boundary import volume_from_layer
 
+from ._layout import min_table_rows
+
 log = logging.getLogger(__name__)
 
 __all__ = ["ClassPanel", "class_counts"]
@@ -75,7 +77,8 @@ class ClassPanel(QWidget):
             header.setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
         self.table.cellClicked.connect(lambda row, _col: self.select_row(row))
         lay.addWidget(self.title)
-        lay.addWidget(self.table)
+        min_table_rows(self.table, 8)
+        lay.addWidget(self.table, 1)
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
         self._timer.setInterval(250)

@@ -27,6 +27,7 @@ from .._napari.layer_roles import is_segmentation_layer
 from .._napari.boundary import volume_from_layer
 from .._napari.prediction import view_region
 from ._common import Job, JobBar, notify_exception, show_info
+from ._layout import tabify_when_docked
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class CorrectWidget(QWidget):
 
     def __init__(self, napari_viewer):
         super().__init__()
+        tabify_when_docked(self)
         self.viewer = napari_viewer
         self.job: Job | None = None
         self.last_changed = 0

@@ -21,6 +21,7 @@ from ..core.display import (AUTO, PRESET_KEYS, WINDOW_PRESETS, contrast_for_pres
                             default_preset)
 from ..core.modality import MODALITIES, normalize_modality
 from ._common import notify_exception
+from ._layout import tabify_when_docked
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class DisplayWidget(QWidget):
 
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
+        tabify_when_docked(self)
         self.viewer = napari_viewer
         self._updating = False
         self.layer_combo = QComboBox()

@@ -27,6 +27,7 @@ from ..core.volume import Volume, same_grid
 from ..errors import MedSegError
 from ..io.autosave import AutoSaver, Snapshot, find_recovery, image_key
 from ._common import Job, JobBar, notify_exception, show_info
+from ._layout import tabify_when_docked
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class ExportWidget(QWidget):
 
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
+        tabify_when_docked(self)
         self.viewer = napari_viewer
         self.job: Job | None = None
         self.last_path: Path | None = None

@@ -17,6 +17,7 @@ from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
 
 from ..errors import MedSegError
 from ._common import Job, JobBar, notify_exception, show_info
+from ._layout import tabify_when_docked
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class FinetuneWidget(QWidget):
 
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
+        tabify_when_docked(self)
         self.viewer = napari_viewer
         self.job: Job | None = None
         self.last_path: Path | None = None

@@ -27,6 +27,7 @@ from .._napari.layer_roles import prompt_metadata
 from ..errors import Cancelled, MedSegError
 from ..interactive import ENGINES, Prompts, make_engine
 from ._common import notify_exception, show_info
+from ._layout import tabify_when_docked
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class InteractiveWidget(QWidget):
 
     def __init__(self, napari_viewer):
         super().__init__()
+        tabify_when_docked(self)
         self.viewer = napari_viewer
         self._engines: dict = {}
         self._generation = itertools.count()

@@ -23,6 +23,7 @@ from .._napari.history import history_signature
 from .._napari.layer_roles import is_segmentation_layer
 from .._napari.boundary import modality_of, prediction_of, volume_from_layer
 from ._common import notify_exception
+from ._layout import min_table_rows, tabify_when_docked
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class QAWidget(QWidget):
 
     def __init__(self, napari_viewer):
         super().__init__()
+        tabify_when_docked(self)
         self.viewer = napari_viewer
         self.rows: list[dict] = []
         self._watched = None
@@ -71,7 +73,7 @@ class QAWidget(QWidget):
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         header.setStretchLastSection(True)
-        self.table.setMinimumHeight(160)
+        min_table_rows(self.table, 8)
         lay.addWidget(self.table, 1)
         self.summary = QLabel("")
         self.summary.setWordWrap(True)

@@ -51,6 +51,7 @@ from .._napari.prediction import (
 from ..core.volume import same_grid
 from ..errors import MedSegError
 from ._common import Job, JobBar, notify_exception
+from ._layout import tabify_when_docked
 from .class_panel import ClassPanel
 from .segment_run import available_devices, card_html, segment_volumes
 
@@ -78,6 +79,7 @@ class SegmentWidget(QWidget):
 
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
+        tabify_when_docked(self)
         self.viewer = napari_viewer
         self.on_corrected: Callable[[Layer], str] = self._ask_corrected
         self.job: Job | None = None
