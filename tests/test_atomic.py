@@ -155,3 +155,28 @@ def test_mhd_pair_is_replaced_as_one_step(tmp_path):
     write_labels(target, old, overwrite=True)  # the public writer does all of it
     np.testing.assert_array_equal(np.asarray(read_volume(target).data), 1)
     assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_mhd_data_orphaned_by_a_killed_writer_is_removed_by_the_next_write(tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from napari_medseg.core.volume import Volume, make_affine
+    from napari_medseg.io import write_labels
+
+    vol = Volume(np.ones((3, 4, 5), np.uint8), make_affine((2, 1, 1)), is_label=True)
+    write_labels(tmp_path / "seg.mhd", vol)
+    dead = tmp_path / f"seg.{_dead_pid()}-deadbeef.zraw"  # moved in, header never renamed
+    dead.write_bytes(b"orphan")
+    live_proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f"seg.{live_proc.pid}-0badcafe.zraw"  # a writer still at work
+        live.write_bytes(b"in flight")
+        write_labels(tmp_path / "other.mhd", vol)
+        assert not dead.exists() and live.exists()
+    finally:
+        live_proc.kill()
+        live_proc.wait()
+    assert len(list(tmp_path.glob("*.zraw"))) == 3  # seg's, other's and the live one

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -362,7 +363,7 @@ def write_itk(tmp_path, vol: Volume, final_path, as_label: bool) -> None:
 
     ``.mha`` is one file. For ``.mhd`` the header goes to ``tmp_path`` and the
     voxels to a data file under a *new* name beside the final header,
-    ``<name>.<12 hex digits>.zraw``, which the header names: the previous
+    ``<name>.<pid>-<8 hex digits>.zraw``, which the header names: the previous
     header and its data file stay intact until the header is renamed into
     place (the last step of the atomic write), so a kill or a full disk at any
     moment leaves the old pair or the new one. The old data file, now
@@ -380,7 +381,7 @@ def write_itk(tmp_path, vol: Volume, final_path, as_label: bool) -> None:
     sitk.WriteImage(img, str(tmp_path), useCompression=True)
     written = tmp_path.with_suffix(".zraw")
     try:
-        data_name = f"{final_path.stem}.{secrets.token_hex(6)}.zraw"
+        data_name = f"{final_path.stem}.{os.getpid()}-{secrets.token_hex(4)}.zraw"
         text = tmp_path.read_bytes()
         line = f"ElementDataFile = {written.name}".encode()
         if not text.rstrip().endswith(line):
@@ -404,17 +405,31 @@ def _umask() -> int:
 
 
 def remove_unreferenced_data(header) -> list[Path]:
-    """Remove data files of ``header`` (``<stem>.zraw`` / ``.raw`` / ``<stem>.<hex>.zraw``)
-    that no ``.mhd`` header in its folder names any more; return them.
+    """Remove MetaImage data files in ``header``'s folder that no ``.mhd`` names any more.
 
-    Runs after every ``.mhd`` write (successful or not): it drops the previous
-    data file once the new header is in place, and a new data file whose header
-    never made it.
+    Removed: data files of ``header`` itself (``<stem>.zraw`` / ``.raw`` /
+    ``<stem>.<pid>-<hex>.zraw``), and data files of other headers in the folder
+    written by napari-medseg (``<other>.<pid>-<hex>.zraw``) whose writer process
+    is gone or which are hours old, i.e. left by a killed writer. A concurrent
+    writer's new data file (its header not yet renamed) is left alone.
+    Runs after every ``.mhd`` write, successful or not: it drops the previous
+    data file once the new header is in place, and orphans of killed writes.
+
+    Returns
+    -------
+    list of Path
+        The files removed.
     """
+    from .atomic import STALE_SECONDS, _alive
+
     header = Path(header)
     folder = header.parent
-    pat = re.compile(rf"^{re.escape(header.stem)}(\.[0-9a-f]{{12}})?\.(zraw|raw)$")
-    candidates = [p for p in folder.iterdir() if pat.match(p.name) and p.is_file()]
+    pat = re.compile(r"^(?P<stem>.+?)(?:\.(?P<pid>\d+)-[0-9a-f]{8})?\.(?:zraw|raw)$")
+    candidates = []
+    for p in folder.iterdir():
+        m = pat.match(p.name)
+        if m and p.is_file() and (m["stem"] == header.stem or m["pid"]):
+            candidates.append((p, m))
     if not candidates:
         return []
     referenced = set()
@@ -427,9 +442,20 @@ def remove_unreferenced_data(header) -> list[Path]:
             if key.lower() == "elementdatafile":
                 referenced.add((folder / value).resolve())
     removed = []
-    for p in candidates:
-        if p.resolve() not in referenced:
-            with contextlib.suppress(OSError):
-                p.unlink()
-                removed.append(p)
+    now = time.time()
+    for p, m in candidates:
+        if p.resolve() in referenced:
+            continue
+        if m["stem"] != header.stem:
+            if not (folder / f"{m['stem']}.mhd").exists():
+                continue
+            try:
+                old = now - p.stat().st_mtime > STALE_SECONDS
+            except OSError:
+                continue
+            if _alive(int(m["pid"])) and not old:
+                continue
+        with contextlib.suppress(OSError):
+            p.unlink()
+            removed.append(p)
     return removed
