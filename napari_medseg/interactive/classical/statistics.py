@@ -55,6 +55,8 @@ def background_means(sm, grown, bg, box, means, tol: float, veto=(),
         Drop a shell class 40-75 % of the way from the object to a farther
         shell class on the same side: in a strongly smoothed image, the
         blurred rim of a growth that stopped short (a low-contrast lesion).
+        A class holding half the shell or more is kept: it is the tissue
+        around the object (a vein inside the liver), not a rim.
     """
     def separable(b):
         return all(abs(b - m) > tol for m in means)
@@ -64,20 +66,24 @@ def background_means(sm, grown, bg, box, means, tol: float, veto=(),
     def blend(c):
         return any(a < c < b for a, b in zip(vouched[:-1], vouched[1:]))
 
-    def rim(c, shell):
+    def rim(c, n, shell):
         # a class part-way between the object and a farther class on the same
-        # side is the blurred rim of a growth stopped short, not a tissue
+        # side is the blurred rim of a growth stopped short, not a tissue;
+        # a class holding most of the shell is the tissue around the object
+        if n >= 0.5 * vals.size:
+            return False
         m = min(means, key=lambda v: abs(v - c))
-        return any(0.4 < (c - m) / (b - m) < 0.75 for b in shell if abs(b - m) > abs(c - m))
+        return any(0.4 < (c - m) / (b - m) < 0.75 for b, _ in shell
+                   if abs(b - m) > abs(c - m))
 
     vals = _shell_values(sm, grown, box)
     out = []
     if vals.size >= 8:
         vals = vals[np.min([np.abs(vals - m) for m in means], axis=0) > tol]
     if vals.size >= 8:
-        shell = [c for c, n in kmeans_1d(vals, 3) if n >= 0.1 * vals.size and separable(c)
-                 and all(abs(c - v) > t for v, t in veto) and not blend(c)]
-        out += [c for c in shell if not (rims and rim(c, shell))]
+        shell = [(c, n) for c, n in kmeans_1d(vals, 3) if n >= 0.1 * vals.size
+                 and separable(c) and all(abs(c - v) > t for v, t in veto) and not blend(c)]
+        out += [c for c, n in shell if not (rims and rim(c, n, shell))]
     if bg.any():
         lab, _ = ndi.label(bg)
         for i, sl in enumerate(ndi.find_objects(lab), start=1):
