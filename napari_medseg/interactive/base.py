@@ -12,7 +12,9 @@ image pays for them.
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable
@@ -23,7 +25,7 @@ from ..errors import MedSegError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Prompts", "Engine", "check_image", "roi_around", "Region"]
+__all__ = ["Prompts", "Engine", "check_image", "roi_around", "Region", "image_fingerprint"]
 
 Region = tuple  # tuple of 3 slices into the image (Z, Y, X)
 
@@ -184,22 +186,112 @@ def roi_around(points: np.ndarray, shape, size=(128, 128, 128), margin=16) -> Re
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
+_calls = threading.local()  # per thread: predict_region calls under way
+
+
+def _bounded(fn):
+    """``predict_region`` of an engine class, its result passed through
+    :meth:`Engine.bound` (once, however many subclasses call their parents)."""
+
+    @functools.wraps(fn)
+    def predict_region(self, image, spacing, prompts, cancel=None):
+        depth = getattr(_calls, "depth", 0)
+        _calls.depth = depth + 1
+        try:
+            mask, region = fn(self, image, spacing, prompts, cancel=cancel)
+        finally:
+            _calls.depth = depth
+        if depth:
+            return mask, region
+        return self.bound(image, spacing, prompts, mask, region)
+
+    predict_region._bounded = True
+    return predict_region
+
+
+def image_fingerprint(image, samples: int = 4096) -> tuple:
+    """A cheap content key of an array: shape, dtype and a hash of a strided sample.
+
+    About ``samples`` voxels on a regular grid (plus the first and last) are
+    hashed, so two different images almost never share a key while a 512^3 CT
+    costs well under a millisecond. An edit that changes no sampled voxel keeps
+    the key: engines cache per-image features, which such an edit barely moves.
+    """
+    import hashlib
+
+    arr = image if hasattr(image, "shape") else np.asarray(image)
+    shape = tuple(int(s) for s in arr.shape)
+    if not shape or min(shape) == 0:
+        return (shape, str(getattr(arr, "dtype", "")), "")
+    per_axis = max(1, int(round(samples ** (1.0 / len(shape)))))
+    steps = tuple(max(1, n // per_axis) for n in shape)
+    sample = np.ascontiguousarray(np.asarray(arr[tuple(slice(None, None, s) for s in steps)]))
+    ends = np.asarray([np.asarray(arr[(0,) * len(shape)]), np.asarray(arr[(-1,) * len(shape)])])
+    digest = hashlib.blake2b(sample.tobytes() + ends.tobytes(), digest_size=16).hexdigest()
+    return (shape, str(sample.dtype), digest)
+
+
 class Engine(ABC):
     """Prompts + image + spacing -> mask of one object.
 
     Subclasses implement :meth:`predict_region`; :meth:`predict` wraps it into
     a full-size mask. ``name`` is shown in the widget's engine picker.
+
+    Every subclass's :meth:`predict_region` result passes through
+    :meth:`bound` (see :mod:`~napari_medseg.interactive.bounds`): no click
+    selects far beyond its prompts, a positive click adds near itself, a
+    negative click removes near itself and never empties the mask. Set
+    ``bounded = False`` on an engine for its raw results.
     """
 
     name: str = "engine"
+    #: Whether results pass through :meth:`bound`.
+    bounded: bool = True
 
     def __init__(self):
         self._cache_key = None
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        fn = cls.__dict__.get("predict_region")
+        if fn is not None and not getattr(fn, "_bounded", False) \
+                and not getattr(fn, "__isabstractmethod__", False):
+            cls.predict_region = _bounded(fn)
+
+    def bound(self, image, spacing, prompts: Prompts, mask,
+              region) -> tuple[np.ndarray, Region]:
+        """``(mask, region)`` bounded by :func:`~.bounds.bound_result`.
+
+        The previous bounded result is kept: when ``prompts`` repeat the
+        previous prompts on the same image plus one click, that click's
+        change is bounded against it.
+        """
+        if not getattr(self, "bounded", True):
+            return mask, region
+        from .bounds import Bounds, Previous, added_click, bound_result
+
+        spacing = tuple(float(s) for s in spacing)
+        p = prompts.on_slice() if prompts.mode == "2d" else prompts
+        key = self.image_key(image, spacing)
+        last = getattr(self, "_bound_last", None)
+        previous = None
+        if last is not None and last[0] == key:
+            click = added_click(last[1], p)
+            if click is not None:
+                previous = Previous(last[2], last[3], click[0], click[1])
+        mask, region = bound_result(mask, region, tuple(image.shape), spacing, p,
+                                    getattr(self, "bounds", None) or Bounds(), previous)
+        self._bound_last = (key, p, mask, region)
+        return mask, region
+
     @staticmethod
     def image_key(image, spacing) -> tuple:
-        """A cache key for ``image``: identity, shape and spacing."""
-        return (id(image), tuple(image.shape), tuple(spacing))
+        """A cache key for ``image``: its content fingerprint and spacing.
+
+        Keyed by content (:func:`image_fingerprint`), not by ``id(image)``: a new
+        array that reuses a freed one's address must not find its features.
+        """
+        return (image_fingerprint(image), tuple(float(s) for s in spacing))
 
     def set_image(self, image, spacing) -> None:
         """Compute per-image features once (default: none)."""

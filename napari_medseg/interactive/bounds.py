@@ -1,0 +1,345 @@
+"""Plausibility bounds every engine's result goes through: no floods, no collapses.
+
+An interactive engine (region growing, SAM, nnInteractive, a learned click
+model) can answer a click with far more than the image supports around it (a
+flood into every tissue of similar intensity) or answer a further click by
+throwing away most of what was right (a collapse). :class:`Engine
+<napari_medseg.interactive.base.Engine>` passes every result through
+:func:`bound_result`, which applies these rules, each from the prompts and the
+previous result alone (no engine internals, no image statistics):
+
+1. **Reach.** Nothing lies farther than ``max_radius_mm`` from a positive
+   prompt (click, object scribble or box); in-plane, nothing lies outside a
+   box (plus a margin). A result from a *single* click (no box, no previous
+   result) holds at most ``max_share`` of the image (of the slice in 2D
+   mode): beyond that, the voxels nearest the click.
+2. **A positive click adds near itself.** Against the previous result of the
+   same object (the prompts before this click), what the click adds beyond
+   ``edge_mm`` of the previous mask is at most ``growth`` times the previous
+   volume plus a ball of ``min_reach_mm`` (the voxels nearest the click
+   first) and hangs together with the click or the previous mask. What it
+   removes farther than ``edge_mm`` from the new mask's edge (a part of the
+   object given up) is restored.
+3. **A negative click removes near itself.** What it adds farther than
+   ``edge_mm`` from the previous mask is dropped; when the result lost every
+   positive prompt the previous one held (it emptied or collapsed), the part
+   of the previous mask nearer the positive prompts than the negative ones is
+   kept.
+
+Boundary refinements within ``edge_mm`` are never touched, so an engine that
+is right is left alone; the rules only cut what no single click can mean.
+All coordinates are array indices ``(z, y, x)``; distances are in mm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+__all__ = ["Bounds", "Previous", "bound_result", "added_click"]
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Parameters of :func:`bound_result`.
+
+    Parameters
+    ----------
+    max_radius_mm : float
+        Farthest a result reaches from the nearest positive prompt (mm).
+    max_share : float
+        Share of the image's voxels (the slice's in 2D) a single click may select.
+    box_margin : float
+        Margin around a box, as a share of its size (plus one voxel).
+    growth : float
+        A positive click adds at most this many times the previous volume
+        beyond ``edge_mm`` of the previous mask.
+    min_reach_mm : float
+        A positive click may always add a ball (disc in 2D) of this radius (mm).
+    edge_mm : float
+        Changes within this distance of the previous mask's edge are
+        boundary refinement: never bounded (mm).
+    """
+
+    max_radius_mm: float = 150.0
+    max_share: float = 0.5
+    box_margin: float = 0.1
+    growth: float = 2.0
+    min_reach_mm: float = 12.0
+    edge_mm: float = 3.0
+
+
+@dataclass
+class Previous:
+    """The previous bounded result of the same object, and the click added since.
+
+    Parameters
+    ----------
+    mask : bool array
+        Mask on ``region`` of the image.
+    region : tuple of 3 slice
+    point : (3,) float array
+        The click added since (array indices).
+    positive : bool
+        Whether it is a positive click.
+    """
+
+    mask: np.ndarray
+    region: tuple
+    point: np.ndarray
+    positive: bool
+
+
+def added_click(old, new) -> tuple[np.ndarray, bool] | None:
+    """The one click ``new`` prompts add to ``old`` ones, or None.
+
+    ``new`` must repeat ``old`` (same mode, slice, boxes and scribble layer,
+    the same clicks in the same order) plus exactly one positive or negative
+    click.
+    """
+    if (old.mode, old.axis, old.index) != (new.mode, new.axis, new.index):
+        return None
+    if old.scribbles is not new.scribbles or old.boxes.shape != new.boxes.shape \
+            or not np.allclose(old.boxes, new.boxes):
+        return None
+    dp = len(new.positive) - len(old.positive)
+    dn = len(new.negative) - len(old.negative)
+    if sorted((dp, dn)) != [0, 1]:
+        return None
+    for a, b in ((old.positive, new.positive), (old.negative, new.negative)):
+        if len(a) and not np.allclose(a, b[:len(a)]):
+            return None
+    return (new.positive[-1], True) if dp else (new.negative[-1], False)
+
+
+# ---------------------------------------------------------------- geometry
+def _domain(shape, parts, prompts, flat_axis) -> tuple:
+    """The bounding box (slices) of the masks in ``parts`` (``[(mask, region)]``)
+    and of the prompt points, one voxel wider, inside ``shape``."""
+    lo = np.array(shape, int)
+    hi = np.zeros(3, int)
+    for mask, region in parts:
+        if mask is None or not mask.any():
+            continue
+        idx = [np.nonzero(mask.any(axis=tuple(b for b in range(3) if b != a)))[0]
+               for a in range(3)]
+        lo = np.minimum(lo, [r.start + i[0] for r, i in zip(region, idx)])
+        hi = np.maximum(hi, [r.start + i[-1] + 1 for r, i in zip(region, idx)])
+    pts = prompts.all_points()
+    if len(pts):
+        lo = np.minimum(lo, np.floor(pts.min(0)).astype(int))
+        hi = np.maximum(hi, np.ceil(pts.max(0)).astype(int) + 1)
+    lo = np.clip(lo - 1, 0, shape)
+    hi = np.clip(hi + 1, 0, shape)
+    hi = np.maximum(hi, lo + 1)
+    if flat_axis is not None:
+        lo[flat_axis], hi[flat_axis] = prompts.index, prompts.index + 1
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def _paste(mask, region, domain) -> np.ndarray:
+    """``mask`` (on ``region``) as a bool array on ``domain``."""
+    out = np.zeros(tuple(s.stop - s.start for s in domain), bool)
+    if mask is None:
+        return out
+    src = tuple(slice(max(d.start - r.start, 0), min(d.stop, r.stop) - r.start)
+                for r, d in zip(region, domain))
+    dst = tuple(slice(max(r.start - d.start, 0), min(d.stop, r.stop) - d.start)
+                for r, d in zip(region, domain))
+    if all(s.stop > s.start for s in src):
+        out[dst] |= np.asarray(mask, bool)[src]
+    return out
+
+
+def _dist_to_points(domain, points, spacing) -> np.ndarray:
+    """Per voxel of ``domain``, the distance (mm) to the nearest of ``points``."""
+    axes = [(np.arange(s.start, s.stop, dtype=np.float32), float(sp))
+            for s, sp in zip(domain, spacing)]
+    best = None
+    for p in points:
+        d = [((a - float(c)) * sp) ** 2 for (a, sp), c in zip(axes, p)]
+        d2 = d[0][:, None, None] + d[1][None, :, None] + d[2][None, None, :]
+        best = d2 if best is None else np.minimum(best, d2)
+    return np.sqrt(best)
+
+
+def _within(mask, spacing, mm) -> np.ndarray:
+    """Voxels within ``mm`` of ``mask`` (bounding box of ``mask`` widened)."""
+    out = np.zeros(mask.shape, bool)
+    if not mask.any():
+        return out
+    pad = [int(np.ceil(mm / s)) + 1 if n > 1 else 0 for s, n in zip(spacing, mask.shape)]
+    idx = [np.nonzero(mask.any(axis=tuple(b for b in range(3) if b != a)))[0]
+           for a in range(3)]
+    box = tuple(slice(max(i[0] - p, 0), i[-1] + p + 1) for i, p in zip(idx, pad))
+    d = ndi.distance_transform_edt(~mask[box], sampling=spacing)
+    out[box] = d <= mm
+    return out
+
+
+def _nearest(mask, domain, point, spacing, count: int) -> np.ndarray:
+    """The ``count`` voxels of ``mask`` nearest ``point``."""
+    if mask.sum() <= count:
+        return mask
+    idx = np.flatnonzero(mask)
+    out = np.zeros(mask.shape, bool)
+    if count >= 1:
+        d = _dist_to_points(domain, [point], spacing).ravel()[idx]
+        out.ravel()[idx[np.argpartition(d, count - 1)[:count]]] = True
+    return out
+
+
+def _positive_points(prompts, limit: int = 256) -> np.ndarray:
+    """Where the object is said to be: positive clicks, box centres (their
+    whole extent in-plane), object scribble voxels (a sample)."""
+    pts = [prompts.positive]
+    for lo, hi in prompts.boxes:
+        pts.append(((lo + hi) / 2)[None])
+    if prompts.scribbles is not None:
+        sc = np.argwhere(np.asarray(prompts.scribbles) == 1)
+        if len(sc) > limit:
+            sc = sc[np.linspace(0, len(sc) - 1, limit).astype(int)]
+        pts.append(sc.astype(float))
+    pts = [p for p in pts if len(p)]
+    return np.concatenate(pts) if pts else np.zeros((0, 3))
+
+
+def _reach(domain, spacing, prompts, bounds: Bounds, flat_axis) -> np.ndarray:
+    """Rule 1: where a result may lie, on ``domain``."""
+    pos = _positive_points(prompts)
+    if not len(pos):
+        return np.ones(tuple(s.stop - s.start for s in domain), bool)
+    allowed = _dist_to_points(domain, pos, spacing) <= bounds.max_radius_mm
+    if len(prompts.boxes):
+        inbox = np.zeros(allowed.shape, bool)
+        for lo, hi in prompts.boxes:
+            flat = [a for a in range(3) if hi[a] - lo[a] < 1]
+            sl = []
+            for a, d in enumerate(domain):
+                if a in flat and a != flat_axis:
+                    sl.append(slice(None))  # a 2D box in 3D: any depth (within reach)
+                    continue
+                m = bounds.box_margin * (hi[a] - lo[a]) + 1
+                a0 = int(np.floor(lo[a] - m + 0.5)) - d.start
+                a1 = int(np.floor(hi[a] + m + 0.5)) + 1 - d.start
+                sl.append(slice(max(a0, 0), max(a1, 0)))
+            inbox[tuple(sl)] = True
+        allowed &= inbox
+    return allowed
+
+
+def _voxel(point, domain) -> tuple | None:
+    idx = tuple(int(round(float(c))) - d.start for c, d in zip(point, domain))
+    if all(0 <= i < d.stop - d.start for i, d in zip(idx, domain)):
+        return idx
+    return None
+
+
+def _positive_step(new, old, point, spacing, domain, bounds: Bounds) -> np.ndarray:
+    """Rule 2 on ``domain``: a positive click adds near itself and gives up
+    nothing beyond the edge band."""
+    out = new.copy()
+    n_old = int(old.sum())
+    # restore parts of the object the click gave up (beyond the edge band)
+    lost = old & ~new
+    if lost.any():
+        far = lost & ~_within(new, spacing, bounds.edge_mm)
+        if far.any():
+            lab, _ = ndi.label(lost)
+            keep = np.unique(lab[far])
+            out |= np.isin(lab, keep[keep > 0])
+    # additions beyond the edge band stay near the click and bounded in volume
+    add = new & ~old & ~_within(old, spacing, bounds.edge_mm)
+    if not add.any() or n_old == 0:
+        return out
+    vox = float(np.prod([s for s, n in zip(spacing, add.shape) if n > 1]))
+    ball = (4 / 3 * np.pi * bounds.min_reach_mm ** 3 if add.ndim - add.shape.count(1) == 3
+            else np.pi * bounds.min_reach_mm ** 2)
+    cap = int(bounds.growth * n_old + ball / vox)
+    out &= ~(add & ~_nearest(add, domain, point, spacing, cap))
+    # what stays must hang together with the previous mask or the click
+    seeds = old & out
+    v = _voxel(point, domain)
+    if v is not None and out[v]:
+        seeds[v] = True
+    if seeds.any():
+        lab, _ = ndi.label(out)
+        keep = np.unique(lab[seeds])
+        out = np.isin(lab, keep[keep > 0])
+    return out
+
+
+def _negative_step(new, old, prompts, spacing, domain, bounds: Bounds) -> np.ndarray:
+    """Rule 3 on ``domain``: a negative click removes near itself."""
+    out = new & (old | _within(old, spacing, bounds.edge_mm))
+    pos = _positive_points(prompts)
+    if not len(pos) or not len(prompts.negative):
+        return out
+    held = [v for v in (_voxel(p, domain) for p in pos) if v is not None and old[v]]
+    if out.any() and (not held or any(out[v] for v in held)):
+        return out
+    # emptied, or every positive prompt lost: keep what lies nearer the object's prompts
+    nearer = _dist_to_points(domain, pos, spacing) < _dist_to_points(domain,
+                                                                     prompts.negative,
+                                                                     spacing)
+    kept = out | (old & nearer)
+    lab, _ = ndi.label(kept)
+    keep = np.unique([lab[v] for v in held]) if held else np.unique(lab[kept])
+    return np.isin(lab, keep[keep > 0])
+
+
+def bound_result(mask, region, shape, spacing, prompts, bounds: Bounds = Bounds(),
+                 previous: Previous | None = None) -> tuple[np.ndarray, tuple]:
+    """An engine's result, bounded to what its prompts can mean.
+
+    Parameters
+    ----------
+    mask : bool array
+        The engine's mask on ``region``.
+    region : tuple of 3 slice
+        Where ``mask`` lies in the image.
+    shape : tuple of 3 int
+        The image's shape.
+    spacing : sequence of 3 float
+        Voxel size (mm).
+    prompts : Prompts
+        The prompts of this result (2D prompts already cut to their slice).
+    bounds : Bounds
+    previous : Previous, optional
+        The previous bounded result of the same object and the click added since.
+
+    Returns
+    -------
+    mask, region
+        The bounded mask and the region it lies on (the bounding box of the
+        masks and prompts, which may differ from ``region``).
+    """
+    spacing = tuple(float(s) for s in spacing)
+    flat_axis = prompts.axis if prompts.mode == "2d" else None
+    prev = previous
+    if prev is not None and flat_axis is not None and prev.region[flat_axis] != \
+            region[flat_axis]:
+        prev = None
+    parts = [(np.asarray(mask, bool), region)]
+    if prev is not None:
+        parts.append((prev.mask, prev.region))
+    domain = _domain(tuple(shape), parts, prompts, flat_axis)
+    new = _paste(mask, region, domain)
+    single = prev is None and len(prompts.positive) == 1 and not len(prompts.boxes) \
+        and (prompts.scribbles is None or not np.any(np.asarray(prompts.scribbles) == 1))
+    allowed = _reach(domain, spacing, prompts, bounds, flat_axis)
+    new &= allowed
+    if single:
+        size = np.prod([1 if a == flat_axis else n for a, n in enumerate(shape)])
+        new = _nearest(new, domain, prompts.positive[0], spacing,
+                       int(bounds.max_share * size))
+    if prev is not None:
+        old = _paste(prev.mask, prev.region, domain)
+        if prev.positive:
+            new = _positive_step(new, old, prev.point, spacing, domain, bounds)
+        else:
+            new = _negative_step(new, old, prompts, spacing, domain, bounds)
+        new &= allowed | old
+    return new, domain
