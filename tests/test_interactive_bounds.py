@@ -297,3 +297,32 @@ def test_negative_clicks_on_the_real_ct_never_empty_the_mask(real_ct):
         neg = p + [0, 0, 3]
         m = eng.predict(image, spacing, Prompts(positive=[p], negative=[neg]))
         assert m.any() and m[tuple(np.round(p).astype(int))], label
+
+
+def test_nninteractive_adapter_flood_is_bounded(tmp_path):
+    if importlib.util.find_spec("nnInteractive") is None:
+        pytest.skip("nninteractive is not installed")
+    from test_interactive_adapters import _nninteractive_folder
+
+    folder = _nninteractive_folder(tmp_path / "model")
+    ckpt_path = folder / "fold_0" / "checkpoint_final.pth"
+    ckpt = torch.load(ckpt_path, weights_only=False)  # written by this test
+    w = ckpt["network_weights"]
+    w["decoder.seg_layers.1.weight"].zero_()  # the last head says "object" everywhere
+    w["decoder.seg_layers.1.bias"].copy_(torch.tensor([-10.0, 10.0]))
+    torch.save(ckpt, ckpt_path)
+    eng = make_engine("nnInteractive", folder, device="cpu", autozoom=False)
+    shape = (24, 80, 80)
+    image = np.random.default_rng(0).normal(0, 1, shape).astype(np.float32)
+    click = [12, 40, 40]
+    eng.bounded = False
+    raw = eng.predict(image, SPACING, Prompts(positive=[click]))
+    assert raw.mean() > 0.6  # the raw output floods its whole patch
+    eng.bounded = True
+    m = eng.predict(image, SPACING, Prompts(positive=[click]))
+    assert m[tuple(click)] and m.sum() <= Bounds().max_share * m.size
+    # a negative click answered with the same flood removes nothing beyond the
+    # previous mask's edge band, and adds nothing
+    m2 = eng.predict(image, SPACING, Prompts(positive=[click], negative=[[12, 40, 60]]))
+    assert m2.sum() <= m.sum() + (ndi.distance_transform_edt(~m, sampling=SPACING)
+                                  <= Bounds().edge_mm).sum()
