@@ -676,7 +676,8 @@ def _run(t, predictor, patch, n_classes, overlap, batch_size, tta, device, amp_d
 def sliding_window_inference(x, predictor, patch_size, n_classes, overlap=0.5, batch_size=None,
                              tta=False, device="auto", amp="auto", uncertainty=None,
                              return_probability=False, progress=None, cancel=None,
-                             split_head=True, starts_fn=None, importance=None, cell_sink=None):
+                             split_head=True, starts_fn=None, importance=None, cell_sink=None,
+                             output_device=None):
     """Segment a volume window by window, blending windows with Gaussian weights.
 
     Parameters
@@ -732,6 +733,10 @@ def sliding_window_inference(x, predictor, patch_size, n_classes, overlap=0.5, b
         dx)`` tensor (the weighted mean of the windows' logits). Pieces arrive
         once each, roughly in Z order; the returned labels are then all 0. For
         callers that resample the logits before the argmax (nnU-Net's export).
+    output_device : str or torch.device, optional
+        Where the cells accumulate (default: the run's device). ``"cpu"`` keeps
+        a GPU run's output in host memory (the memory planner's choice when GPU
+        memory is short).
 
     Returns
     -------
@@ -794,7 +799,8 @@ def sliding_window_inference(x, predictor, patch_size, n_classes, overlap=0.5, b
                 split_head=bool(split_head), starts_fn=starts_fn, importance=importance,
                 sink=sink)
     try:
-        stitch, n = _run(t, batch_size=batch_size, acc_device=dev, **args)
+        acc_device = dev if output_device is None else torch.device(output_device)
+        stitch, n = _run(t, batch_size=batch_size, acc_device=acc_device, **args)
     except torch.OutOfMemoryError:
         if batch_size == 1 and dev.type == "cpu":
             raise MedSegError(

@@ -117,7 +117,7 @@ class Model:
         raise NotImplementedError
 
     def predict(self, volumes, device="auto", overlap=0.5, tta=False, fast=False, region=None,
-                uncertainty=None, progress=None, cancel=None) -> Prediction:
+                uncertainty=None, progress=None, cancel=None, memory_limit=None) -> Prediction:
         """Segment ``volumes`` and return labels on the input's voxel grid.
 
         Parameters
@@ -143,6 +143,12 @@ class Model:
         progress, cancel : callable, optional
             ``progress(done, total)`` windows; ``cancel()`` True stops the run
             (raises :class:`~napari_medseg.errors.Cancelled`, nothing is kept).
+        memory_limit : int or str, optional
+            Cap on the memory the run may use (bytes or ``"2G"``; default:
+            ``NAPARI_MEDSEG_MEMORY_LIMIT`` or what is free). The memory planner
+            (:mod:`napari_medseg.core.planner`) checks the run against it first
+            and re-plans (one window per batch, output on the CPU, fast mode,
+            CPU instead of GPU) or refuses with a MedSegError.
 
         Returns
         -------
@@ -166,10 +172,22 @@ class Model:
         box = _parse_region(region, ref.shape3, ref.source)
         crop = None if box is None else self._with_margin(box, ref)
         run_vols = vols if crop is None else [_crop_volume(v, crop) for v in vols]
+        plan = self.plan_memory(run_vols, device=device, tta=tta, uncertainty=uncertainty,
+                                memory_limit=memory_limit)
+        if plan.device is not None:
+            device = plan.device
+        if plan.fast and not fast:
+            overlap, tta = min(float(overlap), 0.25), False
+            uncertainty = "entropy" if uncertainty == "tta" else uncertainty
         check_cancel(cancel)
-        labels, unc, info = self._predict_array(run_vols, device=device, overlap=overlap,
-                                                tta=tta, uncertainty=uncertainty,
-                                                progress=progress, cancel=cancel)
+        self._plan = plan
+        try:
+            labels, unc, info = self._predict_array(run_vols, device=device, overlap=overlap,
+                                                    tta=tta, uncertainty=uncertainty,
+                                                    progress=progress, cancel=cancel)
+        finally:
+            self._plan = None
+        info = dict(info or {}, memory_plan=plan.to_dict())
         labels = postprocess_labels(np.asarray(labels), self.card.postprocessing)
         dtype = np.uint8 if self.card.n_classes <= 256 else np.uint16
         if crop is not None:
@@ -187,6 +205,24 @@ class Model:
         return Prediction(lab_vol, unc_vol, time.perf_counter() - t0, info, self.card)
 
     # ----------------------------------------------------------- pipeline
+    _plan = None  # the memory plan of the run in progress
+
+    def plan_memory(self, volumes, device="auto", tta=False, uncertainty=None,
+                    memory_limit=None, lazy_output=False):
+        """The memory plan for running ``volumes`` (see :mod:`napari_medseg.core.planner`).
+
+        Raises
+        ------
+        MedSegError
+            When the run cannot fit the free memory in any plan.
+        """
+        from ..core.inference import pick_device
+        from ..core.planner import plan_for_model
+
+        return plan_for_model(self, volumes, device=pick_device(device), tta=tta,
+                              uncertainty=uncertainty, memory_limit=memory_limit,
+                              lazy_output=lazy_output)
+
     def _check_inputs(self, volumes) -> list:
         if isinstance(volumes, (Volume, np.ndarray)):
             volumes = [volumes]
@@ -250,9 +286,11 @@ class Model:
         with torch.inference_mode():
             res = sliding_window_inference(
                 x, predictor, patch_size=card.patch_size, n_classes=card.n_classes,
-                overlap=overlap, batch_size=self.batch_size, tta=engine_tta, device=dev,
-                amp=self.amp,
-                uncertainty=uncertainty, progress=progress, cancel=cancel)
+                overlap=overlap, batch_size=_plan_batch(self._plan, self.batch_size),
+                tta=engine_tta, device=dev, amp=self.amp,
+                uncertainty=uncertainty, progress=progress, cancel=cancel,
+                output_device="cpu" if self._plan is not None and self._plan.output_on_cpu
+                else None)
         del x
         labels = restore_labels(res.labels, pinfo)
         unc = None if res.uncertainty is None else restore_map(res.uncertainty, pinfo)
@@ -305,6 +343,11 @@ class _ZyxNetwork(torch.nn.Module):
         y = self.network(x)
         y = y[0] if isinstance(y, (list, tuple)) else y
         return y.permute(0, 1, 4, 3, 2) if self.xyz else y
+
+
+def _plan_batch(plan, default):
+    """Windows per batch: the memory plan's choice, else the model's default."""
+    return plan.batch_size if plan is not None and plan.batch_size else default
 
 
 # ------------------------------------------------------------ postprocessing
