@@ -22,7 +22,7 @@ import numpy as np
 
 from ..core.volume import Volume
 from ..errors import MedSegError
-from ._common import guarded
+from ._common import check_geometry, guarded
 from .atomic import atomic_path, check_writable
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,7 @@ def read_volume(path, lazy: bool = True, is_label: bool | None = None) -> Volume
         return vol
     with guarded(path):
         vol = _reader(fmt)(path, lazy=lazy, is_label=is_label)
+        check_geometry(vol.affine, path)  # every reader, new ones included
     if fmt == "nifti" and vol.is_label and not vol.label_names:
         from .sidecar import read_label_sidecar
 
