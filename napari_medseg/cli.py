@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .training.finetune import add_cli_parser  # light: torch loads only when run
 
     add_cli_parser(sub, ProgressBar)
+
+    from .batch import add_cli_parser as add_batch_parser  # light: nothing heavy at import
+
+    add_batch_parser(sub)
     return p
 
 
