@@ -105,6 +105,67 @@ def _note_modality(vol) -> None:
     log.info("%s: modality %s", vol.source, guess)
 
 
+def _open_dicom_images() -> list:
+    """Open image layers read from DICOM, as Volumes (candidate referenced series)."""
+    from .layers import volume_from_layer
+
+    out = []
+    for lyr in _image_layers():
+        if (lyr.metadata.get("medseg") or {}).get("dicom_sop_instance_uids"):
+            try:
+                out.append(volume_from_layer(lyr))
+            except Exception:  # noqa: BLE001 - a layer we cannot wrap is no candidate
+                continue
+    return out
+
+
+def _object_layer_data(vols, path: Path) -> list[tuple]:
+    out = []
+    for v in vols:
+        group = v.meta.get("overlap_group")
+        name = path.stem if group is None else f"{path.stem} ({group})"
+        for note in v.meta.get("warnings", []):
+            log.warning(note)
+        out.append(volume_to_layer_data(v, name=name, opacity=0.5))
+    return out
+
+
+def _dicom_object_layers(path: Path) -> list[tuple] | None:
+    """Labels layers of a DICOM SEG / RTSTRUCT file, or None for anything else.
+
+    They lie on the referenced series' grid when that series is open or in the
+    same folder, else (SEG only) on the SEG's own frame geometry.
+    """
+    if not path.is_file():
+        return None
+    from ..io.dicom_objects import dicom_object_kind, read_dicom_object
+
+    if dicom_object_kind(path) is None:
+        return None
+    return _object_layer_data(read_dicom_object(path, candidates=_open_dicom_images()),
+                              path)
+
+
+def _objects_beside(folder: Path, vol) -> list[tuple]:
+    """Labels layers of the SEG / RTSTRUCT files in a series folder that refer to ``vol``."""
+    from ..io.dicom_objects import (dicom_object_kind, find_dicom_objects, read_dicom_seg,
+                                    read_rtstruct, referenced_series_uid)
+
+    out = []
+    for p in find_dicom_objects(folder):
+        try:
+            import pydicom
+
+            ds = pydicom.dcmread(str(p), stop_before_pixels=True, force=True)
+            if referenced_series_uid(ds) != vol.meta.get("dicom_series_instance_uid"):
+                continue
+            reader = read_dicom_seg if dicom_object_kind(p) == "SEG" else read_rtstruct
+            out += _object_layer_data(reader(p, reference=vol), p)
+        except (MedSegError, ImportError) as exc:
+            log.warning("%s: not opened (%s)", p, exc)
+    return out
+
+
 def read_layer_data(path) -> list[tuple]:
     """Read ``path`` and return napari layer data tuples (one per volume).
 
@@ -117,6 +178,9 @@ def read_layer_data(path) -> list[tuple]:
 
     _watch_current_viewer()
 
+    objects = _dicom_object_layers(Path(path))
+    if objects is not None:  # a DICOM SEG or RTSTRUCT file
+        return objects
     vol = read_volume(path, lazy=True)
     if vol.is_label:
         _check_label_grid(vol)
@@ -128,4 +192,7 @@ def read_layer_data(path) -> list[tuple]:
         _note_modality(vol)
     for note in vol.meta.get("warnings", []):
         log.warning(note)
-    return [volume_to_layer_data(vol)]
+    layers = [volume_to_layer_data(vol)]
+    if Path(path).is_dir() and vol.meta.get("format") == "dicom":
+        layers += _objects_beside(Path(path), vol)
+    return layers

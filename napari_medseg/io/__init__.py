@@ -126,6 +126,15 @@ def read_volume(path, lazy: bool = True, is_label: bool | None = None) -> Volume
     if fmt == "dicom":
         from .dicom import read_dicom
 
+        if path.is_file():
+            from .dicom_objects import dicom_object_kind
+
+            kind = dicom_object_kind(path)
+            if kind is not None:
+                raise MedSegError(
+                    f"is a DICOM {kind}, not an image; open it in napari (it becomes a "
+                    "Labels layer) or read it with napari_medseg.io.dicom_objects."
+                    "read_dicom_object", str(path))
         with guarded(path):
             vol = read_dicom(path, lazy=lazy)
         if is_label is not None:
