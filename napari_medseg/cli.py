@@ -54,11 +54,13 @@ class ProgressBar:
         if self._shown:
             self.stream.write("\n")
             self.stream.flush()
+            self._shown = False
 
 
 # ------------------------------------------------------------------ commands
 def cmd_models(args) -> int:
     from .models import list_models
+    from .models.card import metric_lines
 
     infos = list_models()
     if args.json:
@@ -69,15 +71,15 @@ def cmd_models(args) -> int:
         return 0
     for i in infos:
         c = i.card
-        dice = (c.metrics or {}).get("dice") or {}
         print(f"{c.name}  [{i.source}]  v{c.version}  {c.license}")
         print(f"    task:     {c.task}")
         chans = ", ".join(f"{ch['name']} ({ch['modality']})" for ch in c.channels)
         print(f"    inputs:   {chans}; spacing {c.target_spacing or 'as input'} mm; "
               f"orientation {c.orientation or 'as input'}")
         print(f"    classes:  {', '.join(f'{k}={n}' for k, n in c.label_names.items())}")
-        if dice:
-            print(f"    dice:     {', '.join(f'{k} {v:.3f}' for k, v in dice.items())}")
+        print(f"    region:   {c.body_region}")
+        for line in metric_lines(c.metrics, digits=3):  # real scans first, then phantoms
+            print(f"    {line}")
         print(f"    path:     {i.path}")
     return 0
 

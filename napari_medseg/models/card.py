@@ -16,7 +16,17 @@ A card is a small YAML or JSON file beside the weights. Example::
     weights: model.pt
     network: {class: UNet3D, kwargs: {in_channels: 1, out_channels: 6}}
     training: how it was trained
-    metrics: {dice: {liver: 0.97, ...}}
+    body_region: abdomen                    # what the image must show (or any)
+    plausible_ml: {liver: [600, 4000], ...} # predicted volumes outside warn
+    metrics:
+      real:                                 # measured on real scans, shown first
+      - {scans: [ct_abdomen_dicom], reference: TotalSegmentator output,
+         dice: {liver: 0.93, spleen: 0.0}}
+      synthetic: {dice: {liver: 0.97, ...}, held_out: {...}}   # phantom scores
+
+A card with only today's ``metrics: {dice: ...}`` keeps loading: its Dice is
+read as synthetic (or, where ``held_out.reference`` names real labels, as a
+real entry; fine-tuned packages say ``corrected labels``).
 """
 
 from __future__ import annotations
@@ -28,10 +38,14 @@ from pathlib import Path
 
 from ..errors import MedSegError
 
-__all__ = ["ModelCard", "FORMATS", "NORMALIZATIONS", "read_card", "DEFAULT_COLORS"]
+__all__ = ["ModelCard", "FORMATS", "NORMALIZATIONS", "BODY_REGIONS", "read_card",
+           "DEFAULT_COLORS", "real_metrics", "synthetic_metrics", "metric_lines"]
 
 FORMATS = ("state_dict", "torchscript", "monai-bundle", "nnunet", "onnx", "deepbet")
 NORMALIZATIONS = ("ct", "mr", "none", "zscore", "minmax", "percentile")
+#: What a card's ``body_region`` may say (``any``: no region check).
+BODY_REGIONS = ("any", "head", "brain", "neck", "chest", "abdomen", "pelvis", "trunk",
+                "limb", "whole-body")
 _ORIENT_LETTERS = ({"L", "R"}, {"P", "A"}, {"I", "S"})
 
 #: Colours for classes whose card gives none (tab10-like, RGB floats).
@@ -67,7 +81,16 @@ class ModelCard:
     training : str
         How it was trained (data, schedule, seeds).
     metrics : dict
-        Held-out results, e.g. ``{"dice": {"liver": 0.97}}``.
+        Held-out results: ``{"real": [{"scans": [...], "reference": str,
+        "dice": {class: float}}, ...], "synthetic": {"dice": {...}, ...}}``
+        (see :func:`real_metrics`, :func:`synthetic_metrics`); a legacy
+        ``{"dice": {...}}`` is read as synthetic.
+    body_region : str
+        The part of the body the model's images show, one of
+        :data:`BODY_REGIONS` (``"any"`` when it does not matter).
+    plausible_ml : dict
+        ``{class name: [low, high]}`` volumes in mL a correct prediction
+        falls in; one outside warns after a run.
     format : str
         One of :data:`FORMATS`.
     weights : str or None
@@ -103,6 +126,8 @@ class ModelCard:
     network: dict | None = None
     mirror_axes: tuple = (0, 1, 2)
     postprocessing: dict = field(default_factory=dict)
+    body_region: str = "any"
+    plausible_ml: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -152,6 +177,12 @@ class ModelCard:
             bad("'network' must be {class: ..., kwargs: {...}}")
         if not isinstance(self.metrics, dict) or not isinstance(self.extra, dict):
             bad("'metrics' and 'extra' must be mappings")
+        _check_metrics(self.metrics, bad)
+        region = str(self.body_region or "any").strip().lower()
+        if region not in BODY_REGIONS:
+            bad(f"'body_region' {self.body_region!r} is not one of {BODY_REGIONS}")
+        self.body_region = region
+        self.plausible_ml = _plausible(self.plausible_ml, bad)
         axes = tuple(int(a) for a in (self.mirror_axes or ()))
         if any(a not in (0, 1, 2) for a in axes):
             bad("'mirror_axes' must hold axes 0, 1, 2")
@@ -188,6 +219,16 @@ class ModelCard:
         """``{id: (r, g, b)}`` for the foreground classes."""
         return {k: tuple(v["color"]) for k, v in self.classes.items()}
 
+    @property
+    def real_metrics(self) -> list:
+        """Figures measured on real scans (see :func:`real_metrics`)."""
+        return real_metrics(self.metrics)
+
+    @property
+    def synthetic_metrics(self) -> dict:
+        """Figures measured on synthetic phantoms (see :func:`synthetic_metrics`)."""
+        return synthetic_metrics(self.metrics)
+
     # ---------------------------------------------------------- conversion
     def to_dict(self) -> dict:
         """A JSON/YAML-safe dict (class ids as ints, tuples as lists)."""
@@ -197,6 +238,7 @@ class ModelCard:
                 d[key] = list(d[key])
         d["classes"] = {int(k): {"name": v["name"], "color": list(v["color"])}
                         for k, v in self.classes.items()}
+        d["plausible_ml"] = {k: list(v) for k, v in self.plausible_ml.items()}
         return d
 
     @classmethod
@@ -275,6 +317,109 @@ def card_from_text(text: str, source: str, json_first: bool = False) -> ModelCar
         raise MedSegError(f"model card is not valid {'JSON' if json_first else 'YAML'}: "
                           f"{str(exc).splitlines()[0]}", source) from exc
     return ModelCard.from_dict(data, source)
+
+
+# ------------------------------------------------------------------ metrics
+def real_metrics(metrics: dict | None) -> list:
+    """Entries measured on real scans, each ``{"scans", "reference", "dice", ...}``.
+
+    ``metrics["real"]`` as written, plus, for a legacy card whose
+    ``held_out.reference`` names the labels (a fine-tuned model's "corrected
+    labels"), its ``dice`` as one entry over the held-out cases.
+    """
+    metrics = metrics or {}
+    out = [dict(e) for e in metrics.get("real") or []]
+    held = metrics.get("held_out")
+    if ("synthetic" not in metrics and isinstance(metrics.get("dice"), dict)
+            and isinstance(held, dict) and held.get("reference")):
+        cases = held.get("cases")
+        out.append({"scans": [str(c) for c in cases] if isinstance(cases, list) else
+                    [f"{cases} held-out case(s)"], "reference": str(held["reference"]),
+                    "dice": dict(metrics["dice"])})
+    return out
+
+
+def synthetic_metrics(metrics: dict | None) -> dict:
+    """Figures measured on synthetic phantoms: ``metrics["synthetic"]``.
+
+    A legacy card (``metrics.dice`` and no ``synthetic``/``real``) is read as
+    synthetic: its ``dice``, ``dice_*`` and ``held_out`` entries, unless
+    ``held_out.reference`` says the labels were real (see :func:`real_metrics`).
+    """
+    metrics = metrics or {}
+    if "synthetic" in metrics:
+        return dict(metrics.get("synthetic") or {})
+    held = metrics.get("held_out")
+    if isinstance(held, dict) and held.get("reference"):
+        return {}
+    return {k: v for k, v in metrics.items()
+            if k == "held_out" or (k.startswith("dice") and k != "dice_before")}
+
+
+def metric_lines(metrics: dict | None, digits: int = 2) -> list:
+    """Short text lines, real figures first, synthetic ones labelled as such.
+
+    Examples
+    --------
+    >>> metric_lines({"dice": {"liver": 0.97}})
+    ['synthetic (phantom) dice: liver 0.97']
+    """
+    def fmt(d):
+        return ", ".join(f"{k} {v:.{digits}f}" if _num(v) else f"{k} {v}"
+                         for k, v in (d or {}).items())
+
+    lines = []
+    for e in real_metrics(metrics):
+        scans = e.get("scans") or []
+        scans = ", ".join(scans) if isinstance(scans, list) else str(scans)
+        lines.append(f"real dice ({scans}; reference: {e.get('reference', '?')}): "
+                     f"{fmt(e.get('dice'))}")
+    syn = synthetic_metrics(metrics)
+    for key, vals in syn.items():
+        if key.startswith("dice") and isinstance(vals, dict) and vals:
+            what = "dice" if key == "dice" else key.replace("_", " ")
+            lines.append(f"synthetic (phantom) {what}: {fmt(vals)}")
+    if not lines and isinstance((metrics or {}).get("note"), str):
+        lines.append(f"metrics: {metrics['note']}")
+    return lines
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_metrics(metrics: dict, bad) -> None:
+    real = metrics.get("real")
+    if real is not None:
+        if not isinstance(real, list):
+            bad("'metrics.real' must be a list of {scans, reference, dice}")
+        for i, e in enumerate(real):
+            if not isinstance(e, dict) or not e.get("scans") or not e.get("reference"):
+                bad(f"'metrics.real' entry {i} needs 'scans' and 'reference'")
+            if isinstance(e["scans"], str):
+                e["scans"] = [e["scans"]]
+            e["scans"] = [str(x) for x in e["scans"]]
+            e["reference"] = str(e["reference"])
+            dice = e.get("dice")
+            if not isinstance(dice, dict) or not all(_num(v) for v in dice.values()):
+                bad(f"'metrics.real' entry {i} needs 'dice': {{class: number}}")
+    if "synthetic" in metrics and not isinstance(metrics["synthetic"], dict):
+        bad("'metrics.synthetic' must be a mapping, e.g. {dice: {class: number}}")
+
+
+def _plausible(ranges, bad) -> dict:
+    if not isinstance(ranges, dict):
+        bad("'plausible_ml' must map class name to [low, high] mL")
+    out = {}
+    for name, rng in ranges.items():
+        try:
+            lo, hi = (float(x) for x in rng)
+        except (TypeError, ValueError):
+            bad(f"'plausible_ml' of {name!r} must be [low, high] in mL")
+        if not 0 <= lo < hi:
+            bad(f"'plausible_ml' of {name!r} needs 0 <= low < high")
+        out[str(name)] = (lo, hi)
+    return out
 
 
 # ------------------------------------------------------------------ helpers

@@ -72,6 +72,7 @@ def deepbet_card() -> ModelCard:
                   "on T1-weighted MRI; weights shipped in the deepbet wheel (MIT). The "
                   "pipeline here follows deepbet.BrainExtraction.run_model."),
         metrics={"note": "see the deepbet publication for the authors' evaluation"},
+        body_region="brain",  # head T1 MR only: a CT or a trunk gets a warning
         mirror_axes=(),
     )
 
