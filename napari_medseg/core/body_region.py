@@ -1,0 +1,183 @@
+"""Which part of the body a volume shows: a head, the trunk, or cannot tell.
+
+:func:`detect_body_region` looks at up to 24 axial slices (perpendicular to the
+voxel axis closest to the patient's head-foot axis) and measures, per slice:
+
+* the **body**: the largest connected piece above a threshold (CT: -500 HU;
+  MR: 10% of the 99th percentile), holes filled; its **width** is the longer
+  side of its bounding box in mm, and it is **cut** when it touches the
+  slice border (a cropped field of view);
+* for CT, a **skull ring**: bone (> 300 HU) that closes around an interior of
+  at least 20 cm\\ :sup:`2` (larger than a vertebral canal, about 2 cm\\ :sup:`2`),
+  covering at least 30% of the body's cross-section and holding brain-range
+  tissue (median -10 to 90 HU).
+
+The decision:
+
+* ``"head"``: CT with a skull ring in at least 30% of the body slices and a
+  median width under 25 cm; MR whose body is not cut by the field of view in
+  most slices and is under 22 cm wide (a head is 15-20 cm; a trunk 25-45 cm);
+* ``"trunk"``: a median width of at least 24 cm (cut or not: no head is that
+  wide) and, for CT, skull rings in under 10% of the slices; chest, abdomen
+  and pelvis are not told apart;
+* ``"unknown"``: anything else (crops smaller than a head, single limbs, PET,
+  too little body), so the checks built on it stay silent.
+
+Qt- and napari-free; numpy and scipy only. About 0.5 s for a 512 x 512 x 300 CT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["RegionGuess", "detect_body_region", "region_fits", "axial_axis"]
+
+_MAX_SLICES = 24
+_BONE_HU, _BODY_HU = 300.0, -500.0
+_RING_MIN_CM2, _RING_MIN_FRACTION = 20.0, 0.3
+_BRAIN_HU = (-10.0, 90.0)
+
+#: Card regions an image region is compatible with.
+_FITS = {"head": {"any", "head", "brain", "whole-body"},
+         "trunk": {"any", "neck", "chest", "abdomen", "pelvis", "trunk", "whole-body"}}
+
+
+@dataclass(frozen=True)
+class RegionGuess:
+    """What :func:`detect_body_region` found.
+
+    Attributes
+    ----------
+    region : str
+        ``"head"``, ``"trunk"`` or ``"unknown"``.
+    reason : str
+        The measurements behind it, in words.
+    skull_fraction : float
+        Fraction of body slices with a closed skull ring (CT; 0 otherwise).
+    width_mm : float or None
+        Median body width over the body slices, in mm.
+    """
+
+    region: str
+    reason: str
+    skull_fraction: float = 0.0
+    width_mm: float | None = None
+
+
+def region_fits(image_region: str, card_region: str) -> bool:
+    """True when an image of ``image_region`` suits a model for ``card_region``.
+
+    ``"unknown"`` images and ``"any"`` cards always fit.
+    """
+    card_region = str(card_region or "any").lower()
+    if image_region not in _FITS or card_region == "any":
+        return True
+    return card_region in _FITS[image_region]
+
+
+def axial_axis(affine) -> int:
+    """The array axis (0 = Z, 1 = Y, 2 = X) closest to the patient's head-foot axis."""
+    d = np.asarray(affine, dtype=float)[:3, :3]
+    d = d / np.maximum(np.linalg.norm(d, axis=0), 1e-12)[None, :]
+    ijk = int(np.argmax(np.abs(d[2])))  # largest superior component among i, j, k
+    return 2 - ijk
+
+
+def _slice_stats(img2d, spacing2d, modality, threshold):
+    """Per-slice measures: (has body, width mm, cut, skull ring)."""
+    from scipy import ndimage
+
+    px_cm2 = spacing2d[0] * spacing2d[1] / 100.0
+    body = img2d > threshold
+    lab, n = ndimage.label(body)
+    if n == 0:
+        return None
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    body = ndimage.binary_fill_holes(lab == int(sizes.argmax()))
+    area = float(body.sum()) * px_cm2
+    if area < 10.0:
+        return None
+    rows, cols = np.flatnonzero(body.any(1)), np.flatnonzero(body.any(0))
+    width = max((rows[-1] - rows[0] + 1) * spacing2d[0], (cols[-1] - cols[0] + 1) * spacing2d[1])
+    border = np.concatenate([body[0], body[-1], body[:, 0], body[:, -1]])
+    cut = bool(border.mean() > 0.05)
+    ring = False
+    if modality == "CT":
+        bone = (img2d > _BONE_HU) & body
+        interior = ndimage.binary_fill_holes(bone) & ~bone
+        lab, n = ndimage.label(interior)
+        if n:
+            sizes = np.bincount(lab.ravel())
+            sizes[0] = 0
+            k = int(sizes.argmax())
+            inner = float(sizes[k]) * px_cm2
+            if inner >= _RING_MIN_CM2 and inner >= _RING_MIN_FRACTION * area:
+                med = float(np.median(img2d[lab == k]))
+                ring = _BRAIN_HU[0] <= med <= _BRAIN_HU[1]
+    return float(width), cut, ring
+
+
+def detect_body_region(volume, modality: str | None = None) -> RegionGuess:
+    """Guess whether ``volume`` shows a head or the trunk (see the module notes).
+
+    Parameters
+    ----------
+    volume : Volume
+        ``(Z, Y, X)`` (or ``(C, Z, Y, X)``: channel 0), CT in Hounsfield units.
+    modality : str, optional
+        ``"CT"``, ``"MR"`` or ``"PET"``; detected with
+        :func:`~napari_medseg.core.modality.detect_modality` when omitted.
+
+    Returns
+    -------
+    RegionGuess
+    """
+    from .modality import detect_modality, intensity_sample, normalize_modality
+
+    modality = normalize_modality(modality) if modality else \
+        detect_modality(volume).modality
+    if modality not in ("CT", "MR"):
+        return RegionGuess("unknown", f"no region rule for modality {modality}")
+    data = volume.data[0] if volume.data.ndim == 4 else volume.data
+    ax = axial_axis(volume.affine)
+    spacing = volume.spacing
+    sp2 = tuple(s for i, s in enumerate(spacing) if i != ax)
+    if modality == "CT":
+        threshold = _BODY_HU
+    else:
+        sample = intensity_sample(data)
+        threshold = 0.1 * float(np.percentile(sample, 99)) if sample.size else 0.0
+    n = int(data.shape[ax])
+    picks = np.unique(np.linspace(0, n - 1, min(n, _MAX_SLICES)).round().astype(int))
+    stats = []
+    for k in picks:
+        sl = [slice(None)] * 3
+        sl[ax] = int(k)
+        img2d = np.asarray(data[tuple(sl)], dtype=np.float32)
+        s = _slice_stats(img2d, sp2, modality, threshold)
+        if s is not None:
+            stats.append(s)
+    if len(stats) < 3:
+        return RegionGuess("unknown", f"body found in only {len(stats)} of {len(picks)} "
+                                      "sampled slices")
+    widths = np.array([s[0] for s in stats])
+    cut = float(np.mean([s[1] for s in stats]))
+    skull = float(np.mean([s[2] for s in stats]))
+    width = float(np.median(widths))
+    facts = (f"median body width {width / 10:.1f} cm over {len(stats)} axial slices"
+             f"{f', cut by the field of view in {100 * cut:.0f}%' if cut else ''}")
+    if modality == "CT":
+        facts += f", a closed bone ring around brain-range tissue in {100 * skull:.0f}%"
+        if skull >= 0.3 and width < 250.0:
+            return RegionGuess("head", f"CT: {facts}: a skull", skull, width)
+        if width >= 240.0 and skull < 0.1:
+            return RegionGuess("trunk", f"CT: {facts}: wider than a head", skull, width)
+        return RegionGuess("unknown", f"CT: {facts}", skull, width)
+    if width < 220.0 and cut < 0.5:
+        return RegionGuess("head", f"MR: {facts}: head-sized", 0.0, width)
+    if width >= 240.0:
+        return RegionGuess("trunk", f"MR: {facts}: wider than a head", 0.0, width)
+    return RegionGuess("unknown", f"MR: {facts}", 0.0, width)
