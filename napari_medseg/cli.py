@@ -85,6 +85,10 @@ def cmd_models(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    if str(args.output).lower().rstrip("/").endswith(".zarr"):  # labels written lazily
+        from .bigvolume import cmd_predict_zarr
+
+        return cmd_predict_zarr(args, ProgressBar)
     from .io import read_volume, write_labels, write_volume
     from .io.atomic import all_or_none
     from .io.validate import check_image_values, check_outputs

@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 READ_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".seg.nrrd", ".mha", ".mhd",
-                   ".tif", ".tiff", ".dcm")
+                   ".tif", ".tiff", ".dcm", ".zarr")
 WRITE_EXTENSIONS = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".mha", ".mhd", ".tif", ".tiff")
 
 
@@ -60,6 +60,10 @@ def format_of(path) -> str | None:
         return "itk"
     if low.endswith((".tif", ".tiff")):
         return "tiff"
+    from .zarr import is_zarr
+
+    if is_zarr(p):  # OME-Zarr / Zarr store (a folder), read lazily
+        return "zarr"
     from .dicom import is_dicom_file, looks_like_dicom_folder
 
     if p.is_dir():
@@ -78,6 +82,8 @@ def _reader(fmt):
         from .itk import read_itk as fn
     elif fmt == "tiff":
         from .tiff import read_tiff as fn
+    elif fmt == "zarr":
+        from .zarr import read_zarr as fn
     else:
         from .dicom import read_dicom as fn
     return fn
