@@ -95,7 +95,9 @@ def cmd_predict(args) -> int:
     from .models import load_model
 
     # outputs (format, folder, never an input) are checked before the model runs
-    check_outputs([args.output, args.uncertainty], args.input, args.overwrite)
+    check_outputs([args.output], args.input, args.overwrite,
+                  extensions=_label_extensions(args))
+    check_outputs([args.uncertainty], args.input, args.overwrite)
     model = load_model(args.model)
     vols = [read_volume(p, lazy=True) for p in args.input]
     for i, (p, v) in enumerate(zip(args.input, vols)):  # constant or absurd images
@@ -114,7 +116,7 @@ def cmd_predict(args) -> int:
     targets = [p for p in (args.output, args.uncertainty) if p]
     targets += [sidecar_path(p) for p in targets if str(p).lower().endswith((".nii", ".nii.gz"))]
     with all_or_none(targets):  # labels, uncertainty and names: all written or none
-        out = write_labels(args.output, pred.labels, overwrite=args.overwrite)
+        out = _write_prediction(args, pred.labels, vols[0], write_labels)
         msg = f"wrote {out}"
         if args.uncertainty and pred.uncertainty is not None:
             unc = pred.uncertainty.with_data(pred.uncertainty.data.astype("float32"))
@@ -122,6 +124,42 @@ def cmd_predict(args) -> int:
     counts = _counts(pred)
     print(f"{msg} ({pred.seconds:.1f} s; {counts})", file=sys.stderr)
     return 0
+
+
+def _label_extensions(args) -> tuple:
+    """Suffixes ``-o`` may take; ``.dcm`` (SEG / RTSTRUCT) only for one DICOM input.
+
+    Checked before the model loads, so a wrong suffix never costs a run.
+    """
+    from .io import WRITE_EXTENSIONS, format_of
+
+    if not str(args.output).lower().endswith(".dcm"):
+        return WRITE_EXTENSIONS
+    kind = "RTSTRUCT" if args.dicom_kind == "rtstruct" else "DICOM SEG"
+    if len(args.input) != 1 or format_of(args.input[0]) != "dicom":
+        raise MedSegError(f"a {kind} must reference a DICOM series: give one DICOM folder "
+                          "as input, or write .nii.gz / .nrrd / .seg.nrrd", str(args.output))
+    if args.dicom_kind == "seg":
+        try:
+            import highdicom  # noqa: F401
+        except ImportError:
+            raise MedSegError("writing DICOM SEG needs highdicom: pip install "
+                              "'napari-medseg[dicomseg]'", str(args.output)) from None
+    return (*WRITE_EXTENSIONS, ".dcm")
+
+
+def _write_prediction(args, labels, image, write_labels):
+    """Write the predicted labels: DICOM SEG / RTSTRUCT for ``.dcm``, else by suffix."""
+    if not str(args.output).lower().endswith(".dcm"):
+        return write_labels(args.output, labels, overwrite=args.overwrite)
+    if args.dicom_kind == "rtstruct":
+        from .io.export.rtstruct import export_rtstruct
+
+        return export_rtstruct(args.output, labels, source=image, overwrite=args.overwrite)
+    from .io.export import export_dicom_seg
+
+    return export_dicom_seg(args.output, labels, source=image, algorithm_type="AUTOMATIC",
+                            algorithm_name=args.model, overwrite=args.overwrite)
 
 
 def _counts(pred) -> str:
@@ -160,7 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "model input channel")
     r.add_argument("-m", "--model", required=True, help="model name or path")
     r.add_argument("-o", "--output", required=True,
-                   help="labels file (.nii.gz, .nrrd, .seg.nrrd, .mha, .tif)")
+                   help="labels file (.nii.gz, .nrrd, .seg.nrrd, .mha, .tif; .dcm for a DICOM "
+                   "SEG or RTSTRUCT of a DICOM series input)")
+    r.add_argument("--dicom-kind", choices=("seg", "rtstruct"), default="seg",
+                   help="what a .dcm output is: DICOM SEG (default) or RTSTRUCT")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     r.add_argument("--overlap", type=float, default=0.5, help="window overlap in [0, 1)")
     r.add_argument("--tta", action="store_true", help="mirror test-time augmentation")
