@@ -280,7 +280,8 @@ class Engine(ABC):
             if click is not None:
                 previous = Previous(last[2], last[3], click[0], click[1])
         mask, region = bound_result(mask, region, tuple(image.shape), spacing, p,
-                                    getattr(self, "bounds", None) or Bounds(), previous)
+                                    getattr(self, "bounds", None) or Bounds(), previous,
+                                    image)
         self._bound_last = (key, p, mask, region)
         return mask, region
 

@@ -22,9 +22,9 @@ previous result alone (no engine internals, no image statistics):
    object given up) is restored.
 3. **A negative click removes near itself.** What it adds farther than
    ``edge_mm`` from the previous mask is dropped; when the result lost every
-   positive prompt the previous one held (it emptied or collapsed), the part
-   of the previous mask nearer the positive prompts than the negative ones is
-   kept.
+   positive prompt the previous one held or kept less than ``keep`` of it (it
+   emptied or collapsed), the part of the previous mask nearer the positive
+   prompts than the new negative click, in space and in intensity, is kept.
 
 Boundary refinements within ``edge_mm`` are never touched, so an engine that
 is right is left alone; the rules only cut what no single click can mean.
@@ -61,6 +61,9 @@ class Bounds:
     edge_mm : float
         Changes within this distance of the previous mask's edge are
         boundary refinement: never bounded (mm).
+    keep : float
+        A negative click that leaves less than this share of the previous
+        mask removes only what lies nearer to it than to the positive prompts.
     """
 
     max_radius_mm: float = 150.0
@@ -69,6 +72,7 @@ class Bounds:
     growth: float = 2.0
     min_reach_mm: float = 12.0
     edge_mm: float = 3.0
+    keep: float = 0.5
 
 
 @dataclass
@@ -271,19 +275,32 @@ def _positive_step(new, old, point, spacing, domain, bounds: Bounds) -> np.ndarr
     return out
 
 
-def _negative_step(new, old, prompts, spacing, domain, bounds: Bounds) -> np.ndarray:
-    """Rule 3 on ``domain``: a negative click removes near itself."""
+def _value_at(image, point) -> float:
+    """Median of ``image`` in the 3 x 3 x 3 voxels around ``point``."""
+    c = np.round(np.asarray(point, float)).astype(int)
+    sl = tuple(slice(max(v - 1, 0), min(v + 2, n)) for v, n in zip(c, image.shape))
+    return float(np.median(np.asarray(image[sl], np.float32)))
+
+
+def _negative_step(new, old, point, prompts, spacing, domain, bounds: Bounds,
+                   image=None) -> np.ndarray:
+    """Rule 3 on ``domain``: a negative click (at ``point``) removes near itself."""
     out = new & (old | _within(old, spacing, bounds.edge_mm))
     pos = _positive_points(prompts)
     if not len(pos) or not len(prompts.negative):
         return out
     held = [v for v in (_voxel(p, domain) for p in pos) if v is not None and old[v]]
-    if out.any() and (not held or any(out[v] for v in held)):
+    if out.any() and (not held or any(out[v] for v in held)) \
+            and (out & old).sum() >= bounds.keep * old.sum():
         return out
-    # emptied, or every positive prompt lost: keep what lies nearer the object's prompts
-    nearer = _dist_to_points(domain, pos, spacing) < _dist_to_points(domain,
-                                                                     prompts.negative,
+    # emptied, most of it removed or every positive prompt lost: keep what
+    # lies nearer the object's prompts than the negative ones
+    nearer = _dist_to_points(domain, pos, spacing) < _dist_to_points(domain, [point],
                                                                      spacing)
+    if image is not None:  # and nearer the object's intensity than the click's
+        vals = np.asarray(image[domain], np.float32)
+        obj = _value_at(image, prompts.positive[0] if len(prompts.positive) else pos[0])
+        nearer &= np.abs(vals - obj) <= np.abs(vals - _value_at(image, point))
     kept = out | (old & nearer)
     lab, _ = ndi.label(kept)
     keep = np.unique([lab[v] for v in held]) if held else np.unique(lab[kept])
@@ -291,7 +308,7 @@ def _negative_step(new, old, prompts, spacing, domain, bounds: Bounds) -> np.nda
 
 
 def bound_result(mask, region, shape, spacing, prompts, bounds: Bounds = Bounds(),
-                 previous: Previous | None = None) -> tuple[np.ndarray, tuple]:
+                 previous: Previous | None = None, image=None) -> tuple[np.ndarray, tuple]:
     """An engine's result, bounded to what its prompts can mean.
 
     Parameters
@@ -309,6 +326,10 @@ def bound_result(mask, region, shape, spacing, prompts, bounds: Bounds = Bounds(
     bounds : Bounds
     previous : Previous, optional
         The previous bounded result of the same object and the click added since.
+    image : (Z, Y, X) array, optional
+        The image: a collapse undone by rule 3 keeps only voxels nearer the
+        intensity at the first positive click (or box centre) than at the
+        new negative click.
 
     Returns
     -------
@@ -340,6 +361,7 @@ def bound_result(mask, region, shape, spacing, prompts, bounds: Bounds = Bounds(
         if prev.positive:
             new = _positive_step(new, old, prev.point, spacing, domain, bounds)
         else:
-            new = _negative_step(new, old, prompts, spacing, domain, bounds)
+            new = _negative_step(new, old, prev.point, prompts, spacing, domain, bounds,
+                                 image)
         new &= allowed | old
     return new, domain
