@@ -215,39 +215,55 @@ class NnunetModel(Model):
         self._native = None
 
     def _build_network(self):
-        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+        """The plans' network with fold 0's weights.
+
+        Most trainers (epoch counts, ``NoMirroring``, augmentation and loss
+        variants, TotalSegmentator's) build the plans' own network, so that is
+        tried first; nnU-Net's search through every trainer module (slow, and it
+        imports optional packages) is used only when the weights do not fit it.
+        """
+        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
         from nnunetv2.utilities.label_handling.label_handling import \
             determine_num_input_channels
 
         cm = self.plans_manager.get_configuration(self.configuration)
         n_in = determine_num_input_channels(self.plans_manager, cm, self.dataset_json)
         n_out = self.plans_manager.get_label_manager(self.dataset_json).num_segmentation_heads
+        net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                     cm.network_arch_init_kwargs_req_import, n_in, n_out,
+                                     allow_init=False, deep_supervision=False)
         try:
-            trainer = recursive_find_trainer_class_by_name(self.trainer_name)
-        except Exception:  # nnunetv2 raises RuntimeError / AssertionError
-            trainer = None
-        if trainer is None:  # e.g. TotalSegmentator's trainers: the plans' default network
-            from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
-            log.info("nnU-Net trainer %s is not installed; building the plans' network",
-                     self.trainer_name)
-            net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
-                                         cm.network_arch_init_kwargs_req_import, n_in, n_out,
-                                         allow_init=False, deep_supervision=False)
-        elif "plans_manager" in inspect.signature(trainer.build_network_architecture).parameters:
-            net = trainer.build_network_architecture(self.plans_manager, cm, n_in, n_out,
-                                                     enable_deep_supervision=False)
-        else:  # older nnunetv2
-            net = trainer.build_network_architecture(
-                cm.network_arch_class_name, cm.network_arch_init_kwargs,
-                cm.network_arch_init_kwargs_req_import, n_in, n_out,
-                enable_deep_supervision=False)
+            net.load_state_dict(self.parameters[0])
+            return net.eval()
+        except RuntimeError as exc:
+            first_error = exc
+        net = self._trainer_network(cm, n_in, n_out)
+        if net is None:
+            raise MedSegError("the checkpoint does not fit the network in plans.json: "
+                              f"{str(first_error).splitlines()[0]}", self.source)
         try:
             net.load_state_dict(self.parameters[0])
         except RuntimeError as exc:
             raise MedSegError("the checkpoint does not fit the network in plans.json: "
                               f"{str(exc).splitlines()[0]}", self.source) from exc
         return net.eval()
+
+    def _trainer_network(self, cm, n_in, n_out):
+        """The network the checkpoint's trainer class builds, or None if it is not installed."""
+        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+        try:
+            trainer = recursive_find_trainer_class_by_name(self.trainer_name)
+        except Exception:  # nnunetv2 raises RuntimeError / AssertionError / ImportError
+            return None
+        if trainer is None:
+            return None
+        if "plans_manager" in inspect.signature(trainer.build_network_architecture).parameters:
+            return trainer.build_network_architecture(self.plans_manager, cm, n_in, n_out,
+                                                      enable_deep_supervision=False)
+        return trainer.build_network_architecture(  # older nnunetv2
+            cm.network_arch_class_name, cm.network_arch_init_kwargs,
+            cm.network_arch_init_kwargs_req_import, n_in, n_out, enable_deep_supervision=False)
 
     def native_network(self, device):
         """The fold ensemble as one ``(B, C, z, y, x) -> (B, K, z, y, x)`` module on ``device``."""
