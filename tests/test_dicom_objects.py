@@ -181,3 +181,25 @@ def test_series_folder_opens_with_the_objects_beside_it(series, make_napari_view
     layers = viewer.open(str(folder), plugin="napari-medseg")
     assert [lyr.__class__.__name__ for lyr in layers] == ["Image", "Labels"]
     np.testing.assert_array_equal(layers[1].data, labels.data)
+
+
+def test_export_widget_writes_rtstruct(series, tmp_path, make_napari_viewer, qtbot):
+    from napari_medseg._napari.layers import volume_to_layer_data
+
+    folder, img, labels = series
+    viewer = make_napari_viewer()
+    [ct] = viewer.open(str(folder), plugin="napari-medseg")
+    ldata, lkw, _ = volume_to_layer_data(labels, name="organs")
+    viewer.add_labels(ldata, **lkw)
+    _, w = viewer.window.add_plugin_dock_widget("napari-medseg", "Export")
+    w.labels_combo.setCurrentText("organs")
+    w.image_combo.setCurrentText(ct.name)
+    w.format_combo.setCurrentText("DICOM RTSTRUCT (.dcm)")
+    w.path_edit.setText(str(tmp_path / "rt.dcm"))
+    job = w.export_labels()
+    qtbot.waitUntil(lambda: job.result is not None or job.error is not None, timeout=30000)
+    assert job.error is None, job.error
+    assert str(job.result) == str(tmp_path / "rt.dcm"), (job.result, w.status.text())
+    [back] = read_rtstruct(tmp_path / "rt.dcm", reference=img)
+    np.testing.assert_array_equal(back.data, labels.data)
+    assert back.label_names == NAMES

@@ -36,7 +36,7 @@ __all__ = ["ExportWidget", "FORMATS"]
 #: Format name -> file extension.
 FORMATS = {"NIfTI (.nii.gz)": ".nii.gz", "NRRD (.nrrd)": ".nrrd",
            "Slicer segmentation (.seg.nrrd)": ".seg.nrrd", "TIFF (.tif)": ".tif",
-           "DICOM SEG (.dcm)": ".dcm"}
+           "DICOM SEG (.dcm)": ".dcm", "DICOM RTSTRUCT (.dcm)": ".dcm"}
 
 
 def _row(*widgets) -> QWidget:
@@ -48,7 +48,13 @@ def _row(*widgets) -> QWidget:
     return w
 
 
-def _write_labels_job(path, vol, image, overwrite, progress=None, cancel=None):
+def _write_labels_job(path, vol, image, overwrite, rtstruct=False, progress=None,
+                      cancel=None):
+    if str(path).lower().endswith(".dcm") and rtstruct:
+        from ..io.export.rtstruct import export_rtstruct
+
+        return export_rtstruct(path, vol, source=image, overwrite=overwrite,
+                               progress=progress, cancel=cancel)
     if str(path).lower().endswith(".dcm"):
         from ..io.export import export_dicom_seg
 
@@ -265,6 +271,7 @@ class ExportWidget(QWidget):
                 raise MedSegError("choose a file to export to")
             vol, image, _ = self._volumes()
             return self._run(_write_labels_job, path, vol, image, self.overwrite.isChecked(),
+                             "RTSTRUCT" in self.format_combo.currentText(),
                              what="Export labels")
         return self._guarded("Export labels", make)
 
