@@ -13,9 +13,10 @@ Writing (:class:`ZarrLabelWriter`): an OME-Zarr label image (``multiscales``
 with the image's scale and translation, ``image-label`` colours, and our
 ``napari_medseg`` attribute with the affine, class names and colours) whose
 level 0 is filled slab by slab, then a pyramid of 2x nearest-neighbour levels
-for display. The store is built in a hidden folder beside the target and
+for display. The store is built in the target folder's hidden temporary folder
+(``.napari-medseg-tmp/``, as :mod:`napari_medseg.io.atomic` does for files) and
 renamed into place at the end, so an interrupted run never leaves a half store
-under the final name.
+under the final name, and the next write removes what a killed run left.
 
 Needs the ``zarr`` package (``pip install "napari-medseg[zarr]"``).
 """
@@ -39,6 +40,31 @@ __all__ = ["is_zarr", "read_zarr", "zarr_geometry", "ZarrLabelWriter", "read_zar
 log = logging.getLogger(__name__)
 
 OUR_KEY = "napari_medseg"
+
+
+def _temp_store(path: Path) -> Path:
+    """A temporary store path in the folder's hidden temporary folder (see ``io.atomic``).
+
+    Named like ``atomic_path``'s files (host, pid), so ``clean_stale`` removes
+    the stores of runs that were killed.
+    """
+    from .atomic import _HOST, temp_dir
+
+    return temp_dir(path.parent) / f"{_HOST}~{os.getpid()}~{uuid.uuid4().hex[:12]}~{path.name}"
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Rename a finished temporary store to ``path`` (replacing an old one)."""
+    from .atomic import _rmdir_if_empty
+
+    old = None
+    if path.exists():
+        old = _temp_store(path)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    _rmdir_if_empty(tmp.parent)
 
 
 def _zarr():
@@ -222,7 +248,7 @@ class ZarrLabelWriter:
         if not self.path.parent.is_dir():
             raise MedSegError(f"folder {self.path.parent} does not exist; create it first",
                               str(self.path))
-        self.tmp = self.path.parent / f".{self.path.name}.{uuid.uuid4().hex[:8]}.part"
+        self.tmp = _temp_store(self.path)
         self.shape = tuple(int(s) for s in ref.shape3)
         self.ref = ref
         self.names = {int(k): str(v) for k, v in (label_names or {}).items()}
@@ -286,18 +312,15 @@ class ZarrLabelWriter:
         """Build the pyramid, write the metadata and rename the store into place."""
         self._pyramid()
         self._metadata()
-        old = None
-        if self.path.exists():
-            old = self.path.parent / f".{self.path.name}.{uuid.uuid4().hex[:8]}.old"
-            os.replace(self.path, old)
-        os.replace(self.tmp, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _publish(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:
         """Remove the temporary store."""
+        from .atomic import _rmdir_if_empty
+
         shutil.rmtree(self.tmp, ignore_errors=True)
+        _rmdir_if_empty(self.tmp.parent)
 
     def __enter__(self):
         return self
@@ -323,7 +346,7 @@ def write_zarr_image(path, vol: Volume, chunks=(64, 128, 128), overwrite=False) 
         raise MedSegError("exists; choose another name or allow overwriting", str(path))
     if vol.data.ndim != 3:
         raise MedSegError("only single-channel (Z, Y, X) images are written to Zarr", str(path))
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.part"
+    tmp = _temp_store(path)
     try:
         g = zarr.open_group(str(tmp), mode="w", zarr_format=2)
         ch = tuple(min(int(c), s) for c, s in zip(chunks, vol.shape3))
@@ -341,11 +364,13 @@ def write_zarr_image(path, vol: Volume, chunks=(64, 128, 128), overwrite=False) 
         g.attrs.update({"multiscales": [ms], OUR_KEY: {
             "affine": np.asarray(vol.affine, float).tolist(), "modality": vol.modality,
             "is_label": bool(vol.is_label)}})
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            from .atomic import _rmdir_if_empty
+
+            _rmdir_if_empty(tmp.parent)
     return path
 
 
