@@ -93,6 +93,7 @@ def cmd_predict(args) -> int:
     from .io.atomic import all_or_none
     from .io.validate import check_image_values, check_outputs
     from .models import load_model
+    from .models.run import run_model
 
     # outputs (format, folder, never an input) are checked before the model runs
     check_outputs([args.output], args.input, args.overwrite,
@@ -106,9 +107,10 @@ def cmd_predict(args) -> int:
             print(f"warning: {w}", file=sys.stderr)
     bar = ProgressBar(f"{model.card.name}")
     try:
-        pred = model.predict(vols, device=args.device, overlap=args.overlap, tta=args.tta,
-                             fast=args.fast, uncertainty=args.uncertainty_kind
-                             if args.uncertainty else None, progress=bar)
+        _, pred = run_model(model, vols, name=", ".join(str(p) for p in args.input),
+                            device=args.device, overlap=args.overlap, tta=args.tta,
+                            fast=args.fast, uncertainty=args.uncertainty_kind
+                            if args.uncertainty else None, progress=bar)
     finally:
         bar.close()
     from .io.sidecar import sidecar_path

@@ -13,8 +13,8 @@ import pytest
 
 from napari_medseg._napari.layers import volume_to_layer_data
 from napari_medseg._napari.prediction import (
-    card_classes,
     merge_prediction,
+    prediction_layer_data,
     region_shape,
     shapes_region,
     view_region,
@@ -49,17 +49,28 @@ def test_merge_prediction_replace_untouched_and_region():
         merge_prediction(current, original, new, "keep")
 
 
-def test_card_classes_accepts_names_hex_and_rgb():
-    card = {"classes": {1: {"name": "liver", "color": [0.8, 0.3, 0.2]},
-                        "2": {"name": "spleen", "color": "#00ff00"},
-                        3: {"name": "kidney", "color": [255, 0, 0]},
-                        4: {"name": "lesion"}}}
-    names, colors = card_classes(card)
-    assert names == {1: "liver", 2: "spleen", 3: "kidney", 4: "lesion"}
-    np.testing.assert_allclose(colors[1], (0.8, 0.3, 0.2, 1.0))
-    np.testing.assert_allclose(colors[2], (0.0, 1.0, 0.0, 1.0))
-    np.testing.assert_allclose(colors[3], (1.0, 0.0, 0.0, 1.0))
-    assert 4 not in colors
+def test_prediction_layers_take_names_and_colours_from_the_model_card():
+    from types import SimpleNamespace
+
+    from napari_medseg._napari.boundary import MODEL_KEY, PREDICTION_KEY
+    from napari_medseg._widgets.segment_run import card_html
+    from napari_medseg.models.card import ModelCard
+
+    card = ModelCard(name="m", version="1.2", classes={
+        1: {"name": "liver", "color": [0.8, 0.3, 0.2]}, 2: {"name": "spleen"}})
+    assert card.label_names == {1: "liver", 2: "spleen"}
+    lab = np.zeros((3, 4, 5), np.uint8)
+    lab[1, 1:3, 1:4] = 2
+    vol = Volume(lab, make_affine((2.0, 1.0, 1.0)), is_label=True)
+    [(data, kwargs, kind)] = prediction_layer_data(SimpleNamespace(labels=vol), "ct", "m",
+                                                   card)
+    assert kind == "labels" and kwargs["name"] == "ct m"
+    assert list(kwargs["features"]["name"]) == ["background", "liver", "spleen"]
+    np.testing.assert_allclose(kwargs["colormap"].color_dict[1], (0.8, 0.3, 0.2, 1.0))
+    np.testing.assert_array_equal(kwargs["metadata"][PREDICTION_KEY], lab)
+    assert kwargs["metadata"][MODEL_KEY]["name"] == "m"
+    html = card_html(card)
+    assert "<b>m</b> 1.2" in html and "liver" in html and "#cc4c33" in html
 
 
 def _image_layer(viewer, shape=(20, 30, 40), spacing=(2.5, 1.5, 1.0)):
@@ -256,7 +267,7 @@ def segmented(make_napari_viewer, qtbot):
 def test_segment_sample_ct_on_the_image_grid(segmented):
     from napari.layers import Labels
 
-    from napari_medseg._napari.layers import affine_from_layer
+    from napari_medseg._napari.boundary import affine_from_layer
 
     viewer, widget, image, truth, result = segmented
     assert isinstance(result, Labels)
@@ -326,7 +337,7 @@ def test_paint_undo_and_save_through_the_writer(segmented, tmp_path, qtbot):
     assert saved
     vol = read_volume(out, lazy=False)
     np.testing.assert_array_equal(np.asarray(vol.data), np.asarray(result.data))
-    from napari_medseg._napari.layers import affine_from_layer
+    from napari_medseg._napari.boundary import affine_from_layer
 
     np.testing.assert_allclose(vol.affine, affine_from_layer(image, viewer), atol=1e-4)
 

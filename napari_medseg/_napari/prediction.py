@@ -16,23 +16,17 @@ scripts and tests as well as from the Segment dock widget:
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import numpy as np
 
 from ..core.volume import Volume
 from ..errors import MedSegError
-from .boundary import MODEL_KEY, PREDICTION_KEY, prediction_of, store_prediction
-from .boundary import volume_to_layer_data
+from .boundary import prediction_of, store_prediction, volume_to_layer_data
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "PREDICTION_KEY",
-    "MODEL_KEY",
     "result_layer_name",
-    "card_to_dict",
-    "card_classes",
     "prediction_layer_data",
     "is_corrected",
     "merge_prediction",
@@ -50,52 +44,7 @@ def result_layer_name(image_name: str, model_name: str) -> str:
     return f"{image_name} {model_name}"
 
 
-def card_to_dict(card: Any) -> dict:
-    """A model card as a plain dict (``card.to_dict()``, a dict, or its attributes)."""
-    if card is None:
-        return {}
-    if isinstance(card, dict):
-        return dict(card)
-    if hasattr(card, "to_dict"):
-        return dict(card.to_dict())
-    return {k: v for k, v in vars(card).items() if not k.startswith("_")}
-
-
-def _rgba(color) -> tuple[float, float, float, float]:
-    from napari.utils.colormaps.standardize_color import transform_color
-
-    if isinstance(color, (list, tuple, np.ndarray)) and len(color) in (3, 4):
-        arr = np.asarray(color, dtype=float)
-        if arr.max() > 1.0:  # 0-255 integers
-            arr = arr / 255.0
-        color = arr
-    return tuple(float(c) for c in transform_color(color)[0])
-
-
-def card_classes(card: Any) -> tuple[dict[int, str], dict[int, tuple]]:
-    """Class names and RGBA colours from a card's ``classes`` ``{id: {"name", "color"}}``.
-
-    Background (0) is left out. Colours may be names, hex strings or RGB(A)
-    sequences (floats in [0, 1] or integers up to 255).
-    """
-    classes = card_to_dict(card).get("classes") or {}
-    names: dict[int, str] = {}
-    colors: dict[int, tuple] = {}
-    for key, spec in classes.items():
-        idx = int(key)
-        if idx == 0:
-            continue
-        spec = spec if isinstance(spec, dict) else {"name": str(spec)}
-        names[idx] = str(spec.get("name", idx))
-        if spec.get("color") is not None:
-            try:
-                colors[idx] = _rgba(spec["color"])
-            except (ValueError, TypeError):
-                log.warning("class %s: unreadable colour %r", idx, spec["color"])
-    return names, colors
-
-
-def prediction_layer_data(pred, image_name: str, model_name: str, card: Any = None,
+def prediction_layer_data(pred, image_name: str, model_name: str, card=None,
                           uncertainty_visible: bool = False) -> list[tuple]:
     """LayerDataTuples for a model prediction.
 
@@ -106,9 +55,10 @@ def prediction_layer_data(pred, image_name: str, model_name: str, card: Any = No
         ``pred.uncertainty`` a float Volume on the same grid or None.
     image_name, model_name : str
         Used to name the layers ``"<image> <model>"`` (and ``... uncertainty``).
-    card : ModelCard or dict, optional
-        Class names and colours (when the labels carry none) and the card stored
-        in ``metadata["medseg_model"]``. Defaults to ``pred.card`` if present.
+    card : ModelCard, optional
+        Class names and colours (when the labels carry none), and the card kept
+        with the layer (:func:`~napari_medseg._napari.boundary.store_prediction`).
+        Defaults to ``pred.card``.
     uncertainty_visible : bool
         Whether the uncertainty layer starts visible (hidden by default).
 
@@ -116,12 +66,14 @@ def prediction_layer_data(pred, image_name: str, model_name: str, card: Any = No
     -------
     list of tuple
         ``[(labels, kwargs, "labels")]`` plus ``(map, kwargs, "image")`` when there
-        is an uncertainty map. The labels' metadata holds a copy of the prediction
-        under ``"medseg_prediction"`` and the card under ``"medseg_model"``.
+        is an uncertainty map. The labels keep a copy of the prediction and the
+        card (read back with :func:`~napari_medseg._napari.boundary.prediction_of`
+        and :func:`~napari_medseg._napari.boundary.card_of`).
     """
     card = card if card is not None else getattr(pred, "card", None)
     labels: Volume = pred.labels
-    names, colors = card_classes(card)
+    names = card.label_names if card is not None else {}
+    colors = card.label_colors if card is not None else {}
     if names and not labels.label_names:
         labels = labels.with_data(labels.data, label_names=names)
     if colors and not labels.label_colors:
@@ -169,7 +121,7 @@ def merge_prediction(current: np.ndarray, original: np.ndarray, new: np.ndarray,
     current : (Z, Y, X) integer array
         The layer's data now (prediction plus the user's edits).
     original : (Z, Y, X) integer array
-        The prediction the layer started from (``metadata["medseg_prediction"]``).
+        The prediction the layer started from (:func:`.boundary.prediction_of`).
     new : (Z, Y, X) integer array
         The new prediction on the same grid.
     mode : {"replace", "untouched"}

@@ -19,6 +19,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QHBoxLayout, QProgressBar, QPushButton, QWidget
 
+from ..core.policy import is_out_of_memory
 from ..errors import Cancelled, MedSegError
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def notify_exception(exc: BaseException, what: str = "") -> str:
         return msg
     if isinstance(exc, MedSegError):
         msg = str(exc)
-    elif isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+    elif is_out_of_memory(exc):
         msg = (f"{what}: out of memory. Try a smaller region, the fast mode, or the CPU "
                "device." if what else "out of memory")
     else:

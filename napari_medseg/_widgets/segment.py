@@ -1,15 +1,19 @@
 """The Segment dock widget: run a segmentation model on the images in the viewer.
 
 The widget only gathers choices and shows results. The work is
-:func:`segment_volumes` (load the model, predict on the input grid), run in a
-napari worker thread by :class:`~napari_medseg._widgets._common.Job`; turning
-the prediction into layers is :mod:`napari_medseg._napari.prediction`.
+:func:`napari_medseg.models.run.run_model` (load the model, predict on the
+input grid, out of memory as a clear error; the command line runs the same),
+run in a napari worker thread by :class:`~napari_medseg._widgets._common.Job`;
+input checks are :func:`napari_medseg.core.policy.check_inputs`; turning the
+prediction into layers is :mod:`napari_medseg._napari.prediction`. At most
+:data:`LOADED_MODELS` loaded models are kept (least recently used dropped).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
@@ -39,8 +43,6 @@ from .._napari.boundary import (
 )
 from .._napari.prediction import (
     apply_labels,
-    card_classes,
-    card_to_dict,
     is_corrected,
     merge_prediction,
     prediction_layer_data,
@@ -48,18 +50,21 @@ from .._napari.prediction import (
     shapes_region,
     view_region,
 )
-from ..core.volume import same_grid
+from ..core.policy import available_devices, check_inputs
 from ..errors import MedSegError
+from ..models.run import run_model
 from ._common import Job, JobBar, notify_exception
 from ._layout import tabify_when_docked
 from .class_panel import ClassPanel
-from .segment_run import available_devices, card_html, segment_volumes
+from .segment_run import card_html, segment_volumes
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SegmentWidget", "segment_volumes"]
 
 REGIONS = ("whole volume", "current view", "box from Shapes layer")
+#: Loaded models the widget keeps for quick re-runs (least recently used dropped).
+LOADED_MODELS = 2
 
 
 class SegmentWidget(QWidget):
@@ -88,7 +93,7 @@ class SegmentWidget(QWidget):
         self._busy = False
         self.last_error: str | None = None
         self._models: dict[str, object] = {}  # name -> ModelInfo or loaded model
-        self._loaded: dict[str, object] = {}
+        self._loaded: OrderedDict[str, object] = OrderedDict()
         self._channel_boxes: list[QComboBox] = []
         self._build()
         self.refresh_models()
@@ -201,7 +206,7 @@ class SegmentWidget(QWidget):
             model = load_model(str(model))
         name = model.card.name
         self._models[name] = model
-        self._loaded[name] = model
+        self._remember(name, model)
         if self.model_box.findText(name) < 0:
             self.model_box.addItem(name)
         if self.model_box.currentText() == name:
@@ -231,13 +236,12 @@ class SegmentWidget(QWidget):
     def _on_model_changed(self, name: str) -> None:
         self.card_label.setText(card_html(self.card) if self.card else
                                 "<i>No model available.</i>")
-        self.card_label.setToolTip(str(card_to_dict(self.card).get("training", "")))
+        self.card_label.setToolTip(self.card.training if self.card is not None else "")
         self._build_channel_boxes()
 
     # ---------------------------------------------------------------- images
     def _card_channels(self) -> list[dict]:
-        chans = card_to_dict(self.card).get("channels") or [{"name": "image"}]
-        return [c if isinstance(c, dict) else {"name": str(c)} for c in chans]
+        return list(self.card.channels) if self.card is not None else [{"name": "image"}]
 
     def _build_channel_boxes(self) -> None:
         while self.channels_form.rowCount():
@@ -336,10 +340,13 @@ class SegmentWidget(QWidget):
             return None
         if request is None:
             return None
-        entry = self._loaded.get(request["model_name"]) or request["model_name"]
+        entry = self._loaded.get(request["model_name"])
+        if entry is None:  # not loaded yet, or unloaded: a model added by hand stays known
+            known = self._models.get(request["model_name"])
+            entry = known if hasattr(known, "predict") else request["model_name"]
         self.run_button.setEnabled(False)
         self._busy = True
-        self.job = Job(segment_volumes, entry, request["volumes"], name=request["image"],
+        self.job = Job(run_model, entry, request["volumes"], name=request["image"],
                        on_done=lambda res: self._on_result(res, request),
                        on_error=self._on_error, bar=self.job_bar, what="Segment",
                        on_finish=self._on_finish,
@@ -392,17 +399,16 @@ class SegmentWidget(QWidget):
 
     def _check_channels(self, volumes, layers, name) -> None:
         chans = self._card_channels()
-        got = sum(v.n_channels for v in volumes)
-        if got != len(chans):
-            raise MedSegError(
-                f"channel mismatch: model '{name}' takes {len(chans)} channel(s) ("
-                + ", ".join(c.get("name", "?") for c in chans)
-                + f") but layer(s) {', '.join(repr(lyr.name) for lyr in layers)} give {got}; "
-                "choose one single-channel 3D image per model input")
-        for v, lyr in zip(volumes[1:], layers[1:]):
-            if not same_grid(v, volumes[0]):
-                raise MedSegError(f"layer '{lyr.name}' is not on the grid of "
-                                  f"'{layers[0].name}'; resample it to that image first")
+        check_inputs(volumes, len(chans), repr(name), [c.get("name", "?") for c in chans],
+                     names=[lyr.name for lyr in layers])
+
+    def _remember(self, name: str, model) -> None:
+        """Keep ``model`` loaded; drop the least recently used beyond :data:`LOADED_MODELS`."""
+        self._loaded[name] = model
+        self._loaded.move_to_end(name)
+        while len(self._loaded) > LOADED_MODELS:
+            dropped, _ = self._loaded.popitem(last=False)
+            log.info("unloaded model %s (keeping the %d most recent)", dropped, LOADED_MODELS)
 
     def _region(self, image):
         idx = self.region_box.currentIndex()
@@ -440,7 +446,7 @@ class SegmentWidget(QWidget):
     def _on_result(self, result, request) -> None:
         self.last_run["returned"] = time.perf_counter()
         model, pred = result
-        self._loaded[request["model_name"]] = model
+        self._remember(request["model_name"], model)
         tuples = prediction_layer_data(pred, request["image"], request["model_name"],
                                        model.card)
         request["card"] = model.card
@@ -448,7 +454,7 @@ class SegmentWidget(QWidget):
         # one napari layer per event-loop turn keeps each pause of the GUI short
         for extra in tuples[1:]:
             QTimer.singleShot(0, lambda t=extra: self._put_image(t))
-        names, colors = card_classes(model.card)
+        names, colors = model.card.label_names, model.card.label_colors
         classes = {i: (n, colors.get(i, tuple(labels.get_color(i)))) for i, n in
                    names.items()}
         self.class_panel.set_layer(labels, classes or None)

@@ -42,6 +42,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MedSegError, check_cancel
+from . import policy
+from .policy import (amp_name, choose_device, is_out_of_memory, mirror_combinations,
+                     out_of_memory_error, resolve_amp)
 
 __all__ = [
     "InferenceResult",
@@ -101,72 +104,15 @@ class InferenceResult:
 
 # --------------------------------------------------------------------------- devices
 def pick_device(device="auto") -> torch.device:
-    """Resolve ``"auto"`` to CUDA, then Apple MPS, then CPU; pass others through.
-
-    Raises
-    ------
-    MedSegError
-        When a named device is not available on this machine.
-    """
-    if isinstance(device, torch.device):
-        return device
-    name = str(device or "auto").lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MedSegError(f"device {device!r} asked for but no CUDA GPU is available; use 'cpu'")
-    if name == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise MedSegError("device 'mps' asked for but Apple MPS is not available; use 'cpu'")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise MedSegError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'mps'") from exc
+    """Resolve ``"auto"`` to CUDA, then Apple MPS, then CPU (see :func:`.policy.choose_device`)."""
+    return choose_device(device)
 
 
-def _cpu_has_bf16() -> bool:
-    cpu = getattr(torch, "cpu", None)
-    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        fn = getattr(cpu, name, None)
-        if fn is not None:
-            try:
-                if fn():
-                    return True
-            except Exception:  # pragma: no cover - platform probing
-                pass
-    return False
-
-
-def resolve_amp(amp, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` (``"auto"``, ``"bf16"``, ``"fp16"``, ``"off"``).
-
-    ``"auto"`` is bf16 on CPUs with native bf16 (AVX512-BF16 or AMX), bf16 on
-    CUDA GPUs that support it (fp16 on older ones) and off elsewhere.
-    """
-    name = "off" if amp in (None, False) else ("auto" if amp is True else str(amp).lower())
-    if name in ("off", "none", "fp32", "float32"):
-        return None
-    if name in ("bf16", "bfloat16"):
-        return torch.bfloat16
-    if name in ("fp16", "float16", "half"):
-        return torch.float16
-    if name != "auto":
-        raise MedSegError(f"unknown amp setting {amp!r}; use 'auto', 'bf16', 'fp16' or 'off'")
-    if device.type == "cpu":
-        return torch.bfloat16 if _cpu_has_bf16() else None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None
+_cpu_has_bf16 = policy._cpu_has_bf16  # noqa: E305 - kept for older callers
 
 
 def _amp_name(dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off")
+    return amp_name(dtype)
 
 
 # --------------------------------------------------------------------------- windows
@@ -215,9 +161,7 @@ def gaussian_importance_map(patch, sigma_scale: float = 0.125, device="cpu") -> 
 
 
 def _mirror_axes(tta: bool):
-    if not tta:
-        return [()]
-    return [c for r in range(4) for c in itertools.combinations((2, 3, 4), r)]
+    return mirror_combinations((2, 3, 4)) if tta else [()]
 
 
 # --------------------------------------------------------------------------- stitching
@@ -801,11 +745,11 @@ def sliding_window_inference(x, predictor, patch_size, n_classes, overlap=0.5, b
     try:
         acc_device = dev if output_device is None else torch.device(output_device)
         stitch, n = _run(t, batch_size=batch_size, acc_device=acc_device, **args)
-    except torch.OutOfMemoryError:
+    except Exception as exc:  # out of memory: one window at a time, output on the CPU
+        if not is_out_of_memory(exc):
+            raise
         if batch_size == 1 and dev.type == "cpu":
-            raise MedSegError(
-                "out of memory during inference; close other programs or use a smaller volume"
-            ) from None
+            raise out_of_memory_error(exc) from None
         log.warning("out of memory with %d windows per batch on %s; retrying with 1 window "
                     "and the output on the CPU", batch_size, dev)
         if dev.type == "cuda":

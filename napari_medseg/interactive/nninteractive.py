@@ -33,6 +33,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..core.policy import choose_device
 from ..errors import MedSegError, check_cancel
 from .base import Engine, Prompts, Region
 
@@ -179,8 +180,7 @@ def load_session(model_folder, device: str = "auto", autozoom: bool = True,
     ckpt = load_checkpoint(_fold_checkpoint(folder, checkpoint))
     from nnInteractive.inference.inference_session import nnInteractiveInferenceSession
 
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else device
-    dev = torch.device("cpu" if dev == "auto" else dev)
+    dev = choose_device(device, allow_mps=False)
     kwargs = {"device": dev, "use_torch_compile": False, "verbose": False,
               "torch_n_threads": max(torch.get_num_threads(), 1),
               "do_autozoom": bool(autozoom),

@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..core.policy import choose_device
 from ..errors import MedSegError, check_cancel
 from ._checkpoint import read_state_dict
 from .base import Engine, Prompts, Region
@@ -165,9 +166,7 @@ class Sam2Engine(Engine):
                  cache_slices: int = 64):
         super().__init__()
         self.checkpoint = Path(checkpoint)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = choose_device(device, allow_mps=False)
         self.max_slices = int(max_slices)
         self.cache_slices = int(cache_slices)
         self._model = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.policy import largest_component
 from ..errors import MedSegError, check_cancel
 from .predictor import Model
 
@@ -17,14 +18,8 @@ def _normalize(x, low, high):
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
-    lab, n = ndimage.label(mask)
-    if n <= 1:
-        return mask.astype(bool)
-    sizes = np.bincount(lab.ravel())
-    sizes[0] = 0
-    return lab == int(sizes.argmax())
+    """deepbet keeps the largest face-connected piece (:func:`.core.policy.largest_component`)."""
+    return largest_component(mask, connectivity=1)
 
 
 def _box_with_margin(mask_small: np.ndarray, shape, margin=0.1):

@@ -23,6 +23,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..core.policy import check_inputs, keep_largest_components
+from ..core.policy import mirror_tta as _mirror_tta
 from ..core.volume import Volume
 from ..errors import MedSegError, check_cancel
 from .card import ModelCard
@@ -70,19 +72,10 @@ def mirror_tta(predictor: Callable, axes) -> Callable:
         Spatial axes (0 = z, 1 = y, 2 = x) allowed for mirroring; every subset
         of them is used (``2 ** len(axes)`` passes).
     """
-    import itertools
-
     dims = [2 + int(a) for a in axes]
-    combos = [c for r in range(len(dims) + 1) for c in itertools.combinations(dims, r)]
 
     def run(x):
-        out = None
-        for flip in combos:
-            xi = torch.flip(x, flip) if flip else x
-            y = predictor(xi)
-            y = (torch.flip(y, flip) if flip else y).float()
-            out = y if out is None else out + y
-        return out / len(combos)
+        return _mirror_tta(predictor, x, dims).float()
 
     return run
 
@@ -223,32 +216,11 @@ class Model:
                               uncertainty=uncertainty, memory_limit=memory_limit,
                               lazy_output=lazy_output)
 
-    def _check_inputs(self, volumes) -> list:
-        if isinstance(volumes, (Volume, np.ndarray)):
-            volumes = [volumes]
-        vols = []
-        for v in volumes:
-            if isinstance(v, np.ndarray):
-                if v.ndim < 3:
-                    raise MedSegError(f"{self.card.name} needs a 3D image (Z, Y, X); got a "
-                                      f"{v.ndim}D array of shape {v.shape}")
-                v = Volume(v)
-            if not isinstance(v, Volume):
-                raise MedSegError(f"{self.card.name} needs Volume inputs, got {type(v).__name__}")
-            if min(v.shape3) < 2:
-                raise MedSegError(
-                    f"{self.card.name} is a 3D model but the image is 2D (shape "
-                    f"{tuple(v.data.shape)}); open the whole series or volume", v.source)
-            vols.append(v)
-        if not vols:
-            raise MedSegError(f"{self.card.name}: no input image given")
-        n = sum(v.n_channels for v in vols)
-        if n != self.card.n_channels:
-            want = ", ".join(f"{c['name']} ({c['modality']})" for c in self.card.channels)
-            raise MedSegError(
-                f"model {self.card.name} takes {self.card.n_channels} channel(s) [{want}] but "
-                f"{n} were given; choose matching images", vols[0].source)
-        return vols
+    def _check_inputs(self, volumes, names=None) -> list:
+        """3D inputs, the card's channel count, one grid (see ``core.policy.check_inputs``)."""
+        return check_inputs(volumes, self.card.n_channels, self.card.name,
+                            [f"{c['name']} ({c['modality']})" for c in self.card.channels],
+                            names=names)
 
     def _with_margin(self, box, ref: Volume):
         """Grow the region by half a model window (in mm) of context, clipped to the image."""
@@ -357,22 +329,7 @@ def postprocess_labels(labels: np.ndarray, steps: dict) -> np.ndarray:
     ``largest_component``: for each listed class keep the largest 26-connected
     piece; smaller pieces become background.
     """
-    ids = (steps or {}).get("largest_component") or []
-    if not ids:
-        return labels
-    from scipy import ndimage
-
-    labels = np.array(labels, copy=True) if not labels.flags.writeable else labels
-    for cid in ids:
-        mask = labels == cid
-        if not mask.any():
-            continue
-        comp, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-        if n > 1:
-            sizes = np.bincount(comp.ravel())
-            sizes[0] = 0
-            labels[mask & (comp != int(sizes.argmax()))] = 0
-    return labels
+    return keep_largest_components(labels, (steps or {}).get("largest_component"))
 
 
 # ------------------------------------------------------------------ regions

@@ -132,15 +132,10 @@ def _mean_dice(per_case: list) -> dict:
 
 
 def _use_bf16() -> bool:
-    """bf16 autocast only where the CPU has native bf16 (AVX512-BF16 / AMX)."""
-    import torch
+    """bf16 autocast only where the CPU has native bf16 (:func:`.core.policy.bf16_supported`)."""
+    from ..core.policy import bf16_supported
 
-    try:
-        if torch.backends.cpu.get_cpu_capability() == "AMX":
-            return True
-        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
-    except (OSError, AttributeError):
-        return False
+    return bf16_supported("cpu")
 
 
 # ---------------------------------------------------------------- helpers

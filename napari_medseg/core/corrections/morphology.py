@@ -13,6 +13,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ...errors import MedSegError
+from ..policy import largest_component
 from ._base import (Edit, Progress, check_label_value, check_labels, ellipsoid, label_ids,
                     make_edit, normalize_region, pad_region)
 
@@ -87,9 +88,8 @@ def keep_largest(labels, label=None, *, region=None, connectivity: int = 3,
     ids = label_ids(crop, label)
     prog = Progress(len(ids), progress, cancel)
     for k in ids:
-        comp, n, sizes = _components(crop == k, connectivity)
-        if n > 1:
-            crop[(comp != 0) & (comp != int(np.argmax(sizes)))] = 0
+        mask = crop == k
+        crop[mask & ~largest_component(mask, connectivity)] = 0
         prog.step()
     return make_edit(lab, region, crop)
 

@@ -1,0 +1,121 @@
+"""Running a model: load it if needed, predict, and turn failures into clear errors.
+
+:func:`run_model` is what the Segment widget (in a worker thread), the command
+line and batch runs call. It adds to :meth:`Model.predict`:
+
+* loading by registry name or path (:func:`~napari_medseg.models.load_model`);
+* cancel inside a network's forward pass, between its layers, not only between
+  windows (:func:`cancel_inside_forward`);
+* out of memory as one :class:`~napari_medseg.errors.MedSegError` with a hint
+  on what to change (:func:`napari_medseg.core.policy.out_of_memory_error`).
+
+No napari, no Qt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from ..core.policy import OOM_HINT, OutOfMemory, is_out_of_memory, out_of_memory_error
+from ..errors import MedSegError, check_cancel
+from .checks import check_input, check_prediction
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_model", "cancel_inside_forward", "OOM_HINT"]
+
+
+@contextlib.contextmanager
+def cancel_inside_forward(model, cancel):
+    """Let ``cancel`` interrupt a torch network between its layers, not only between windows.
+
+    One batch of windows can take seconds on a CPU; a forward pre-hook on each
+    submodule checks ``cancel`` so that a cancel takes effect within one layer.
+    Networks that take no hooks (TorchScript) are left alone.
+    """
+    network = getattr(model, "network", None)
+    handles = []
+    if cancel is not None and network is not None and hasattr(network, "modules"):
+        def hook(module, args):
+            check_cancel(cancel)
+
+        try:
+            handles = [m.register_forward_pre_hook(hook) for m in network.modules()]
+        except (AttributeError, RuntimeError):  # scripted modules
+            log.debug("cannot hook %s; cancel works between windows", type(network))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_model(model, volumes, *, name: str = "", progress=None, cancel=None, warn=None,
+              **options):
+    """Load ``model`` if needed and predict on ``volumes`` (labels on the input grid).
+
+    Parameters
+    ----------
+    model : str, path or loaded model
+        A registry name or path (given to ``load_model``) or a loaded model
+        (anything with ``card`` and ``predict``).
+    volumes : list of Volume
+        ``(Z, Y, X)`` channels in the order of the model card.
+    name : str
+        What the user calls the input (a layer or file name), for messages.
+    progress, cancel : callable, optional
+        ``progress(done, total)`` and ``cancel() -> bool``.
+    warn : callable, optional
+        ``warn(text)`` for each mismatch as soon as it is found: input checks
+        before the run, predicted volumes after it
+        (:mod:`napari_medseg.models.checks`). All of them are also in
+        ``prediction.info["warnings"]``.
+    **options
+        Passed to ``model.predict`` (device, overlap, tta, fast, region, uncertainty).
+
+    Returns
+    -------
+    (model, Prediction)
+        The loaded model (to reuse) and its prediction.
+
+    Raises
+    ------
+    MedSegError
+        Bad inputs, an unknown model, and out of memory (with :data:`OOM_HINT`).
+    Cancelled
+        When ``cancel()`` turned True.
+    """
+    try:
+        if isinstance(model, str) or hasattr(model, "__fspath__"):
+            from . import load_model
+
+            model = load_model(model)
+        check_cancel(cancel)
+        found = _checked(check_input, model.card, volumes, warn=warn)
+        with cancel_inside_forward(model, cancel):
+            pred = model.predict(volumes, progress=progress, cancel=cancel, **options)
+    except OutOfMemory as exc:  # raised inside the engine: name the input here
+        if exc.source is None and name:
+            raise out_of_memory_error(exc, name) from exc
+        raise
+    except MedSegError:
+        raise
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise out_of_memory_error(exc, name or None) from exc
+        raise
+    found += _checked(check_prediction, model.card, pred.labels,
+                      options.get("region") is None, warn=warn)
+    pred.info = dict(pred.info or {}, warnings=found)
+    return model, pred
+
+
+def _checked(check, *args, warn=None) -> list:
+    """Run one of :mod:`.checks`; hand each warning to ``warn`` and return them all."""
+    found = check(*args)
+    for text in found:
+        log.info("check: %s", text)
+        if warn is not None:
+            warn(text)
+    return found
