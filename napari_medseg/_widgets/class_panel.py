@@ -25,6 +25,8 @@ from qtpy.QtWidgets import (
 
 from .._napari.boundary import volume_from_layer
 
+from .._napari.layer_roles import locked_classes
+from .._napari.locks import enforce_locks, lock_classes
 from ._layout import min_table_rows
 
 log = logging.getLogger(__name__)
@@ -63,8 +65,8 @@ class ClassPanel(QWidget):
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         self.title = QLabel("Classes: run a model to list them")
-        self.table = QTableWidget(0, 4)
-        self.table.setHorizontalHeaderLabels(["", "class", "voxels", "mL"])
+        self.table = QTableWidget(0, 5)
+        self.table.setHorizontalHeaderLabels(["", "class", "voxels", "mL", "lock"])
         self.table.verticalHeader().setVisible(False)
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
@@ -73,9 +75,10 @@ class ClassPanel(QWidget):
         header.setSectionResizeMode(0, QHeaderView.ResizeMode.Fixed)
         header.resizeSection(0, 22)
         header.setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
-        for col in (2, 3):
+        for col in (2, 3, 4):
             header.setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
-        self.table.cellClicked.connect(lambda row, _col: self.select_row(row))
+        self.table.cellClicked.connect(lambda row, col: col != 4 and self.select_row(row))
+        self.table.itemChanged.connect(self._lock_changed)
         lay.addWidget(self.title)
         min_table_rows(self.table, 8)
         lay.addWidget(self.table, 1)
@@ -100,6 +103,8 @@ class ClassPanel(QWidget):
             self.title.setText("Classes: run a model to list them")
             return
         self.classes = classes if classes is not None else self._read_classes(layer)
+        if locked_classes(layer):  # locks saved with the layer hold from the start
+            enforce_locks(layer)
         try:
             self._voxel_ml = volume_from_layer(layer, viewer=self.viewer).voxel_volume_ml
         except Exception:  # noqa: BLE001 - fall back to the napari scale
@@ -143,6 +148,8 @@ class ClassPanel(QWidget):
 
     # ------------------------------------------------------------ rows
     def _build_rows(self) -> None:
+        locked = locked_classes(self.layer) if self.layer is not None else frozenset()
+        self.table.blockSignals(True)
         self.table.setRowCount(len(self.classes))
         for row, (idx, (name, rgba)) in enumerate(self.classes.items()):
             swatch = QTableWidgetItem("")
@@ -157,6 +164,32 @@ class ClassPanel(QWidget):
                 item.setTextAlignment(Qt.AlignmentFlag.AlignRight |
                                       Qt.AlignmentFlag.AlignVCenter)
                 self.table.setItem(row, col, item)
+            lock = QTableWidgetItem("")
+            lock.setFlags(Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsUserCheckable)
+            lock.setCheckState(Qt.CheckState.Checked if idx in locked else
+                               Qt.CheckState.Unchecked)
+            lock.setToolTip(f"lock '{name}': no brush, fill, correction or interactive "
+                            "commit changes its voxels")
+            self.table.setItem(row, 4, lock)
+        self.table.blockSignals(False)
+
+    # ------------------------------------------------------------ locks
+    def locked(self) -> list[int]:
+        """Class ids whose lock box is ticked."""
+        return [idx for row, idx in enumerate(self.classes)
+                if self.table.item(row, 4) is not None
+                and self.table.item(row, 4).checkState() == Qt.CheckState.Checked]
+
+    def set_locked(self, label: int, locked: bool = True) -> None:
+        """Tick (or clear) the lock of class ``label``; edits then leave it alone."""
+        if label in self.classes:
+            row = list(self.classes).index(label)
+            self.table.item(row, 4).setCheckState(
+                Qt.CheckState.Checked if locked else Qt.CheckState.Unchecked)
+
+    def _lock_changed(self, item) -> None:
+        if item.column() == 4 and self.layer is not None:
+            lock_classes(self.layer, self.locked())
 
     def _schedule(self, event=None) -> None:
         self._timer.start()
