@@ -298,10 +298,12 @@ def run_case(model_ref, case: Case, out: str, options: dict) -> dict:
             warnings.simplefilter("always")
             model = _model(model_ref)
             vols = [read_volume(p, lazy=True) for p in case.paths]
+            caught.extend(_input_warnings(model.card, vols))
             pred = model.predict(vols, device=options.get("device", "cpu"),
                                  overlap=options.get("overlap", 0.5),
                                  tta=options.get("tta", False), fast=options.get("fast", False),
                                  memory_limit=options.get("memory_limit"))
+            caught.extend(_output_warnings(model.card, pred.labels))
             write_labels(out, pred.labels, overwrite=True)
             _log_event(out.parent, event="wrote", case=case.case_id, output=str(out))
         caught.extend(str(w.message) for w in wlist)
@@ -320,6 +322,24 @@ def run_case(model_ref, case: Case, out: str, options: dict) -> dict:
         row["peak_memory_gib"] = round(_peak_bytes() / 2**30, 3)
         row["warnings"] = "; ".join(dict.fromkeys(c.replace("\n", " ") for c in caught))
     return row
+
+
+def _input_warnings(card, vols) -> list:
+    """The wrong-input checks (modality, body region, channels) as warning lines."""
+    try:
+        from .models.checks import check_input
+    except ImportError:  # pragma: no cover - older trees
+        return []
+    return list(check_input(card, vols))
+
+
+def _output_warnings(card, labels) -> list:
+    """Predicted volumes outside the card's plausible ranges, as warning lines."""
+    try:
+        from .models.checks import check_prediction
+    except ImportError:  # pragma: no cover - older trees
+        return []
+    return list(check_prediction(card, labels))
 
 
 def _class_volumes(pred) -> dict:

@@ -159,3 +159,17 @@ def test_dask_worker_killed_mid_run_loses_nothing(cluster, tmp_path):
     wrote = [e["case"] for e in _events(out, "wrote")]
     assert sorted(wrote) == sorted(names)
     assert all(int(r["worker_pid"]) != killed for r in rows.values())
+
+
+def test_a_case_records_wrong_input_warnings(tmp_path):
+    from napari_medseg.batch import Case, run_case
+    from napari_medseg.core.phantom import make_head_mr
+    from napari_medseg.io import write_volume
+
+    img, _ = make_head_mr(seed=0, shape=(32, 64, 64))
+    path = write_volume(tmp_path / "head_t1.nii.gz", img)
+    row = run_case(MODEL, Case("head", [str(path)]), str(tmp_path / "head_seg.nii.gz"),
+                   {"device": "cpu"})
+    assert row["status"] == "done"
+    assert "MR" in row["warnings"] or "head" in row["warnings"], row["warnings"]
+    assert (tmp_path / "head_seg.nii.gz").exists()
