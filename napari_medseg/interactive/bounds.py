@@ -170,16 +170,19 @@ def _dist_to_points(domain, points, spacing) -> np.ndarray:
 
 
 def _within(mask, spacing, mm) -> np.ndarray:
-    """Voxels within ``mm`` of ``mask`` (bounding box of ``mask`` widened)."""
-    out = np.zeros(mask.shape, bool)
-    if not mask.any():
-        return out
-    pad = [int(np.ceil(mm / s)) + 1 if n > 1 else 0 for s, n in zip(spacing, mask.shape)]
-    idx = [np.nonzero(mask.any(axis=tuple(b for b in range(3) if b != a)))[0]
-           for a in range(3)]
-    box = tuple(slice(max(i[0] - p, 0), i[-1] + p + 1) for i, p in zip(idx, pad))
-    d = ndi.distance_transform_edt(~mask[box], sampling=spacing)
-    out[box] = d <= mm
+    """Voxels within about ``mm`` of ``mask``: a dilation by a box of half-size
+    ``mm`` along each axis (a tolerance band, cheap on large masks)."""
+    out = np.array(mask, bool, copy=True)
+    for a, sp in enumerate(spacing):
+        steps = min(int(mm // sp), out.shape[a] - 1)
+        if steps <= 0:
+            continue
+        src = out.copy()
+        for k in range(1, steps + 1):
+            lo = tuple(slice(k, None) if b == a else slice(None) for b in range(out.ndim))
+            hi = tuple(slice(None, -k) if b == a else slice(None) for b in range(out.ndim))
+            out[lo] |= src[hi]
+            out[hi] |= src[lo]
     return out
 
 
@@ -213,9 +216,15 @@ def _positive_points(prompts, limit: int = 256) -> np.ndarray:
 def _reach(domain, spacing, prompts, bounds: Bounds, flat_axis) -> np.ndarray:
     """Rule 1: where a result may lie, on ``domain``."""
     pos = _positive_points(prompts)
-    if not len(pos):
-        return np.ones(tuple(s.stop - s.start for s in domain), bool)
-    allowed = _dist_to_points(domain, pos, spacing) <= bounds.max_radius_mm
+    shape = tuple(s.stop - s.start for s in domain)
+    corners = np.array(np.meshgrid(*[(s.start, s.stop - 1) for s in domain],
+                                   indexing="ij")).reshape(3, -1).T
+    reach = np.sqrt((((corners[None] - pos[:, None]) * spacing) ** 2).sum(-1)).max(1) \
+        if len(pos) else np.zeros(0)
+    if not len(pos) or np.any(reach <= bounds.max_radius_mm):
+        allowed = np.ones(shape, bool)  # the domain lies in the ball around a prompt
+    else:
+        allowed = _dist_to_points(domain, pos, spacing) <= bounds.max_radius_mm
     if len(prompts.boxes):
         inbox = np.zeros(allowed.shape, bool)
         for lo, hi in prompts.boxes:
