@@ -228,3 +228,23 @@ def test_cancel_stops_native_run(tmp_path):
     with pytest.raises(Cancelled):
         model.predict(Volume(_ct((20, 20, 20))), device="cpu",
                       cancel=lambda: calls.append(1) or len(calls) > 2)
+
+
+def test_118_class_run_holds_a_few_slices_of_logits(tmp_path):
+    """A TotalSegmentator-shaped output (118 logits): the export keeps a few slices, not the volume."""
+    names = [f"c{i}" for i in range(1, 118)]
+    folder = make_result_folder(tmp_path, "Dataset505_Many", names, spacing=(1.5, 1.5, 1.5),
+                                patch=(8, 16, 16), seed=11)
+    model = load_model(folder)
+    model.amp = "off"
+    x = _ct((40, 18, 17), seed=5)[None]
+    spacing = (1.2, 1.6, 1.7)
+    res = model.run_array(x, spacing, device="cpu")
+    assert res.info["export"] == "streamed"
+    z_net = res.info["network_shape"][0]
+    # one band of cells being finished (half a window) plus the band before it that linear
+    # interpolation still needs: about one window's depth (8) + 1, of 32 slices
+    assert res.info["export_peak_slices"] <= 9 and z_net == 32
+    _, ref_labels, props = _reference(folder, x, spacing)
+    assert (res.labels == ref_labels).mean() > 0.99
+    assert len(np.unique(res.labels)) > 10
