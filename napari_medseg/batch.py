@@ -11,7 +11,7 @@
 {'done': 24}
 
 Inputs are files, folders (each readable file and each DICOM series folder in
-them is a case; a folder that is itself a DICOM series is one case), glob
+them is a case; a folder holding DICOM files itself is one series case), glob
 patterns, or CSV files listing paths (a ``path`` / ``image`` column, or the
 first column; ``path_1``, ``path_2``... columns give a multi-channel case; an
 optional ``case_id`` column names the case).
@@ -128,7 +128,7 @@ def _expand(item: str) -> list:
         raise MedSegError("file or folder not found; check the path", str(p))
     if p.is_file() and p.suffix.lower() == ".csv":
         return _read_csv(p)
-    if p.is_dir() and not p.name.lower().endswith(".zarr") and format_of(p) != "dicom":
+    if p.is_dir() and not p.name.lower().endswith(".zarr") and not _holds_dicom_files(p):
         out = []
         for child in sorted(p.iterdir()):
             if child.name.startswith("."):
@@ -143,6 +143,17 @@ def _expand(item: str) -> list:
             raise MedSegError("the folder holds no volume napari-medseg reads", str(p))
         return out
     return [p]
+
+
+def _holds_dicom_files(folder: Path) -> bool:
+    """True when DICOM files lie directly in ``folder`` (a series folder, not a study)."""
+    from .io.dicom import is_dicom_file
+
+    for child in folder.iterdir():
+        if child.is_file() and not child.name.startswith(".") and (
+                child.name.lower().endswith(".dcm") or is_dicom_file(child)):
+            return True
+    return False
 
 
 def _read_csv(path: Path) -> list:

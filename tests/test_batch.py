@@ -173,3 +173,17 @@ def test_a_case_records_wrong_input_warnings(tmp_path):
     assert row["status"] == "done"
     assert "MR" in row["warnings"] or "head" in row["warnings"], row["warnings"]
     assert (tmp_path / "head_seg.nii.gz").exists()
+
+
+def test_dicom_series_folders_are_cases(tmp_path):
+    import shutil
+
+    pydicom_data = pytest.importorskip("pydicom.data")
+    series = Path(pydicom_data.get_testdata_file("dicomdirtests/98892001/CT5N/2062")).parent
+    root = tmp_path / "study"
+    shutil.copytree(series, root / "series_a")
+    (root / "notes.txt").write_text("not an image")
+    cases = collect_cases(root)
+    assert [c.case_id for c in cases] == ["series_a"]
+    # a folder that is itself a series is one case
+    assert [c.case_id for c in collect_cases(root / "series_a")] == ["series_a"]
