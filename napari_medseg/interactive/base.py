@@ -262,9 +262,10 @@ class Engine(ABC):
               region) -> tuple[np.ndarray, Region]:
         """``(mask, region)`` bounded by :func:`~.bounds.bound_result`.
 
-        The previous bounded result is kept: when ``prompts`` repeat the
-        previous prompts on the same image plus one click, that click's
-        change is bounded against it.
+        The previous bounded result is kept (and what negative clicks
+        removed from the object): when ``prompts`` repeat the previous
+        prompts on the same image plus one click, that click's change is
+        bounded against it.
         """
         if not getattr(self, "bounded", True):
             return mask, region
@@ -278,11 +279,12 @@ class Engine(ABC):
         if last is not None and last[0] == key:
             click = added_click(last[1], p)
             if click is not None:
-                previous = Previous(last[2], last[3], click[0], click[1])
+                previous = Previous(last[2], last[3], click[0], click[1], last[4])
         mask, region = bound_result(mask, region, tuple(image.shape), spacing, p,
                                     getattr(self, "bounds", None) or Bounds(), previous,
                                     image)
-        self._bound_last = (key, p, mask, region)
+        self._bound_last = (key, p, mask, region,
+                            None if previous is None else previous.removed)
         return mask, region
 
     @staticmethod

@@ -17,7 +17,9 @@ previous result alone (no engine internals, no image statistics):
    same object (the prompts before this click), what the click adds beyond
    ``edge_mm`` of the previous mask is at most ``growth`` times the previous
    volume plus a ball of ``min_reach_mm`` (the voxels nearest the click
-   first) and hangs together with the click or the previous mask. What it
+   first), hangs together with the click or the previous mask and takes
+   back nothing earlier negative clicks removed farther than
+   ``min_reach_mm`` from the click. What it
    removes farther than ``edge_mm`` from the new mask's edge (a part of the
    object given up) is restored.
 3. **A negative click removes near itself.** What it adds farther than
@@ -88,12 +90,16 @@ class Previous:
         The click added since (array indices).
     positive : bool
         Whether it is a positive click.
+    removed : bool array of the image's shape, optional
+        What negative clicks removed from this object so far (beyond the edge
+        band); :func:`bound_result` adds to it in place.
     """
 
     mask: np.ndarray
     region: tuple
     point: np.ndarray
     positive: bool
+    removed: np.ndarray | None = None
 
 
 def added_click(old, new) -> tuple[np.ndarray, bool] | None:
@@ -250,9 +256,12 @@ def _voxel(point, domain) -> tuple | None:
     return None
 
 
-def _positive_step(new, old, point, spacing, domain, bounds: Bounds) -> np.ndarray:
-    """Rule 2 on ``domain``: a positive click adds near itself and gives up
-    nothing beyond the edge band."""
+def _positive_step(new, old, point, spacing, domain, bounds: Bounds,
+                   removed=None) -> np.ndarray:
+    """Rule 2 on ``domain``: a positive click (at ``point``) adds near itself,
+    takes back nothing negative clicks removed (``removed``, on ``domain``)
+    farther than ``min_reach_mm`` from itself, and gives up nothing beyond
+    the edge band."""
     out = new.copy()
     n_old = int(old.sum())
     # restore parts of the object the click gave up (beyond the edge band)
@@ -267,6 +276,14 @@ def _positive_step(new, old, point, spacing, domain, bounds: Bounds) -> np.ndarr
     add = new & ~old & ~_within(old, spacing, bounds.edge_mm)
     if not add.any() or n_old == 0:
         return out
+    # what negative clicks removed is not taken back, but near this click
+    if removed is not None and (add & removed).any():
+        drop = add & removed & (_dist_to_points(domain, [point], spacing)
+                                > bounds.min_reach_mm)
+        out &= ~drop
+        add &= ~drop
+        if not add.any():
+            return out
     vox = float(np.prod([s for s, n in zip(spacing, add.shape) if n > 1]))
     ball = (4 / 3 * np.pi * bounds.min_reach_mm ** 3 if add.ndim - add.shape.count(1) == 3
             else np.pi * bounds.min_reach_mm ** 2)
@@ -368,9 +385,15 @@ def bound_result(mask, region, shape, spacing, prompts, bounds: Bounds = Bounds(
     if prev is not None:
         old = _paste(prev.mask, prev.region, domain)
         if prev.positive:
-            new = _positive_step(new, old, prev.point, spacing, domain, bounds)
+            new = _positive_step(new, old, prev.point, spacing, domain, bounds,
+                                 None if prev.removed is None else prev.removed[domain])
         else:
             new = _negative_step(new, old, prev.point, prompts, spacing, domain, bounds,
                                  image)
+            gone = old & ~_within(new, spacing, bounds.edge_mm)
+            if gone.any():
+                if prev.removed is None:
+                    prev.removed = np.zeros(tuple(shape), bool)
+                prev.removed[domain] |= gone
         new &= allowed | old
     return new, domain
