@@ -10,6 +10,7 @@ import pytest
 from napari_medseg.core.ledger import CorrectionLedger
 from napari_medseg.errors import MedSegError
 from napari_medseg.io.export import STAT_COLUMNS, write_statistics_csv
+from napari_medseg.io.export.csvstats import SHAPE_COLUMNS
 
 
 def _data():
@@ -26,7 +27,9 @@ def test_csv_has_volumes_intensities_and_boxes(tmp_path):
     out = write_statistics_csv(tmp_path / "stats.csv", lab, spacing, image=img,
                                names={1: "liver", 2: "spleen", 3: "lesion"})
     rows = list(csv.DictReader(out.open()))
-    assert list(rows[0].keys()) == list(STAT_COLUMNS)
+    # the statistics, then the shape columns (tests/test_shape.py checks their values)
+    assert list(rows[0].keys()) == list(STAT_COLUMNS) + list(SHAPE_COLUMNS)
+    assert float(rows[0]["surface_mm2"]) > 0 and rows[0]["centroid_r"] != ""
     by = {int(r["label"]): r for r in rows}
     assert by[1]["name"] == "liver" and int(by[1]["voxels"]) == 18
     assert float(by[1]["volume_ml"]) == pytest.approx(18 * 1.5 / 1000)

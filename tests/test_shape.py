@@ -85,3 +85,55 @@ def test_surface_files_read_back_in_the_chosen_frame(tmp_path, ext):
     assert m_ras.volume > 0 and m_lps.volume > 0
     with pytest.raises(Exception, match="exists"):
         export_surfaces(tmp_path / f"case{ext}", vol)
+
+
+def test_export_widget_writes_surfaces_and_shape_csv(make_napari_viewer, qtbot, tmp_path):
+    trimesh = pytest.importorskip("trimesh")
+    import csv
+
+    from napari_medseg._napari.layers import volume_to_layer_data
+    from napari_medseg.core.volume import Volume
+
+    viewer = make_napari_viewer()
+    aff = make_affine((1.0, 1.0, 1.0), (5.0, 6.0, 7.0), np.diag([-1.0, -1.0, 1.0]))
+    img = Volume(np.zeros((40, 40, 40), np.int16), aff, modality="CT")
+    lab = img.like_labels(_sphere(8.0, shape=(40, 40, 40), centre_mm=(20.0, 20.0, 20.0)),
+                          names={1: "liver"})
+    d, kw, _ = volume_to_layer_data(img, name="ct")
+    viewer.add_image(d, **kw)
+    d, kw, _ = volume_to_layer_data(lab, name="seg")
+    viewer.add_labels(d, **kw)
+    _, w = viewer.window.add_plugin_dock_widget("napari-medseg", "Export")
+    w.labels_combo.setCurrentText("seg")
+    w.path_edit.setText(str(tmp_path / "case.nii.gz"))
+    w.frame_combo.setCurrentText("LPS")
+    job = w.export_surfaces()
+    qtbot.waitUntil(lambda: job.result is not None or job.error is not None, timeout=30000)
+    assert job.error is None, job.error
+    mesh = trimesh.load(tmp_path / "case_liver.stl", force="mesh")
+    centre = aff[:3, :3] @ np.array([20.0, 20.0, 20.0]) + aff[:3, 3]
+    np.testing.assert_allclose(mesh.centroid, centre * [-1, -1, 1], atol=0.2)
+    qtbot.waitUntil(lambda: not job.running, timeout=5000)
+    job = w.export_csv()
+    qtbot.waitUntil(lambda: job.result is not None or job.error is not None, timeout=30000)
+    assert job.error is None, job.error
+    [row] = list(csv.DictReader((tmp_path / "case_stats.csv").open()))
+    assert (float(row["centroid_r"]), float(row["centroid_a"]), float(row["centroid_s"])) \
+        == pytest.approx(tuple(centre), abs=0.05)
+    assert float(row["max_diameter_mm"]) == pytest.approx(16.0, rel=0.08)
+
+
+def test_qa_table_shows_shape_columns_on_request(make_napari_viewer):
+    viewer = make_napari_viewer()
+    lab = _sphere(8.0, shape=(40, 40, 40), centre_mm=(20.0, 20.0, 20.0))
+    viewer.add_labels(lab, name="seg", features={"index": [0, 1],
+                                                 "name": ["background", "tumour"]})
+    _, w = viewer.window.add_plugin_dock_widget("napari-medseg", "Label QA")
+    w.layer_combo.setCurrentText("seg")
+    w.refresh()
+    assert w.table.item(0, 7).text() == ""  # off by default: the table stays fast
+    w.shape_check.setChecked(True)
+    cells = [w.table.item(0, j).text() for j in (7, 8, 9)]
+    assert float(cells[0]) == pytest.approx(4 * np.pi * 8 ** 2 / 100, rel=0.06)
+    assert float(cells[1]) == pytest.approx(16.0, rel=0.08)
+    assert float(cells[2]) == pytest.approx(1.0, abs=0.1)

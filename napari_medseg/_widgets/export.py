@@ -65,11 +65,19 @@ def _write_labels_job(path, vol, image, overwrite, rtstruct=False, progress=None
     return write_labels(path, vol, overwrite=overwrite)
 
 
+def _surface_job(path, vol, frame, smooth, overwrite, progress=None, cancel=None):
+    from ..io.export.surface import export_surfaces
+
+    files = export_surfaces(path, vol, frame=frame, smooth=10 if smooth else 0,
+                            overwrite=overwrite, progress=progress, cancel=cancel)
+    return files[0].parent if files else path
+
+
 def _csv_job(path, vol, image, ledger, overwrite, progress=None, cancel=None):
     from ..io.export import write_statistics_csv
 
     img = None if image is None else np.asarray(image.data)
-    return write_statistics_csv(path, vol.data, vol.spacing, image=img,
+    return write_statistics_csv(path, vol.data, vol.spacing, image=img, affine=vol.affine,
                                 names=vol.label_names, ledger=ledger, overwrite=overwrite)
 
 
@@ -108,6 +116,16 @@ class ExportWidget(QWidget):
         self.export_button.clicked.connect(self.export_labels)
         self.csv_button = QPushButton("Statistics CSV")
         self.csv_button.clicked.connect(self.export_csv)
+        self.surface_button = QPushButton("Surfaces")
+        self.surface_button.setToolTip("one mesh per class beside the labels file, in "
+                                       "patient mm")
+        self.surface_button.clicked.connect(self.export_surfaces)
+        self.mesh_combo = QComboBox()
+        self.mesh_combo.addItems([".stl", ".obj", ".ply"])
+        self.frame_combo = QComboBox()
+        self.frame_combo.addItems(["RAS", "LPS"])
+        self.frame_combo.setToolTip("RAS: NIfTI / 3D Slicer world; LPS: DICOM / ITK")
+        self.smooth_check = QCheckBox("smooth")
         self.dataset_edit = QLineEdit()
         self.dataset_edit.setPlaceholderText("nnU-Net dataset folder (DatasetXXX_Name)")
         self.case_button = QPushButton("Add as training case")
@@ -135,6 +153,8 @@ class ExportWidget(QWidget):
         form.addRow("File", _row(self.path_edit, browse))
         form.addRow("", self.overwrite)
         form.addRow("", _row(self.export_button, self.csv_button))
+        form.addRow("", _row(self.surface_button, self.mesh_combo, self.frame_combo,
+                             self.smooth_check))
         form.addRow("Dataset", self.dataset_edit)
         form.addRow("", _row(self.case_button, self.finetune_button))
         form.addRow("Autosave every", self.autosave_spin)
@@ -252,7 +272,8 @@ class ExportWidget(QWidget):
         return self.job.start()
 
     def _set_busy(self, busy: bool) -> None:
-        for b in (self.export_button, self.csv_button, self.case_button):
+        for b in (self.export_button, self.csv_button, self.case_button,
+                  self.surface_button):
             b.setEnabled(not busy)
 
     def _guarded(self, what, make):
@@ -290,6 +311,24 @@ class ExportWidget(QWidget):
             return self._run(_csv_job, path + "_stats.csv", vol, image, ledger,
                              self.overwrite.isChecked(), what="Statistics CSV")
         return self._guarded("Statistics CSV", make)
+
+    def export_surfaces(self) -> Job | None:
+        """Write each class's surface beside the labels file (``*_<class>.stl``)."""
+        def make():
+            path = self.path_edit.text().strip()
+            if not path:
+                raise MedSegError("choose a file name first; the surfaces are written "
+                                  "beside it")
+            low = path.lower()
+            for e in sorted(FORMATS.values(), key=len, reverse=True):
+                if low.endswith(e):
+                    path = path[: -len(e)]
+                    break
+            vol, _, _ = self._volumes()
+            return self._run(_surface_job, path + self.mesh_combo.currentText(), vol,
+                             self.frame_combo.currentText(), self.smooth_check.isChecked(),
+                             self.overwrite.isChecked(), what="Surfaces")
+        return self._guarded("Surfaces", make)
 
     def add_training_case(self) -> Job | None:
         """Append image + labels (+ ledger) to the nnU-Net dataset folder."""

@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["QAWidget", "COLUMNS"]
 
-COLUMNS = ("Label", "Name", "Volume (mL)", "Islands", "Corrected", "Dice", "Flags")
+COLUMNS = ("Label", "Name", "Volume (mL)", "Islands", "Corrected", "Dice", "Flags",
+           "Surface (cm²)", "Max diam. (mm)", "Sphericity")
 #: Delay (ms) between the last edit and the automatic refresh.
 DEBOUNCE_MS = 600
 
@@ -64,6 +65,11 @@ class QAWidget(QWidget):
         self.auto_check.setChecked(True)
         row.addWidget(self.refresh_button)
         row.addWidget(self.auto_check)
+        self.shape_check = QCheckBox("shape")
+        self.shape_check.setToolTip("surface, maximum diameter and sphericity per class "
+                                    "(marching cubes; slower on large labels)")
+        self.shape_check.toggled.connect(lambda _on: self.refresh())
+        row.addWidget(self.shape_check)
         row.addStretch(1)
         lay.addLayout(row)
         self.table = QTableWidget(0, len(COLUMNS))
@@ -177,8 +183,16 @@ class QAWidget(QWidget):
         pred = prediction_of(layer)
         if pred is not None and np.shape(pred) != labels.shape:
             pred = None
-        return label_qa(labels, vol.spacing, names=vol.label_names, image=image,
+        rows = label_qa(labels, vol.spacing, names=vol.label_names, image=image,
                         prediction=pred, body=body)
+        if self.shape_check.isChecked():
+            from ..core.shape import shape_statistics
+
+            shapes = shape_statistics(labels, vol.affine, image=image,
+                                      ids=[r["label"] for r in rows if r["voxels"]])
+            for r in rows:
+                r.update(shapes.get(r["label"]) or {})
+        return rows
 
     def _fill(self) -> None:
         self.table.setRowCount(len(self.rows))
@@ -186,11 +200,14 @@ class QAWidget(QWidget):
         for i, r in enumerate(self.rows):
             dice = "" if r.get("dice") is None else f"{r['dice']:.3f}"
             corrected = "" if r.get("corrected_voxels") is None else str(r["corrected_voxels"])
+            shape = ("" if r.get("surface_mm2") is None else f"{r['surface_mm2'] / 100:.1f}",
+                     "" if r.get("max_diameter_mm") is None else f"{r['max_diameter_mm']:.1f}",
+                     "" if r.get("sphericity") is None else f"{r['sphericity']:.2f}")
             cells = (str(r["label"]), r["name"], f"{r['volume_ml']:.2f}", str(r["islands"]),
-                     corrected, dice, "; ".join(r["flags"]))
+                     corrected, dice, "; ".join(r["flags"]), *shape)
             for j, text in enumerate(cells):
                 item = QTableWidgetItem(text)
-                if j in (0, 2, 3, 4, 5):
+                if j in (0, 2, 3, 4, 5, 7, 8, 9):
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight
                                           | Qt.AlignmentFlag.AlignVCenter)
                 if r["flags"]:

@@ -116,15 +116,24 @@ def shape_statistics(labels, affine, image=None, ids=None) -> dict[int, dict]:
         ids = [int(v) for v in np.unique(lab) if v != 0]
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
     # marching cubes in mm: the grid's spacing, then the direction cosines rotate
+    from scipy import ndimage as ndi
+
+    boxes = ndi.find_objects(lab.astype(np.int64, copy=False)) if lab.size and \
+        lab.min() >= 0 else []
     out = {}
     for k in ids:
         row = dict.fromkeys(SHAPE_FIELDS)
-        mask = lab == k
+        box = boxes[k - 1] if 0 < k <= len(boxes) else None
+        if box is None:
+            out[int(k)] = row
+            continue
+        mask = lab[box] == k  # the class's bounding box only
         n = int(mask.sum())
         if n == 0:
             out[int(k)] = row
             continue
-        idx = np.argwhere(mask).astype(float)  # (N, 3) k, j, i
+        offset = np.array([s.start for s in box], float)
+        idx = np.argwhere(mask).astype(float) + offset  # (N, 3) k, j, i
         pts = _to_ras(idx, affine)
         c = pts.mean(axis=0)
         row["centroid_r"], row["centroid_a"], row["centroid_s"] = (float(v) for v in c)
@@ -136,7 +145,7 @@ def shape_statistics(labels, affine, image=None, ids=None) -> dict[int, dict]:
             row["axis_1_mm"], row["axis_2_mm"], row["axis_3_mm"] = (float(a) for a in axes)
         mesh = _mesh_index(mask)
         if mesh is not None and len(mesh[1]):
-            verts = _to_ras(mesh[0], affine)
+            verts = _to_ras(mesh[0] + offset, affine)
             area = _area(smooth_mesh(verts, mesh[1], _AREA_SMOOTHING), mesh[1])
             row["surface_mm2"] = area
             row["max_diameter_mm"] = _max_diameter(verts)
@@ -144,7 +153,7 @@ def shape_statistics(labels, affine, image=None, ids=None) -> dict[int, dict]:
             row["sphericity"] = float(np.pi ** (1 / 3) * (6 * vol_mm3) ** (2 / 3) / area) \
                 if area > 0 else None
         if img is not None:
-            vals = img[mask].astype(np.float64)
+            vals = img[box][mask].astype(np.float64)
             p = np.percentile(vals, [5, 25, 50, 75, 95])
             row["p05"], row["p25"], row["median"], row["p75"], row["p95"] = \
                 (float(v) for v in p)
