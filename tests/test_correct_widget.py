@@ -138,10 +138,72 @@ def test_background_job_and_shortcut(widget, qtbot):
     qtbot.waitUntil(lambda: not job.running and job.result is not None, timeout=20000)
     expected = C.margin(before, 2, margin_mm=1.6, spacing=SPACING).result(before)
     _check_undo_redo(layer, before, expected)
-    func = viewer.keymap[coerce_keybinding("Shift-H")]      # shrink by the margin
-    func(viewer)
+    assert coerce_keybinding("Shift-H") not in viewer.keymap  # no viewer-wide keys
+    func = layer.keymap[coerce_keybinding("Shift-H")]       # shrink by the margin
+    func(layer)
     expected = C.margin(before, 2, margin_mm=-1.6, spacing=SPACING).result(before)
     np.testing.assert_array_equal(layer.data, expected)
+
+
+def test_shortcuts_leave_other_bindings_and_unbind_on_close(make_napari_viewer):
+    from napari.utils.key_bindings import coerce_keybinding
+
+    viewer = make_napari_viewer()
+    mine = viewer.add_labels(np.zeros((4, 8, 8), np.uint8), name="seg")
+
+    def theirs(layer):
+        return "another plugin"
+    viewer.bind_key("Shift-K", theirs, overwrite=True)      # another plugin's viewer key
+    mine.bind_key("Shift-R", theirs)                         # ... and one on the layer
+    dock, w = viewer.window.add_plugin_dock_widget("napari-medseg", "Correct")
+    assert viewer.keymap[coerce_keybinding("Shift-K")] is theirs
+    assert mine.keymap[coerce_keybinding("Shift-R")] is theirs
+    assert coerce_keybinding("Shift-K") in mine.keymap
+    later = viewer.add_labels(np.zeros((4, 8, 8), np.uint8), name="later")
+    assert coerce_keybinding("Shift-G") in later.keymap      # layers added later too
+    w.unbind_keys()
+    assert coerce_keybinding("Shift-K") not in mine.keymap
+    assert coerce_keybinding("Shift-G") not in later.keymap
+    assert mine.keymap[coerce_keybinding("Shift-R")] is theirs
+
+
+def test_correction_form_is_built_from_the_registry(make_napari_viewer):
+    """A correction declared once appears in the widget with its form and shortcut."""
+    import functools
+
+    from napari.utils.key_bindings import coerce_keybinding
+
+    from napari_medseg.core.corrections import registry as R
+
+    def make(ctx):
+        return functools.partial(C.margin, ctx.data, ctx.label,
+                                 margin_mm=ctx.values["mm"] * ctx.values["times"],
+                                 spacing=ctx.spacing, region=ctx.region)
+
+    demo = R.Correction("demo", "Demo double margin", make,
+                        (R.Param("mm", "Margin", "float", 0.8, -10.0, 10.0, 0.1, " mm"),
+                         R.Param("times", "Times", "int", 2, 1, 5)),
+                        info="Grows twice.", shortcuts=(R.Shortcut("Shift-J"),))
+    R.register(demo)
+    try:
+        viewer = make_napari_viewer()
+        lab, _ = _case()
+        layer = viewer.add_labels(lab.copy(), name="seg", scale=SPACING)
+        _, w = viewer.window.add_plugin_dock_widget("napari-medseg", "Correct")
+        idx = w.op_combo.findData("demo")
+        assert idx >= 0 and w.op_combo.itemText(idx) == "Demo double margin"
+        p = w.params["demo"]
+        assert p["mm"].value() == pytest.approx(0.8) and p["mm"].suffix() == " mm"
+        assert p["times"].value() == 2
+        p["times"].setValue(3)
+        w.layer_combo.setCurrentText("seg")
+        w.label_spin.setValue(2)
+        before = layer.data.copy()
+        layer.keymap[coerce_keybinding("Shift-J")](layer)
+        expected = C.margin(before, 2, margin_mm=2.4, spacing=SPACING).result(before)
+        np.testing.assert_array_equal(layer.data, expected)
+    finally:
+        del R.CORRECTIONS["demo"]
 
 
 def test_undo_memory_small_region_of_large_volume():

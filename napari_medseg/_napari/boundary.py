@@ -63,6 +63,8 @@ __all__ = [
     "adopt_geometry",
     "watch_viewer",
     "current_layers",
+    "slicing_axis",
+    "current_slice",
 ]
 
 #: Layer metadata key holding the model's original ``(Z, Y, X)`` prediction.
@@ -238,6 +240,28 @@ def modality_of(layer, default: str = "unknown") -> str:
     """The modality recorded for a layer (``"CT"``, ``"MR"``, ...) or ``default``."""
     meta = (getattr(layer, "metadata", None) or {}).get(META_KEY) or {}
     return str(meta.get("modality") or default)
+
+
+# ------------------------------------------------------------- view state
+def slicing_axis(viewer) -> int:
+    """The ``(Z, Y, X)`` data axis the 2D view slices along (0 = axial by default).
+
+    The last axis napari does not display, counted on the layers' last three
+    axes; 0 in a 3D view.
+    """
+    not_shown = list(viewer.dims.not_displayed)
+    if not not_shown:
+        return 0
+    axis = int(not_shown[-1]) - (int(viewer.dims.ndim) - 3)
+    return min(max(axis, 0), 2)
+
+
+def current_slice(viewer, layer) -> tuple[int, int]:
+    """``(axis, index)`` of the slice of ``layer`` shown in the 2D view."""
+    axis = slicing_axis(viewer)
+    pos = layer.world_to_data(viewer.dims.point)[-3:]
+    n = int(layer.data.shape[-3:][axis])
+    return axis, int(np.clip(round(float(pos[axis])), 0, n - 1))
 
 
 # ----------------------------------------------------- model output layers

@@ -4,10 +4,16 @@ Thin over :mod:`napari_medseg.core.corrections`: it gathers the parameters
 (sizes in mm / mm^3), runs the operation (in a worker thread for big regions)
 and applies the result as one undo step (:func:`napari_medseg._napari.history.apply_edit`).
 
-Keyboard shortcuts (viewer-wide, act on the selected Labels layer and label):
-Shift+R remove small islands, Shift+K keep largest component, Shift+F fill
-holes, Shift+G grow by the margin, Shift+H shrink by the margin, Shift+I fill
-between slices, Shift+M median smoothing. Ctrl+Z / Ctrl+Shift+Z undo / redo.
+The operations, their parameters and shortcuts are declared once in
+:mod:`napari_medseg.core.corrections.registry`; the form, the shortcut list and
+the calls are built from it.
+
+Keyboard shortcuts (bound on each segmentation Labels layer, so they act when
+that layer is selected and never replace another plugin's viewer keys; unbound
+when the widget closes): Shift+R remove small islands, Shift+K keep largest
+component, Shift+F fill holes, Shift+G grow by the margin, Shift+H shrink by the
+margin, Shift+I fill between slices, Shift+M median smoothing. Ctrl+Z /
+Ctrl+Shift+Z undo / redo.
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, Q
                             QSpinBox, QStackedWidget, QVBoxLayout, QWidget)
 
 from ..core import corrections as C
+from ..core.corrections.registry import CORRECTIONS, Context, Param, shortcuts
 from ..errors import MedSegError
 from .._napari.history import apply_edit
 from .._napari.layer_roles import is_segmentation_layer
-from .._napari.boundary import volume_from_layer
+from .._napari.boundary import current_slice, slicing_axis, volume_from_layer
 from .._napari.prediction import view_region
 from ._common import Job, JobBar, notify_exception, show_info
 from ._layout import tabify_when_docked
@@ -40,20 +47,59 @@ BACKGROUND_VOXELS = 4_000_000
 REGIONS = ("Whole volume", "Current slice", "Slice range", "Current view")
 WHOLE, SLICE, RANGE, VIEW = range(len(REGIONS))
 
-#: key -> (operation, extra settings) for the viewer shortcuts.
-SHORTCUTS = {
-    "Shift-R": ("islands", {}), "Shift-K": ("largest", {}), "Shift-F": ("holes", {}),
-    "Shift-G": ("margin", {"sign": 1}), "Shift-H": ("margin", {"sign": -1}),
-    "Shift-I": ("between", {}), "Shift-M": ("smooth", {"method": "median"}),
-}
+#: key -> (operation, extra settings) for the layer shortcuts (from the registry).
+SHORTCUTS = shortcuts()
 
-OPERATIONS = [  # key, title
-    ("islands", "Remove small islands"), ("largest", "Keep largest component"),
-    ("split", "Split into components"), ("holes", "Fill holes"), ("smooth", "Smooth"),
-    ("margin", "Margin (grow / shrink)"), ("between", "Fill between slices"),
-    ("logical", "Logical operation"), ("relabel", "Relabel / merge"),
-    ("threshold", "Threshold-limited paint"),
-]
+#: (key, title) of the operations, in the order of the registry.
+OPERATIONS = [(c.key, c.title) for c in CORRECTIONS.values()]
+
+
+def _unbind(bound: list) -> None:
+    """Unbind the ``(layer, key, function)`` shortcuts still bound to those functions."""
+    from napari.utils.key_bindings import coerce_keybinding
+
+    while bound:
+        layer, key, func = bound.pop()
+        if layer.keymap.get(coerce_keybinding(key)) is func:
+            layer.bind_key(key, None)
+
+
+def _control(param: Param) -> QWidget:
+    """The form control for a declared correction parameter."""
+    if param.kind == "float":
+        w = _dspin(param.default, param.lo, param.hi, param.step, param.suffix,
+                   param.decimals)
+    elif param.kind == "int":
+        w = QSpinBox()
+        w.setRange(int(param.lo), int(param.hi))
+        w.setValue(int(param.default))
+    elif param.kind == "text":
+        w = QLineEdit(str(param.default or ""))
+        w.setPlaceholderText(param.hint)
+    else:  # choice, or a layer name filled in by _refresh_layers
+        w = QComboBox()
+        w.addItems(list(param.choices))
+        if param.kind == "choice" and param.default is not None:
+            w.setCurrentText(str(param.default))
+    if param.hint:
+        w.setToolTip(param.hint)
+    w.setProperty("medseg_param_kind", param.kind)
+    w.setProperty("medseg_param_first", param.first or "")
+    return w
+
+
+def _value(w):
+    """A control's value: a number, text, or a layer name (None for the ``first`` entry)."""
+    kind = w.property("medseg_param_kind")
+    if kind in ("float", "int"):
+        return w.value()
+    if kind == "text":
+        return w.text()
+    if kind in ("image", "labels"):
+        first = w.property("medseg_param_first")
+        text = w.currentText()
+        return None if not text or (first and w.currentIndex() == 0) else text
+    return w.currentText()
 
 
 def _dspin(value, lo, hi, step, suffix, decimals=1):
@@ -111,11 +157,11 @@ class CorrectWidget(QWidget):
         op_box = QGroupBox("Operation")
         op_lay = QVBoxLayout(op_box)
         self.op_combo = QComboBox()
-        for key, title in OPERATIONS:
-            self.op_combo.addItem(title, key)
+        for c in CORRECTIONS.values():  # as registered now (see core.corrections.registry)
+            self.op_combo.addItem(c.title, c.key)
         self.stack = QStackedWidget()
         self.params: dict[str, dict] = {}
-        for key, _title in OPERATIONS:
+        for key in CORRECTIONS:
             self.stack.addWidget(self._param_page(key))
         self.op_combo.currentIndexChanged.connect(self._show_page)
         self._show_page(0)
@@ -130,9 +176,8 @@ class CorrectWidget(QWidget):
         lay.addWidget(op_box)
         self.bar = JobBar()
         lay.addWidget(self.bar)
-        keys = ", ".join(f"{k.replace('-', '+')}: {dict(OPERATIONS)[v[0]].split(' (')[0]}"
-                         + ("" if "sign" not in v[1] else (" +" if v[1]["sign"] > 0 else " -"))
-                         for k, v in SHORTCUTS.items())
+        keys = ", ".join(f"{s.key.replace('-', '+')}: {c.title.split(' (')[0]}{s.note}"
+                         for c in CORRECTIONS.values() for s in c.shortcuts)
         hint = QLabel(f"Shortcuts: {keys}")
         hint.setWordWrap(True)
         hint.setStyleSheet("color: gray; font-size: 10px")
@@ -147,65 +192,26 @@ class CorrectWidget(QWidget):
         for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             ev.connect(self._refresh_layers)
         self.viewer.layers.selection.events.active.connect(self._follow_active)
+        self._bound: list = []  # (layer, key, function) bound by this widget
+        self.viewer.layers.events.inserted.connect(self._bind_keys)
+        self.destroyed.connect(functools.partial(_unbind, self._bound))
         self._bind_keys()
         self._refresh_layers()
         self._sync_region()
 
     # -------------------------------------------------------------- building
     def _param_page(self, key: str) -> QWidget:
+        """The form of one correction, built from its declared parameters."""
         page = QWidget()
         form = QFormLayout(page)
         form.setContentsMargins(0, 0, 0, 0)
+        correction = CORRECTIONS[key]
         p: dict = {}
-        if key == "islands":
-            p["volume"] = _dspin(100.0, 0.0, 1e7, 10.0, " mm³")
-            form.addRow("Smaller than", p["volume"])
-        elif key == "holes":
-            p["mode"] = QComboBox()
-            p["mode"].addItems(["3D", "per slice"])
-            form.addRow("Holes", p["mode"])
-        elif key == "smooth":
-            p["method"] = QComboBox()
-            p["method"].addItems(["median", "opening", "closing"])
-            p["radius"] = _dspin(2.0, 0.1, 100.0, 0.5, " mm")
-            form.addRow("Filter", p["method"])
-            form.addRow("Radius", p["radius"])
-        elif key == "margin":
-            p["mm"] = _dspin(2.0, -100.0, 100.0, 0.5, " mm")
-            form.addRow("Margin (+ grow, - shrink)", p["mm"])
-        elif key == "logical":
-            p["op"] = QComboBox()
-            p["op"].addItems(["union", "intersect", "subtract", "invert"])
-            p["other"] = QSpinBox()
-            p["other"].setRange(0, 65535)
-            p["other"].setValue(2)
-            p["other_layer"] = QComboBox()
-            form.addRow("Operation", p["op"])
-            form.addRow("With label", p["other"])
-            form.addRow("or layer", p["other_layer"])
-        elif key == "relabel":
-            p["sources"] = QLineEdit("2")
-            p["sources"].setPlaceholderText("e.g. 2, 3")
-            p["target"] = QSpinBox()
-            p["target"].setRange(0, 65535)
-            p["target"].setValue(1)
-            form.addRow("Labels", p["sources"])
-            form.addRow("Become", p["target"])
-        elif key == "threshold":
-            p["image"] = QComboBox()
-            p["lo"] = _dspin(-100.0, -1e6, 1e6, 10.0, "")
-            p["hi"] = _dspin(300.0, -1e6, 1e6, 10.0, "")
-            p["mask"] = QComboBox()
-            form.addRow("Image", p["image"])
-            form.addRow("From", p["lo"])
-            form.addRow("To", p["hi"])
-            form.addRow("Where", p["mask"])
-        elif key in ("split", "between", "largest"):
-            text = {"split": "Each island gets its own label (largest keeps it).",
-                    "between": "Interpolates the label between the slices it is drawn "
-                               "on, along the current slicing axis.",
-                    "largest": "Removes all but the largest island."}[key]
-            info = QLabel(text)
+        for param in correction.params:
+            p[param.name] = _control(param)
+            form.addRow(param.label, p[param.name])
+        if correction.info:
+            info = QLabel(correction.info)
             info.setWordWrap(True)
             form.addRow(info)
         self.params[key] = p
@@ -219,12 +225,28 @@ class CorrectWidget(QWidget):
         self.stack.setCurrentIndex(index)
         self.stack.adjustSize()
 
-    def _bind_keys(self) -> None:
-        for key, (op, extra) in SHORTCUTS.items():
-            self.viewer.bind_key(key, functools.partial(self._shortcut, op, extra),
-                                 overwrite=True)
+    def _bind_keys(self, event=None) -> None:
+        """Bind the shortcuts on each segmentation layer that does not use those keys yet."""
+        from napari.utils.key_bindings import coerce_keybinding
 
-    def _shortcut(self, op, extra, _viewer=None):
+        layers = [event.value] if event is not None else list(self.viewer.layers)
+        for layer in layers:
+            if not is_segmentation_layer(layer):
+                continue
+            for key, (op, extra) in shortcuts().items():
+                if coerce_keybinding(key) in layer.keymap:
+                    continue  # someone else's binding on this layer: leave it
+                func = functools.partial(self._shortcut, op, extra)
+                layer.bind_key(key, func)
+                self._bound.append((layer, key, func))
+
+    def unbind_keys(self) -> None:
+        """Remove the shortcuts this widget bound (also done when it is destroyed)."""
+        _unbind(self._bound)
+
+    def _shortcut(self, op, extra, layer=None):
+        if layer is not None and layer.name in self.viewer.layers:
+            self.layer_combo.setCurrentText(layer.name)
         self.run(op, **extra)
 
     # ---------------------------------------------------------------- layers
@@ -239,18 +261,19 @@ class CorrectWidget(QWidget):
         if current:
             self.layer_combo.setCurrentText(current)
         self.layer_combo.blockSignals(False)
-        images = [lyr.name for lyr in self.viewer.layers if lyr.__class__.__name__ == "Image"]
-        for combo, first, names in (
-                (self.params["threshold"]["image"], None, images),
-                (self.params["threshold"]["mask"], "(region)",
-                 [lyr.name for lyr in self._labels_layers()]),
-                (self.params["logical"]["other_layer"], "(same layer)",
-                 [lyr.name for lyr in self._labels_layers()])):
-            keep = combo.currentText()
-            combo.clear()
-            combo.addItems(([first] if first else []) + names)
-            if keep:
-                combo.setCurrentText(keep)
+        names = {"image": [lyr.name for lyr in self.viewer.layers
+                           if lyr.__class__.__name__ == "Image"],
+                 "labels": [lyr.name for lyr in self._labels_layers()]}
+        for c in CORRECTIONS.values():
+            for param in c.params:
+                if param.kind not in names:
+                    continue
+                combo = self.params[c.key][param.name]
+                keep = combo.currentText()
+                combo.clear()
+                combo.addItems(([param.first] if param.first else []) + names[param.kind])
+                if keep:
+                    combo.setCurrentText(keep)
         self._on_layer()
 
     def _follow_active(self, event=None) -> None:
@@ -271,14 +294,12 @@ class CorrectWidget(QWidget):
 
     # --------------------------------------------------------------- regions
     def slicing_axis(self) -> int:
-        """The data axis the 2D view slices along (0 = axial in the default view)."""
-        not_shown = list(self.viewer.dims.not_displayed)
-        return int(not_shown[-1]) - (self.viewer.dims.ndim - 3) if not_shown else 0
+        """The data axis the 2D view slices along (:func:`.boundary.slicing_axis`)."""
+        return slicing_axis(self.viewer)
 
     def current_slice(self, layer) -> int:
-        axis = self.slicing_axis()
-        pos = layer.world_to_data(self.viewer.dims.point)[-3:]
-        return int(np.clip(round(float(pos[axis])), 0, layer.data.shape[axis] - 1))
+        """The index of the slice shown in the 2D view (:func:`.boundary.current_slice`)."""
+        return current_slice(self.viewer, layer)[1]
 
     def _sync_region(self, index=None) -> None:
         layer = self.layer()
@@ -333,59 +354,23 @@ class CorrectWidget(QWidget):
     # -------------------------------------------------------------- running
     def operation(self, op: str, layer, **extra):
         """A callable ``f(progress=, cancel=) -> Edit`` for ``op`` with the current settings."""
-        p = self.params.get(op, {})
-        label = None if self.all_check.isChecked() else self.label_spin.value()
-        spacing = volume_from_layer(layer, viewer=self.viewer).spacing
-        data = np.asarray(layer.data)
-        kw = {"region": self.region(layer)}
-        if op == "islands":
-            return functools.partial(C.remove_islands, data, label, spacing=spacing,
-                                     min_volume_mm3=p["volume"].value(), **kw)
-        if op == "largest":
-            return functools.partial(C.keep_largest, data, label, **kw)
-        if op == "split":
-            return functools.partial(C.split_components, data, self.label_spin.value(), **kw)
-        if op == "holes":
-            mode = "3d" if p["mode"].currentIndex() == 0 else "slice"
-            return functools.partial(C.fill_holes, data, label, mode=mode,
-                                     axis=self.slicing_axis(), **kw)
-        if op == "smooth":
-            return functools.partial(C.smooth, data, label, spacing=spacing,
-                                     method=extra.get("method", p["method"].currentText()),
-                                     radius_mm=p["radius"].value(), **kw)
-        if op == "margin":
-            mm = p["mm"].value()
-            if "sign" in extra:
-                mm = abs(mm) * extra["sign"]
-            return functools.partial(C.margin, data, label, margin_mm=mm, spacing=spacing,
-                                     **kw)
-        if op == "between":
-            return functools.partial(C.fill_between_slices, data, label, spacing=spacing,
-                                     axis=self.slicing_axis(), **kw)
-        if op == "logical":
-            other = p["other"].value()
-            if p["other_layer"].currentIndex() > 0:
-                other = self._mask_of(p["other_layer"].currentText(), layer)
-            return functools.partial(C.logical_op, data, p["op"].currentText(),
-                                     self.label_spin.value(), other, **kw)
-        if op == "relabel":
-            try:
-                sources = [int(s) for s in p["sources"].text().replace(",", " ").split()]
-            except ValueError as exc:
-                raise MedSegError("list the labels to relabel as numbers, e.g. '2, 3'") \
-                    from exc
-            return functools.partial(C.merge, data, sources, p["target"].value(), **kw)
-        if op == "threshold":
-            name = p["image"].currentText()
-            if name not in self.viewer.layers:
-                raise MedSegError("open the image to threshold first", layer.name)
-            image = np.asarray(self.viewer.layers[name].data)
-            mask = None
-            if p["mask"].currentIndex() > 0:
-                mask = self._mask_of(p["mask"].currentText(), layer)
-            return functools.partial(C.threshold_paint, data, mask, self.label_spin.value(),
-                                     image=image, lo=p["lo"].value(), hi=p["hi"].value(), **kw)
-        raise MedSegError(f"unknown operation {op!r}")
+        if op not in CORRECTIONS:
+            raise MedSegError(f"unknown operation {op!r}")
+        ctx = Context(
+            data=np.asarray(layer.data),
+            label=None if self.all_check.isChecked() else self.label_spin.value(),
+            value=self.label_spin.value(),
+            spacing=volume_from_layer(layer, viewer=self.viewer).spacing,
+            axis=self.slicing_axis(), region=self.region(layer),
+            values={name: _value(ctl) for name, ctl in self.params.get(op, {}).items()},
+            extra=dict(extra), mask_of=lambda name: self._mask_of(name, layer),
+            image_of=lambda name: self._image_of(name, layer))
+        return CORRECTIONS[op].make(ctx)
+
+    def _image_of(self, name, layer):
+        if name not in self.viewer.layers:
+            raise MedSegError("open the image to threshold first", layer.name)
+        return np.asarray(self.viewer.layers[name].data)
 
     def _mask_of(self, name, layer):
         other = np.asarray(self.viewer.layers[name].data)
@@ -404,7 +389,7 @@ class CorrectWidget(QWidget):
         if self.job is not None and self.job.running:
             show_info("a correction is still running")
             return None
-        title = dict(OPERATIONS)[op]
+        title = CORRECTIONS[op].title
         try:
             func = self.operation(op, layer, **extra)
         except Exception as exc:  # noqa: BLE001 - shown to the user

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+from collections import OrderedDict
 
 import numpy as np
 from napari.layers import Image, Labels
@@ -22,16 +23,21 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout,
                             QLabel, QLineEdit, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
-from .._napari.boundary import volume_from_layer
+from .._napari.boundary import current_slice, volume_from_layer
 from .._napari.layer_roles import prompt_metadata
 from ..errors import Cancelled, MedSegError
-from ..interactive import ENGINES, Prompts, make_engine
+from ..interactive import DEFAULT_ENGINE, Prompts, engine_info, engine_names, make_engine
 from ._common import notify_exception, show_info
 from ._layout import tabify_when_docked
 
 log = logging.getLogger(__name__)
 
 __all__ = ["InteractiveWidget", "commit_mask"]
+
+#: Engines kept ready (least recently used dropped first): each may hold image features.
+KEEP_ENGINES = 2
+#: Mode picker text -> engine mode (offered as the engine supports them).
+MODE_TEXT = (("3D object", "3d"), ("2D slice", "2d"))
 
 NAMES = {"positive": "positive", "negative": "negative", "boxes": "boxes",
          "scribbles": "scribbles", "preview": "interactive preview"}
@@ -64,7 +70,7 @@ class InteractiveWidget(QWidget):
         super().__init__()
         tabify_when_docked(self)
         self.viewer = napari_viewer
-        self._engines: dict = {}
+        self._engines: OrderedDict = OrderedDict()  # (name, path) -> engine, LRU
         self._generation = itertools.count()
         self._current = 0
         self._cancel = threading.Event()
@@ -79,6 +85,7 @@ class InteractiveWidget(QWidget):
         self._build()
         self.viewer.layers.events.inserted.connect(self._refresh_choices)
         self.viewer.layers.events.removed.connect(self._refresh_choices)
+        self.viewer.layers.events.removed.connect(self._forget_layer)
         self._refresh_choices()
 
     # ------------------------------------------------------------------ UI
@@ -88,16 +95,18 @@ class InteractiveWidget(QWidget):
         self.image_combo = QComboBox()
         self.target_combo = QComboBox()
         self.engine_combo = QComboBox()
-        self.engine_combo.addItems(list(ENGINES))
+        self.engine_combo.addItems(engine_names())
+        if DEFAULT_ENGINE in engine_names():
+            self.engine_combo.setCurrentText(DEFAULT_ENGINE)
         self.path_edit = QLineEdit()
         self.path_edit.setPlaceholderText("checkpoint file or model folder")
-        browse = QPushButton("…")
+        browse = self.browse_button = QPushButton("…")
         browse.clicked.connect(self._browse)
         path_row = QHBoxLayout()
         path_row.addWidget(self.path_edit)
         path_row.addWidget(browse)
         self.mode_combo = QComboBox()
-        self.mode_combo.addItems(["3D object", "2D slice"])
+        self.mode_combo.addItems([text for text, _ in MODE_TEXT])
         self.label_spin = QSpinBox()
         self.label_spin.setRange(1, 65535)
         self.new_id_check = QCheckBox("new object id")
@@ -128,13 +137,42 @@ class InteractiveWidget(QWidget):
         self.start_button.clicked.connect(self.add_prompt_layers)
         self.commit_button.clicked.connect(self.commit)
         self.reset_button.clicked.connect(self.reset)
-        self.engine_combo.currentTextChanged.connect(lambda _: self.schedule())
+        self.engine_combo.currentTextChanged.connect(self._on_engine)
         self.mode_combo.currentTextChanged.connect(lambda _: self.schedule())
+        self._on_engine()
         self.path_edit.editingFinished.connect(self.schedule)
 
+    def engine_info(self):
+        """The registry entry of the chosen engine: its card and capabilities."""
+        return engine_info(self.engine_combo.currentText())
+
+    def _on_engine(self, name=None):
+        """Show what the chosen engine supports: modes, path, prompts, card."""
+        info = self.engine_info()
+        self.path_edit.setEnabled(info.path is not None)
+        self.browse_button.setEnabled(info.path is not None)
+        what = {"file": "checkpoint file", "folder": "model folder"}.get(info.path, "")
+        self.path_edit.setPlaceholderText(
+            "no weights needed" if info.path is None
+            else f"{what} (optional: the shipped weights)" if info.path_optional else what)
+        modes = [text for text, mode in MODE_TEXT if mode in info.modes]
+        keep = self.mode_combo.currentText()
+        self.mode_combo.blockSignals(True)
+        self.mode_combo.clear()
+        self.mode_combo.addItems(modes)
+        if keep in modes:
+            self.mode_combo.setCurrentText(keep)
+        self.mode_combo.blockSignals(False)
+        self.engine_combo.setToolTip(
+            f"{info.name}: uses {', '.join(info.prompts)}; "
+            f"{' and '.join(m.upper() for m in info.modes)}\n"
+            f"Trained on: {info.card.trained_on}\nFigures: {info.card.measured_on}")
+        self.schedule()
+
     def _browse(self):
-        if self.engine_combo.currentText() == "nnInteractive":
-            path = QFileDialog.getExistingDirectory(self, "nnInteractive model folder")
+        if self.engine_info().path == "folder":
+            path = QFileDialog.getExistingDirectory(self, f"{self.engine_info().name} "
+                                                    "model folder")
         else:
             path, _ = QFileDialog.getOpenFileName(self, "Checkpoint", "",
                                                   "Weights (*.pth *.pt)")
@@ -233,17 +271,17 @@ class InteractiveWidget(QWidget):
         scribbles = None
         if sc is not None and np.any(sc.data):
             scribbles = np.asarray(sc.data)
-        mode = "2d" if self.mode_combo.currentText().startswith("2D") else "3d"
+        mode = dict(MODE_TEXT).get(self.mode_combo.currentText(), "3d")
         axis, index = 0, None
         if mode == "2d":
-            axis = int(self.viewer.dims.order[0]) - (self.viewer.dims.ndim - 3)
-            axis = min(max(axis, 0), 2)
-            point = img.world_to_data(self.viewer.dims.point)[-3:]
-            index = int(np.clip(round(point[axis]), 0, img.data.shape[axis] - 1))
+            axis, index = current_slice(self.viewer, img)
+        uses = self.engine_info().prompts  # prompts the engine does not use are left out
+        clicks = "clicks" in uses
         return Prompts(
-            positive=self._to_image(pos, pos.data) if pos is not None else None,
-            negative=self._to_image(neg, neg.data) if neg is not None else None,
-            boxes=np.array(box_arr).reshape(-1, 2, 3), scribbles=scribbles,
+            positive=self._to_image(pos, pos.data) if pos is not None and clicks else None,
+            negative=self._to_image(neg, neg.data) if neg is not None and clicks else None,
+            boxes=np.array(box_arr if "boxes" in uses else []).reshape(-1, 2, 3),
+            scribbles=scribbles if "scribbles" in uses else None,
             mode=mode, axis=axis, index=index)
 
     def _image_array(self, img) -> np.ndarray:
@@ -252,10 +290,16 @@ class InteractiveWidget(QWidget):
         data = img.data[0] if getattr(img, "multiscale", False) else img.data
         if isinstance(data, np.ndarray):
             return data
-        key = (id(img), id(data))
-        if getattr(self, "_loaded", (None, None))[0] != key:
-            self._loaded = (key, np.asarray(data))
-        return self._loaded[1]
+        held = getattr(self, "_loaded", None)  # (layer, its data, the array): by identity
+        if held is None or held[0] is not img or held[1] is not data:
+            self._loaded = (img, data, np.asarray(data))
+        return self._loaded[2]
+
+    def _forget_layer(self, event=None):
+        """Drop the in-memory copy of a layer that left the viewer."""
+        held = getattr(self, "_loaded", None)
+        if held is not None and held[0] not in self.viewer.layers:
+            self._loaded = None
 
     def _engine(self):
         name = self.engine_combo.currentText()
@@ -263,6 +307,9 @@ class InteractiveWidget(QWidget):
         key = (name, path)
         if key not in self._engines:
             self._engines[key] = make_engine(name, path)
+        self._engines.move_to_end(key)
+        while len(self._engines) > KEEP_ENGINES:  # each may hold image features
+            self._engines.popitem(last=False)
         return self._engines[key]
 
     # -------------------------------------------------------------- update

@@ -18,17 +18,30 @@ from __future__ import annotations
 
 from .base import Engine, Prompts, check_image
 
-__all__ = ["Engine", "Prompts", "check_image", "ENGINES", "make_engine"]
+__all__ = ["Engine", "Prompts", "check_image", "ENGINES", "DEFAULT_ENGINE", "make_engine",
+           "engine_info", "engine_names", "register_engine", "EngineInfo", "EngineCard"]
 
 #: Engine names in the order the widget offers them, and whether each needs a
-#: path (checkpoint file or model folder) from the user.
-ENGINES = {
-    "classical": False,
-    "click model": False,
-    "Segment Anything": True,
-    "SAM2": True,
-    "nnInteractive": True,
-}
+#: path (checkpoint file or model folder) from the user. Kept in step with the
+#: registry (:mod:`.registry`), which also holds each engine's card and
+#: capabilities.
+ENGINES: dict[str, bool] = {}
+
+#: The engine the Interactive widget starts with.
+DEFAULT_ENGINE = "classical"
+
+from .registry import (  # noqa: E402 - ENGINES first: registering fills it
+    _BUILTIN,
+    EngineCard,
+    EngineInfo,
+    engine_info,
+    engine_names,
+    register_engine,
+)
+
+for _info in _BUILTIN:
+    register_engine(_info)
+del _info
 
 
 def make_engine(name: str, path=None, **kwargs) -> Engine:
@@ -47,29 +60,4 @@ def make_engine(name: str, path=None, **kwargs) -> Engine:
     MedSegError
         For an unknown name or a missing path.
     """
-    from ..errors import MedSegError
-
-    if name == "classical":
-        from .classical import ClassicalEngine
-
-        return ClassicalEngine(**kwargs)
-    if name == "click model":
-        from .click_model import ClickModelEngine
-
-        return ClickModelEngine(weights=path, **kwargs)
-    if name in ("Segment Anything", "SAM2", "nnInteractive"):
-        if not path:
-            what = "model folder" if name == "nnInteractive" else "checkpoint file"
-            raise MedSegError(f"choose a local {what} for {name} first", name)
-        if name == "Segment Anything":
-            from .sam import SamEngine
-
-            return SamEngine(path, **kwargs)
-        if name == "SAM2":
-            from .sam2 import Sam2Engine
-
-            return Sam2Engine(path, **kwargs)
-        from .nninteractive import NNInteractiveEngine
-
-        return NNInteractiveEngine(path, **kwargs)
-    raise MedSegError(f"unknown engine {name!r}; choose one of {list(ENGINES)}", "engine")
+    return engine_info(name).make(path, **kwargs)
