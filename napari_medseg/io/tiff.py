@@ -5,9 +5,9 @@ and ``unit``), OME ``PhysicalSize*`` or tifffile's own shaped metadata, in mm.
 TIFF has no patient orientation: such files get ITK's default (the LPS
 identity, RAS ``diag(-sx, -sy, sz)``). Files written here also carry the exact
 affine and label names in their metadata, so a round trip keeps the geometry.
-Uncompressed stacks are memory-mapped; compressed ones are decoded in one pass
-(tifffile, all pages at once), or wrapped in dask a block of pages per chunk
-when larger than 1 GB.
+Uncompressed stacks are memory-mapped; compressed ones are wrapped in dask, a
+block of about 16 MB of pages per chunk, each chunk decoded in one pass (one
+open of the file per block, not per page).
 """
 
 from __future__ import annotations
@@ -131,10 +131,9 @@ def _axes_to_czyx(axes: str, shape, path: Path):
     return letters
 
 
-#: Compressed stacks up to this size are decoded at once, in one pass over the
-#: file; larger ones are wrapped in dask, a block of pages per chunk.
-_EAGER_BYTES = 1 << 30
-_CHUNK_BYTES = 64 << 20
+#: Compressed stacks are wrapped in dask with about this many bytes of pages per
+#: chunk; each chunk opens the file once and decodes its pages in one pass.
+_CHUNK_BYTES = 16 << 20
 
 
 def _check_ome(tif, path: Path) -> None:
@@ -203,8 +202,9 @@ def _check_pages(series, path: Path) -> bool:
 
 
 def _lazy(series, path: Path, compressed: bool):
-    """A memory map for contiguous data, else None (small compressed stacks: read now),
-    else a dask array reading a block of pages per chunk (one open per block)."""
+    """A memory map for contiguous data, else a dask array reading a block of pages
+    per chunk (one open of the file per block, not per page: a 1000-page stack of
+    small pages is one chunk)."""
     import tifffile
 
     if series.dataoffset is not None and not compressed:
@@ -212,8 +212,6 @@ def _lazy(series, path: Path, compressed: bool):
             return tifffile.memmap(str(path), series=0, mode="r")
         except (ValueError, OSError):
             pass
-    if series.nbytes <= _EAGER_BYTES:
-        return None
     import dask.array as da
     from dask import delayed
 
@@ -226,7 +224,8 @@ def _lazy(series, path: Path, compressed: bool):
     def read(a, b):
         with guarded(path):
             with _open(path) as tif:
-                return tif.asarray(key=range(a, b), series=0).reshape((b - a,) + page_shape)
+                return tif.asarray(key=range(a, b), series=0, maxworkers=1).reshape(
+                    (b - a,) + page_shape)
 
     blocks = [da.from_delayed(delayed(read)(a, min(a + step, npages)),
                               (min(a + step, npages) - a,) + page_shape, dtype)
@@ -246,8 +245,8 @@ def read_tiff(path, lazy: bool = True, is_label: bool | None = None) -> Volume:
     path : str or Path
         ``.tif`` / ``.tiff`` (ImageJ hyperstack, OME-TIFF or plain multi-page).
     lazy : bool
-        Memory-map uncompressed stacks; compressed ones up to 1 GB are decoded
-        in one pass, larger ones wrapped in dask (a block of pages per chunk).
+        Memory-map uncompressed stacks; wrap compressed ones in dask (a block of
+        pages per chunk, about 16 MB, each decoded in one pass over the file).
     is_label : bool, optional
         Force a label map; by default integer files named like labels are.
 
@@ -265,6 +264,7 @@ def read_tiff(path, lazy: bool = True, is_label: bool | None = None) -> Volume:
             check_spatial(shape, path, rgb=True)
         letters = _axes_to_czyx(axes, shape, path)
         check_spatial(tuple(n for a, n in zip(axes, shape) if n > 1 or a in "YX"), path)
+        tif.pages.useframes = True  # light page objects for the checks below
         compressed = _check_pages(series, path)
         affine, names = _geometry(tif, path, shape)
         affine = check_geometry(affine, path)
