@@ -45,7 +45,7 @@ def test_ct_layer_opens_with_soft_tissue_and_mr_with_percentiles():
 
 def test_display_widget_sets_modality_and_windows(make_napari_viewer):
     from napari_medseg._napari.layer_roles import layer_modality
-    from napari_medseg._napari.layers import volume_from_layer
+    from napari_medseg._napari.boundary import volume_from_layer
 
     viewer = make_napari_viewer()
     data = np.linspace(-1000, 2000, 8 * 9 * 10).reshape(8, 9, 10).astype(np.float32)
@@ -92,7 +92,7 @@ def test_nifti_ct_opens_as_ct_with_the_soft_tissue_window(make_napari_viewer, tm
 def test_modality_travels_into_nnunet_and_monai_exports(make_napari_viewer, tmp_path):
     import json
 
-    from napari_medseg._napari.layers import volume_from_layer
+    from napari_medseg._napari.boundary import volume_from_layer
     from napari_medseg.io.export import export_training_case
 
     viewer = make_napari_viewer()

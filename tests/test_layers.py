@@ -6,12 +6,10 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
+from napari_medseg._napari.boundary import affine_from_layer, exact_affine, volume_from_layer
 from napari_medseg._napari.layers import (
     DISPLAY_FROM_RAS,
-    affine_from_layer,
     affine_from_layer_attributes,
-    exact_affine,
-    volume_from_layer,
     volume_to_layer_data,
 )
 from napari_medseg.core.volume import Volume, affine_from_itk, make_affine

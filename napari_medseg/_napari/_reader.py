@@ -107,15 +107,16 @@ def _note_modality(vol) -> None:
 
 def _open_dicom_images() -> list:
     """Open image layers read from DICOM, as Volumes (candidate referenced series)."""
-    from .layers import volume_from_layer
+    from .boundary import volume_from_layer
 
     out = []
     for lyr in _image_layers():
-        if (lyr.metadata.get("medseg") or {}).get("dicom_sop_instance_uids"):
-            try:
-                out.append(volume_from_layer(lyr))
-            except Exception:  # noqa: BLE001 - a layer we cannot wrap is no candidate
-                continue
+        try:
+            vol = volume_from_layer(lyr, is_label=False)
+        except Exception:  # noqa: BLE001 - a layer we cannot wrap is no candidate
+            continue
+        if vol.meta.get("dicom_sop_instance_uids"):
+            out.append(vol)
     return out
 
 

@@ -194,19 +194,3 @@ def affine_from_layer_attributes(attributes: dict, ndim: int = 3) -> np.ndarray:
     out[:3, :3] = DISPLAY_FROM_RAS.T @ m @ _REVERSE
     out[:3, 3] = DISPLAY_FROM_RAS.T @ c
     return out
-
-
-_MOVED = ("current_layers", "exact_affine", "affine_from_layer", "volume_from_layer")
-
-
-def __getattr__(name):
-    """Compatibility: reading layers back moved to :mod:`napari_medseg._napari.boundary`."""
-    if name in _MOVED:
-        from . import boundary
-
-        return getattr(boundary, name)
-    if name == "_layer_attributes":
-        from .boundary import layer_attributes
-
-        return layer_attributes
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

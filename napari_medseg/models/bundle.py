@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..errors import MedSegError
 from .card import ModelCard, read_card
-from .loaders import inside_package
+from .weights import inside_package
 
 __all__ = ["bundle_card", "load_bundle", "build_network_def", "ALLOWED_NETWORKS", "ALLOWED_BLOCKS"]
 
@@ -287,7 +287,7 @@ def load_bundle(path):
     MedSegError
         Missing files, refused config content, unsafe or mismatching weights.
     """
-    from .loaders import load_torchscript, load_weights
+    from .weights import load_torchscript, load_weights
     from .predictor import TorchModel
 
     path = Path(path)

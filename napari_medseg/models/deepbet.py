@@ -82,7 +82,7 @@ def deepbet_info():
     folder = deepbet_model_dir()
     if folder is None:
         return None
-    from .registry import ModelInfo
+    from .info import ModelInfo
 
     return ModelInfo(NAME, deepbet_card(), "extra", str(folder))
 
@@ -100,7 +100,7 @@ def load_deepbet() -> "DeepbetModel":
         raise MedSegError("deepbet-brain needs the deepbet package; install "
                           "napari-medseg[deepbet]")
     from .deepbet_model import DeepbetModel
-    from .loaders import load_torchscript
+    from .weights import load_torchscript
 
     bbox = load_torchscript(folder / "bbox_model.pt", str(folder / "bbox_model.pt"))
     brain = load_torchscript(folder / "model.pt", str(folder / "model.pt"))

@@ -18,49 +18,17 @@ Listing reads cards only; weights are loaded by :func:`load_model`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MedSegError
 from .card import ModelCard
+from .info import ModelInfo
 
 __all__ = ["ModelInfo", "list_models", "load_model", "BUILTIN_DIR"]
 
 log = logging.getLogger(__name__)
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
-
-
-@dataclass
-class ModelInfo:
-    """One entry of :func:`list_models`.
-
-    Attributes
-    ----------
-    name : str
-    card : ModelCard
-    source : str
-        ``"builtin"``, ``"extra"``, ``"user"`` or ``"path"``.
-    path : str
-        Folder or file it loads from.
-    """
-
-    name: str
-    card: ModelCard
-    source: str
-    path: str
-
-    def to_dict(self) -> dict:
-        """JSON-safe summary (the card included).
-
-        ``metrics_real`` (figures on real scans) comes before ``metrics_synthetic``
-        (on phantoms), read from the card in its new or its legacy layout.
-        """
-        return {"name": self.name, "source": self.source, "path": self.path,
-                "body_region": self.card.body_region,
-                "metrics_real": self.card.real_metrics,
-                "metrics_synthetic": self.card.synthetic_metrics,
-                "card": self.card.to_dict()}
 
 
 def _card_of(path: Path) -> ModelCard | None:

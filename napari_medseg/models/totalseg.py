@@ -283,7 +283,7 @@ def _card(task: TotalSegTask) -> ModelCard:
 
 def totalseg_infos(root=None) -> list:
     """Registry entries (:class:`~napari_medseg.models.registry.ModelInfo`) for the tasks found."""
-    from .registry import ModelInfo
+    from .info import ModelInfo
 
     out = []
     for task in discover(root):
