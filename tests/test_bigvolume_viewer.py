@@ -50,3 +50,23 @@ def test_multiscale_layer_and_region_edit(make_napari_viewer, tmp_path):
     outside[region] = labels[region]
     np.testing.assert_array_equal(outside, labels)
     np.testing.assert_array_equal(np.asarray(layer.data[1]), full[::2, ::2, ::2])
+
+
+def test_napari_reader_opens_stores_lazily(tmp_path):
+    import dask.array as da
+
+    from napari_medseg._napari._reader import get_reader
+    from napari_medseg.io.zarr import write_zarr_image
+
+    path, labels, ref = _store(tmp_path)
+    reader = get_reader(str(path))
+    assert reader is not None
+    (data, kwargs, kind), = reader(str(path))
+    assert kind == "labels" and kwargs["multiscale"] and len(data) >= 2
+    img = Volume(da.from_array(np.arange(64 * 96 * 96, dtype=np.int32).reshape(64, 96, 96)
+                               % 400 - 100, chunks=32).astype(np.int16), ref.affine,
+                 modality="CT")
+    ipath = write_zarr_image(tmp_path / "ct.ome.zarr", img)
+    (idata, ikw, ikind), = get_reader(str(ipath))(str(ipath))
+    assert ikind == "image" and isinstance(idata, da.Array) and idata.shape == (64, 96, 96)
+    np.testing.assert_allclose(ikw["scale"], ref.spacing)

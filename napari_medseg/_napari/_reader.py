@@ -179,6 +179,12 @@ def read_layer_data(path) -> list[tuple]:
 
     _watch_current_viewer()
 
+    from ..io import format_of
+
+    if format_of(path) == "zarr":  # lazy; a label store shows multiscale
+        from .bigvolume import zarr_layer_data
+
+        return zarr_layer_data(path)
     objects = _dicom_object_layers(Path(path))
     if objects is not None:  # a DICOM SEG or RTSTRUCT file
         return objects

@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import MedSegError
 from .layers import volume_to_layer_data
 
-__all__ = ["zarr_labels_layer_data", "add_zarr_labels", "edit_view_region",
+__all__ = ["zarr_labels_layer_data", "zarr_layer_data", "add_zarr_labels", "edit_view_region",
            "write_back_region", "STORE_KEY"]
 
 #: Layer metadata key: the store path (multiscale layer), or store path and region.
@@ -34,6 +34,27 @@ def zarr_labels_layer_data(path, name=None) -> tuple:
     kwargs["multiscale"] = True
     kwargs["metadata"][STORE_KEY] = {"path": str(Path(path))}
     return levels, kwargs, "labels"
+
+
+def zarr_layer_data(path) -> list:
+    """Layer data for any Zarr store: a label store multiscale, an image lazily.
+
+    Images keep their dask data (every level when the store has a pyramid) and
+    take their contrast from the coarsest level, so nothing big is read.
+    """
+    from ..io.zarr import read_zarr, read_zarr_levels
+
+    vol = read_zarr(path)
+    if vol.is_label:
+        return [zarr_labels_layer_data(path)]
+    levels = read_zarr_levels(path) if vol.data.ndim == 3 else [vol.data]
+    # the layer's placement comes from the level-0 affine; its contrast from the
+    # coarsest level, read in memory (small)
+    coarse = vol.with_data(np.asarray(levels[-1]))
+    _, kwargs, kind = volume_to_layer_data(coarse, name=Path(path).name.split(".")[0])
+    if len(levels) > 1:
+        return [(levels, dict(kwargs, multiscale=True), kind)]
+    return [(vol.data, kwargs, kind)]
 
 
 def add_zarr_labels(viewer, path, name=None):
