@@ -116,3 +116,32 @@ def test_modality_travels_into_nnunet_and_monai_exports(make_napari_viewer, tmp_
     export_training_case([volume_from_layer(img)], volume_from_layer(labels, viewer=viewer),
                          ds2, label_names={1: "liver"})
     assert json.loads((ds2 / "dataset.json").read_text())["channel_names"] == {"0": "MR"}
+
+
+def test_planes_are_upright_in_radiological_orientation(make_napari_viewer):
+    """A marker at the patient's superior-right-anterior corner shows where a radiologist
+    expects it in each plane."""
+    from napari_medseg.core.volume import make_affine
+
+    viewer = make_napari_viewer()
+    data = np.zeros((10, 12, 14), np.float32)  # RAS-stored: k = S, j = A, i = R
+    vol = Volume(data, make_affine((2.0, 1.0, 1.0), (0, 0, 0)), modality="CT")
+    d, kw, _ = volume_to_layer_data(vol, name="ct")
+    layer = viewer.add_image(d, **kw)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Display")
+    corner = np.array([9, 11, 13])  # most superior, anterior and right voxel
+    world = np.asarray(layer.data_to_world(corner))
+    centre = np.asarray(layer.data_to_world((np.array(data.shape) - 1) / 2))
+    def screen(plane):  # which screen side the corner lands on: (vertical, horizontal)
+        widget.plane_combo.setCurrentText(plane)
+        order = viewer.dims.order
+        shown = order[-2:]
+        v, h = (world - centre)[list(shown)]
+        up = viewer.camera.orientation2d[0] == "up"
+        return ("top" if (v > 0) == up else "bottom",
+                "right" if (h > 0) == (viewer.camera.orientation2d[1] == "right") else "left")
+    assert screen("axial") == ("top", "left")      # anterior up, patient right on the left
+    assert screen("coronal") == ("top", "left")    # superior up, patient right on the left
+    assert screen("sagittal") == ("top", "left")   # superior up, anterior on the left
+    widget.plane_combo.setCurrentText("axial")
+    assert tuple(viewer.dims.order) == (0, 1, 2)

@@ -17,15 +17,24 @@ from qtpy.QtWidgets import (QComboBox, QFormLayout, QGridLayout, QLabel, QPushBu
                             QVBoxLayout, QWidget)
 
 from .._napari.layer_roles import layer_modality, set_layer_modality
-from ..core.display import (AUTO, PRESET_KEYS, WINDOW_PRESETS, contrast_for_preset,
-                            default_preset)
+from ..core.display import (AUTO, PLANES, PRESET_KEYS, WINDOW_PRESETS,
+                            contrast_for_preset, default_preset, plane_view)
 from ..core.modality import MODALITIES, normalize_modality
 from ._common import notify_exception
 from ._layout import tabify_when_docked
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DisplayWidget", "apply_preset", "set_modality"]
+__all__ = ["DisplayWidget", "apply_preset", "set_modality", "show_plane"]
+
+
+def show_plane(viewer, plane: str) -> None:
+    """Slice ``viewer`` in ``plane`` (axial / coronal / sagittal), radiologically upright."""
+    if viewer.dims.ndim < 3:
+        return
+    order, orientation = plane_view(plane, viewer.dims.ndim)
+    viewer.dims.order = order
+    viewer.camera.orientation2d = orientation
 
 
 def apply_preset(layer, preset: str) -> tuple[float, float]:
@@ -62,6 +71,13 @@ class DisplayWidget(QWidget):
         form = QFormLayout()
         form.addRow("Image", self.layer_combo)
         form.addRow("Modality", self.modality_combo)
+        self.plane_combo = QComboBox()
+        self.plane_combo.addItems(PLANES)
+        self.plane_combo.setToolTip("slice plane, upright as radiologists read it "
+                                    "(images opened with napari-medseg)")
+        self.plane_combo.currentTextChanged.connect(
+            lambda p: show_plane(self.viewer, p))
+        form.addRow("Plane", self.plane_combo)
         grid = QGridLayout()
         self.buttons: dict[str, QPushButton] = {}
         for n, name in enumerate([*WINDOW_PRESETS, AUTO]):

@@ -22,6 +22,8 @@ __all__ = [
     "default_preset",
     "default_contrast",
     "contrast_for_preset",
+    "PLANES",
+    "plane_view",
 ]
 
 #: CT windows, name -> (width, level) in HU.
@@ -126,3 +128,36 @@ def default_contrast(data, modality: str) -> tuple[float, float]:
         ``"CT"``, ``"MR"``, ``"PT"``, ... (``"unknown"`` gets the percentile window).
     """
     return contrast_for_preset(default_preset(modality), data)
+
+
+#: The three radiological planes.
+PLANES = ("axial", "coronal", "sagittal")
+
+
+def plane_view(plane: str, ndim: int = 3) -> tuple[tuple[int, ...], tuple[str, str]]:
+    """napari ``dims.order`` and ``camera.orientation2d`` that show ``plane`` as a
+    radiologist reads it.
+
+    Layers made by napari-medseg live in a world whose last three axes are
+    ``(S, P, L)`` (see :mod:`napari_medseg._napari.layers`). Axial: anterior up,
+    the patient's right on the left of the screen; coronal: superior up, the
+    patient's right on the left; sagittal: superior up, anterior on the left.
+
+    Parameters
+    ----------
+    plane : {"axial", "coronal", "sagittal"}
+    ndim : int
+        The viewer's number of dimensions (leading ones, e.g. time, stay first).
+
+    Examples
+    --------
+    >>> plane_view("coronal")
+    ((1, 0, 2), ('up', 'right'))
+    """
+    if plane not in PLANES:
+        raise ValueError(f"unknown plane {plane!r}; choose one of {', '.join(PLANES)}")
+    lead = tuple(range(ndim - 3))
+    s, p, l = ndim - 3, ndim - 2, ndim - 1
+    order = {"axial": (s, p, l), "coronal": (p, s, l), "sagittal": (l, s, p)}[plane]
+    vertical = "down" if plane == "axial" else "up"
+    return lead + order, (vertical, "right")
