@@ -73,7 +73,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, image, case):
     assert len(lines) == 1 and lines[0].startswith("napari-medseg: error:"), r.stderr
     assert "Traceback" not in r.stderr
     assert not out.exists()
-    assert not list(tmp_path.glob(".out.nii.gz*"))  # no temporary left behind
+    assert not (tmp_path / ".napari-medseg-tmp").exists()  # no temporary left behind
 
 
 def test_models_listing(tmp_path):
