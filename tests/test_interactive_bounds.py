@@ -113,6 +113,40 @@ def test_a_negative_click_never_empties_the_mask():
     assert after[obj & (x <= 38)].all() and not after[obj & (x >= 44)].any()
 
 
+def test_a_negative_click_that_removes_most_keeps_the_positive_side():
+    shape = (30, 80, 120)
+    image = np.zeros(shape, np.float32)
+    sp = (1.0, 1.0, 1.0)
+    obj = np.zeros(shape, bool)
+    obj[5:25, 30:50, 10:110] = True  # a long bar
+    pos, neg = [15, 40, 20], [15, 40, 90]
+    rest = obj.copy()
+    rest[:, :, 14:] = False  # the engine keeps only the end of the bar
+    eng = _Scripted([obj, rest])
+    eng.predict(image, sp, Prompts(positive=[pos]))
+    after = eng.predict(image, sp, Prompts(positive=[pos], negative=[neg]))
+    x = np.arange(120)[None, None, :]
+    assert after[obj & (x < 50)].all() and not after[obj & (x > 60)].any()
+
+
+def test_a_positive_click_takes_back_nothing_a_negative_click_removed():
+    shape = (30, 80, 160)
+    image = np.zeros(shape, np.float32)
+    sp = (1.0, 1.0, 1.0)
+    obj = _ball(shape, (15, 40, 30), 10)
+    spill = np.zeros(shape, bool)
+    spill[12:18, 37:43, 40:150] = True  # leaks far along a thin same-intensity neighbour
+    flood = obj | spill
+    eng = _Scripted([flood, obj, flood])
+    pos = [[15, 40, 30]]
+    eng.predict(image, sp, Prompts(positive=pos))
+    neg = [[15, 40, 120]]
+    eng.predict(image, sp, Prompts(positive=pos, negative=neg))
+    again = eng.predict(image, sp, Prompts(positive=pos + [[15, 40, 39]], negative=neg))
+    assert again[obj].all()
+    assert not again[:, :, 39 + int(Bounds().min_reach_mm) + 2:].any()
+
+
 def test_a_positive_click_adds_near_itself_and_gives_up_nothing():
     shape = (30, 100, 100)
     image = np.zeros(shape, np.float32)
