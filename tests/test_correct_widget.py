@@ -167,6 +167,20 @@ def test_shortcuts_leave_other_bindings_and_unbind_on_close(make_napari_viewer):
     assert mine.keymap[coerce_keybinding("Shift-R")] is theirs
 
 
+def test_shortcuts_go_when_the_widget_is_destroyed(make_napari_viewer, qtbot):
+    from napari.utils.key_bindings import coerce_keybinding
+
+    from napari_medseg._widgets.correct import CorrectWidget
+
+    viewer = make_napari_viewer()
+    layer = viewer.add_labels(np.zeros((4, 8, 8), np.uint8), name="seg")
+    w = CorrectWidget(viewer)
+    assert coerce_keybinding("Shift-K") in layer.keymap
+    w.deleteLater()
+    del w
+    qtbot.waitUntil(lambda: coerce_keybinding("Shift-K") not in layer.keymap, timeout=5000)
+
+
 def test_correction_form_is_built_from_the_registry(make_napari_viewer):
     """A correction declared once appears in the widget with its form and shortcut."""
     import functools

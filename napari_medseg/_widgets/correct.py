@@ -54,7 +54,7 @@ SHORTCUTS = shortcuts()
 OPERATIONS = [(c.key, c.title) for c in CORRECTIONS.values()]
 
 
-def _unbind(bound: list) -> None:
+def _unbind(bound: list, *_signal_args) -> None:
     """Unbind the ``(layer, key, function)`` shortcuts still bound to those functions."""
     from napari.utils.key_bindings import coerce_keybinding
 
