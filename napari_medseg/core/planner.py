@@ -23,7 +23,8 @@ buffers, times a safety factor. Calibrated on the built-in model (CPU, bf16):
 measured peaks above the warmed-up process were 0.023 GiB (64 x 128 x 128 on
 the model grid), 0.116 GiB (128 x 256 x 256 on the model grid) and 0.240 GiB
 (160 x 320 x 320 at 1.0 x 0.75 x 0.75 mm, resampled); the estimates for these
-runs are 0.10, 0.20 and 0.40 GiB (an upper bound, as it should be).
+runs are 0.13, 0.25 and 0.39 GiB (an upper bound, as it should be). The restore phase was
+measured on its own (15.7 bytes per input voxel with largest-component labelling).
 
 Free memory is the smaller of ``MemAvailable`` (``/proc/meminfo``) and what the
 cgroup still allows (v2 ``memory.max - memory.current``, v1
@@ -344,10 +345,12 @@ def estimate_memory(input_shape, model_shape, *, n_channels=1, n_classes=2,
         win += batch_in + logits + (cells if output_on_cpu else 0)
     else:
         win += cells + act + logits + batch_in
-    # restore: labels cropped, resampled and reoriented to the input grid, then the
-    # largest-component labelling (bool mask, int32 components, two bool temporaries)
+    # restore: labels cropped, resampled and reoriented to the input grid (nearest-
+    # neighbour takes along each axis, a reoriented copy), then the largest-component
+    # labelling (bool mask, int32 components and scipy's own buffers, bool temporaries):
+    # measured 15.7 bytes per input voxel for both on 160 x 320 x 320
     out_n = in_slab if lazy_output else n_in
-    rest = n_m + 3 * out_n + (7 * out_n if postprocess and not lazy_output else 0)
+    rest = n_m + (16 if postprocess and not lazy_output else 6) * out_n
     if uncertainty is not None:
         rest += 4 * out_n + 2 * out_n + 2 * n_m
     parts = {"preprocess": int(pre), "windows": int(win), "restore": int(rest)}
