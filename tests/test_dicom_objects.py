@@ -203,3 +203,22 @@ def test_export_widget_writes_rtstruct(series, tmp_path, make_napari_viewer, qtb
     [back] = read_rtstruct(tmp_path / "rt.dcm", reference=img)
     np.testing.assert_array_equal(back.data, labels.data)
     assert back.label_names == NAMES
+
+
+REAL = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "realdata"
+
+
+@pytest.mark.skipif(not (REAL / "ct_abdomen_dicom").is_dir(), reason="real data not present")
+def test_real_ct_seg_and_rtstruct_round_trip(tmp_path):
+    """The shared abdominal CT (whose slices leave the SOP UIDs to the file meta)."""
+    img = read_volume(REAL / "ct_abdomen_dicom")
+    ref = np.asarray(read_volume(REAL / "ct_abdomen_dicom_labels.nii.gz", is_label=True).data)
+    lab = np.select([ref == 5, ref == 1, ref == 52], [5, 1, 52], 0).astype(np.uint8)
+    labels = img.like_labels(lab, names={5: "liver", 1: "spleen", 52: "aorta"})
+    [rt] = read_rtstruct(export_rtstruct(tmp_path / "rt.dcm", labels, source=img),
+                         reference=img)
+    np.testing.assert_array_equal(rt.data, lab)
+    [seg] = read_dicom_seg(export_dicom_seg(tmp_path / "seg.dcm", labels, source=img),
+                           reference=img)
+    np.testing.assert_array_equal(seg.data, np.select([lab == 1, lab == 5, lab == 52],
+                                                      [1, 2, 3], 0))

@@ -231,6 +231,11 @@ def read_dicom_seg(path, reference: Volume | None = None, candidates=()) -> list
         numbers = list(seg.get_segment_numbers())
         if reference is not None and reference.meta.get("dicom_sop_instance_uids"):
             uids = list(reference.meta["dicom_sop_instance_uids"])
+            if not all(uids) and reference.meta.get("dicom_files"):  # UIDs in the file meta
+                from .export.dicomseg import read_source_headers
+
+                uids = [str(h.SOPInstanceUID)
+                        for h in read_source_headers(reference.meta["dicom_files"])]
             pix = seg.get_pixels_by_source_instance(
                 source_sop_instance_uids=uids, segment_numbers=numbers,
                 combine_segments=False, assert_missing_frames_are_empty=False,

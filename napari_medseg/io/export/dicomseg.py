@@ -35,6 +35,27 @@ _PROPERTY = {
 }
 
 
+def read_source_headers(files) -> list:
+    """Headers of the source slices, with a missing SOP Class UID taken from the file meta.
+
+    Some scanners and anonymisers leave (0008,0016) empty in the data set while
+    the file meta information (0002,0002) holds it; references need it.
+    """
+    import pydicom
+
+    out = []
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        meta_uid = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
+        if not str(ds.get("SOPClassUID", "")) and meta_uid:
+            ds.SOPClassUID = meta_uid
+        meta_sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPInstanceUID", ""))
+        if not str(ds.get("SOPInstanceUID", "")) and meta_sop:
+            ds.SOPInstanceUID = meta_sop
+        out.append(ds)
+    return out
+
+
 def source_files(vol: Volume | None) -> list[str]:
     """The DICOM slice files a Volume was read from ([] when not from DICOM)."""
     if vol is None:
@@ -158,7 +179,7 @@ def export_dicom_seg(path, labels: Volume, source=None, label_names=None,
     lut = np.zeros(int(max(ids)) + 1, np.uint16)
     lut[ids] = np.arange(1, len(ids) + 1)
 
-    datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    datasets = read_source_headers(files)
     inv = np.linalg.inv(labels.affine)
     frames = np.zeros((len(datasets), int(datasets[0].Rows), int(datasets[0].Columns)),
                       np.uint8 if len(ids) < 256 else np.uint16)

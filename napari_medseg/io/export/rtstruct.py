@@ -20,7 +20,7 @@ import numpy as np
 from ...core.volume import Volume
 from ...errors import MedSegError, check_cancel
 from ..atomic import atomic_path, check_writable
-from .dicomseg import _frame_index, source_files
+from .dicomseg import _frame_index, read_source_headers, source_files
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,6 @@ def export_rtstruct(path, labels: Volume, source=None, label_names=None, label_c
     MedSegError
         No DICOM source, labels off its grid, empty labels, or an unwritable target.
     """
-    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -113,7 +112,7 @@ def export_rtstruct(path, labels: Volume, source=None, label_names=None, label_c
     names = dict(label_names if label_names is not None else labels.label_names)
     colors = dict(label_colors if label_colors is not None else labels.label_colors)
 
-    datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    datasets = read_source_headers(files)
     ref = datasets[0]
     inv = np.linalg.inv(labels.affine)
     contours: dict[int, list] = {k: [] for k in ids}
