@@ -114,14 +114,14 @@ def preprocess_lazy(volumes, target_spacing=None, orientation=None, normalizatio
         for z0 in range(0, m_shape[0], _ROWS):
             check_cancel(cancel)
             z1 = min(z0 + _ROWS, m_shape[0])
-            lo_i, hi_i = int(i0[z0:z1].min()), int(i1[z0:z1].max())
-            rows = np.asarray(a[lo_i:hi_i + 1]).astype(np.float32)
+            need = np.unique(np.concatenate([i0[z0:z1], i1[z0:z1]]))  # two per output slice
+            rows = np.asarray(a[need]).astype(np.float32)
             if not np.isfinite(rows).all():
                 raise MedSegError("the image contains NaN or infinite values; fill or mask "
                                   "them before running a model", ref.source)
             _normalize(rows, spec, ref.source)
-            lo = rows[i0[z0:z1] - lo_i]
-            hi = rows[i1[z0:z1] - lo_i]
+            lo = rows[np.searchsorted(need, i0[z0:z1])]
+            hi = rows[np.searchsorted(need, i1[z0:z1])]
             del rows
             hi -= lo
             hi *= w[z0:z1, None, None]
