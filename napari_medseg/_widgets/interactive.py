@@ -235,6 +235,8 @@ class InteractiveWidget(QWidget):
         for key in ("positive", "negative", "boxes", "scribbles", "preview"):
             lyr = self._layer(key)
             lyr.bind_key("c", lambda _layer: self.commit(), overwrite=True)
+            lyr.bind_key("Control-z", lambda _layer: self.undo_prompt(), overwrite=True)
+            self._watch_prompt(key, lyr)
             if key in ("positive", "negative", "boxes") and lyr not in self._connected:
                 lyr.events.data.connect(self.schedule)
                 self._connected.append(lyr)
@@ -437,8 +439,49 @@ class InteractiveWidget(QWidget):
         self.reset()
         return n
 
+    # -------------------------------------------------------- per-prompt undo
+    def _watch_prompt(self, key: str, layer) -> None:
+        """Record each new click, box or scribble stroke, newest last, for undo_prompt."""
+        watched = self.__dict__.setdefault("_prompt_watched", set())
+        if id(layer) in watched or key == "preview":
+            return
+        watched.add(id(layer))
+        stack = self.__dict__.setdefault("_prompt_stack", [])
+        if key == "scribbles":
+            layer.events.paint.connect(lambda _e: stack.append(key))
+        else:
+            def added(event, key=key):
+                if str(getattr(event, "action", "")) == "added":
+                    stack.append(key)
+            layer.events.data.connect(added)
+
+    def undo_prompt(self) -> bool:
+        """Take back the newest prompt (click, box or scribble stroke) before a commit.
+
+        Bound to Ctrl+Z on the prompt layers; several levels, newest first. After
+        a commit the prompts are cleared and Ctrl+Z on the segmentation is
+        napari's own undo. Returns False when there is no prompt left to undo.
+        """
+        stack = self.__dict__.setdefault("_prompt_stack", [])
+        while stack:
+            key = stack.pop()
+            layer = self._layer(key)
+            if layer is None:
+                continue
+            if key == "scribbles":
+                layer.undo()
+            elif len(layer.data):
+                layer.data = list(layer.data)[:-1] if key == "boxes" else layer.data[:-1]
+            else:
+                continue
+            self.schedule()
+            return True
+        show_info("no prompt to undo")
+        return False
+
     def reset(self):
         """Clear all prompts and the preview."""
+        self.__dict__.setdefault("_prompt_stack", []).clear()
         self._cancel.set()
         self._current = next(self._generation)
         self._busy = False
