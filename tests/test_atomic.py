@@ -78,9 +78,8 @@ def _dead_pid():
 def test_stale_temporary_files_are_cleaned_never_a_live_writers(tmp_path):
     import subprocess
     import sys
-    import time
 
-    from napari_medseg.io.atomic import _HOST, STALE_SECONDS, TMP_DIR_NAME
+    from napari_medseg.io.atomic import _HOST, STALE_SECONDS, TMP_DIR_NAME, clean_stale
 
     tmpdir = tmp_path / TMP_DIR_NAME
     tmpdir.mkdir()
@@ -90,13 +89,15 @@ def test_stale_temporary_files_are_cleaned_never_a_live_writers(tmp_path):
     try:
         live = tmpdir / f"{_HOST}~{live_proc.pid}~00aa11bb22cd~y.nii.gz"
         live.write_bytes(b"being written")
-        old = tmpdir / f"{_HOST}~{live_proc.pid}~00aa11bb22ce~z.nii.gz"
-        old.write_bytes(b"pid reused long ago")
-        past = time.time() - STALE_SECONDS - 60
-        os.utime(old, (past, past))
+        other_host = tmpdir / f"elsewhere~{live_proc.pid}~00aa11bb22ce~z.nii.gz"
+        other_host.write_bytes(b"another machine's write, pid unknown here")
         with atomic_path(tmp_path / "new.txt") as tmp:
             tmp.write_text("ok")
+        # the other host's file is recent: kept; once old enough it goes
+        assert sorted(p.name for p in tmpdir.iterdir()) == sorted([live.name, other_host.name])
+        assert clean_stale(tmp_path, max_age=-1) == [other_host]
         assert sorted(p.name for p in tmpdir.iterdir()) == [live.name]
+        assert STALE_SECONDS >= 600
     finally:
         live_proc.kill()
         live_proc.wait()
@@ -180,3 +181,18 @@ def test_mhd_data_orphaned_by_a_killed_writer_is_removed_by_the_next_write(tmp_p
         live_proc.kill()
         live_proc.wait()
     assert len(list(tmp_path.glob("*.zraw"))) == 3  # seg's, other's and the live one
+
+
+def test_backup_of_an_old_file_survives_another_writers_cleanup(tmp_path):
+    from napari_medseg.io.atomic import all_or_none, clean_stale
+
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+    os.utime(target, (1e9, 1e9))  # last modified in 2001
+    with pytest.raises(MedSegError):
+        with all_or_none([target]):
+            clean_stale(tmp_path)  # another writer's cleanup while we hold a backup
+            with atomic_path(target, overwrite=True) as tmp:
+                tmp.write_text("new")
+            raise MedSegError("the second output failed")
+    assert target.read_text() == "old"

@@ -11,9 +11,9 @@ new one, never a partial file. Temporary files live in
   and removed when empty);
 * they are removed on every exit path of the writing process, and those of a
   killed process are removed by the next write to that folder: when their
-  owner process (on this host) is gone, or, whatever the owner, when they have
-  not been modified for :data:`STALE_SECONDS` (a concurrent writer's file is
-  never touched otherwise).
+  owner process is gone (same host), or, for files of another host sharing the
+  folder, when they have not changed for :data:`STALE_SECONDS`. A live
+  writer's file is never touched.
 
 :func:`all_or_none` groups several writes (a run writing labels and an
 uncertainty map): when any of them fails, every target is put back as it was.
@@ -37,9 +37,9 @@ __all__ = ["atomic_path", "check_writable", "all_or_none", "clean_stale", "temp_
 
 #: Hidden folder beside the targets that holds temporary files while writing.
 TMP_DIR_NAME = ".napari-medseg-tmp"
-#: Temporary files untouched this long are stale even if their owner pid exists
-#: (pid reuse, or a writer on another host sharing the folder).
-STALE_SECONDS = 6 * 3600
+#: Temporary files of another host (whose pid cannot be checked) untouched this
+#: long are stale.
+STALE_SECONDS = 3600
 _HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:40] or "host"
 _NAME_RE = re.compile(r"^(?P<host>[^~]+)~(?P<pid>\d+)~[0-9a-f]+~")
 
@@ -102,8 +102,9 @@ def clean_stale(folder, max_age: float = STALE_SECONDS) -> list[Path]:
     """Remove temporary files left in ``folder``'s temporary folder by killed writers.
 
     An entry is stale when its owner process (named in it) no longer runs on
-    this host, or when it has not been modified for ``max_age`` seconds. Live
-    writers' files are left alone. The temporary folder is removed when empty.
+    this host; an entry of another host (or not named by us) when it has not
+    changed for ``max_age`` seconds. Live writers' files are left alone. The
+    temporary folder is removed when empty.
 
     Returns
     -------
@@ -119,12 +120,16 @@ def clean_stale(folder, max_age: float = STALE_SECONDS) -> list[Path]:
     now = time.time()
     for entry in entries:
         m = _NAME_RE.match(entry.name)
-        try:
-            age = now - entry.lstat().st_mtime
-        except OSError:
-            continue
-        dead = m is not None and m["host"] == _HOST and not _alive(int(m["pid"]))
-        if dead or age > max_age:
+        if m is not None and m["host"] == _HOST:
+            stale = not _alive(int(m["pid"]))  # this host: the owner's pid decides
+        else:  # another host sharing the folder, or a name we did not make: age decides
+            try:
+                st = entry.lstat()
+            except OSError:
+                continue
+            # ctime too: a hard-linked backup keeps its file's old mtime
+            stale = now - max(st.st_mtime, st.st_ctime) > max_age
+        if stale:
             _remove(entry)
             removed.append(entry)
     _rmdir_if_empty(tmp)
