@@ -72,7 +72,7 @@ def test_labels_leave_napari_with_names_and_colours(make_napari_viewer):
     np.testing.assert_array_equal(np.asarray(vol.data), lab)
 
 
-def test_export_widget_keeps_colours_in_seg_nrrd_and_names_everywhere(
+def test_export_widget_keeps_colours_in_seg_nrrd_nifti_and_names_everywhere(
         make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer()
     aff = make_affine((2.5, 0.9, 0.8), (10.0, -20.0, 30.0), np.diag([-1.0, -1.0, 1.0]))
@@ -87,14 +87,22 @@ def test_export_widget_keeps_colours_in_seg_nrrd_and_names_everywhere(
     for k, c in COLORS.items():  # the Export widget used to drop them
         np.testing.assert_allclose(back.label_colors[k], c, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(back.data), lab)
-    # NIfTI and the nnU-Net dataset have no place for colours; names reach dataset.json
+    # NIfTI: names and colours in the JSON sidecar beside the file
     back = read_volume(_export(qtbot, w, tmp_path / "seg.nii.gz", "NIfTI (.nii.gz)"),
                        is_label=True)
     np.testing.assert_array_equal(np.asarray(back.data), lab)
+    assert back.label_names == NAMES
+    for k, c in COLORS.items():
+        np.testing.assert_allclose(back.label_colors[k][:3], c, atol=1e-4)
+    # nnU-Net training case: names in dataset.json (an nnU-Net dataset has no place for
+    # colours, and labelsTr gets no sidecar that nnU-Net would take for a case)
     w.dataset_edit.setText(str(tmp_path / "Dataset701_B"))
     _wait(qtbot, w.add_training_case(), w)
     info = json.loads((tmp_path / "Dataset701_B" / "dataset.json").read_text())
     assert info["labels"] == {"background": 0, "liver": 1, "spleen": 2}
+    [case] = sorted((tmp_path / "Dataset701_B" / "labelsTr").glob("*.nii.gz"))
+    back = read_volume(case, is_label=True)
+    np.testing.assert_array_equal(np.asarray(back.data), lab)
 
 
 def test_export_widget_keeps_colours_in_dicom_seg(make_napari_viewer, qtbot, tmp_path):
