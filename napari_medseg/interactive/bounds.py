@@ -360,8 +360,8 @@ def bound_result(mask, region, shape, spacing, prompts, bounds: Bounds = Bounds(
     Returns
     -------
     mask, region
-        The bounded mask and the region it lies on (the bounding box of the
-        masks and prompts, which may differ from ``region``).
+        The bounded mask and the region it lies on: ``region``, widened to
+        the previous mask where that lies outside it.
     """
     spacing = tuple(float(s) for s in spacing)
     flat_axis = prompts.axis if prompts.mode == "2d" else None
@@ -396,4 +396,7 @@ def bound_result(mask, region, shape, spacing, prompts, bounds: Bounds = Bounds(
                     prev.removed = np.zeros(tuple(shape), bool)
                 prev.removed[domain] |= gone
         new &= allowed | old
-    return new, domain
+    # on the engine's own region (widened to the domain where that reaches out)
+    out = tuple(slice(min(r.start, d.start), max(r.stop, d.stop))
+                for r, d in zip(region, domain))
+    return _paste(new, domain, out), out
