@@ -72,7 +72,7 @@ def test_collect_cases_from_folders_globs_and_csv(inputs, tmp_path):
         collect_cases(tmp_path / "missing.nii.gz")
 
 
-def test_local_pool_resumes_and_reports_a_corrupt_input(inputs, tmp_path):
+def test_local_pool_resumes_and_reports_a_corrupt_input(inputs, tmp_path, capsys):
     from napari_medseg.io import read_volume
 
     folder, names = inputs
@@ -94,11 +94,14 @@ def test_local_pool_resumes_and_reports_a_corrupt_input(inputs, tmp_path):
         img = read_volume(folder / f"{cid}.nii.gz")
         assert lab.shape3 == img.shape3 and np.allclose(lab.affine, img.affine)
     assert calls[-1][:2] == (3, 3)
-    # a second run skips the finished cases and writes nothing new
+    # a second run (from the command line) skips the finished cases and writes nothing new
+    from napari_medseg.cli import main
+
     wrote_before = len(_events(out, "wrote"))
-    res2 = run_batch([folder / "case00.nii.gz", folder / "case01.nii.gz"], MODEL, out,
-                     workers=1, progress=False)
-    assert res2.counts == {"skipped": 2}
+    rc = main(["batch", str(folder / "case00.nii.gz"), str(folder / "case01.nii.gz"), "-m",
+               MODEL, "-o", str(out)])
+    assert rc == 0 and "2 skipped" in capsys.readouterr().err
+    assert _summary(out)["case00"]["status"] == "skipped"
     assert len(_events(out, "wrote")) == wrote_before
     # a truncated output is not "finished": it is made again
     (out / "case01.nii.gz").write_bytes(b"\x1f\x8b")
