@@ -8,6 +8,11 @@
     napari-medseg finetune MODEL DATASET_FOLDER [--iterations 200] [--lr 3e-4]
                   [--name NAME] [--out FOLDER] [--patch-size Z Y X] [--val-fraction 0.25]
     napari-medseg view [PATHS ...] [--sample KEY] [--screenshot PNG] [--widgets ...]
+    napari-medseg batch INPUTS ... -m MODEL -o OUTDIR [--workers 1] [--scheduler ADDRESS]
+                  [--device cpu] [--overlap 0.5] [--tta] [--fast] [--suffix .nii.gz]
+
+``predict`` with an ``.ome.zarr`` output streams big volumes (:mod:`napari_medseg.bigvolume`);
+``batch`` is :mod:`napari_medseg.batch`.
 
 Problems the user can fix print one line on stderr and exit with status 2.
 Importing this module loads neither napari nor Qt (only ``view`` does).
