@@ -111,11 +111,16 @@ def cmd_predict(args) -> int:
         for w in check_image_values(v, str(p), expect):
             print(f"warning: {w}", file=sys.stderr)
     bar = ProgressBar(f"{model.card.name}")
+
+    def warn(text):  # input and output checks: one line each, never silent
+        bar.close()
+        print(f"warning: {text}", file=sys.stderr)
+
     try:
         _, pred = run_model(model, vols, name=", ".join(str(p) for p in args.input),
                             device=args.device, overlap=args.overlap, tta=args.tta,
                             fast=args.fast, uncertainty=args.uncertainty_kind
-                            if args.uncertainty else None, progress=bar)
+                            if args.uncertainty else None, progress=bar, warn=warn)
     finally:
         bar.close()
     from .io.sidecar import sidecar_path

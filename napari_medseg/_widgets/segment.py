@@ -11,6 +11,7 @@ prediction into layers is :mod:`napari_medseg._napari.prediction`. At most
 
 from __future__ import annotations
 
+import html
 import logging
 import time
 from collections import OrderedDict
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from napari.layers import Image, Labels, Layer, Shapes
+from napari.utils.notifications import show_warning
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -92,6 +94,8 @@ class SegmentWidget(QWidget):
         self.last_run: dict[str, float] = {}
         self._busy = False
         self.last_error: str | None = None
+        #: Input and output check warnings of the last run (see models/checks.py)
+        self.last_warnings: list[str] = []
         self._models: dict[str, object] = {}  # name -> ModelInfo or loaded model
         self._loaded: OrderedDict[str, object] = OrderedDict()
         self._channel_boxes: list[QComboBox] = []
@@ -271,6 +275,46 @@ class SegmentWidget(QWidget):
     def _on_inserted(self, event) -> None:
         event.value.events.name.connect(self._refresh_layers)
         self._refresh_layers()
+        if isinstance(event.value, Image) and not self.running:
+            self.preselect_model(event.value)
+
+    # ------------------------------------------------------ modality fit
+    def layer_modality(self, layer):
+        """The :class:`~napari_medseg.core.modality.ModalityGuess` of an image layer, or None."""
+        from ..core.modality import detect_modality
+
+        try:
+            return detect_modality(volume_from_layer(layer, viewer=self.viewer))
+        except Exception as exc:  # noqa: BLE001 - 2D / RGB layers have no modality to fit
+            log.debug("no modality for layer %s: %s", getattr(layer, "name", "?"), exc)
+            return None
+
+    def preselect_model(self, layer) -> str | None:
+        """Select a model whose channels fit the modality of ``layer``; return its name.
+
+        Keeps the current model when it fits (or nothing fits better); puts the
+        layer in the first channel slot of the model chosen. Says in the status
+        line when no available model takes the layer's modality.
+        """
+        from ..models.checks import model_fits_modality
+
+        guess = self.layer_modality(layer)
+        if guess is None or guess.modality == "unknown":
+            return None
+        current = self.model_box.currentText()
+        if self.card is not None and model_fits_modality(self.card, guess.modality):
+            return current
+        for name, entry in self._models.items():
+            card = getattr(entry, "card", None)
+            if card is not None and card.channels and model_fits_modality(
+                    card, guess.modality) and card.channels[0].get("modality") != "unknown":
+                self.model_box.setCurrentText(name)
+                if self._channel_boxes:
+                    self._channel_boxes[0].setCurrentText(layer.name)
+                return name
+        self.status.setText(f"'{layer.name}' looks like {guess.modality} ({guess.source}); "
+                            f"no available model takes {guess.modality}")
+        return None
 
     def _refresh_layers(self, event=None) -> None:
         images = [lyr.name for lyr in self._image_layers()]
@@ -460,10 +504,14 @@ class SegmentWidget(QWidget):
         self.class_panel.set_layer(labels, classes or None)
         self.viewer.layers.selection.active = labels
         info = getattr(pred, "info", None) or {}
+        self.last_warnings = list(info.get("warnings") or [])
+        for text in self.last_warnings:  # wrong input or implausible output: never silent
+            show_warning(f"Segment: {text}")
         self.status.setText(
             f"'{request['image']}': {request['model_name']} in "
             f"{getattr(pred, 'seconds', 0.0):.1f} s on {info.get('device', '?')}"
-            + ("" if request["region"] is None else " (region)"))
+            + ("" if request["region"] is None else " (region)")
+            + "".join(f"<br><b>warning:</b> {html.escape(t)}" for t in self.last_warnings))
         self.last_run["shown"] = time.perf_counter()
 
     def _put_image(self, layer_tuple) -> None:
