@@ -321,3 +321,18 @@ def test_round_trip_still_exact_after_the_checks(tmp_path):
         np.testing.assert_array_equal(np.asarray(back.data), labels.data)
         np.testing.assert_allclose(back.affine, labels.affine, atol=1e-4)
     shutil.rmtree(tmp_path)
+
+
+def test_highly_compressible_valid_files_are_not_taken_for_lies(tmp_path):
+    """All-zero masks compress far beyond deflate's 1032:1 with zstd or bzip2: the size
+    check bounds each codec by what it can really reach."""
+    import nrrd
+
+    zeros = np.zeros((8, 1024, 1024), np.uint16)
+    tifffile.imwrite(tmp_path / "zstd_mask.tif", zeros, compression="zstd",
+                     photometric="minisblack")
+    nrrd.write(str(tmp_path / "bz2_mask.nrrd"), zeros, {"encoding": "bzip2"},
+               index_order="C")
+    for name in ("zstd_mask.tif", "bz2_mask.nrrd"):
+        back = np.asarray(read_volume(tmp_path / name).data)
+        assert back.shape == zeros.shape and not back.any()

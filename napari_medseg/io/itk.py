@@ -20,8 +20,9 @@ import numpy as np
 
 from ..core.volume import Volume, affine_from_itk, itk_from_affine
 from ..errors import MedSegError
-from ._common import check_geometry, check_size, check_spatial, file_size, guarded, \
-    looks_like_label_name, one_line, prepare_label_data
+from ._common import (
+    DEFLATE_MAX_RATIO, check_geometry, check_size, check_spatial, file_size, guarded,
+    looks_like_label_name, one_line, prepare_label_data)
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ def read_meta_header(path) -> MetaHeader:
             raise MedSegError(f"has CompressedDataSize = {csize} but only {avail} bytes of "
                               "data; the file is truncated or corrupt", str(path))
         check_size(size, itemsize, csize if csize else avail, path, compressed=True,
-                   what="the MetaImage header")
+                   what="the MetaImage header", ratio=DEFLATE_MAX_RATIO)  # MetaIO: zlib
     else:
         need = check_size(size, itemsize, data_bytes if offset == -1 else data_bytes - offset,
                           path, what="the MetaImage header")

@@ -16,8 +16,9 @@ import numpy as np
 
 from ..core.volume import Volume
 from ..errors import MedSegError
-from ._common import check_dtype, check_geometry, check_size, check_spatial, file_size, \
-    guarded, label_dtype, looks_like_label_name, one_line, prepare_label_data, strip_ext
+from ._common import (
+    DEFLATE_MAX_RATIO, check_dtype, check_geometry, check_size, check_spatial, file_size,
+    guarded, label_dtype, looks_like_label_name, one_line, prepare_label_data, strip_ext)
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,8 @@ def _read(img, path: Path, lazy: bool, is_label) -> Volume:
     affine = check_geometry(hdr.get_best_affine(), path)
     size = file_size(path)
     if str(path).lower().endswith(".gz"):
-        check_size(shape, dtype, size, path, compressed=True, what="the NIfTI header")
+        check_size(shape, dtype, size, path, compressed=True, what="the NIfTI header",
+                   ratio=DEFLATE_MAX_RATIO)
     else:
         offset = int(img.dataobj.offset)
         check_size(shape, dtype, size - offset, path, what="the NIfTI header")

@@ -16,8 +16,9 @@ import numpy as np
 
 from ..core.volume import LPS_TO_RAS, Volume
 from ..errors import MedSegError
-from ._common import check_dtype, check_geometry, check_size, check_spatial, file_size, \
-    guarded, looks_like_label_name, one_line, prepare_label_data
+from ._common import (
+    DEFLATE_MAX_RATIO, check_dtype, check_geometry, check_size, check_spatial, file_size,
+    guarded, looks_like_label_name, one_line, prepare_label_data)
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,8 @@ def _check_data_size(path: Path, header, offset: int) -> None:
                    what="the NRRD header")
     elif encoding in ("gzip", "gz", "bzip2", "bz2"):
         check_size(sizes, _dtype(header, path), avail, path, compressed=True,
-                   what="the NRRD header")
+                   what="the NRRD header",
+                   ratio=DEFLATE_MAX_RATIO if encoding.startswith("gz") else None)
     elif encoding in ("ascii", "text", "txt"):
         check_size(sizes, 1, avail, path, what="the NRRD header")  # >= 1 character a value
     else:

@@ -21,8 +21,9 @@ import numpy as np
 
 from ..core.volume import Volume, make_affine
 from ..errors import MedSegError
-from ._common import check_dtype, check_geometry, check_size, check_spatial, file_size, \
-    guarded, looks_like_label_name, one_line, prepare_label_data
+from ._common import (
+    DEFLATE_MAX_RATIO, check_dtype, check_geometry, check_size, check_spatial, file_size,
+    guarded, looks_like_label_name, one_line, prepare_label_data)
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,11 @@ def _check_ome(tif, path: Path) -> None:
                           str(path))
 
 
+#: The most a codec can expand, by TIFF compression tag: deflate (8, 32946),
+#: LZW (5; 12-bit codes), PackBits (32773); other codecs get the generic bound.
+_RATIO = {8: DEFLATE_MAX_RATIO, 32946: DEFLATE_MAX_RATIO, 5: 5000, 32773: 130}
+
+
 def _check_pages(series, path: Path) -> bool:
     """Check each page's claimed size, data location and compression; True if compressed."""
     from tifffile import TIFF
@@ -197,7 +203,7 @@ def _check_pages(series, path: Path) -> bool:
             raise MedSegError("has image data beyond the end of the file; the file is "
                               "truncated or corrupt", str(path))
         check_size(key.shape, key.dtype, sum(counts), path, compressed=comp != 1,
-                   what="a TIFF page")
+                   what="a TIFF page", ratio=_RATIO.get(comp))
     return compressed
 
 

@@ -274,7 +274,8 @@ def _license(path: Path) -> str:
     for name in ("LICENSE", "docs/LICENSE", "LICENSE.txt"):
         f = path / name
         if f.is_file():
-            first = inside_package(path, f).read_text(encoding="utf-8", errors="replace").strip().splitlines()
+            text = inside_package(path, f).read_text(encoding="utf-8", errors="replace")
+            first = text.strip().splitlines()
             return first[0][:80] if first else "see LICENSE"
     return "unknown"
 
