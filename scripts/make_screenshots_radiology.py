@@ -86,6 +86,13 @@ def main(argv=None) -> None:
     viewer.reset_view()
     wait(1.0)
     shot(viewer, args.out / "display_coronal.png")
+
+    # 4. linked axial / sagittal / coronal views (napari-orthogonal-views)
+    display.plane_combo.setCurrentText("axial")
+    display.linked_button.setChecked(True)
+    viewer.dims.point = [(r.start + r.stop) / 2 for r in viewer.dims.range]
+    wait(1.5)
+    shot(viewer, args.out / "linked_planes.png")
     viewer.close()
 
 

@@ -78,6 +78,12 @@ class DisplayWidget(QWidget):
         self.plane_combo.currentTextChanged.connect(
             lambda p: show_plane(self.viewer, p))
         form.addRow("Plane", self.plane_combo)
+        self.linked_button = QPushButton("Linked 3-plane views")
+        self.linked_button.setCheckable(True)
+        self.linked_button.setToolTip("axial, sagittal and coronal side by side, linked "
+                                      "(needs pip install 'napari-medseg[planes]')")
+        self.linked_button.toggled.connect(self._linked)
+        form.addRow("", self.linked_button)
         grid = QGridLayout()
         self.buttons: dict[str, QPushButton] = {}
         for n, name in enumerate([*WINDOW_PRESETS, AUTO]):
@@ -156,6 +162,20 @@ class DisplayWidget(QWidget):
         set_modality(layer, modality)
         self.status.setText(f"'{layer.name}' is {modality}; "
                             f"window: {default_preset(modality)}")
+
+    def _linked(self, on: bool) -> None:
+        from .planes import hide_linked_planes, show_linked_planes
+
+        try:
+            if on:
+                show_linked_planes(self.viewer)
+            else:
+                hide_linked_planes(self.viewer)
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            notify_exception(exc, "linked views")
+            self.linked_button.blockSignals(True)
+            self.linked_button.setChecked(False)
+            self.linked_button.blockSignals(False)
 
     # ---------------------------------------------------------------- presets
     def apply(self, preset: str):
