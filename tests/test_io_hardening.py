@@ -336,3 +336,14 @@ def test_highly_compressible_valid_files_are_not_taken_for_lies(tmp_path):
     for name in ("zstd_mask.tif", "bz2_mask.nrrd"):
         back = np.asarray(read_volume(tmp_path / name).data)
         assert back.shape == zeros.shape and not back.any()
+
+
+def test_dicom_slice_claiming_a_huge_image_is_refused_before_decoding(tmp_path):
+    import pydicom
+
+    files = _write_ct(tmp_path / "s")
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.Rows = ds.Columns = 60000  # 7.2 GB of 16-bit pixels in files of a few KB
+        ds.save_as(f)
+    assert "60000" in _one_line_error(tmp_path / "s")

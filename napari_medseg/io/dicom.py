@@ -20,7 +20,7 @@ import numpy as np
 
 from ..core.volume import LPS_TO_RAS, Volume
 from ..errors import MedSegError
-from ._common import check_geometry, check_spatial, guarded, one_line
+from ._common import check_geometry, check_size, check_spatial, file_size, guarded, one_line
 
 log = logging.getLogger(__name__)
 
@@ -184,12 +184,29 @@ def _spacing_notes(series: Series, dist, folder) -> tuple[float, list[str]]:
     return med, notes
 
 
+def _check_pixel_size(hdr, path: Path) -> None:
+    """Rows x Columns x frames x samples against the file's size, before decoding."""
+    try:
+        shape = (int(hdr.get("NumberOfFrames", 1) or 1), int(hdr.Rows), int(hdr.Columns),
+                 int(hdr.get("SamplesPerPixel", 1) or 1))
+        itemsize = max(1, (int(hdr.get("BitsAllocated", 16) or 16) + 7) // 8)
+        syntax = getattr(getattr(hdr, "file_meta", None), "TransferSyntaxUID", None)
+        compressed = bool(getattr(syntax, "is_compressed", False)) or \
+            bool(getattr(syntax, "is_deflated", False))
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise MedSegError(f"{path.name} has unreadable image size fields ({exc}); the file "
+                          "is corrupt", str(path)) from exc
+    check_size(shape, itemsize, file_size(path), path, compressed=compressed,
+               what="its DICOM header")
+
+
 def _pixels(series: Series, folder):
     """Stack rescaled slices to ``(Z, Y, X)``: int16 when exact, else float32."""
     import pydicom
 
     slopes, inters, planes = [], [], []
     for path, hdr in series.headers:
+        _check_pixel_size(hdr, path)
         try:
             arr = pydicom.dcmread(path).pixel_array
         except Exception as exc:
