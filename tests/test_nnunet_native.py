@@ -23,12 +23,11 @@ from napari_medseg.models.nnunet_native import (LogitResampler, nnunet_gaussian,
 from _tiny_totalseg import make_result_folder  # noqa: E402
 
 
-def _fp32_predictor(folder, tta, folds):
+def _fp32_class():
+    """nnUNetPredictor with its blended-logit buffer in float32 instead of float16."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     class Fp32Predictor(nnUNetPredictor):
-        """nnUNetPredictor with its blended-logit buffer in float32 instead of float16."""
-
         @torch.inference_mode()
         def _internal_predict_sliding_window_return_logits(self, data, slicers,
                                                            do_on_device=True):
@@ -44,6 +43,11 @@ def _fp32_predictor(folder, tta, folds):
                 weights[sl[1:]] += g
             return logits / weights
 
+    return Fp32Predictor
+
+
+def _fp32_predictor(folder, tta, folds):
+    Fp32Predictor = _fp32_class()
     p = Fp32Predictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta,
                       perform_everything_on_device=False, device=torch.device("cpu"),
                       verbose=False, verbose_preprocessing=False, allow_tqdm=False)
@@ -248,3 +252,89 @@ def test_118_class_run_holds_a_few_slices_of_logits(tmp_path):
     _, ref_labels, props = _reference(folder, x, spacing)
     assert (res.labels == ref_labels).mean() > 0.99
     assert len(np.unique(res.labels)) > 10
+
+
+def test_2d_configuration_matches_predictor(tmp_path):
+    """A 2d configuration: slice by slice, 2D Gaussian and windows, export per slice."""
+    import copy
+    import json
+
+    from _tiny_totalseg import plans_dict
+
+    plans = plans_dict("Dataset506_Flat", (1.0, 1.0, 1.0), (16, 16, 16))
+    cfg = plans["configurations"].pop("3d_fullres")
+    arch = copy.deepcopy(cfg["architecture"])
+    kw = arch["arch_kwargs"]
+    kw.update(conv_op="torch.nn.modules.conv.Conv2d", kernel_sizes=[[3, 3]] * 3,
+              strides=[[1, 1], [2, 2], [2, 2]],
+              norm_op="torch.nn.modules.instancenorm.InstanceNorm2d")
+    cfg.update(data_identifier="nnUNetPlans_2d", patch_size=[16, 16], spacing=[0.9, 0.9],
+               architecture=arch, median_image_size_in_voxels=[40, 40])
+    plans["configurations"]["2d"] = cfg
+    ds = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1, "b": 2, "c": 3},
+          "numTraining": 3, "file_ending": ".nii.gz"}
+    folder = tmp_path / "Dataset506_Flat" / "nnUNetTrainer__nnUNetPlans__2d"
+    (folder / "fold_0").mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    (folder / "dataset.json").write_text(json.dumps(ds))
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    cm = PlansManager(plans).get_configuration("2d")
+    torch.manual_seed(21)
+    net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                 cm.network_arch_init_kwargs_req_import, 1, 4,
+                                 deep_supervision=False)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(1.5)
+    torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer",
+                "inference_allowed_mirroring_axes": (0, 1),
+                "init_args": {"configuration": "2d"}},
+               folder / "fold_0" / "checkpoint_final.pth")
+    model = load_model(folder)
+    model.amp = "off"
+    x = _ct((5, 23, 19), seed=6)[None]
+    spacing = (2.0, 0.7, 0.8)
+    ours = model.run_array(x, spacing, device="cpu", keep_logits=True)
+    ref_logits, ref_labels, _ = _reference_2d(folder, x, spacing)
+    err = np.abs(ours.logits - ref_logits).max()
+    assert err <= 1e-4 * np.abs(ref_logits).max()
+    top2 = np.sort(ref_logits, axis=0)[-2:]
+    clear = (top2[1] - top2[0]) > 1e-3
+    np.testing.assert_array_equal(ours.labels[clear], ref_labels[clear])
+
+
+def _reference_2d(folder, x, spacing):
+    import json
+
+    from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
+    from nnunetv2.inference.export_prediction import \
+        convert_predicted_logits_to_segmentation_with_correct_shape
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pm = PlansManager(json.loads((folder / "plans.json").read_text()))
+    ds = json.loads((folder / "dataset.json").read_text())
+    cm = pm.get_configuration("2d")
+    from napari_medseg.models.nnunet import load_checkpoint
+
+    ck = load_checkpoint(folder / "fold_0" / "checkpoint_final.pth")
+    net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                 cm.network_arch_init_kwargs_req_import, 1, 4,
+                                 allow_init=False, deep_supervision=False)
+    p = _fp32_class()(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                      perform_everything_on_device=False, device=torch.device("cpu"),
+                      verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    p.manual_initialization(net, pm, cm, [ck["network_weights"]], ds, "nnUNetTrainer", (0, 1))
+    ppa = PreprocessAdapterFromNpy([x], [None], [{"spacing": list(spacing)}], [None], pm, ds, cm,
+                                   num_threads_in_multithreaded=1, verbose=False)
+    dct = next(ppa)
+    logits = p.predict_logits_from_preprocessed_data(dct["data"]).cpu()
+    props = dct["data_properties"]
+    sp_t = [props["spacing"][i] for i in pm.transpose_forward]
+    res = cm.resampling_fn_probabilities(logits, props["shape_after_cropping_and_before_resampling"],
+                                         [sp_t[0], *cm.spacing], sp_t)
+    labels = convert_predicted_logits_to_segmentation_with_correct_shape(
+        logits, pm, cm, p.label_manager, props)
+    return np.asarray(res, np.float32), np.asarray(labels), props
