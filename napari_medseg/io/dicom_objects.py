@@ -92,21 +92,44 @@ def referenced_series_uid(ds) -> str | None:
     return None
 
 
-def _find_reference(path: Path, uid: str | None, candidates) -> Volume | None:
-    """The referenced series: among ``candidates`` (Volumes), else in the file's folder."""
-    if not uid:
-        return None
+def frame_of_reference_uid(ds) -> str:
+    """FrameOfReferenceUID of a SEG or RTSTRUCT dataset ("" when none)."""
+    if str(ds.get("FrameOfReferenceUID", "")):
+        return str(ds.FrameOfReferenceUID)
+    for frame in ds.get("ReferencedFrameOfReferenceSequence", []) or []:
+        if str(frame.get("FrameOfReferenceUID", "")):
+            return str(frame.FrameOfReferenceUID)
+    return ""
+
+
+def _find_reference(path: Path, ds, candidates) -> Volume | None:
+    """The referenced series: among ``candidates`` (Volumes), else in the file's folder.
+
+    Matched by SeriesInstanceUID; when that is empty (some anonymised data sets
+    blank it), by FrameOfReferenceUID.
+    """
+    uid = referenced_series_uid(ds) or ""
+    frame = frame_of_reference_uid(ds)
+
+    def matches(series_uid, frame_uid):
+        if uid:
+            return series_uid == uid
+        return bool(frame) and frame_uid == frame
+
     for v in candidates or ():
-        if isinstance(v, Volume) and v.meta.get("dicom_series_instance_uid") == uid:
+        if isinstance(v, Volume) and matches(v.meta.get("dicom_series_instance_uid", ""),
+                                             v.meta.get("dicom_frame_of_reference_uid", "")):
             return v
+    if not uid and not frame:
+        return None
     from .dicom import _volume, scan_series
 
     try:
-        series = [s for s in scan_series(path.parent) if s.uid == uid]
+        series = [s for s in scan_series(path.parent) if len(s.headers) > 1 and matches(
+            s.uid, str(s.headers[0][1].get("FrameOfReferenceUID", "")))]
     except MedSegError:
         return None
-    stacks = [s for s in series if len(s.headers) > 1]
-    return _volume(stacks[0], path.parent) if stacks else None
+    return _volume(series[0], path.parent) if series else None
 
 
 # ------------------------------------------------------------------ grouping
@@ -225,7 +248,7 @@ def read_dicom_seg(path, reference: Volume | None = None, candidates=()) -> list
     hdr = _header(path)
     _check_seg_header(hdr, path)
     if reference is None:
-        reference = _find_reference(path, referenced_series_uid(hdr), candidates)
+        reference = _find_reference(path, hdr, candidates)
     try:
         seg = hd.seg.segread(str(path))
         numbers = list(seg.get_segment_numbers())
@@ -311,7 +334,7 @@ def read_rtstruct(path, reference: Volume | None = None, candidates=()) -> list[
     path = Path(path)
     ds = _header(path)
     if reference is None:
-        reference = _find_reference(path, referenced_series_uid(ds), candidates)
+        reference = _find_reference(path, ds, candidates)
     if reference is None:
         raise MedSegError("is an RTSTRUCT whose image series is neither open nor in its "
                           "folder; open the referenced CT / MR series first", str(path))
