@@ -129,6 +129,23 @@ def test_a_negative_click_that_removes_most_keeps_the_positive_side():
     assert after[obj & (x < 50)].all() and not after[obj & (x > 60)].any()
 
 
+def test_a_collapse_keeps_a_heterogeneous_object_it_held_for_two_clicks():
+    shape = (30, 80, 120)
+    sp = (1.0, 1.0, 1.0)
+    x = np.arange(120)[None, None, :]
+    obj = np.zeros(shape, bool)
+    obj[5:25, 30:50, 10:110] = True
+    image = np.where(obj & (x < 60), 10.0, 4.0).astype(np.float32)  # half as dark as outside
+    rest = obj & (x < 14)
+    eng = _Scripted([obj, obj, rest])
+    pos = [[15, 40, 20], [15, 40, 30]]
+    eng.predict(image, sp, Prompts(positive=pos[:1]))
+    eng.predict(image, sp, Prompts(positive=pos))
+    after = eng.predict(image, sp, Prompts(positive=pos, negative=[[15, 40, 115]]))
+    # held for two updates: kept on the positive side, dark part included
+    assert after[obj & (x < 66)].all() and not after[obj & (x > 80)].any()
+
+
 def test_a_positive_click_takes_back_nothing_a_negative_click_removed():
     shape = (30, 80, 160)
     image = np.zeros(shape, np.float32)

@@ -279,12 +279,13 @@ class Engine(ABC):
         if last is not None and last[0] == key:
             click = added_click(last[1], p)
             if click is not None:
-                previous = Previous(last[2], last[3], click[0], click[1], last[4])
+                previous = Previous(last[2], last[3], click[0], click[1], last[4], last[5])
         mask, region = bound_result(mask, region, tuple(image.shape), spacing, p,
                                     getattr(self, "bounds", None) or Bounds(), previous,
                                     image)
         self._bound_last = (key, p, mask, region,
-                            None if previous is None else previous.removed)
+                            None if previous is None else previous.removed,
+                            None if previous is None else (previous.mask, previous.region))
         return mask, region
 
     @staticmethod

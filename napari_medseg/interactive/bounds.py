@@ -26,7 +26,9 @@ previous result alone (no engine internals, no image statistics):
    ``edge_mm`` from the previous mask is dropped; when the result lost every
    positive prompt the previous one held or kept less than ``keep`` of it (it
    emptied or collapsed), the part of the previous mask nearer the positive
-   prompts than the new negative click, in space and in intensity, is kept.
+   prompts than the new negative click is kept: what the mask held for two
+   updates whatever its intensity, what the click before added only when its
+   intensity is nearer the object's than the negative click's.
 
 Boundary refinements within ``edge_mm`` are never touched, so an engine that
 is right is left alone; the rules only cut what no single click can mean.
@@ -93,6 +95,8 @@ class Previous:
     removed : bool array of the image's shape, optional
         What negative clicks removed from this object so far (beyond the edge
         band); :func:`bound_result` adds to it in place.
+    older : (mask, region), optional
+        The result before ``mask`` (one click earlier), when known.
     """
 
     mask: np.ndarray
@@ -100,6 +104,7 @@ class Previous:
     point: np.ndarray
     positive: bool
     removed: np.ndarray | None = None
+    older: tuple | None = None
 
 
 def added_click(old, new) -> tuple[np.ndarray, bool] | None:
@@ -309,8 +314,14 @@ def _value_at(image, point) -> float:
 
 
 def _negative_step(new, old, point, prompts, spacing, domain, bounds: Bounds,
-                   image=None) -> np.ndarray:
-    """Rule 3 on ``domain``: a negative click (at ``point``) removes near itself."""
+                   image=None, stable=None) -> np.ndarray:
+    """Rule 3 on ``domain``: a negative click (at ``point``) removes near itself.
+
+    ``stable``: the part of ``old`` the click before kept too; it is kept
+    back on its side of the click whatever its intensity (a heterogeneous
+    object), what the click before added only when its intensity is the
+    object's.
+    """
     out = new & (old | _within(old, spacing, bounds.edge_mm))
     pos = _positive_points(prompts)
     if not len(pos) or not len(prompts.negative):
@@ -326,7 +337,8 @@ def _negative_step(new, old, point, prompts, spacing, domain, bounds: Bounds,
     if image is not None:  # and nearer the object's intensity than the click's
         vals = np.asarray(image[domain], np.float32)
         obj = _value_at(image, prompts.positive[0] if len(prompts.positive) else pos[0])
-        nearer &= np.abs(vals - obj) <= np.abs(vals - _value_at(image, point))
+        like = np.abs(vals - obj) <= np.abs(vals - _value_at(image, point))
+        nearer &= like if stable is None else like | stable
     kept = out | (old & nearer)
     lab, _ = ndi.label(kept)
     keep = np.unique([lab[v] for v in held]) if held else np.unique(lab[kept])
@@ -388,8 +400,9 @@ def bound_result(mask, region, shape, spacing, prompts, bounds: Bounds = Bounds(
             new = _positive_step(new, old, prev.point, spacing, domain, bounds,
                                  None if prev.removed is None else prev.removed[domain])
         else:
+            stable = None if prev.older is None else old & _paste(*prev.older, domain)
             new = _negative_step(new, old, prev.point, prompts, spacing, domain, bounds,
-                                 image)
+                                 image, stable)
             gone = old & ~_within(new, spacing, bounds.edge_mm)
             if gone.any():
                 if prev.removed is None:
