@@ -103,7 +103,7 @@ def cmd_predict(args) -> int:
     # outputs (format, folder, never an input) are checked before the model runs
     check_outputs([args.output], args.input, args.overwrite,
                   extensions=_label_extensions(args))
-    check_outputs([args.uncertainty], args.input, args.overwrite)
+    check_outputs([args.uncertainty], args.input, args.overwrite, others=[args.output])
     model = load_model(args.model)
     vols = [read_volume(p, lazy=True) for p in args.input]
     for i, (p, v) in enumerate(zip(args.input, vols)):  # constant or absurd images

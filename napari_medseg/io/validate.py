@@ -38,7 +38,7 @@ def _same(a: Path, b: Path) -> bool:
 
 
 def check_outputs(outputs, inputs=(), overwrite: bool = False,
-                  extensions=None) -> list[Path]:
+                  extensions=None, others=()) -> list[Path]:
     """Validate output paths before any work is done; return them as Paths.
 
     Parameters
@@ -53,6 +53,9 @@ def check_outputs(outputs, inputs=(), overwrite: bool = False,
     extensions : tuple of str, optional
         Suffixes that can be written; default
         :data:`napari_medseg.io.WRITE_EXTENSIONS`.
+    others : sequence of str or Path
+        Outputs of the same run checked by another call (with other
+        extensions); none of ``outputs`` may be one of them.
 
     Raises
     ------
@@ -62,6 +65,7 @@ def check_outputs(outputs, inputs=(), overwrite: bool = False,
     if extensions is None:
         from . import WRITE_EXTENSIONS as extensions
     outs = [Path(o) for o in outputs if o is not None]
+    earlier = [Path(o) for o in others if o is not None]
     ins = [Path(i) for i in inputs]
     for i, out in enumerate(outs):
         if not out.name.lower().endswith(tuple(extensions)):
@@ -71,7 +75,7 @@ def check_outputs(outputs, inputs=(), overwrite: bool = False,
             if _same(out, src):
                 raise MedSegError(f"is also an input ({src}); writing it would replace the "
                                   "image; choose another output name", str(out))
-        for other in outs[:i]:
+        for other in earlier + outs[:i]:
             if _same(out, other):
                 raise MedSegError("is given for two outputs; choose different names",
                                   str(out))
