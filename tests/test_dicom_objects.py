@@ -70,6 +70,8 @@ def test_seg_round_trip_on_the_series_and_on_its_own_geometry(series, tmp_path):
     expect = np.select([labels.data == 1, labels.data == 3], [1, 2], 0)
     np.testing.assert_array_equal(on_series.data, expect)
     assert on_series.label_names == {1: "liver", 2: "spleen"}
+    np.testing.assert_allclose(on_series.label_colors[1], COLORS[1], atol=0.01)  # CIELab
+    np.testing.assert_allclose(on_series.label_colors[2], COLORS[3], atol=0.01)
     [own] = read_dicom_seg(out)  # no series beside it: the SEG's own frames
     world = lambda v, idx: (v.affine @ np.r_[np.asarray(idx, float)[::-1], 1.0])[:3]  # noqa: E731
     for k in (1, 2):
