@@ -120,7 +120,8 @@ def cmd_predict(args) -> int:
         _, pred = run_model(model, vols, name=", ".join(str(p) for p in args.input),
                             device=args.device, overlap=args.overlap, tta=args.tta,
                             fast=args.fast, uncertainty=args.uncertainty_kind
-                            if args.uncertainty else None, progress=bar, warn=warn)
+                            if args.uncertainty else None, progress=bar, warn=warn,
+                            crop_to_body=True)
     finally:
         bar.close()
     from .io.sidecar import sidecar_path

@@ -427,7 +427,8 @@ class SegmentWidget(QWidget):
                 return None
         options = dict(device=self.device_box.currentText(), overlap=self.overlap.value(),
                        tta=self.tta.isChecked(), fast=self.fast.isChecked(), region=region,
-                       uncertainty="entropy" if self.uncertainty.isChecked() else None)
+                       uncertainty="entropy" if self.uncertainty.isChecked() else None,
+                       crop_to_body=region is None)  # CT models skip the air around
         return {"model_name": name, "image": image.name, "volumes": volumes,
                 "options": options, "region": region, "mode": mode, "target": target}
 

@@ -110,7 +110,8 @@ class Model:
         raise NotImplementedError
 
     def predict(self, volumes, device="auto", overlap=0.5, tta=False, fast=False, region=None,
-                uncertainty=None, progress=None, cancel=None, memory_limit=None) -> Prediction:
+                uncertainty=None, progress=None, cancel=None, memory_limit=None,
+                crop_to_body=False) -> Prediction:
         """Segment ``volumes`` and return labels on the input's voxel grid.
 
         Parameters
@@ -133,6 +134,12 @@ class Model:
             with a margin of context around it and labels outside it are 0.
         uncertainty : {None, "entropy", "tta"}
             Also return an uncertainty map.
+        crop_to_body : bool
+            For a one-channel CT model without a ``region``: run only on the box
+            around the body (:func:`~napari_medseg.core.body_region.body_box`, plus
+            1 cm), when that leaves out a fifth of the voxels or more; labels
+            outside are 0 and ``info["body_crop"]`` holds the box. The command
+            line and the Segment widget ask for it.
         progress, cancel : callable, optional
             ``progress(done, total)`` windows; ``cancel()`` True stops the run
             (raises :class:`~napari_medseg.errors.Cancelled`, nothing is kept).
@@ -164,6 +171,9 @@ class Model:
             uncertainty = "entropy" if uncertainty == "tta" else uncertainty
         box = _parse_region(region, ref.shape3, ref.source)
         crop = None if box is None else self._with_margin(box, ref)
+        body = None
+        if box is None and crop_to_body:  # a CT model need not look at the air around
+            body = box = crop = self._body_crop(vols)
         run_vols = vols if crop is None else [_crop_volume(v, crop) for v in vols]
         plan = self.plan_memory(run_vols, device=device, tta=tta, uncertainty=uncertainty,
                                 memory_limit=memory_limit)
@@ -194,7 +204,8 @@ class Model:
                                     label_names={}, label_colors={})
             unc_vol.meta["uncertainty"] = uncertainty
         info = dict(info or {}, model=self.card.name, overlap=overlap, tta=bool(tta),
-                    region=None if box is None else [(s.start, s.stop) for s in box])
+                    region=None if region is None else [(s.start, s.stop) for s in box],
+                    body_crop=None if body is None else [(s.start, s.stop) for s in body])
         return Prediction(lab_vol, unc_vol, time.perf_counter() - t0, info, self.card)
 
     # ----------------------------------------------------------- pipeline
@@ -221,6 +232,30 @@ class Model:
         return check_inputs(volumes, self.card.n_channels, self.card.name,
                             [f"{c['name']} ({c['modality']})" for c in self.card.channels],
                             names=names)
+
+    def _body_crop(self, vols, margin_mm: float = 10.0):
+        """The box around the body (plus ``margin_mm``) for a one-channel CT model, or None.
+
+        CT models clip air to the bottom of their window, the value the engine
+        pads with, so the air around the body adds windows but nothing the
+        network can use; labels outside the box are 0. None when the box would
+        leave out less than a fifth of the voxels, or the model is not a CT one.
+        """
+        from ..core.body_region import body_box
+
+        norm = self.card.normalization[0] if self.card.normalization else {}
+        if (norm.get("kind") != "ct" or len(vols) != 1 or vols[0].n_channels != 1
+                or float(norm["window"][0]) < -500.0):
+            return None
+        ref = vols[0]
+        box = body_box(ref.data)
+        if box is None:
+            return None
+        out = []
+        for sl, n, sp in zip(box, ref.shape3, ref.spacing):
+            m = int(math.ceil(margin_mm / max(sp, 1e-6)))
+            out.append(slice(max(0, sl.start - m), min(n, sl.stop + m)))
+        return tuple(out)
 
     def _with_margin(self, box, ref: Volume):
         """Grow the region by half a model window (in mm) of context, clipped to the image."""
