@@ -224,3 +224,23 @@ def test_real_ct_seg_and_rtstruct_round_trip(tmp_path):
                            reference=img)
     np.testing.assert_array_equal(seg.data, np.select([lab == 1, lab == 5, lab == 52],
                                                       [1, 2, 3], 0))
+
+
+def test_pydicom_data_segs_read_on_their_own_geometry():
+    """SEGs written by other tools, from the pydicom-data package when it is installed."""
+    pdd = pytest.importorskip("pydicom_data")
+    from pathlib import Path
+
+    root = Path(pdd.__file__).parent
+    segs = [p for p in sorted(root.rglob("*")) if p.is_file() and p.stat().st_size < 50e6
+            and dicom_object_kind(p) == "SEG"]
+    if not segs:
+        pytest.skip("pydicom-data holds no SEG")
+    for p in segs[:3]:
+        try:
+            vols = read_dicom_seg(p)
+        except MedSegError as exc:  # e.g. a fractional or tiled SEG: one clear line
+            assert str(p.name) in str(exc) and "\n" not in str(exc)
+            continue
+        assert vols and all(np.any(v.data) for v in vols)
+        assert all(v.label_names for v in vols)
