@@ -284,6 +284,7 @@ def run_case(model_ref, case: Case, out: str, options: dict) -> dict:
         The case's summary row (``status`` ``done`` / ``skipped`` / ``failed``).
     """
     from .io import read_volume, write_labels
+    from .models.run import run_model
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -309,12 +310,13 @@ def run_case(model_ref, case: Case, out: str, options: dict) -> dict:
             warnings.simplefilter("always")
             model = _model(model_ref)
             vols = [read_volume(p, lazy=True) for p in case.paths]
-            caught.extend(_input_warnings(model.card, vols))
-            pred = model.predict(vols, device=options.get("device", "cpu"),
-                                 overlap=options.get("overlap", 0.5),
-                                 tta=options.get("tta", False), fast=options.get("fast", False),
-                                 memory_limit=options.get("memory_limit"))
-            caught.extend(_output_warnings(model.card, pred.labels))
+            # the shared run path: input checks, the memory plan, out-of-memory as one line
+            _, pred = run_model(model, vols, name=case.paths[0],
+                                device=options.get("device", "cpu"),
+                                overlap=options.get("overlap", 0.5),
+                                tta=options.get("tta", False), fast=options.get("fast", False),
+                                memory_limit=options.get("memory_limit"))
+            caught.extend((pred.info or {}).get("warnings") or [])
             write_labels(out, pred.labels, overwrite=True)
             _log_event(out.parent, event="wrote", case=case.case_id, output=str(out))
         caught.extend(str(w.message) for w in wlist)
@@ -333,24 +335,6 @@ def run_case(model_ref, case: Case, out: str, options: dict) -> dict:
         row["peak_memory_gib"] = round(_peak_bytes() / 2**30, 3)
         row["warnings"] = "; ".join(dict.fromkeys(c.replace("\n", " ") for c in caught))
     return row
-
-
-def _input_warnings(card, vols) -> list:
-    """The wrong-input checks (modality, body region, channels) as warning lines."""
-    try:
-        from .models.checks import check_input
-    except ImportError:  # pragma: no cover - older trees
-        return []
-    return list(check_input(card, vols))
-
-
-def _output_warnings(card, labels) -> list:
-    """Predicted volumes outside the card's plausible ranges, as warning lines."""
-    try:
-        from .models.checks import check_prediction
-    except ImportError:  # pragma: no cover - older trees
-        return []
-    return list(check_prediction(card, labels))
 
 
 def _class_volumes(pred) -> dict:
