@@ -281,6 +281,10 @@ def cmd_predict_zarr(args, progress_bar=None) -> int:
                           "drop --uncertainty or write a .nii.gz")
     model = load_model(args.model)
     vols = [read_volume(p, lazy=True) for p in args.input]
+    from .models.checks import check_input
+
+    for text in check_input(model.card, vols):  # wrong input: one warning line each
+        print(f"warning: {text}", file=sys.stderr)
     bar = progress_bar(f"{model.card.name}") if progress_bar else None
     try:
         info = predict_to_zarr(model, vols, args.output, device=args.device,
