@@ -112,7 +112,8 @@ got = np.asarray(read_zarr(out).data)
 if mode == "memory":
     data = np.asarray(v.data).astype(np.int16) - np.int16(1024)
     ref = m.predict(Volume(data, v.affine, modality="CT"), device="cpu").labels.data
-    print(json.dumps({"equal": bool(np.array_equal(ref, got))}))
+    print(json.dumps({"equal": bool(np.array_equal(ref, got)),
+                      "differing": int(np.count_nonzero(ref != got))}))
 """
 
 
@@ -150,8 +151,12 @@ def main(argv=None):
     if a.size <= a.check_max:
         c = subprocess.run([sys.executable, "-c", _CHECK, str(src), str(out), "memory", "1"],
                            capture_output=True, text=True)
-        res["labels_equal_in_memory"] = json.loads(c.stdout.strip().splitlines()[-1])["equal"] \
-            if c.returncode == 0 else f"error: {c.stderr[-300:]}"
+        if c.returncode == 0:
+            chk = json.loads(c.stdout.strip().splitlines()[-1])
+            res["labels_equal_in_memory"] = chk["equal"]
+            res["labels_differing_voxels"] = chk["differing"]
+        else:
+            res["labels_equal_in_memory"] = f"error: {c.stderr[-300:]}"
     print(json.dumps(res, indent=2) if a.json else res)
 
 
