@@ -124,3 +124,23 @@ def test_class_panel_lock_box_locks_the_class(make_napari_viewer):
     assert locked_classes(layer) == set()
     layer.paint((1, 10, 10), 2)
     assert not (np.asarray(layer.data)[1] == 1).any()
+
+
+def test_correction_reports_only_the_voxels_it_changed(labels):
+    from napari_medseg._napari.history import apply_edit
+    from napari_medseg.core.corrections import Edit
+
+    viewer, layer, before = labels
+    values = np.full((6, 40, 40), 2, np.uint8)
+    n = apply_edit(layer, Edit(region=(slice(0, 6), slice(0, 40), slice(0, 40)),
+                               values=values))
+    assert n == int(((before != 1) & (before != 2)).sum())  # locked liver not counted
+    # a few changes in a big box take the sparse (data_setitem) path
+    current = np.array(layer.data, copy=True)
+    values = current.copy()
+    values[0, 0:2, 0:2] = 3   # background -> 3: allowed (already 2 after the edit above)
+    values[0, 10, 10] = 3     # liver -> 3: locked
+    n = apply_edit(layer, Edit(region=(slice(0, 6), slice(0, 40), slice(0, 40)),
+                               values=values))
+    assert n == 4
+    assert np.array_equal(np.asarray(layer.data) == 1, before == 1)

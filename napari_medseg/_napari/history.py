@@ -18,6 +18,9 @@ import logging
 
 import numpy as np
 
+from .layer_roles import locked_classes
+from .locks import protect_locked
+
 log = logging.getLogger(__name__)
 
 __all__ = ["apply_edit", "history_nbytes", "undo_entry_nbytes", "history_signature"]
@@ -90,6 +93,9 @@ def apply_edit(layer, edit, refresh: bool = True) -> int:
     data = layer.data
     old = np.asarray(data[edit.region])
     changed = old != edit.values
+    locked = locked_classes(layer)
+    if locked:  # locked classes: their voxels stay, and none joins them
+        changed &= ~protect_locked(old, edit.values, locked)
     n = int(changed.sum())
     if n == 0:
         return 0
@@ -106,7 +112,12 @@ def apply_edit(layer, edit, refresh: bool = True) -> int:
             if refresh:
                 layer.refresh()
         else:
-            idx, vals = edit.changes(data)
-            layer.data_setitem(idx, vals, refresh=refresh)
+            if locked:
+                local = np.nonzero(changed)
+                idx = tuple(ix + (s.start or 0) for ix, s in zip(local, edit.region))
+                layer.data_setitem(idx, new_values, refresh=refresh)
+            else:
+                idx, vals = edit.changes(data)
+                layer.data_setitem(idx, vals, refresh=refresh)
     log.debug("applied edit of %d voxels in %s to %s", n, edit.region, layer.name)
     return n
