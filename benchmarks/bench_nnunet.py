@@ -252,6 +252,10 @@ def _nnunet_predictor(folder):
 
 
 def worker(args):
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(int(args.threads))
     if args.worker == "totalseg-fast":
         t0 = time.perf_counter()
         from napari_medseg.io import read_volume, write_labels
@@ -291,8 +295,13 @@ def worker(args):
 
 
 # --------------------------------------------------------------------------- driver
+THREADS = None
+
+
 def _spawn(kind, **kw):
     cmd = [sys.executable, HERE, "--worker", kind]
+    if THREADS:
+        cmd += ["--threads", str(THREADS)]
     for k, v in kw.items():
         cmd += [f"--{k}", str(v)]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -343,12 +352,21 @@ def main():
     ap.add_argument("--size", choices=list(SIZES), default="full")
     ap.add_argument("--train-steps", type=int, default=None)
     ap.add_argument("--skip", default="", help="comma list of: trained,part,fast,totalseg")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads in each worker (default: torch's own); on a busy "
+                         "machine 1 avoids OpenMP threads spinning against other processes")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     for k in ("folder", "input", "spacing", "save"):
         ap.add_argument(f"--{k}", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
+    global THREADS
+    THREADS = args.threads
+    if THREADS:  # the training of the phantom model runs in this process
+        import torch
+
+        torch.set_num_threads(THREADS)
     cfg = dict(SIZES[args.size])
     if args.train_steps is not None:
         cfg["train_steps"] = args.train_steps
@@ -360,7 +378,7 @@ def main():
         else:
             print(msg, file=sys.stderr, flush=True)
 
-    result = {"size": args.size, "volume": list(cfg["volume"]), "volume_spacing": CT_SPACING,
+    result = {"size": args.size, "threads": args.threads, "volume": list(cfg["volume"]), "volume_spacing": CT_SPACING,
               "step": 0.5, "mirroring": False, "cpu_threads": os.cpu_count(),
               "note": ("reduced sizes (not the issue's 256 x 256 x 200 / 512 x 512 x 300)"
                        if args.size != "full" else "the issue's sizes"),
@@ -404,6 +422,8 @@ def main():
             env.pop("TOTALSEG_WEIGHTS_PATH", None)
             cmd = [sys.executable, HERE, "--worker", "totalseg-fast", "--input", path,
                    "--save", os.path.join(tmp, "seg.nii.gz")]
+            if THREADS:
+                cmd += ["--threads", str(THREADS)]
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode != 0:
                 raise RuntimeError(out.stderr[-3000:])
