@@ -7,9 +7,9 @@ Usage::
 
 ``MODEL`` is a registry name or a package folder (default: the built-in
 ``abdomen-ct-small``). ``--weights`` evaluates a training checkpoint (weights
-only) with the card :func:`napari_medseg.training.train_builtin.make_card` writes,
+only) with the card :func:`napari_medseg.training.train_builtin_synth.make_card` writes,
 in a temporary package. ``--synthetic N`` adds the mean Dice on the first ``N``
-held-out synthetic abdomens (``train_builtin.HELD_OUT_SEEDS``). ``--write-card``
+held-out synthetic abdomens (``train_builtin_synth.HELD_OUT_SEEDS``). ``--write-card``
 writes both into the package's ``card.yaml`` as ``metrics.synthetic`` and
 ``metrics.real``. The scans and references:
 
@@ -81,21 +81,29 @@ def real_dice(model, root: Path = REALDATA, cases=None) -> dict:
 
 
 def card_metrics(synthetic: dict | None, real: dict, n_synthetic: int) -> dict:
-    """The ``metrics`` mapping of a card: ``synthetic`` and ``real`` (a list of records)."""
-    from napari_medseg.training.train_builtin import HELD_OUT_SEEDS
+    """The ``metrics`` mapping of a card (see :mod:`napari_medseg.models.card`):
+    ``real`` (one entry per scan, shown first) and ``synthetic``."""
+    from napari_medseg.training.train_builtin_synth import HELD_OUT_SEEDS
 
     refs = {c["case"]: c for c in real_cases()}
-    out = {"real": [{"scans": f"../shared/realdata/{case}" + (
-        "" if case == "ct_abdomen_dicom" else "/ct.nii.gz"),
-        "reference": refs[case]["reference"], "dice": d} for case, d in real.items()]}
+    out = {"real": [{"scans": [case], "reference": refs[case]["reference"], "dice": d,
+                     "note": NOTES.get(case, "")} for case, d in real.items()]}
     if synthetic is not None:
-        out["synthetic"] = {
-            "dice": synthetic, "cases": n_synthetic,
-            "seeds": list(HELD_OUT_SEEDS[:n_synthetic]),
-            "generator": "synthetic phantom: make_abdomen_ct_synth(seed), 96 x 160 x 200 "
+        out["synthetic"] = {"dice": synthetic, "held_out": {
+            "cases": n_synthetic, "seeds": list(HELD_OUT_SEEDS[:n_synthetic]),
+            "generator": "synthetic phantom make_abdomen_ct_synth(seed), 96 x 160 x 200 "
                          "voxels of 2.5 x 2 x 2 mm, anatomies never used in training",
-            "pipeline": "load_model + Model.predict"}
+            "pipeline": "load_model + Model.predict (resample, sliding window, restore)"}}
     return out
+
+
+NOTES = {
+    "ct_abdomen_dicom": "upper-abdomen portal-venous DICOM CT of ../shared/realdata (20 "
+                        "slices, 0.98 x 0.98 x 2 mm); kidneys and lesions are not in the "
+                        "reference. Measured by python benchmarks/eval_real_builtin.py",
+    "spleen_ct": "Medical Segmentation Decathlon spleen crop of ../shared/realdata (164 x 166 "
+                 "x 26, 0.8 x 0.8 x 5 mm); only the spleen is labelled",
+}
 
 
 def main(argv=None) -> int:
@@ -114,7 +122,7 @@ def main(argv=None) -> int:
     import torch
 
     from napari_medseg.models import load_model
-    from napari_medseg.training import train_builtin
+    from napari_medseg.training import train_builtin_synth as train_builtin
 
     torch.set_num_threads(a.threads)
     t0 = time.time()
@@ -131,9 +139,12 @@ def main(argv=None) -> int:
         if a.write_card:
             if a.weights is not None:
                 raise SystemExit("--write-card needs a package folder, not --weights")
-            card = model.card
+            from napari_medseg.models.card import ModelCard
+
+            card_path = Path(path) / "card.yaml"
+            card = ModelCard.load(card_path)
             card.metrics = card_metrics(syn, res, a.synthetic)
-            card.save(Path(model.path if hasattr(model, "path") else path) / "card.yaml")
+            card.save(card_path)
     if a.json:
         print(json.dumps({"real_dice": res, "synthetic": syn}))
     else:
