@@ -111,19 +111,29 @@ def cmd_predict(args) -> int:
         for w in check_image_values(v, str(p), expect):
             print(f"warning: {w}", file=sys.stderr)
     bar = ProgressBar(f"{model.card.name}")
+    held = []  # input / output checks; shown once the model took the input (a refused
+    # input stays one error line), one "warning:" line each, never silent
 
-    def warn(text):  # input and output checks: one line each, never silent
-        bar.close()
-        print(f"warning: {text}", file=sys.stderr)
+    def show_held():
+        if held:
+            bar.close()
+            for text in held:
+                print(f"warning: {text}", file=sys.stderr)
+            held.clear()
+
+    def progress(done, total):
+        show_held()
+        bar(done, total)
 
     try:
         _, pred = run_model(model, vols, name=", ".join(str(p) for p in args.input),
                             device=args.device, overlap=args.overlap, tta=args.tta,
                             fast=args.fast, uncertainty=args.uncertainty_kind
-                            if args.uncertainty else None, progress=bar, warn=warn,
-                            crop_to_body=True)
+                            if args.uncertainty else None, progress=progress,
+                            warn=held.append, crop_to_body=True)
     finally:
         bar.close()
+    show_held()
     from .io.sidecar import sidecar_path
 
     targets = [p for p in (args.output, args.uncertainty) if p]
