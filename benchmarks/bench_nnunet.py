@@ -191,7 +191,8 @@ def _trained_folder(root, cfg, log):
             loss.backward()
             opt.step()
             if step % 20 == 0:
-                log(f"  train step {step}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)")
+                log(f"  train step {step}: loss {loss.item():.3f} "
+                    f"({time.perf_counter() - t0:.0f} s)")
         net.eval()
         return cfg["train_steps"]
 
@@ -378,7 +379,8 @@ def main():
         else:
             print(msg, file=sys.stderr, flush=True)
 
-    result = {"size": args.size, "threads": args.threads, "volume": list(cfg["volume"]), "volume_spacing": CT_SPACING,
+    result = {"size": args.size, "threads": args.threads, "volume": list(cfg["volume"]),
+              "volume_spacing": CT_SPACING,
               "step": 0.5, "mirroring": False, "cpu_threads": os.cpu_count(),
               "note": ("reduced sizes (not the issue's 256 x 256 x 200 / 512 x 512 x 300)"
                        if args.size != "full" else "the issue's sizes"),
@@ -411,8 +413,9 @@ def main():
             from napari_medseg.io import write_volume
 
             home = Path(tmp) / "tshome"
-            _ts_folder(home / "nnunet" / "results", "Dataset297_TotalSegmentator_total_3mm_1559subj",
-                       118, (3.0, 3.0, 3.0), cfg["ts_patch"], "nnUNetTrainer_4000epochs_NoMirroring")
+            _ts_folder(home / "nnunet" / "results",
+                       "Dataset297_TotalSegmentator_total_3mm_1559subj", 118, (3.0, 3.0, 3.0),
+                       cfg["ts_patch"], "nnUNetTrainer_4000epochs_NoMirroring")
             ct = _ct_volume(cfg["fast_ct"], FAST_SPACING, seed=5)
             path = os.path.join(tmp, "ct.nii.gz")
             write_volume(path, ct)

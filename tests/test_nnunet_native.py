@@ -88,7 +88,8 @@ def _reference(folder, x, spacing, tta=False, folds=(0,)):
     logits = p.predict_logits_from_preprocessed_data(dct["data"]).cpu()
     props = dct["data_properties"]
     sp_t = [props["spacing"][i] for i in pm.transpose_forward]
-    res = cm.resampling_fn_probabilities(logits, props["shape_after_cropping_and_before_resampling"],
+    shape = props["shape_after_cropping_and_before_resampling"]
+    res = cm.resampling_fn_probabilities(logits, shape,
                                          cm.spacing, sp_t)
     labels = convert_predicted_logits_to_segmentation_with_correct_shape(
         logits, pm, cm, p.label_manager, props)
@@ -235,7 +236,7 @@ def test_cancel_stops_native_run(tmp_path):
 
 
 def test_118_class_run_holds_a_few_slices_of_logits(tmp_path):
-    """A TotalSegmentator-shaped output (118 logits): the export keeps a few slices, not the volume."""
+    """A TotalSegmentator-shaped output (118 logits): the export keeps a few slices."""
     names = [f"c{i}" for i in range(1, 118)]
     folder = make_result_folder(tmp_path, "Dataset505_Many", names, spacing=(1.5, 1.5, 1.5),
                                 patch=(8, 16, 16), seed=11)
@@ -333,7 +334,8 @@ def _reference_2d(folder, x, spacing):
     logits = p.predict_logits_from_preprocessed_data(dct["data"]).cpu()
     props = dct["data_properties"]
     sp_t = [props["spacing"][i] for i in pm.transpose_forward]
-    res = cm.resampling_fn_probabilities(logits, props["shape_after_cropping_and_before_resampling"],
+    shape = props["shape_after_cropping_and_before_resampling"]
+    res = cm.resampling_fn_probabilities(logits, shape,
                                          [sp_t[0], *cm.spacing], sp_t)
     labels = convert_predicted_logits_to_segmentation_with_correct_shape(
         logits, pm, cm, p.label_manager, props)

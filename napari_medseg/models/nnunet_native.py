@@ -42,8 +42,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import MedSegError
-
 __all__ = ["nnunet_window_starts", "nnunet_gaussian", "LogitResampler", "NativeResult",
            "EnsembleNetwork", "Network2D", "run_native"]
 

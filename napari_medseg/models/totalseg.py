@@ -4,7 +4,8 @@ TotalSegmentator (Wasserthal et al., Radiology: AI 2023) stores each task as an
 nnU-Net v2 result folder under its weights folder: ``$TOTALSEG_WEIGHTS_PATH``,
 else ``$TOTALSEG_HOME_DIR/nnunet/results``, else
 ``~/.totalsegmentator/nnunet/results`` (e.g.
-``Dataset291_TotalSegmentator_part1_organs_1559subj/nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres/fold_0``).
+``Dataset291_TotalSegmentator_part1_organs_1559subj/`` holding
+``nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres/fold_0``).
 Nothing is downloaded: :func:`discover` offers the tasks whose folders are there.
 
 - ``total``: the five 1.5 mm part models (datasets 291-295: organs, vertebrae,
