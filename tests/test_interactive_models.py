@@ -13,8 +13,9 @@ from napari_medseg.core.phantom import make_abdomen_ct
 from napari_medseg.errors import MedSegError
 from napari_medseg.interactive import Prompts, make_engine
 from napari_medseg.interactive import click_roi as roi
-from napari_medseg.interactive.click_model import (ARCH, WEIGHTS, ClickModelEngine, ClickNet,
-                                                   click_channels, load_click_net)
+from napari_medseg.interactive.click_model import (ARCH, IN_CHANNELS, WEIGHTS, ClickModelEngine,
+                                                   ClickNet, box_map, click_channels,
+                                                   load_click_net)
 from napari_medseg.interactive.simulate import simulate_clicks
 
 
@@ -25,12 +26,12 @@ def phantom():
 
 
 def test_shipped_click_weights_are_small_plain_and_tagged():
-    assert WEIGHTS.is_file() and WEIGHTS.stat().st_size < 2e6
+    assert WEIGHTS.is_file() and WEIGHTS.stat().st_size < 20e6
     state = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     assert bytes(state["_arch"].tolist()).decode() == ARCH
     net = load_click_net()
-    out = net(torch.zeros(1, 4, 8, 16, 16))
+    out = net(torch.zeros(1, IN_CHANNELS, 8, 16, 16))
     assert out.shape == (1, 1, 8, 16, 16)
 
 
@@ -49,11 +50,25 @@ def test_click_channels_normalise_to_the_click():
     prev = np.zeros(crop.shape, np.float32)
     prev[:, :, :8] = 1
     x = click_channels(crop, np.array([[4.0, 8.0, 3.0]]), np.zeros((0, 3)), prev)
-    assert x.shape == (4, 8, 16, 16) and x.dtype == np.float32
+    assert x.shape == (6, 8, 16, 16) and x.dtype == np.float32
     assert abs(x[0, 4, 8, 3]) < 1e-6 and x[0, 4, 8, 12] > 0
-    assert x[1, 4, 8, 3] == pytest.approx(1.0) and x[2].max() == 0
-    assert np.array_equal(x[3], prev)
-    assert click_channels(crop, [[4, 8, 3]], np.zeros((0, 3)))[3].max() == 0
+    assert x[1, 4, 8, 3] == pytest.approx(0.0) and x[1, 4, 8, 12] == pytest.approx(1.0)
+    assert x[2, 4, 8, 3] == pytest.approx(1.0) and x[3].max() == 0
+    assert np.array_equal(x[4], prev) and x[5].max() == 0
+    assert click_channels(crop, [[4, 8, 3]], np.zeros((0, 3)))[4].max() == 0
+    # a box alone: centred on the intensity of the box's core, drawn in the box channel
+    xb = click_channels(crop, np.zeros((0, 3)), np.zeros((0, 3)),
+                        boxes=[[[4, 2, 9], [4, 14, 15]]])
+    assert abs(xb[0, 4, 8, 12]) < 1e-6 and xb[0, 4, 8, 3] < 0
+    assert xb[5, 4, 2:15, 9:16].min() == 1 and xb[5].sum() == 13 * 7
+    with pytest.raises(ValueError):
+        click_channels(crop, np.zeros((0, 3)), np.zeros((0, 3)))
+
+
+def test_box_map_fills_flat_and_3d_boxes():
+    m = box_map([[[2.2, 1, 1], [2.4, 3, 4]], [[0, 0, 0], [1, 1, 1]]], (4, 6, 6))
+    assert m[2, 1:4, 1:5].min() == 1 and m[0:2, 0:2, 0:2].min() == 1
+    assert m.sum() == 12 + 8
 
 
 def test_grid_plan_keeps_the_budget_and_the_image_resolution():
@@ -84,10 +99,32 @@ def test_click_model_segments_organs_and_refines(phantom):
     for k in (1, 3):  # liver (larger than the first 64 mm region) and a kidney
         run = simulate_clicks(eng, image, spacing, lab == k, n_clicks=3)
         assert run.dice[-1] > 0.7, (k, run.dice)  # trained, not random (untrained: < 0.4)
-    with pytest.raises(MedSegError, match="positive click"):
-        eng.predict(image, spacing, Prompts(boxes=[[[10, 20, 20], [12, 40, 40]]]))
+    with pytest.raises(MedSegError, match="positive click or a box"):
+        eng.predict(image, spacing, Prompts(scribbles=_scribble(image.shape)))
     m = eng.predict(image, spacing, Prompts(positive=[[16, 40, 30]], mode="2d", index=16))
     assert m.shape == image.shape and not m[15].any() and not m[17].any()
+
+
+def _scribble(shape):
+    s = np.zeros(shape, np.uint8)
+    s[16, 40:44, 30:34] = 1
+    return s
+
+
+def test_click_model_takes_boxes_in_2d_and_3d(phantom):
+    image, spacing, lab = phantom
+    truth = lab == 3
+    eng = ClickModelEngine()
+    for mode in ("3d", "2d"):
+        run = simulate_clicks(eng, image, spacing, truth, n_clicks=2, box=True, mode=mode)
+        assert run.dice[0] > 0.6, (mode, run.dice)  # the box alone finds the kidney
+        assert run.dice[-1] >= run.dice[0] - 0.05, (mode, run.dice)
+    pts = np.argwhere(truth)
+    box3 = np.array([pts.min(0), pts.max(0)], float)
+    m = eng.predict(image, spacing, Prompts(boxes=[box3]))
+    inside = np.zeros(truth.shape, bool)
+    inside[tuple(slice(int(a), int(b) + 1) for a, b in zip(*box3))] = True
+    assert m[inside].sum() > 0.6 * truth.sum() and m[~inside].sum() < 0.5 * truth.sum()
 
 
 def test_click_model_feeds_back_its_last_mask(phantom):
@@ -118,10 +155,45 @@ def test_training_script_writes_loadable_weights(tmp_path):
     from napari_medseg.training.train_click_model import train
 
     out = tmp_path / "w.pt"
-    summary = train(out, minutes=0.02, width=4, n_phantoms=1, cache=tmp_path / "pool.npz")
-    assert summary["steps"] >= 1 and out.is_file() and (tmp_path / "pool.npz").is_file()
+    summary = train(out, steps=3, width=4, n_phantoms=1, cache=tmp_path / "pool.npz",
+                    work_dir=tmp_path / "run")
+    assert summary["steps"] == 3 and out.is_file() and (tmp_path / "pool.npz").is_file()
     net = load_click_net(out)
     assert isinstance(net, ClickNet) and net.width == 4
+    # a run started again with the same folder resumes from its checkpoint
+    again = train(out, steps=5, width=4, n_phantoms=1, cache=tmp_path / "pool.npz",
+                  work_dir=tmp_path / "run")
+    assert again["steps"] == 5 and again["seconds"] < summary["seconds"] + 60
+
+
+def test_synthetic_objects_cover_shapes_and_appearances():
+    from napari_medseg.training.synth import random_label_map, synth_example
+
+    rng = np.random.default_rng(3)
+    lab = random_label_map((16, 32, 32), rng)
+    assert lab.shape == (16, 32, 32) and lab.min() >= 1 and len(np.unique(lab)) >= 3
+    sizes, cts = [], 0
+    for _ in range(12):
+        ex = synth_example((16, 32, 32), rng)
+        if ex is None:
+            continue
+        img, mask, click = ex
+        assert img.shape == mask.shape and img.dtype == np.float32 and np.isfinite(img).all()
+        assert 20 <= mask.sum() < 0.7 * mask.size and click is None
+        sizes.append(int(mask.sum()))
+        cts += int(img.min() < -50)  # Hounsfield-like examples
+    assert len(sizes) >= 6 and max(sizes) > 4 * min(sizes) and cts >= 1
+    # centred targets: the structure under the grid's centre, whatever its size
+    filled = 0
+    for _ in range(8):
+        ex = synth_example((16, 32, 32), rng, centre=True)
+        if ex is None:
+            continue
+        img, mask, click = ex
+        assert mask[tuple(np.round(click).astype(int))]
+        assert np.abs(click - np.array([8, 16, 16])).max() <= 1
+        filled += int(mask.sum() > 0.5 * mask.size)
+    assert filled >= 1
 
 
 def _need_sam():
@@ -190,3 +262,21 @@ def test_nninteractive_adapter_explains_missing_model(tmp_path):
     eng = make_engine("nnInteractive", tmp_path)
     with pytest.raises(MedSegError, match="nnInteractive"):
         eng.session
+
+
+REAL = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "realdata"
+
+
+@pytest.mark.skipif(not (REAL / "ct_abdomen_dicom").is_dir(),
+                    reason="the shared real scans (../shared/realdata) are not here")
+def test_default_engine_three_clicks_on_a_real_liver():
+    import napari_medseg.interactive as interactive
+    from napari_medseg.io import read_volume
+
+    img = read_volume(REAL / "ct_abdomen_dicom")
+    ref = read_volume(REAL / "ct_abdomen_dicom_labels.nii.gz")
+    liver = np.asarray(ref.data) == 5
+    engine = make_engine(getattr(interactive, "DEFAULT_ENGINE", "click model"))
+    run = simulate_clicks(engine, np.asarray(img.data, np.float32), img.spacing, liver,
+                          n_clicks=3, rule="largest")
+    assert run.dice[-1] >= 0.8, run.dice

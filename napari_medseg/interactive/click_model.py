@@ -1,27 +1,29 @@
-"""A learned click model: a small 3D network from image, clicks and last mask to a mask.
+"""A learned interactive model: a small 3D network from image, prompts and last mask to a mask.
 
-The network sees four channels on a region around the clicks, resampled onto a
-grid of a fixed voxel budget (:mod:`.click_roi`): the image, normalised to the
-intensity under the first positive click and the spread of the region (so it
-works on CT and MR alike), one map each for positive and negative clicks
-(Gaussian blobs) and the mask of the previous update, so that each later click
-refines the last answer instead of starting over. It returns mask logits on
-the grid, which are interpolated back onto the image's voxels.
+The network sees six channels on a region around the prompts, resampled onto
+a grid of a fixed voxel budget (:mod:`.click_roi`): the image twice (centred
+on the object's intensity and scaled by the region's spread, so CT, MR and PET
+look alike, and mapped by the region's percentiles, which keeps the order of
+tissues), one map each for positive and negative clicks (Gaussian blobs), the
+mask of the previous update (so each later click refines the last answer
+instead of starting over) and the boxes. It returns mask logits on the grid,
+which are interpolated back onto the image's voxels.
 
-A 3D update looks at the box around the clicks and the previous mask (a
-64 mm cube around a first click) and grows it while the mask reaches its
-border; a 2D update looks at a slab of :data:`~.click_roi.SLAB_2D` slices
-around the slice. The network was trained (RITM style: later clicks at the
-centre of its own largest error) on the synthetic CT and MR phantoms, 18 minutes
-on one CPU thread and 30 + 24 more from the last weights on two (the commands are
-in the training module's docstring and docs/models.md), e.g.::
+A 3D update looks at the box around the prompts and the previous mask (a
+64 mm cube around a first click; a box's own extent, as deep as it is wide
+for a box drawn on one slice) and grows it while the mask reaches its border;
+a 2D update looks at a slab of :data:`~.click_roi.SLAB_2D` slices around the
+slice.
 
-    python -m napari_medseg.training.train_click_model --minutes 18 --threads 1 --out A.pt
-    python -m napari_medseg.training.train_click_model --minutes 30 --threads 2 \
-        --lr 1e-3 --init A.pt
-
-and the weights ship in the package (``click_model.pt``: a plain state dict
-read with ``weights_only=True``, tagged with :data:`ARCH`).
+The network never saw a real scan in training: it learned from
+domain-randomised synthetic volumes (:mod:`napari_medseg.training.synth`:
+random shapes in random tissue maps with random intensities, textures,
+resolution, blur, bias and noise, a third of them in CT Hounsfield ranges)
+and from the randomised CT and MR phantoms, with boxes and clicks simulated
+RITM style (later clicks at the centre of its own largest error). The
+training commands are in :mod:`napari_medseg.training.train_click_model` and
+docs/models.md. The weights ship in the package (``click_model.pt``: a plain
+state dict read with ``weights_only=True``, tagged with :data:`ARCH`).
 """
 
 from __future__ import annotations
@@ -49,42 +51,61 @@ WEIGHTS = Path(__file__).with_name("click_model.pt")
 #: Standard deviation (grid voxels) of the Gaussian blob drawn for each click.
 CLICK_SIGMA = 2.0
 #: Architecture tag stored in the weights; other tags are refused.
-ARCH = "clicknet-v2"
+ARCH = "clicknet-v3"
+#: Input channels: image around the object's intensity, image by the crop's
+#: percentiles, positive clicks, negative clicks, previous mask, box.
+IN_CHANNELS = 6
 
 
-def _conv(cin, cout, stride=1, norm=True):
+class _InstanceNorm(nn.InstanceNorm3d):
+    """Instance norm computed in float32 under mixed precision.
+
+    In bf16 the variance of a small feature map can round below zero and the
+    normalisation turn into NaN; the statistics of a few hundred voxels cost
+    nothing in float32.
+    """
+
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
+
+
+def _conv(cin, cout, stride=1, norm=True, dilation=1):
+    pad = dilation
     if not norm:  # the half-resolution level: normalising it would cost most of the time
-        return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=1),
+        return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=pad,
+                                       dilation=dilation),
                              nn.LeakyReLU(0.01, inplace=True))
     return nn.Sequential(
-        nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False),
-        nn.InstanceNorm3d(cout, affine=True), nn.LeakyReLU(0.01, inplace=True))
+        nn.Conv3d(cin, cout, 3, stride=stride, padding=pad, dilation=dilation, bias=False),
+        _InstanceNorm(cout, affine=True), nn.LeakyReLU(0.01, inplace=True))
 
 
 class ClickNet(nn.Module):
-    """A small 3D U-Net: ``(B, 4, Z, Y, X)`` -> ``(B, 1, Z, Y, X)`` logits.
+    """A small 3D U-Net: ``(B, 6, Z, Y, X)`` -> ``(B, 1, Z, Y, X)`` logits.
 
     A strided first convolution brings the grid to half resolution, where a
-    three-level U-Net runs; its features are interpolated back to the grid and
-    combined voxel by voxel with the input channels (so thin structures keep
-    the grid's resolution). Every side must be a multiple of 8. About 0.17 M
-    parameters at ``width=12``.
+    three-level U-Net runs (its deepest level adds dilated convolutions, so a
+    64^3 grid is seen whole); its features are interpolated back to the grid
+    and combined voxel by voxel with the input channels (so thin structures
+    keep the grid's resolution). Every side must be a multiple of 8. About
+    0.5 M parameters at ``width=16``.
     """
 
-    def __init__(self, width: int = 12, in_channels: int = 4):
+    def __init__(self, width: int = 16, in_channels: int = IN_CHANNELS):
         super().__init__()
         w = width
         self.width = width
         self.stem = _conv(in_channels, w, stride=2, norm=False)
         self.enc1 = _conv(w, w, norm=False)
         self.enc2 = nn.Sequential(_conv(w, 2 * w), _conv(2 * w, 2 * w))
-        self.enc3 = nn.Sequential(_conv(2 * w, 4 * w), _conv(4 * w, 4 * w))
+        self.enc3 = nn.Sequential(_conv(2 * w, 4 * w), _conv(4 * w, 4 * w, dilation=2),
+                                  _conv(4 * w, 4 * w, dilation=4))
         self.up2 = nn.ConvTranspose3d(4 * w, 2 * w, 2, stride=2)
         self.dec2 = _conv(4 * w, 2 * w)
         self.up1 = nn.ConvTranspose3d(2 * w, w, 2, stride=2)
         self.dec1 = _conv(2 * w, w, norm=False)
-        self.head = nn.Sequential(nn.Conv3d(w + in_channels, 8, 1), nn.LeakyReLU(0.01, True),
-                                  nn.Conv3d(8, 1, 1))
+        self.head = nn.Sequential(nn.Conv3d(w + in_channels, 16, 1), nn.LeakyReLU(0.01, True),
+                                  nn.Conv3d(16, 1, 1))
 
     def forward(self, x):
         e1 = self.enc1(self.stem(x))
@@ -94,7 +115,7 @@ class ClickNet(nn.Module):
         d1 = self.dec1(torch.cat([self.up1(d2), e1], 1))
         f = nn.functional.interpolate(d1, size=x.shape[2:], mode="trilinear",
                                       align_corners=False)
-        return self.head(torch.cat([f, x], 1))
+        return self.head(torch.cat([f, x.to(f.dtype)], 1))
 
 
 def _click_map(points, shape, sigma=CLICK_SIGMA) -> np.ndarray:
@@ -112,30 +133,77 @@ def _click_map(points, shape, sigma=CLICK_SIGMA) -> np.ndarray:
     return out
 
 
-def click_channels(crop: np.ndarray, positive, negative, previous=None) -> np.ndarray:
-    """The network input ``(4, Z, Y, X)`` float32 for a grid crop and its clicks.
+def box_map(boxes, shape) -> np.ndarray:
+    """1 inside each box ``(2, 3)`` of grid indices (inclusive corners), else 0.
+
+    A box flat along an axis (a 2D box drawn on one slice) covers the one grid
+    slice nearest to it.
+    """
+    out = np.zeros(shape, np.float32)
+    hi_idx = np.array(shape) - 1
+    for b in np.asarray(boxes, float).reshape(-1, 2, 3):
+        lo = np.clip(np.round(b.min(0)).astype(int), 0, hi_idx)
+        hi = np.clip(np.round(b.max(0)).astype(int), lo, hi_idx)
+        out[tuple(slice(a, c + 1) for a, c in zip(lo, hi))] = 1.0
+    return out
+
+
+def _object_intensity(crop, positive, boxes) -> float:
+    """The intensity the object is expected to have: under the first click, else the box's core."""
+    shape = np.array(crop.shape)
+    if len(positive):
+        p0 = np.clip(np.round(positive[0]).astype(int), 0, shape - 1)
+        sl = tuple(slice(max(c - 1, 0), c + 2) for c in p0)
+        return float(np.median(crop[sl]))
+    b = np.asarray(boxes, float).reshape(-1, 2, 3)[0]
+    lo, hi = b.min(0), b.max(0)
+    c, h = (lo + hi) / 2, np.maximum((hi - lo) / 4, 0.5)
+    a = np.clip(np.round(c - h).astype(int), 0, shape - 1)
+    z = np.clip(np.round(c + h).astype(int), a, shape - 1)
+    return float(np.median(crop[tuple(slice(i, j + 1) for i, j in zip(a, z))]))
+
+
+def click_channels(crop: np.ndarray, positive, negative, previous=None,
+                   boxes=None) -> np.ndarray:
+    """The network input ``(6, Z, Y, X)`` float32 for a grid crop and its prompts.
 
     Parameters
     ----------
     crop : (Z, Y, X) array
         Image region on the network's grid (any units).
     positive, negative : (N, 3) array
-        Clicks in the crop's array indices; at least one positive.
+        Clicks in the crop's array indices.
     previous : (Z, Y, X) array, optional
         The previous mask on the same grid (values in [0, 1]); zeros if None.
+    boxes : (M, 2, 3) array, optional
+        Boxes (inclusive corners) in the crop's array indices. At least one
+        positive click or one box is needed.
+
+    Notes
+    -----
+    Channel 0 is the image centred on the object's intensity (under the first
+    positive click, else the median of the box's core) and scaled by the
+    crop's robust spread, so CT, MR and PET look alike to the network;
+    channel 1 is the image mapped by the crop's 0.5 and 99.5 percentiles to
+    [0, 1], which keeps the absolute order of tissues.
     """
     crop = np.asarray(crop, np.float32)
     positive = np.asarray(positive, float).reshape(-1, 3)
-    p0 = np.clip(np.round(positive[0]).astype(int), 0, np.array(crop.shape) - 1)
-    sl = tuple(slice(max(c - 1, 0), c + 2) for c in p0)
-    centre = float(np.median(crop[sl]))
-    q25, q75 = np.percentile(crop[::2, ::2, ::2], [25, 75])
-    scale = max(float(q75 - q25) / 1.35, 1e-3 * (float(np.ptp(crop)) + 1e-6), 1e-6)
+    boxes = np.zeros((0, 2, 3)) if boxes is None else np.asarray(boxes, float).reshape(-1, 2, 3)
+    if not len(positive) and not len(boxes):
+        raise ValueError("click_channels needs a positive click or a box")
+    centre = _object_intensity(crop, positive, boxes)
+    sub = crop[::2, ::2, ::2]
+    p_lo, q25, q75, p_hi = np.percentile(sub, [0.5, 25, 75, 99.5])
+    spread = max(float(p_hi - p_lo), 1e-6)
+    scale = max(float(q75 - q25) / 1.35, 1e-3 * spread, 1e-6)
     img = np.clip((crop - centre) / scale, -5.0, 5.0)
+    rank = np.clip((crop - p_lo) / spread, 0.0, 1.0)
     prev = (np.zeros(crop.shape, np.float32) if previous is None
             else np.asarray(previous, np.float32))
-    return np.stack([img, _click_map(positive, crop.shape), _click_map(negative, crop.shape),
-                     prev]).astype(np.float32)
+    return np.stack([img, rank, _click_map(positive, crop.shape),
+                     _click_map(negative, crop.shape), prev,
+                     box_map(boxes, crop.shape)]).astype(np.float32)
 
 
 def keep_clicked(mask: np.ndarray, positive, negative) -> np.ndarray:
@@ -208,49 +276,92 @@ def _mask_corners(mask: np.ndarray, start) -> np.ndarray:
     return np.stack([idx.min(0), idx.max(0)]) + np.asarray(start)
 
 
+def _box_points(boxes, spacing) -> np.ndarray:
+    """Corners of the region a box implies, ``(2M, 3)`` array indices.
+
+    A 2D box (flat along an axis) says nothing about the object's depth: the
+    region reaches half the box's mean in-plane size (mm) to either side of
+    its slice, and grows later if the mask reaches that far.
+    """
+    sp = np.asarray(spacing, float)
+    out = []
+    for b in np.asarray(boxes, float).reshape(-1, 2, 3):
+        lo, hi = b.min(0), b.max(0)
+        ext_mm = (hi - lo + 1) * sp
+        flat = (hi - lo) < 0.5
+        if flat.any() and (~flat).any():
+            depth = 0.5 * float(ext_mm[~flat].mean())
+            lo = np.where(flat, lo - depth / sp, lo)
+            hi = np.where(flat, hi + depth / sp, hi)
+        out += [lo, hi]
+    return np.array(out).reshape(-1, 3)
+
+
+def _anchors(positive, boxes) -> np.ndarray:
+    """Where the object surely is: the positive clicks, else the boxes' centres."""
+    if len(positive):
+        return np.asarray(positive, float).reshape(-1, 3)
+    b = np.asarray(boxes, float).reshape(-1, 2, 3)
+    return b.mean(1)
+
+
 class ClickModelEngine(Engine):
     """The learned click model behind the engine interface.
+
+    Takes positive and negative clicks and boxes (a 2D box on one slice or a
+    3D box), in 2D and 3D mode; a box alone is enough to start.
 
     Parameters
     ----------
     weights : path, optional
         A state dict saved by the training script; the shipped one by default.
-    threads : int, optional
-        Torch CPU threads during an update (torch's setting when None). One by
-        default: the grids are small, and on a busy CPU more threads wait on
-        each other (a 2D update took 320 ms with two threads, 18 ms with one,
-        on two shared cores); the previous setting is restored afterwards.
     budget : int
         Most grid voxels of a 3D update (:data:`~.click_roi.BUDGET_3D`).
     max_grow : int
         How often a 3D region may double towards borders the mask reaches.
     flips_3d : sequence of tuples of int
         Test-time augmentation of 3D updates: the logits are averaged over the
-        input mirrored along each tuple's axes (``()``: as is). The default,
-        as is and mirrored along every axis, raised the benchmark's Dice after
-        5 clicks from 0.59 to 0.68 for 77 -> 120 ms per update; four
-        mirrorings gave no more.
+        input mirrored along each tuple's axes (``()``: as is).
+    amp : str
+        Mixed precision of the network (``"auto"``: bf16 on CPUs with native
+        bf16, see :func:`napari_medseg.core.policy.resolve_amp`; ``"off"``).
+    first_roi_mm : float
+        Edge (mm) of the cube a first click looks at (it grows towards any
+        border the mask reaches). A 128 mm cube finds more of a large organ
+        with the first click (real abdominal CT: liver 0.28, spleen 0.52
+        against 0.06 / 0.21) for about the same Dice after five, but loses
+        small objects on the phantoms (kidney 0.10, lesion 0.04 against 0.63 /
+        0.49 after one click), so the default stays 64 mm.
 
     Notes
     -----
     The last prompts and mask are cached: when new prompts extend them (a
     click added), the last mask is the network's previous-mask input; the
-    image grid of an unchanged region is reused.
+    image grid of an unchanged region is reused. The engine never changes
+    process-wide torch settings (such as the thread count).
     """
 
     name = "click model"
+    #: The network sees the previous mask and corrects it as a whole (RITM), so
+    #: a click may grow an under-segmented first answer many times over; reach
+    #: and share are bounded as for every engine (:mod:`.bounds`).
+    bounds = None
 
-    def __init__(self, weights=None, threads: int | None = 1,
-                 budget: int = roi.BUDGET_3D, max_grow: int = 2,
-                 flips_3d=((), (0, 1, 2))):
+    def __init__(self, weights=None, budget: int = roi.BUDGET_3D, max_grow: int = 2,
+                 flips_3d=((), (0, 1, 2)), amp: str = "auto",
+                 first_roi_mm: float = roi.FIRST_ROI_MM):
         super().__init__()
         self.weights = Path(weights) if weights is not None else WEIGHTS
-        self.threads = threads
         self.budget = int(budget)
         self.max_grow = int(max_grow)
         self.flips_3d = tuple(tuple(f) for f in flips_3d)
+        self.amp = amp
+        self.first_roi_mm = float(first_roi_mm)
+        from .bounds import Bounds
+
+        self.bounds = Bounds(growth=20.0)
         self._net: ClickNet | None = None
-        self._last = None  # (key, positive, negative, mask, region)
+        self._last = None  # (key, positive, negative, boxes, mask, region)
         self._grid = None  # (key, lo, hi, grid shape, resampled crop)
 
     @property
@@ -263,11 +374,12 @@ class ClickModelEngine(Engine):
         """The cached ``(mask, region, same)`` when ``prompts`` extend the cached ones."""
         if self._last is None or self._last[0] != key:
             return None
-        _, pos, neg, mask, region = self._last
+        _, pos, neg, boxes, mask, region = self._last
         if len(pos) > len(prompts.positive) or len(neg) > len(prompts.negative):
             return None
         if not (np.array_equal(pos, prompts.positive[:len(pos)])
-                and np.array_equal(neg, prompts.negative[:len(neg)])):
+                and np.array_equal(neg, prompts.negative[:len(neg)])
+                and np.array_equal(boxes, prompts.boxes)):
             return None
         same = len(pos) == len(prompts.positive) and len(neg) == len(prompts.negative)
         return mask, region, same
@@ -276,26 +388,21 @@ class ClickModelEngine(Engine):
                        cancel: Callable[[], bool] | None = None
                        ) -> tuple[np.ndarray, Region]:
         image, spacing, prompts = self.prepare(image, spacing, prompts)
-        if not len(prompts.positive):
-            raise MedSegError("the click model needs at least one positive click on the "
+        if not len(prompts.positive) and not len(prompts.boxes):
+            raise MedSegError("the click model needs a positive click or a box on the "
                               "object", "prompts")
         key = (self.image_key(image, spacing), prompts.mode, prompts.axis, prompts.index)
         prev = self._previous(key, prompts)
         if prev is not None and prev[2]:
             return prev[0].copy(), prev[1]
         run = self._predict_2d if prompts.mode == "2d" else self._predict_3d
-        before = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        try:
-            mask, region = run(image, spacing, prompts, prev, key, cancel)
-        finally:
-            torch.set_num_threads(before)
-        self._last = (key, prompts.positive.copy(), prompts.negative.copy(), mask, region)
+        mask, region = run(image, spacing, prompts, prev, key, cancel)
+        self._last = (key, prompts.positive.copy(), prompts.negative.copy(),
+                      prompts.boxes.copy(), mask, region)
         return mask.copy(), region
 
     # ----------------------------------------------------------------- steps
-    def _grid_crop(self, key, vol, lo, hi, grid, fixed) -> np.ndarray:
+    def _grid_crop(self, key, vol, lo, hi, grid) -> np.ndarray:
         """``vol[lo:hi]`` resampled onto ``grid`` (cached for an unchanged region)."""
         c = self._grid
         if c is not None and c[0] == key and np.array_equal(c[1], lo) \
@@ -306,46 +413,57 @@ class ClickModelEngine(Engine):
         self._grid = (key, lo.copy(), hi.copy(), grid, out)
         return out
 
-    def _forward(self, crop_g, pos_g, neg_g, prev_g, flips=((),)) -> np.ndarray:
+    def _forward(self, crop_g, pos_g, neg_g, prev_g, box_g, flips=((),)) -> np.ndarray:
         """Grid logits, the mean over the mirrored inputs ``flips`` (axes of each)."""
-        x = torch.from_numpy(click_channels(crop_g, pos_g, neg_g, prev_g))[None]
-        out = 0
-        with torch.inference_mode():
-            for axes in flips:
-                dims = tuple(a + 2 for a in axes)
-                y = self.net(torch.flip(x, dims) if dims else x)
-                out = out + (torch.flip(y, dims) if dims else y)
-        return (out / len(flips))[0, 0].numpy()
+        from ..core.policy import mirror_tta, resolve_amp
+
+        device = torch.device("cpu")
+        dtype = resolve_amp(self.amp, device)
+        x = torch.from_numpy(click_channels(crop_g, pos_g, neg_g, prev_g, box_g))[None]
+        with torch.inference_mode(), torch.autocast("cpu", dtype=dtype or torch.bfloat16,
+                                                    enabled=dtype is not None):
+            out = mirror_tta(self.net, x, (), [tuple(a + 2 for a in f) for f in flips])
+        return out.float()[0, 0].numpy()
+
+    @staticmethod
+    def _boxes_to_grid(boxes, lo, hi, grid) -> np.ndarray:
+        b = np.asarray(boxes, float).reshape(-1, 3)
+        return roi.to_grid(b, lo, hi, grid).reshape(-1, 2, 3)
 
     def _predict_3d(self, image, spacing, prompts, prev, key, cancel):
-        pos, neg = prompts.positive, prompts.negative
+        pos, neg, boxes = prompts.positive, prompts.negative, prompts.boxes
+        anchors = _anchors(pos, boxes)
         shape = np.array(image.shape)
-        clicks = np.concatenate([pos, neg])
+        pts = np.concatenate([pos, neg, _box_points(boxes, spacing)])
         if prev is not None and not prev[0].any():
             prev = None  # nothing to refine: start afresh
         if prev is not None:
             start = [s.start for s in prev[1]]
-            pts = np.concatenate([clicks, _mask_corners(prev[0], start)])
+            pts = np.concatenate([pts, _mask_corners(prev[0], start)])
+            lo, hi = roi.box_around(pts, spacing, shape, margin_mm=6.0, rel=0.15)
+        elif len(boxes):
             lo, hi = roi.box_around(pts, spacing, shape, margin_mm=6.0, rel=0.15)
         else:
-            lo, hi = roi.box_around(clicks, spacing, shape, min_mm=roi.FIRST_ROI_MM)
+            lo, hi = roi.box_around(pts, spacing, shape, min_mm=self.first_roi_mm)
         for attempt in range(self.max_grow + 1):
             check_cancel(cancel)
             grid = roi.plan_grid(hi - lo, spacing, self.budget)
-            crop_g = self._grid_crop(key, image, lo, hi, grid, ())
+            crop_g = self._grid_crop(key, image, lo, hi, grid)
             prev_g = None
             if prev is not None:
                 start = [s.start for s in prev[1]]
                 prev_g = roi.resample(_paste(prev[0], start, lo, hi), grid)
             logits = self._forward(crop_g, roi.to_grid(pos, lo, hi, grid),
-                                   roi.to_grid(neg, lo, hi, grid), prev_g, self.flips_3d)
-            mask_g = keep_clicked(logits > 0, roi.to_grid(pos, lo, hi, grid), np.zeros((0, 3)))
+                                   roi.to_grid(neg, lo, hi, grid), prev_g,
+                                   self._boxes_to_grid(boxes, lo, hi, grid), self.flips_3d)
+            mask_g = keep_clicked(logits > 0, roi.to_grid(anchors, lo, hi, grid),
+                                  np.zeros((0, 3)))
             faces = roi.touching_faces(mask_g, lo, hi, shape)
             if not faces or attempt == self.max_grow:
                 break
             lo, hi = roi.grow_box(lo, hi, faces, shape)
         check_cancel(cancel)
-        mask = keep_clicked(roi.resample(logits, hi - lo) > 0, pos - lo, neg - lo)
+        mask = keep_clicked(roi.resample(logits, hi - lo) > 0, anchors - lo, neg - lo)
         return mask, tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
     def _predict_2d(self, image, spacing, prompts, prev, key, cancel):
@@ -355,24 +473,28 @@ class ClickModelEngine(Engine):
             np.moveaxis(np.asarray(image), ax, 0)
         sp = np.asarray(spacing, float)[order]
         pos, neg = prompts.positive[:, order], prompts.negative[:, order]
+        boxes = prompts.boxes[:, :, order]
+        anchors = _anchors(pos, boxes)
         shape = np.array(vol.shape)
         z0 = int(np.clip(idx - roi.SLAB_2D // 2, 0, max(shape[0] - roi.SLAB_2D, 0)))
         z1 = int(min(z0 + roi.SLAB_2D, shape[0]))
-        pts = np.concatenate([pos, neg])
+        pts = np.concatenate([pos, neg, boxes.reshape(-1, 3)])
         prev2 = None
         if prev is not None and prev[0].any():
             prev2 = (np.moveaxis(prev[0], ax, 0)[0], [prev[1][a].start for a in order[1:]])
             corners = _mask_corners(prev2[0], prev2[1])
             pts = np.concatenate([pts, np.insert(corners, 0, idx, axis=1)])
             lo, hi = roi.box_around(pts, sp, shape, margin_mm=6.0, rel=0.15)
+        elif len(boxes):
+            lo, hi = roi.box_around(pts, sp, shape, margin_mm=6.0, rel=0.15)
         else:
-            lo, hi = roi.box_around(pts, sp, shape, min_mm=roi.FIRST_ROI_MM)
+            lo, hi = roi.box_around(pts, sp, shape, min_mm=self.first_roi_mm)
         lo[0], hi[0] = z0, z1
         k = idx - z0
         for attempt in range(self.max_grow + 1):
             check_cancel(cancel)
             grid = roi.plan_grid(hi - lo, sp, roi.INPLANE_2D, fixed=(0,))
-            crop_g = self._grid_crop(key, vol, lo, hi, grid, (0,))
+            crop_g = self._grid_crop(key, vol, lo, hi, grid)
             prev_g = np.zeros(grid, np.float32)
             if prev2 is not None:
                 prev_g[k] = roi.resample(_paste(prev2[0], prev2[1], lo[1:], hi[1:])[None],
@@ -382,16 +504,17 @@ class ClickModelEngine(Engine):
                 crop_g = np.pad(crop_g, [(0, pad), (0, 0), (0, 0)], mode="edge")
                 prev_g = np.pad(prev_g, [(0, pad), (0, 0), (0, 0)])
             logits = self._forward(crop_g, roi.to_grid(pos, lo, hi, grid),
-                                   roi.to_grid(neg, lo, hi, grid), prev_g)[k]
-            p2 = roi.to_grid(pos, lo, hi, grid)[:, 1:]
-            mask_g = keep_clicked(logits > 0, p2, np.zeros((0, 2)))
+                                   roi.to_grid(neg, lo, hi, grid), prev_g,
+                                   self._boxes_to_grid(boxes, lo, hi, grid))[k]
+            a2 = roi.to_grid(anchors, lo, hi, grid)[:, 1:]
+            mask_g = keep_clicked(logits > 0, a2, np.zeros((0, 2)))
             faces = roi.touching_faces(mask_g[None], lo, hi, shape, fixed=(0,))
             if not faces or attempt == self.max_grow:
                 break
             lo, hi = roi.grow_box(lo, hi, faces, shape, fixed=(0,))
         check_cancel(cancel)
         up = roi.resample(logits[None], (1, *(hi[1:] - lo[1:])))[0]
-        mask = keep_clicked(up > 0, pos[:, 1:] - lo[1:], neg[:, 1:] - lo[1:])
+        mask = keep_clicked(up > 0, anchors[:, 1:] - lo[1:], neg[:, 1:] - lo[1:])
         region = [None] * 3
         region[ax] = slice(idx, idx + 1)
         for a, l, h in zip(order[1:], lo[1:], hi[1:]):

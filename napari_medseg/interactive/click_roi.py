@@ -27,7 +27,7 @@ BUDGET_3D = 32 * 64 * 64
 #: Most in-plane voxels of the 2D slab grid (80 x 80).
 INPLANE_2D = 80 * 80
 #: Slices of the slab the network sees around the slice of a 2D update.
-SLAB_2D = 8
+SLAB_2D = 16
 #: Edge (mm) of the cube around a first click, before the mask says how big
 #: the object is.
 FIRST_ROI_MM = 64.0

@@ -1,33 +1,45 @@
-"""Train the built-in click model on synthetic phantoms with simulated clicks.
+"""Train the built-in interactive model on domain-randomised synthetic objects and phantoms.
 
-Usage (the shipped weights: 18 minutes, 5,500 steps from scratch on one CPU thread,
-then 30 and 24 minutes more, each from the last weights at a lower learning rate on two)::
+Usage (the shipped weights; see docs/models.md for times and figures)::
 
-    nice python -m napari_medseg.training.train_click_model --minutes 18 --threads 1 \
-        --out /tmp/click_a.pt --log train_click.log
-    nice python -m napari_medseg.training.train_click_model --minutes 30 --threads 2 \
-        --lr 1e-3 --init /tmp/click_a.pt --out /tmp/click_b.pt
-    nice python -m napari_medseg.training.train_click_model --minutes 24 --threads 2 \
-        --lr 7e-4 --seed 1 --init /tmp/click_b.pt --out napari_medseg/interactive/click_model.pt
+    python -m napari_medseg.training.train_click_model --steps 7000 --threads 1 \
+        --seed 0 --work-dir /tmp/click3/run1 --out /tmp/click3/run1/click_model.pt
+    # (stopped after its step-1000 checkpoint; then, from those weights)
+    python -m napari_medseg.training.train_click_model --steps 6000 --threads 1 \
+        --seed 1 --lr 2e-3 --init /tmp/click3/run1_step1000.pt --work-dir /tmp/click3/run2 \
+        --out napari_medseg/interactive/click_model.pt
 
-Training follows the interactive-segmentation recipe of RITM / DeepEdit on
-randomised phantoms (abdomen CT and head MR, ``vary=True``; the pool is built
-once and cached in an ``.npz`` in the temporary folder). Each step takes one
-labelled object (classes drawn evenly) and a region chosen by the same rules
-as inference (:mod:`napari_medseg.interactive.click_roi`): the object's box
-with a margin, or a 64-256 mm cube around a first click that may cut the
-object; three in four regions are 3D, one in four a 2D slab. The region is
-resampled onto the inference grid; the first click goes deep inside the
-object, then 0-3 clicks are simulated with the network itself (no gradient),
-each at the centre of its largest error (:func:`~napari_medseg.interactive.
-simulate.next_click`), its last mask becoming the previous-mask input. The
-loss is Dice + cross-entropy on the grid. Weights are written atomically as a
-plain state dict tagged with the architecture.
+A run started again with the same ``--work-dir`` resumes from its checkpoint
+(weights, optimiser, step and random state, written every 500 steps).
+
+Training follows the interactive-segmentation recipe of RITM and the CVPR 2025
+interactive 3D challenge, on data made to cover what real scans do in the
+manner of SynthSeg: three examples in five are synthetic objects
+(:mod:`napari_medseg.training.synth`: blobs, tubes, shells, multi-part, tiny
+and larger-than-the-region objects in random tissue maps, deformed by random
+smooth fields, with random per-structure intensities and textures, a third in
+CT Hounsfield ranges with neighbours of nearly equal intensity, then thick
+slices, blur, bias field, gamma and noise), made directly on grids shaped as
+inference plans them; the others are organs of the randomised abdomen CT and
+head MR phantoms (``vary=True``; the pool is built once and cached in an
+``.npz`` in the temporary folder) in regions chosen by the same rules as
+inference (:mod:`napari_medseg.interactive.click_roi`). Three in four
+examples are 3D, one in four a 2D slab (only its prompted slice supervised).
+The first prompt is a click deep inside the object or (one 3D example in
+three) a box: a 2D box around the object on one of its slices, or its 3D
+box. Then 0-4 corrective clicks are simulated with the network itself (no
+gradient), each at the centre of its largest error (:func:`~napari_medseg.
+interactive.simulate.next_click`), its last mask becoming the previous-mask
+input. The loss is Dice + cross-entropy on the grid, under bf16 autocast
+where the CPU has native bf16 (a step whose bf16 gradient is not finite is
+redone in float32). Weights are written atomically as a plain state dict
+tagged with the architecture.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import tempfile
 import time
@@ -117,8 +129,12 @@ def _region(truth_box, click, spacing, shape, rng, fixed=()):
     return lo, hi
 
 
-def _example(pool, net, rng) -> tuple[np.ndarray, np.ndarray] | None:
-    """One input ``(4, Z, Y, X)`` and target ``(1, Z, Y, X)`` on a region's grid."""
+def _phantom_crop(pool, rng, two_d: bool):
+    """A phantom object's region on the inference grid: ``(crop, truth, click)``.
+
+    The region is chosen as inference would (the object's box or a first-click
+    cube, :func:`_region`); ``click`` is the first click in grid indices.
+    """
     img, sp, objs, classes = pool[rng.integers(len(pool))]
     kinds = np.unique(classes[1:])
     kind = rng.choice(kinds)
@@ -128,7 +144,6 @@ def _example(pool, net, rng) -> tuple[np.ndarray, np.ndarray] | None:
     if not boxes or boxes[0] is None:
         return None
     truth, box = objs == oid, boxes[0]
-    two_d = rng.random() < 0.25
     if two_d:
         areas = truth[:, box[1], box[2]].sum((1, 2))
         z = int(np.argmax(areas)) if rng.random() < 0.5 else \
@@ -145,41 +160,152 @@ def _example(pool, net, rng) -> tuple[np.ndarray, np.ndarray] | None:
     sl = tuple(slice(a, b) for a, b in zip(lo, hi))
     crop = roi.resample(img[sl], grid)
     tg = roi.resample(truth[sl].astype(np.float32), grid) > 0.5
-    gsp = sp * (hi - lo) / np.asarray(grid)
-    p0 = roi.to_grid(click, lo, hi, grid)[0]
-    for ax in range(3):  # flips
-        if rng.random() < 0.5:
-            crop, tg = np.flip(crop, ax), np.flip(tg, ax)
-            p0[ax] = grid[ax] - 1 - p0[ax]
-    k = int(round(p0[0]))
-    if not tg.any() or (two_d and not tg[k].any()):
+    return crop, tg, roi.to_grid(click, lo, hi, grid)[0]
+
+
+def _synth_grid(rng, two_d: bool) -> tuple:
+    """A grid shape as inference plans them, for a random region and spacing."""
+    sp = np.array([rng.choice([0.7, 1.0, 1.5, 2.5, 3.0, 5.0]), 1.0, 1.0]) * rng.uniform(0.5, 1.5)
+    mm = rng.uniform(30, 250, 3)
+    if two_d:
+        ext = np.maximum(np.round(mm / sp), 8).astype(int)
+        ext[0] = roi.SLAB_2D
+        return roi.plan_grid(ext, sp, roi.INPLANE_2D, fixed=(0,))
+    ext = np.maximum(np.round(mm / sp), 16).astype(int)
+    return roi.plan_grid(ext, sp, roi.BUDGET_3D)
+
+
+def _synth_crop(rng, two_d: bool, centre_share: float = 0.5):
+    """A domain-randomised object on a grid: ``(crop, truth, click or None)`` or None.
+
+    A share ``centre_share`` of the objects is whatever lies at the grid's
+    centre, clicked there, as a first click at inference is the centre of its
+    region.
+    """
+    from .synth import synth_example
+
+    centre = bool(centre_share > 0 and rng.random() < centre_share)
+    return synth_example(_synth_grid(rng, two_d), rng, centre=centre)
+
+
+def _first_prompt(tg, rng, two_d: bool, click):
+    """The first interaction on a grid: ``(positive clicks, boxes, slice k)``.
+
+    A click deep inside the object (given for phantoms, drawn here for
+    synthetic objects), or one time in three (3D) a box: a 2D box around the
+    object on one of its slices (as the challenge's box protocol), or its 3D
+    box. In 2D mode ``k`` is the slab's slice the prompts are on.
+    """
+    if two_d:
+        if click is not None:
+            k = int(np.clip(round(click[0]), 0, tg.shape[0] - 1))
+        else:
+            areas = tg.sum((1, 2))
+            k = int(np.argmax(areas)) if rng.random() < 0.5 else \
+                int(rng.choice(np.flatnonzero(areas)))
+        if not tg[k].any():
+            return None
+        if click is None or rng.random() < 0.2:
+            if rng.random() < 0.25:
+                pts = np.argwhere(tg[k])
+                box = np.array([[k, *pts.min(0)], [k, *pts.max(0)]], float)
+                box[:, 1:] += rng.normal(0, 1.0, (2, 2))
+                return np.zeros((0, 3)), box[None], k
+            click = np.insert(_first_click(tg[k], (1.0, 1.0), rng), 0, k)
+        return click[None], np.zeros((0, 2, 3)), k
+    if rng.random() < 1 / 3:
+        if rng.random() < 0.7:  # 2D box on a slice across axis 0
+            areas = tg.sum((1, 2))
+            z = int(np.argmax(areas)) if rng.random() < 0.6 else \
+                int(rng.choice(np.flatnonzero(areas)))
+            pts = np.argwhere(tg[z])
+            box = np.array([[z, *pts.min(0)], [z, *pts.max(0)]], float)
+            box[:, 1:] += rng.normal(0, 1.0, (2, 2))
+        else:
+            pts = np.argwhere(tg)
+            box = np.array([pts.min(0), pts.max(0)], float) + rng.normal(0, 1.0, (2, 3))
+        return np.zeros((0, 3)), box[None], None
+    if click is None:
+        click = _first_click(tg, (1.0, 1.0, 1.0), rng)
+    return click[None], np.zeros((0, 2, 3)), None
+
+
+def _predict_grid(net, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=_BF16):
+        return net(torch.from_numpy(x)[None])[0, 0].float().numpy()
+
+
+def _example(pool, net, rng, synth_share: float = 0.6, centre_share: float = 0.5):
+    """One input ``(6, Z, Y, X)`` and target ``(1, Z, Y, X)`` on a region's grid.
+
+    The object is synthetic (:mod:`.synth`, share ``synth_share``) or a
+    phantom organ; three in four regions are 3D, one in four a 2D slab. After
+    the first prompt, 0-4 corrective clicks are simulated with the network
+    itself (no gradient), each at the centre of its largest error, and its
+    last mask becomes the previous-mask input.
+    """
+    two_d = rng.random() < 0.25
+    src = _synth_crop(rng, two_d, centre_share) if rng.random() < synth_share or not pool else \
+        _phantom_crop(pool, rng, two_d)
+    if src is None:
         return None
-    pos, neg, prev = [p0], [], None
-    for _ in range(rng.choice(4, p=[0.3, 0.3, 0.25, 0.15])):
-        x = click_channels(crop, np.array(pos), np.array(neg).reshape(-1, 3), prev)
-        with torch.no_grad():
-            pred = net(torch.from_numpy(x)[None])[0, 0].numpy() > 0
-        pred = keep_clicked(pred, np.array(pos), np.array(neg).reshape(-1, 3))
+    crop, tg, click = src
+    if click is not None:
+        for ax in range(3):  # flips
+            if rng.random() < 0.5:
+                crop, tg = np.flip(crop, ax), np.flip(tg, ax)
+                click[ax] = tg.shape[ax] - 1 - click[ax]
+    crop, tg = np.ascontiguousarray(crop), np.ascontiguousarray(tg)
+    if not tg.any():
+        return None
+    first = _first_prompt(tg, rng, two_d, click)
+    if first is None:
+        return None
+    pos, boxes, k = first
+    pos, neg, prev = [p for p in pos], [], None
+    for _ in range(rng.choice(5, p=[0.25, 0.25, 0.2, 0.15, 0.15])):
+        x = click_channels(crop, np.array(pos).reshape(-1, 3), np.array(neg).reshape(-1, 3),
+                           prev, boxes)
+        pred = _predict_grid(net, x) > 0
+        anchors = np.array(pos).reshape(-1, 3) if pos else _box_anchor(boxes)
+        pred = keep_clicked(pred, anchors, np.array(neg).reshape(-1, 3))
         if two_d:
-            c = next_click(pred[k], tg[k], gsp[1:])
+            c = next_click(pred[k], tg[k], (1.0, 1.0))
             c = None if c is None else (np.insert(c[0], 0, k), c[1])
-            prev = np.zeros(grid, np.float32)
+            prev = np.zeros(tg.shape, np.float32)
             prev[k] = pred[k]
         else:
-            c = next_click(pred, tg, gsp)
+            c = next_click(pred, tg, (1.0, 1.0, 1.0))
             prev = pred.astype(np.float32)
         if c is None:
             break
         (pos if c[1] else neg).append(c[0])
-    x = click_channels(crop, np.array(pos), np.array(neg).reshape(-1, 3), prev)
-    return x, tg[None].astype(np.float32)
+    x = click_channels(crop, np.array(pos).reshape(-1, 3), np.array(neg).reshape(-1, 3),
+                       prev, boxes)
+    y = tg[None].astype(np.float32)
+    if two_d:  # only the prompted slice is supervised in a 2D slab
+        w = np.zeros_like(y)
+        w[0, k] = 1.0
+    else:
+        w = np.ones_like(y)
+    return x, y, w
 
 
-def _loss(logits, y):
-    p = torch.sigmoid(logits)
-    inter = (p * y).sum()
-    dice = 1 - (2 * inter + 1) / (p.sum() + y.sum() + 1)
-    return dice + torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+def _box_anchor(boxes) -> np.ndarray:
+    """The centre of the first box (where a box-only prompt's object is)."""
+    b = np.asarray(boxes, float).reshape(-1, 2, 3)[0]
+    return ((b[0] + b[1]) / 2)[None]
+
+
+def _loss(logits, y, w):
+    logits = logits.float()
+    p = torch.sigmoid(logits) * w
+    yw = y * w
+    inter = (p * yw).sum()
+    dice = 1 - (2 * inter + 1) / (p.sum() + yw.sum() + 1)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, weight=w,
+                                                               reduction="sum")
+    return dice + bce / w.sum().clamp_min(1.0)
 
 
 def _save(net: ClickNet, out) -> None:
@@ -187,17 +313,32 @@ def _save(net: ClickNet, out) -> None:
         torch.save(state_for_saving(net), tmp)
 
 
-def train(out=WEIGHTS, minutes: float = 30.0, width: int = 12, n_phantoms: int = 40,
+def _save_checkpoint(path: Path, net, opt, step: int, rng, losses) -> None:
+    """Everything a resumed run needs, as tensors and plain values (weights_only-safe)."""
+    state = {"net": state_for_saving(net), "opt": opt.state_dict(), "step": step,
+             "rng": json.dumps(rng.bit_generator.state),
+             "losses": torch.tensor(losses[-1000:], dtype=torch.float32)}
+    with atomic_path(path, overwrite=True) as tmp:
+        torch.save(state, tmp)
+
+
+_BF16 = True
+
+
+def train(out=WEIGHTS, minutes: float | None = None, width: int = 16, n_phantoms: int = 40,
           threads: int = 1, seed: int = 0, lr: float = 2e-3, init=None,
-          cache: Path | None = None) -> dict:
+          cache: Path | None = None, steps: int = 12000, work_dir: Path | None = None,
+          synth_share: float = 0.6, bf16: bool | None = None,
+          centre_share: float = 0.5, stop_after: int | None = None) -> dict:
     """Train and save the click network; return a summary dict.
 
     Parameters
     ----------
     out : path
         Where the weights are written (atomically).
-    minutes : float
-        Wall-clock budget of the optimisation (pool building excluded).
+    minutes : float, optional
+        Wall-clock cap of the optimisation (pool building excluded); the
+        learning-rate schedule follows ``steps``.
     width : int
         Network width (:class:`~napari_medseg.interactive.click_model.ClickNet`).
     n_phantoms : int
@@ -208,53 +349,124 @@ def train(out=WEIGHTS, minutes: float = 30.0, width: int = 12, n_phantoms: int =
         Weights to start from (continued training).
     cache : path, optional
         ``.npz`` file caching the phantom pool.
+    steps : int
+        Optimisation steps (warm-up, then cosine decay to zero).
+    work_dir : path, optional
+        Folder for ``checkpoint.pt`` (every 500 steps) and resuming: a run
+        started again with the same folder continues where it stopped.
+    synth_share : float
+        Share of domain-randomised synthetic objects (the rest are phantom organs).
+    centre_share : float
+        Share of the synthetic objects that are the structure at the grid's
+        centre, clicked there (:func:`~napari_medseg.training.synth.synth_example`).
+    bf16 : bool, optional
+        bf16 autocast (default: where the CPU has native bf16).
     """
+    global _BF16
+    from ..core.policy import bf16_supported
+
+    _BF16 = bf16_supported("cpu") if bf16 is None else bool(bf16)
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    pool = build_pool(n_phantoms, cache)
+    pool = build_pool(n_phantoms, cache) if n_phantoms else []
     log.info("phantom pool of %d ready in %.1f s", len(pool), time.perf_counter() - t0)
     net = load_click_net(init) if init else ClickNet(width)
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    t1 = time.perf_counter()
-    deadline = t1 + 60 * minutes
     step, losses = 0, []
-    while step == 0 or time.perf_counter() < deadline:
-        ex = _example(pool, net, rng)
+    ckpt = Path(work_dir) / "checkpoint.pt" if work_dir else None
+    if ckpt is not None:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+    if ckpt is not None and ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        net = _net_from_state(state["net"])
+        net.train()
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+        opt.load_state_dict(state["opt"])
+        step = int(state["step"])
+        rng.bit_generator.state = json.loads(state["rng"])
+        losses = state["losses"].tolist()
+        log.info("resumed from %s at step %d", ckpt, step)
+    t1 = time.perf_counter()
+    deadline = None if minutes is None else t1 + 60 * minutes
+    start_step, skipped, fp32_retries = step, 0, 0
+    last = steps if stop_after is None else min(steps, int(stop_after))
+    while step < last and (deadline is None or step == start_step
+                            or time.perf_counter() < deadline):
+        ex = _example(pool, net, rng, synth_share, centre_share)
         if ex is None:
             continue
+        x, y, w = (torch.from_numpy(np.ascontiguousarray(a))[None] for a in ex)
         try:
-            loss = _loss(net(torch.from_numpy(ex[0])[None]), torch.from_numpy(ex[1])[None])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=_BF16):
+                logits = net(x)
+            loss = _loss(logits, y, w)
         except (RuntimeError, ValueError) as err:  # keep a long run alive; say so
-            log.warning("skipped an example of shape %s: %s", ex[0].shape, err)
+            log.warning("skipped an example of shape %s: %s", tuple(x.shape), err)
             continue
+        for g in opt.param_groups:  # short warm-up, then cosine decay over the steps
+            g["lr"] = float(lr * min(1.0, (step + 1) / 200)
+                            * 0.5 * (1 + np.cos(np.pi * step / steps)))
         opt.zero_grad()
         loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+        if _BF16 and not (torch.isfinite(norm) and torch.isfinite(loss)):
+            # CPU bf16 convolution backward now and then returns NaN for grids of
+            # 16 slices (not reproducible on the same input): redo the step in float32
+            fp32_retries += 1
+            opt.zero_grad()
+            loss = _loss(net(x), y, w)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+        if not (torch.isfinite(norm) and torch.isfinite(loss)):
+            skipped += 1  # never let a non-finite step reach the weights
+            log.warning("skipped a step with a non-finite loss or gradient (%d so far), "
+                        "example %s", skipped, tuple(x.shape))
+            continue
         opt.step()
         losses.append(float(loss.detach()))
         step += 1
-        frac = min((time.perf_counter() - t1) / (60 * minutes), 1.0)
-        for g in opt.param_groups:  # short warm-up, then cosine decay over the budget
-            g["lr"] = lr * min(1.0, step / 50) * 0.5 * (1 + np.cos(np.pi * frac))
         if step % 50 == 0:
-            log.info("step %d loss %.4f (mean of last 50) %.0f s", step,
-                     np.mean(losses[-50:]), time.perf_counter() - t0)
-        if step % 1000 == 0:  # a checkpoint, in case the run is stopped
+            log.info("step %d loss %.4f (mean of last 50) %.0f s, %d float32 retries", step,
+                     np.mean(losses[-50:]), time.perf_counter() - t0, fp32_retries)
+        if step % 500 == 0:  # a checkpoint, in case the run is stopped
             _save(net, out)
+            if ckpt is not None:
+                _save_checkpoint(ckpt, net, opt, step, rng, losses)
     _save(net, out)
-    summary = {"steps": step, "final_loss": float(np.mean(losses[-100:])),
+    if ckpt is not None:
+        _save_checkpoint(ckpt, net, opt, step, rng, losses)
+    summary = {"steps": step, "skipped": skipped, "fp32_retries": fp32_retries,
+               "final_loss": float(np.mean(losses[-100:])) if losses else None,
                "seconds": time.perf_counter() - t0, "out": str(out)}
     log.info("saved %s", summary)
     return summary
 
 
+def _net_from_state(state: dict) -> ClickNet:
+    state = dict(state)
+    state.pop("_arch", None)
+    net = ClickNet(int(state.pop("_width").item()))
+    net.load_state_dict(state)
+    return net
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(WEIGHTS))
-    ap.add_argument("--minutes", type=float, default=30.0)
-    ap.add_argument("--width", type=int, default=12)
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="wall-clock cap (the schedule follows --steps)")
+    ap.add_argument("--steps", type=int, default=12000)
+    ap.add_argument("--work-dir", default=None,
+                    help="folder for checkpoints; rerun with the same folder to resume")
+    ap.add_argument("--synth-share", type=float, default=0.6)
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="stop at this step (the schedule still follows --steps)")
+    ap.add_argument("--centre-share", type=float, default=0.5,
+                    help="share of synthetic objects clicked at the grid's centre")
+    ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--phantoms", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -270,7 +482,10 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         handlers=handlers)
     train(Path(args.out), args.minutes, args.width, args.phantoms, args.threads,
-          seed=args.seed, lr=args.lr, init=args.init, cache=Path(args.cache))
+          seed=args.seed, lr=args.lr, init=args.init, cache=Path(args.cache),
+          steps=args.steps, work_dir=Path(args.work_dir) if args.work_dir else None,
+          synth_share=args.synth_share, centre_share=args.centre_share,
+          stop_after=args.stop_after)
 
 
 if __name__ == "__main__":
