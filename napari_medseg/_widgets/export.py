@@ -101,9 +101,9 @@ class ExportWidget(QWidget):
         self._dirty: set[int] = set()
         self._recovery = None
         self._saver = AutoSaver(lambda: None)
+        watch_viewer(self.viewer)
         self._autosave_worker = None
 
-        watch_viewer(self.viewer)
         self.labels_combo, self.image_combo = QComboBox(), QComboBox()
         self.format_combo = QComboBox()
         self.format_combo.addItems(list(FORMATS))

@@ -99,9 +99,9 @@ class SegmentWidget(QWidget):
         self._models: dict[str, object] = {}  # name -> ModelInfo or loaded model
         self._loaded: OrderedDict[str, object] = OrderedDict()
         self._channel_boxes: list[QComboBox] = []
+        watch_viewer(self.viewer)
         self._build()
         self.refresh_models()
-        watch_viewer(self.viewer)
         self._connect_layers()
         self._refresh_layers()
 
@@ -492,9 +492,9 @@ class SegmentWidget(QWidget):
         self.last_run["returned"] = time.perf_counter()
         model, pred = result
         self._remember(request["model_name"], model)
+        request["card"] = model.card
         tuples = prediction_layer_data(pred, request["image"], request["model_name"],
                                        model.card)
-        request["card"] = model.card
         labels = self._put_labels(tuples[0], request)
         # one napari layer per event-loop turn keeps each pause of the GUI short
         for extra in tuples[1:]:
