@@ -40,6 +40,10 @@ def _centre(mask):
 
 def test_points_preview_commit_undo(setup, qtbot):
     viewer, widget, target, lab = setup
+    # one click on the phantom's liver selects most of it with the classical engine;
+    # the learned default under-segments a large organ from a single click (see
+    # docs/models.md), and this test is about preview, commit and undo
+    widget.engine_combo.setCurrentText("classical")
     liver = lab.data == 1
     before = np.array(target.data, copy=True)
     pos = viewer.layers["positive"]
