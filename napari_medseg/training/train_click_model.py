@@ -51,8 +51,8 @@ from scipy import ndimage as ndi
 
 from ..core.phantom import make_abdomen_ct, make_head_mr
 from ..interactive import click_roi as roi
-from ..interactive.click_model import (WEIGHTS, ClickNet, click_channels, keep_clicked,
-                                       load_click_net, state_for_saving)
+from ..interactive.click_model import (WEIGHTS, ClickNet, _anchors, click_channels,
+                                       keep_clicked, load_click_net, state_for_saving)
 from ..interactive.simulate import next_click
 from ..io.atomic import atomic_path
 
@@ -267,7 +267,7 @@ def _example(pool, net, rng, synth_share: float = 0.6, centre_share: float = 0.5
         x = click_channels(crop, np.array(pos).reshape(-1, 3), np.array(neg).reshape(-1, 3),
                            prev, boxes)
         pred = _predict_grid(net, x) > 0
-        anchors = np.array(pos).reshape(-1, 3) if pos else _box_anchor(boxes)
+        anchors = _anchors(np.array(pos).reshape(-1, 3), boxes)
         pred = keep_clicked(pred, anchors, np.array(neg).reshape(-1, 3))
         if two_d:
             c = next_click(pred[k], tg[k], (1.0, 1.0))
@@ -289,12 +289,6 @@ def _example(pool, net, rng, synth_share: float = 0.6, centre_share: float = 0.5
     else:
         w = np.ones_like(y)
     return x, y, w
-
-
-def _box_anchor(boxes) -> np.ndarray:
-    """The centre of the first box (where a box-only prompt's object is)."""
-    b = np.asarray(boxes, float).reshape(-1, 2, 3)[0]
-    return ((b[0] + b[1]) / 2)[None]
 
 
 def _loss(logits, y, w):

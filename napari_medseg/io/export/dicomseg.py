@@ -63,6 +63,42 @@ def source_files(vol: Volume | None) -> list[str]:
     return [str(f) for f in vol.meta.get("dicom_files") or []]
 
 
+def referenced_labels(labels: Volume, source, path, what: str):
+    """The source series' files, the label array and its class ids for a DICOM export.
+
+    Parameters
+    ----------
+    labels : Volume
+        3D integer labels on the source series' grid.
+    source : Volume or sequence of paths, optional
+        The DICOM image (or its files); by default the files ``labels`` was read with.
+    path : path
+        The output, named in errors.
+    what : str
+        The object written ("a DICOM SEG", "an RTSTRUCT"), named in errors.
+
+    Raises
+    ------
+    MedSegError
+        No DICOM source, labels that are not a 3D integer map, or empty labels.
+    """
+    files = source_files(source) if isinstance(source, Volume) else \
+        [str(f) for f in (source or [])]
+    files = files or source_files(labels)
+    if not files:
+        raise MedSegError(f"the image was not read from a DICOM series, so {what} cannot "
+                          "reference it; open the DICOM folder, or export NIfTI / NRRD "
+                          "instead", str(path))
+    lab = np.asarray(labels.data)
+    if lab.ndim != 3 or not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool):
+        raise MedSegError(f"labels must be a 3D integer map, got {lab.dtype} {lab.shape}",
+                          str(path))
+    ids = [int(v) for v in np.unique(lab) if v > 0]
+    if not ids:
+        raise MedSegError("the labels are empty; draw or predict something first", str(path))
+    return files, lab, ids
+
+
 def _codes(name: str):
     from pydicom.sr.codedict import codes
 
@@ -160,21 +196,7 @@ def export_dicom_seg(path, labels: Volume, source=None, label_names=None,
     if algorithm_type not in ALGORITHM_TYPES:
         raise MedSegError(f"algorithm type must be one of {', '.join(ALGORITHM_TYPES)}",
                           str(path))
-    files = source_files(source) if isinstance(source, Volume) else \
-        [str(f) for f in (source or [])]
-    files = files or source_files(labels)
-    if not files:
-        raise MedSegError("the image was not read from a DICOM series, so a DICOM SEG "
-                          "cannot reference it; open the DICOM folder, or export NIfTI / "
-                          "NRRD instead", str(path))
-    lab = np.asarray(labels.data)
-    if lab.ndim != 3 or not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool):
-        raise MedSegError(f"labels must be a 3D integer map, got {lab.dtype} {lab.shape}",
-                          str(path))
-    ids = [int(v) for v in np.unique(lab) if v > 0]
-    if not ids:
-        raise MedSegError("the labels are empty; draw or predict something first",
-                          str(path))
+    files, lab, ids = referenced_labels(labels, source, path, "a DICOM SEG")
     names = dict(label_names if label_names is not None else labels.label_names)
     lut = np.zeros(int(max(ids)) + 1, np.uint16)
     lut[ids] = np.arange(1, len(ids) + 1)

@@ -20,7 +20,7 @@ import numpy as np
 from ...core.volume import Volume
 from ...errors import MedSegError, check_cancel
 from ..atomic import atomic_path, check_writable
-from .dicomseg import _frame_index, read_source_headers, source_files
+from .dicomseg import _frame_index, read_source_headers, referenced_labels
 
 log = logging.getLogger(__name__)
 
@@ -95,20 +95,7 @@ def export_rtstruct(path, labels: Volume, source=None, label_names=None, label_c
     from ... import __version__
 
     path = check_writable(path, overwrite)
-    files = source_files(source) if isinstance(source, Volume) else \
-        [str(f) for f in (source or [])]
-    files = files or source_files(labels)
-    if not files:
-        raise MedSegError("the image was not read from a DICOM series, so an RTSTRUCT cannot "
-                          "reference it; open the DICOM folder, or export NIfTI / NRRD "
-                          "instead", str(path))
-    lab = np.asarray(labels.data)
-    if lab.ndim != 3 or not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool):
-        raise MedSegError(f"labels must be a 3D integer map, got {lab.dtype} {lab.shape}",
-                          str(path))
-    ids = [int(v) for v in np.unique(lab) if v > 0]
-    if not ids:
-        raise MedSegError("the labels are empty; draw or predict something first", str(path))
+    files, lab, ids = referenced_labels(labels, source, path, "an RTSTRUCT")
     names = dict(label_names if label_names is not None else labels.label_names)
     colors = dict(label_colors if label_colors is not None else labels.label_colors)
 
