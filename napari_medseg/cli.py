@@ -10,6 +10,8 @@
     napari-medseg view [PATHS ...] [--sample KEY] [--screenshot PNG] [--widgets ...]
     napari-medseg batch INPUTS ... -m MODEL -o OUTDIR [--workers 1] [--scheduler ADDRESS]
                   [--device cpu] [--overlap 0.5] [--tta] [--fast] [--suffix .nii.gz]
+    napari-medseg worklist DIR [--order list|uncertainty] [--json] [--predict MODEL]
+                  [--training-dir FOLDER]
 
 ``predict`` with an ``.ome.zarr`` output streams big volumes (:mod:`napari_medseg.bigvolume`);
 ``batch`` is :mod:`napari_medseg.batch`.
@@ -249,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .batch import add_cli_parser as add_batch_parser  # light: nothing heavy at import
 
     add_batch_parser(sub)
+
+    from .worklist.cli import add_cli_parser as add_worklist_parser  # light: sqlite only
+
+    add_worklist_parser(sub, ProgressBar)
     return p
 
 
