@@ -309,6 +309,11 @@ def run_case(model_ref, case: Case, out: str, options: dict) -> dict:
         with warnings.catch_warnings(record=True) as wlist:
             warnings.simplefilter("always")
             model = _model(model_ref)
+            if options.get("backend") or options.get("roi_subset"):
+                from .models.run import set_model_options
+
+                set_model_options(model, backend=options.get("backend"),
+                                  roi_subset=options.get("roi_subset"), name=str(model_ref))
             vols = [read_volume(p, lazy=True) for p in case.paths]
             # the shared run path: input checks, the memory plan, out-of-memory as one line
             _, pred = run_model(model, vols, name=case.paths[0],
@@ -428,7 +433,8 @@ def _client(scheduler, client):
 # ------------------------------------------------------------------ driver
 def run_batch(inputs, model, outdir, *, workers=1, scheduler=None, client=None,
               device="cpu", overlap=0.5, tta=False, fast=False, suffix=".nii.gz",
-              retries=1, memory_limit=None, progress=True) -> BatchResult:
+              retries=1, memory_limit=None, progress=True, backend=None,
+              roi_subset=None) -> BatchResult:
     """Segment every case of ``inputs`` with ``model`` into ``outdir``.
 
     Parameters
@@ -457,6 +463,9 @@ def run_batch(inputs, model, outdir, *, workers=1, scheduler=None, client=None,
     progress : bool or callable
         True: one line per finished case on stderr; a callable gets
         ``(done, total, row)``.
+    backend, roi_subset : optional
+        nnU-Net / TotalSegmentator options (see
+        :func:`napari_medseg.models.run.set_model_options`).
 
     Returns
     -------
@@ -470,7 +479,8 @@ def run_batch(inputs, model, outdir, *, workers=1, scheduler=None, client=None,
         suffix = "." + suffix
     jobs = [(c, outdir / f"{c.case_id}{suffix}") for c in cases]
     options = {"device": device, "overlap": float(overlap), "tta": bool(tta),
-               "fast": bool(fast), "memory_limit": memory_limit}
+               "fast": bool(fast), "memory_limit": memory_limit, "backend": backend,
+               "roi_subset": list(roi_subset) if roi_subset else None}
     local = client is None and scheduler is None
     workers = max(1, int(workers or 1))
     if local and memory_limit is None and workers > 1:
@@ -557,6 +567,9 @@ def add_cli_parser(sub) -> None:
     b.add_argument("--suffix", default=".nii.gz", help="output format by extension")
     b.add_argument("--retries", type=int, default=1, help="extra tries for a failed case")
     b.add_argument("--memory-limit", help="memory per case, e.g. 4G (default: what is free)")
+    from .models.run import add_model_option_args
+
+    add_model_option_args(b)
     b.set_defaults(func=cmd_batch)
 
 
@@ -565,7 +578,8 @@ def cmd_batch(args) -> int:
     res = run_batch(args.inputs, args.model, args.outdir, workers=args.workers,
                     scheduler=args.scheduler, device=args.device, overlap=args.overlap,
                     tta=args.tta, fast=args.fast, suffix=args.suffix, retries=args.retries,
-                    memory_limit=args.memory_limit)
+                    memory_limit=args.memory_limit, backend=args.backend,
+                    roi_subset=args.roi_subset)
     parts = ", ".join(f"{n} {k}" for k, n in sorted(res.counts.items()))
     print(f"batch: {parts} in {res.seconds:.1f} s; summary {res.summary_csv}",
           file=sys.stderr)

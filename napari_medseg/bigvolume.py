@@ -279,7 +279,10 @@ def cmd_predict_zarr(args, progress_bar=None) -> int:
     if getattr(args, "uncertainty", None):
         raise MedSegError("uncertainty maps are not written on the lazy .zarr path; "
                           "drop --uncertainty or write a .nii.gz")
-    model = load_model(args.model)
+    from .models.run import set_model_options
+
+    model = set_model_options(load_model(args.model), backend=getattr(args, "backend", None),
+                              roi_subset=getattr(args, "roi_subset", None), name=args.model)
     vols = [read_volume(p, lazy=True) for p in args.input]
     from .models.checks import check_input
 

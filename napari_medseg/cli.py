@@ -5,11 +5,13 @@
     napari-medseg models [--json]
     napari-medseg predict INPUT [INPUT ...] -m MODEL -o OUTPUT [--device auto]
                   [--overlap 0.5] [--tta] [--fast] [--uncertainty PATH] [--overwrite]
+                  [--backend native|nnunetv2] [--roi-subset CLASS ...]
     napari-medseg finetune MODEL DATASET_FOLDER [--iterations 200] [--lr 3e-4]
                   [--name NAME] [--out FOLDER] [--patch-size Z Y X] [--val-fraction 0.25]
     napari-medseg view [PATHS ...] [--sample KEY] [--screenshot PNG] [--widgets ...]
     napari-medseg batch INPUTS ... -m MODEL -o OUTDIR [--workers 1] [--scheduler ADDRESS]
                   [--device cpu] [--overlap 0.5] [--tta] [--fast] [--suffix .nii.gz]
+                  [--backend native|nnunetv2] [--roi-subset CLASS ...]
     napari-medseg worklist DIR [--order list|uncertainty] [--json] [--predict MODEL]
                   [--training-dir FOLDER]
 
@@ -100,13 +102,14 @@ def cmd_predict(args) -> int:
     from .io.atomic import all_or_none
     from .io.validate import check_image_values, check_outputs
     from .models import load_model
-    from .models.run import run_model
+    from .models.run import run_model, set_model_options
 
     # outputs (format, folder, never an input) are checked before the model runs
     check_outputs([args.output], args.input, args.overwrite,
                   extensions=_label_extensions(args))
     check_outputs([args.uncertainty], args.input, args.overwrite, others=[args.output])
-    model = load_model(args.model)
+    model = set_model_options(load_model(args.model), backend=args.backend,
+                              roi_subset=args.roi_subset, name=args.model)
     vols = [read_volume(p, lazy=True) for p in args.input]
     for i, (p, v) in enumerate(zip(args.input, vols)):  # constant or absurd images
         expect = model.card.channels[i]["modality"] if i < len(model.card.channels) else None
@@ -147,6 +150,8 @@ def cmd_predict(args) -> int:
             unc = pred.uncertainty.with_data(pred.uncertainty.data.astype("float32"))
             msg += f" and {write_volume(args.uncertainty, unc, overwrite=args.overwrite)}"
     counts = _counts(pred)
+    if hasattr(model, "backend"):  # nnU-Net / TotalSegmentator: say which pipeline ran
+        msg += f" with the {(pred.info or {}).get('backend', model.backend)} backend"
     print(f"{msg} ({pred.seconds:.1f} s; {counts})", file=sys.stderr)
     return 0
 
@@ -234,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--uncertainty", metavar="PATH", help="also write an uncertainty map")
     r.add_argument("--uncertainty-kind", choices=("entropy", "tta"), default="entropy")
     r.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    from .models.run import add_model_option_args  # light: argparse only
+
+    add_model_option_args(r)
     r.set_defaults(func=cmd_predict)
 
     v = sub.add_parser("view", help="open napari with the napari-medseg widgets")

@@ -23,7 +23,65 @@ from .checks import check_input, check_prediction
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_model", "cancel_inside_forward", "OOM_HINT"]
+__all__ = ["run_model", "cancel_inside_forward", "set_model_options", "add_model_option_args",
+           "OOM_HINT"]
+
+
+def add_model_option_args(parser) -> None:
+    """Add ``--backend`` and ``--roi-subset`` to an argparse (sub)parser (predict, batch)."""
+    parser.add_argument("--backend", choices=("native", "nnunetv2"), default=None,
+                        help="nnU-Net / TotalSegmentator models: the plugin's engine (native, "
+                        "default) or nnU-Net's own nnUNetPredictor (reference)")
+    parser.add_argument("--roi-subset", nargs="+", metavar="CLASS", default=None,
+                        help="TotalSegmentator tasks: run only the parts holding these "
+                        "classes (names as in `napari-medseg models`) and keep only them")
+
+
+def set_model_options(model, backend=None, roi_subset=None, name: str = ""):
+    """Choose the pipeline of an nnU-Net / TotalSegmentator model and its class subset.
+
+    Parameters
+    ----------
+    model : Model
+        A loaded model.
+    backend : {"native", "nnunetv2"}, optional
+        ``"native"``: the plugin's engine; ``"nnunetv2"``: nnU-Net's own
+        ``nnUNetPredictor`` (the reference path). Only nnU-Net result folders
+        and TotalSegmentator tasks have both.
+    roi_subset : list of str, optional
+        TotalSegmentator class names: only the part models holding them run,
+        and only these classes are kept.
+    name : str
+        The model as the user named it, for messages.
+
+    Returns
+    -------
+    Model
+        ``model``, changed in place.
+
+    Raises
+    ------
+    MedSegError
+        An option the model does not have, an unknown backend or class name.
+    """
+    name = name or model.card.name
+    if backend is not None:
+        from .nnunet import BACKENDS
+
+        if not hasattr(model, "backend"):
+            raise MedSegError("a backend can be chosen only for nnU-Net result folders and "
+                              "TotalSegmentator tasks; drop --backend", name)
+        if backend not in BACKENDS:
+            raise MedSegError(f"unknown backend {backend!r}; use one of "
+                              f"{', '.join(BACKENDS)}", name)
+        model.backend = backend
+    if roi_subset:
+        if not hasattr(model, "parts_for"):
+            raise MedSegError("a class subset (--roi-subset) applies to TotalSegmentator "
+                              "tasks only; drop it", name)
+        model.parts_for(list(roi_subset))  # unknown class names: one line naming them
+        model.roi_subset = list(roi_subset)
+    return model
 
 
 @contextlib.contextmanager
