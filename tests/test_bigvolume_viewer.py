@@ -70,3 +70,43 @@ def test_napari_reader_opens_stores_lazily(tmp_path):
     (idata, ikw, ikind), = get_reader(str(ipath))(str(ipath))
     assert ikind == "image" and isinstance(idata, da.Array) and idata.shape == (64, 96, 96)
     np.testing.assert_allclose(ikw["scale"], ref.spacing)
+
+
+def test_correct_widget_edits_the_region_in_view_and_writes_it_back(make_napari_viewer,
+                                                                     tmp_path):
+    from napari_medseg._widgets.correct import CorrectWidget
+
+    path, labels, ref = _store(tmp_path)
+    viewer = make_napari_viewer()
+    layer = add_zarr_labels(viewer, path)
+    widget = CorrectWidget(viewer)
+    widget.layer_combo.setCurrentText(layer.name)
+    assert widget.store_box.isVisibleTo(widget)
+    assert widget.edit_region_button.isEnabled() and not widget.write_back_button.isEnabled()
+    widget.run()  # the multiscale layer itself is refused, never half-edited
+    assert len(viewer.layers) == 1
+    # 2D view on slice 20, zoomed in on part of the plane
+    viewer.dims.ndisplay = 2
+    viewer.dims.set_point(0, layer.data_to_world((20, 0, 0))[0])
+    scene = getattr(viewer, "scene", None)  # napari >= 0.9; older: viewer.camera
+    camera = scene.camera if scene is not None else viewer.camera
+    camera.center = tuple(layer.data_to_world((20, 60, 90))[1:])
+    camera.zoom = 4 * max(viewer.canvas.size) / (160 * 0.5)
+    widget.store_slices_spin.setValue(2)
+    widget.edit_region_button.click()
+    assert len(viewer.layers) == 2
+    edit = viewer.layers[-1]
+    assert widget.layer() is edit and widget.write_back_button.isEnabled()
+    (z0, z1), (y0, y1), (x0, x1) = edit.metadata["medseg_zarr"]["region"]
+    assert (z0, z1) == (18, 23)  # the current slice and two on each side
+    assert 0 < (y1 - y0) < 160 and 0 < (x1 - x0) < 160 and y0 <= 60 < y1 and x0 <= 90 < x1
+    region = (slice(z0, z1), slice(y0, y1), slice(x0, x1))
+    np.testing.assert_array_equal(np.asarray(edit.data), labels[region])
+    edit.data = np.full(edit.data.shape, 1, np.uint8)
+    widget.write_back_button.click()
+    assert edit not in viewer.layers
+    full = np.asarray(read_zarr_levels(path)[0])
+    assert (full[region] == 1).all()
+    outside = full.copy()
+    outside[region] = labels[region]
+    np.testing.assert_array_equal(outside, labels)

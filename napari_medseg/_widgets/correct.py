@@ -14,6 +14,11 @@ when the widget closes): Shift+R remove small islands, Shift+K keep largest
 component, Shift+F fill holes, Shift+G grow by the margin, Shift+H shrink by the
 margin, Shift+I fill between slices, Shift+M median smoothing. Ctrl+Z /
 Ctrl+Shift+Z undo / redo.
+
+Multiscale labels of a big label store (``.ome.zarr`` from the lazy path) cannot
+be painted in napari: the "Big label store" box loads the region shown in the
+2D view as an ordinary Labels layer and writes it back
+(:mod:`napari_medseg._napari.bigvolume`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from ..core.corrections.registry import CORRECTIONS, Context, Param, shortcuts
 from ..errors import MedSegError
 from .._napari.history import apply_edit
 from .._napari.layer_roles import is_segmentation_layer
+from .._napari.bigvolume import STORE_KEY, edit_view_region, write_back_region
 from .._napari.boundary import current_slice, slicing_axis, volume_from_layer
 from .._napari.prediction import view_region
 from ._common import Job, JobBar, notify_exception, show_info
@@ -100,6 +106,11 @@ def _value(w):
         text = w.currentText()
         return None if not text or (first and w.currentIndex() == 0) else text
     return w.currentText()
+
+
+def _store_meta(layer) -> dict:
+    """The label-store entry of a layer's metadata (``{}`` when it is not from a store)."""
+    return dict((getattr(layer, "metadata", None) or {}).get(STORE_KEY) or {})
 
 
 def _dspin(value, lo, hi, step, suffix, decimals=1):
@@ -174,6 +185,7 @@ class CorrectWidget(QWidget):
             buttons.addWidget(b)
         op_lay.addLayout(buttons)
         lay.addWidget(op_box)
+        lay.addWidget(self._store_box())
         self.bar = JobBar()
         lay.addWidget(self.bar)
         keys = ", ".join(f"{s.key.replace('-', '+')}: {c.title.split(' (')[0]}{s.note}"
@@ -200,6 +212,29 @@ class CorrectWidget(QWidget):
         self._sync_region()
 
     # -------------------------------------------------------------- building
+    def _store_box(self) -> QGroupBox:
+        """Buttons for multiscale labels of a big label store (shown only for those)."""
+        self.store_box = QGroupBox("Big label store")
+        form = QFormLayout(self.store_box)
+        note = QLabel("napari cannot paint on multiscale labels: load the part shown in the "
+                      "2D view as ordinary labels, correct it here, then write it back.")
+        note.setWordWrap(True)
+        self.store_slices_spin = QSpinBox()
+        self.store_slices_spin.setRange(0, 256)
+        self.store_slices_spin.setToolTip("slices loaded on each side of the current one")
+        self.edit_region_button = QPushButton("Edit region in view")
+        self.write_back_button = QPushButton("Write region back")
+        form.addRow(note)
+        form.addRow("Slices around", self.store_slices_spin)
+        row = QHBoxLayout()
+        row.addWidget(self.edit_region_button)
+        row.addWidget(self.write_back_button)
+        form.addRow(row)
+        self.edit_region_button.clicked.connect(lambda: self.edit_store_region())
+        self.write_back_button.clicked.connect(lambda: self.write_store_region())
+        self.store_box.setVisible(False)
+        return self.store_box
+
     def _param_page(self, key: str) -> QWidget:
         """The form of one correction, built from its declared parameters."""
         page = QWidget()
@@ -285,6 +320,10 @@ class CorrectWidget(QWidget):
         layer = self.layer()
         if layer is not None:
             self.label_spin.setValue(max(int(layer.selected_label), 0))
+        store = _store_meta(layer)
+        self.store_box.setVisible(bool(store))
+        self.edit_region_button.setEnabled(bool(store) and not store.get("region"))
+        self.write_back_button.setEnabled(bool(store.get("region")))
         self._sync_region()
 
     def layer(self):
@@ -351,6 +390,41 @@ class CorrectWidget(QWidget):
             raise MedSegError("the layer is not in view; pan to the part to correct or "
                               "choose 'Whole volume'", layer.name) from None
 
+    # ----------------------------------------------------------- big stores
+    def edit_store_region(self):
+        """Load the region of the target label store shown in the 2D view as a Labels layer.
+
+        The new layer becomes the target; returns it (None when refused).
+        """
+        layer = self.layer()
+        try:
+            if not _store_meta(layer) or _store_meta(layer).get("region"):
+                raise MedSegError("choose the multiscale labels of a label store (.ome.zarr) "
+                                  "as the target", layer.name if layer else None)
+            edit = edit_view_region(self.viewer, layer,
+                                    margin_slices=self.store_slices_spin.value())
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            notify_exception(exc, "Edit region in view")
+            return None
+        self.layer_combo.setCurrentText(edit.name)
+        show_info(f"loaded {' x '.join(map(str, edit.data.shape))} voxels of "
+                  f"{layer.name} for editing; 'Write region back' saves them")
+        return edit
+
+    def write_store_region(self):
+        """Write the target region layer into its label store; return the voxels changed."""
+        layer = self.layer()
+        try:
+            if layer is None:
+                raise MedSegError("choose the region layer loaded with 'Edit region in view'")
+            store = layer.name
+            changed = write_back_region(self.viewer, layer)
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            notify_exception(exc, "Write region back")
+            return None
+        show_info(f"{store}: {changed} voxels written back to the label store")
+        return changed
+
     # -------------------------------------------------------------- running
     def operation(self, op: str, layer, **extra):
         """A callable ``f(progress=, cancel=) -> Edit`` for ``op`` with the current settings."""
@@ -385,6 +459,10 @@ class CorrectWidget(QWidget):
         layer = self.layer()
         if layer is None:
             show_info("add or select a Labels layer to correct")
+            return None
+        if getattr(layer, "multiscale", False):
+            show_info(f"{layer.name} is multiscale and cannot be edited as a whole; use "
+                      "'Edit region in view' and correct the region layer")
             return None
         if self.job is not None and self.job.running:
             show_info("a correction is still running")
