@@ -10,12 +10,16 @@ OME-Zarr label store:
    interpolation), so only those are read, converted to float32, normalised
    and interpolated; the input is never in memory as a whole. Orientation
    flips and axis swaps are applied to the lazy array (views).
-2. **windows on the model grid** with the standard engine
+2. **windows on the model grid, a slab at a time** with the standard engine
    (:func:`~napari_medseg.core.inference.sliding_window_inference`, cell
-   stitching), so the model grid (float32) and its labels (one byte a voxel)
-   are the only arrays of volume size held, at the model's spacing: a
+   stitching): the float32 model grid is made one slab of window rows at a
+   time (about 64 MiB, :func:`~napari_medseg.core.planner.lazy_slab_rows`),
+   and each slab keeps the slices that only its windows cover; slabs share
+   the window rows at their borders (:func:`slab_plan`), so every slice gets
+   exactly the windows of a whole run. The only array of volume size held is
+   the labels on the model grid (one byte a voxel, at the model's spacing: a
    1024^3 volume at 0.5 mm is a 205 x 341 x 341 grid at the built-in model's
-   2.5 x 1.5 x 1.5 mm (95 MB).
+   2.5 x 1.5 x 1.5 mm, 24 MB).
 3. **streamed restore**: the labels go back to the input's voxels (nearest
    neighbour, the orientation undone) one slab of output chunks at a time,
    each slab written to the store, then a multiscale pyramid is added for
@@ -26,13 +30,15 @@ The labels equal those of :meth:`Model.predict` on the volume loaded in memory
 card's ``largest_component`` step needs the whole label map and is skipped with
 a warning (run it on a region you load, or on a smaller copy).
 
-A run whose model grid itself does not fit the memory planner's budget is
-refused with one line (segment a region or use a coarser copy).
+A run that does not fit the memory planner's budget even so is refused with
+one line (segment a region or use a coarser copy).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import time
 import warnings
 from pathlib import Path
@@ -41,7 +47,8 @@ import numpy as np
 
 from .errors import MedSegError, check_cancel
 
-__all__ = ["predict_to_zarr", "preprocess_lazy", "restore_labels_to"]
+__all__ = ["predict_to_zarr", "preprocess_lazy", "restore_labels_to", "LazyModelGrid",
+           "slab_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -82,59 +89,149 @@ def _normalize(rows, spec, source):
     return normalize_channel(rows, spec, source)
 
 
+class LazyModelGrid:
+    """The model grid of a lazy volume, made a few slices at a time on demand.
+
+    The arithmetic of :func:`~napari_medseg.core.preprocess.preprocess` (no
+    ``divisible_by``): orientation as views of the lazy array, normalisation,
+    linear resampling from the two input slices each model slice needs.
+
+    Attributes
+    ----------
+    shape : tuple of 3 int
+        ``(Z, Y, X)`` of the model grid.
+    n_channels : int
+    info : PreprocessInfo
+        What :func:`restore_labels_to` needs to map labels back.
+    """
+
+    def __init__(self, volumes, target_spacing=None, orientation=None, normalization=None):
+        from .core.preprocess import (PreprocessInfo, _linear_weights, _reoriented_affine,
+                                      _resampled_affine, _stack_channels, _target_shape,
+                                      apply_orientation, orientation_transform)
+
+        channels, ref = _stack_channels(volumes)
+        specs = normalization if isinstance(normalization, (list, tuple)) else [normalization]
+        if len(specs) == 1:
+            specs = list(specs) * len(channels)
+        if len(specs) != len(channels):
+            raise MedSegError(f"the model normalises {len(specs)} channel(s) but "
+                              f"{len(channels)} were given; pass one image per model input "
+                              "channel", ref.source)
+        perm, flips = orientation_transform(ref.affine, orientation)
+        shape = ref.shape3
+        r_shape = tuple(shape[p] for p in perm)
+        r_spacing = tuple(ref.spacing[p] for p in perm)
+        r_affine = _reoriented_affine(ref.affine, shape, perm, flips)
+        m_shape, m_spacing = _target_shape(r_shape, r_spacing, target_spacing)
+        self.shape = tuple(int(s) for s in m_shape)
+        self.n_channels = len(channels)
+        self.source = ref.source
+        self._lerp = _linear_weights(r_shape[0], m_shape[0])
+        self._channels = []
+        for data, spec in zip(channels, specs):
+            a = apply_orientation(_as_dask(data), perm, flips)
+            self._channels.append((a, _norm_stats(a, spec)))
+        self.info = PreprocessInfo(
+            input_shape=tuple(shape), input_affine=ref.affine.copy(), perm=tuple(perm),
+            flips=tuple(flips), reoriented_shape=r_shape, reoriented_spacing=r_spacing,
+            reoriented_affine=r_affine, resampled_shape=tuple(m_shape),
+            target_spacing=m_spacing, pad=((0, 0), (0, 0), (0, 0)),
+            model_affine=_resampled_affine(r_affine, r_shape, m_shape), source=ref.source)
+
+    def rows(self, z0: int, z1: int, cancel=None) -> np.ndarray:
+        """Model-grid slices ``z0..z1-1`` as a float32 ``(C, z1 - z0, Y, X)`` array."""
+        from .core.preprocess import _lerp_axis
+
+        i0, i1, w = self._lerp
+        _, my, mx = self.shape
+        x = np.zeros((self.n_channels, z1 - z0, my, mx), np.float32)
+        for c, (a, spec) in enumerate(self._channels):
+            for r0 in range(z0, z1, _ROWS):
+                check_cancel(cancel)
+                r1 = min(r0 + _ROWS, z1)
+                need = np.unique(np.concatenate([i0[r0:r1], i1[r0:r1]]))  # two per slice
+                rows = np.asarray(a[need]).astype(np.float32)
+                if not np.isfinite(rows).all():
+                    raise MedSegError("the image contains NaN or infinite values; fill or "
+                                      "mask them before running a model", self.source)
+                _normalize(rows, spec, self.source)
+                lo = rows[np.searchsorted(need, i0[r0:r1])]
+                hi = rows[np.searchsorted(need, i1[r0:r1])]
+                del rows
+                hi -= lo
+                hi *= w[r0:r1, None, None]
+                lo += hi
+                x[c, r0 - z0:r1 - z0] = _lerp_axis(_lerp_axis(lo, 1, my), 2, mx)
+        return x
+
+
 def preprocess_lazy(volumes, target_spacing=None, orientation=None, normalization=None,
                     cancel=None):
     """:func:`~napari_medseg.core.preprocess.preprocess` reading the input a few slices at a time.
 
-    Parameters and returns as for ``preprocess`` (no ``divisible_by``); the
-    model-grid array ``(C, Z, Y, X)`` float32 is in memory, the input is not.
+    Parameters and returns as for ``preprocess`` (no ``divisible_by``); the whole
+    model-grid array ``(C, Z, Y, X)`` float32 is in memory, the input is not
+    (:func:`predict_to_zarr` holds only a slab of it: :class:`LazyModelGrid`).
     """
-    from .core.preprocess import (PreprocessInfo, _linear_weights, _lerp_axis,
-                                  _reoriented_affine, _resampled_affine, _stack_channels,
-                                  _target_shape, apply_orientation, orientation_transform)
+    grid = LazyModelGrid(volumes, target_spacing, orientation, normalization)
+    return grid.rows(0, grid.shape[0], cancel=cancel), grid.info
 
-    channels, ref = _stack_channels(volumes)
-    specs = normalization if isinstance(normalization, (list, tuple)) else [normalization]
-    if len(specs) == 1:
-        specs = list(specs) * len(channels)
-    if len(specs) != len(channels):
-        raise MedSegError(f"the model normalises {len(specs)} channel(s) but {len(channels)} "
-                          "were given; pass one image per model input channel", ref.source)
-    perm, flips = orientation_transform(ref.affine, orientation)
-    shape = ref.shape3
-    r_shape = tuple(shape[p] for p in perm)
-    r_spacing = tuple(ref.spacing[p] for p in perm)
-    r_affine = _reoriented_affine(ref.affine, shape, perm, flips)
-    m_shape, m_spacing = _target_shape(r_shape, r_spacing, target_spacing)
-    x = np.zeros((len(channels),) + tuple(m_shape), np.float32)
-    i0, i1, w = _linear_weights(r_shape[0], m_shape[0])
-    for c, (data, spec) in enumerate(zip(channels, specs)):
-        a = apply_orientation(_as_dask(data), perm, flips)
-        spec = _norm_stats(a, spec)
-        for z0 in range(0, m_shape[0], _ROWS):
-            check_cancel(cancel)
-            z1 = min(z0 + _ROWS, m_shape[0])
-            need = np.unique(np.concatenate([i0[z0:z1], i1[z0:z1]]))  # two per output slice
-            rows = np.asarray(a[need]).astype(np.float32)
-            if not np.isfinite(rows).all():
-                raise MedSegError("the image contains NaN or infinite values; fill or mask "
-                                  "them before running a model", ref.source)
-            _normalize(rows, spec, ref.source)
-            lo = rows[np.searchsorted(need, i0[z0:z1])]
-            hi = rows[np.searchsorted(need, i1[z0:z1])]
-            del rows
-            hi -= lo
-            hi *= w[z0:z1, None, None]
-            lo += hi
-            x[c, z0:z1] = _lerp_axis(_lerp_axis(lo, 1, m_shape[1]), 2, m_shape[2])
-    info = PreprocessInfo(
-        input_shape=tuple(shape), input_affine=ref.affine.copy(), perm=tuple(perm),
-        flips=tuple(flips), reoriented_shape=r_shape, reoriented_spacing=r_spacing,
-        reoriented_affine=r_affine, resampled_shape=tuple(m_shape), target_spacing=m_spacing,
-        pad=((0, 0), (0, 0), (0, 0)), model_affine=_resampled_affine(r_affine, r_shape,
-                                                                       m_shape),
-        source=ref.source)
-    return x, info
+
+def slab_plan(starts, patch_z: int, size: int, max_rows: int) -> list:
+    """Split the windows' z rows into slabs that give the labels of the whole run.
+
+    A model-grid slice is final once every window covering it has run, so each
+    slab runs a group of consecutive window rows and keeps the slices that only
+    those windows cover; groups share the window rows at their borders.
+
+    Parameters
+    ----------
+    starts : list of int
+        Sorted z starts of the whole run's windows (the last one flush with the end).
+    patch_z : int
+        Window depth.
+    size : int
+        ``Z`` of the model grid (at least ``patch_z``).
+    max_rows : int
+        Slices a slab should not exceed (a slab is at least what progress needs).
+
+    Returns
+    -------
+    list of (i, j, lo, hi)
+        Window rows ``starts[i..j]`` run on slices ``starts[i]..starts[j] + patch_z``;
+        slices ``lo..hi-1`` are kept. The ``lo..hi`` ranges tile ``0..size``.
+    """
+    n = len(starts)
+    out, i, lo = [], 0, 0
+    while lo < size:
+        j = i
+        while j + 1 < n and starts[j + 1] + patch_z - starts[i] <= max_rows:
+            j += 1
+        while j + 1 < n and starts[j + 1] <= lo:  # at least one new slice
+            j += 1
+        hi = size if j == n - 1 else starts[j + 1]
+        out.append((i, j, lo, hi))
+        lo = hi
+        # the next group: its first window row is the last whose earlier rows all end by lo
+        i = max(k for k in range(n) if k == 0 or starts[k - 1] + patch_z <= lo)
+    return out
+
+
+class _FixedZStarts:
+    """``starts_fn`` for the engine: the given z starts, the default rule in y and x.
+
+    The engine asks for the axes in the order z, y, x on each run.
+    """
+
+    def __init__(self, z_starts):
+        self.z_starts, self.calls = list(z_starts), 0
+
+    def __call__(self, size, window, overlap):
+        from .core.inference import window_starts
+
+        axis, self.calls = self.calls % 3, self.calls + 1
+        return self.z_starts if axis == 0 else window_starts(size, window, overlap)
 
 
 def _restore_index(info, axis: int, lo: int, hi: int) -> np.ndarray:
@@ -181,7 +278,7 @@ def restore_labels_to(labels, info, write, slab: int = 64, cancel=None) -> None:
 
 def predict_to_zarr(model, volumes, out, device="auto", overlap=0.5, tta=False, fast=False,
                     progress=None, cancel=None, memory_limit=None, overwrite=False,
-                    chunks=(64, 128, 128)):
+                    chunks=(64, 128, 128), slab_rows=None):
     """Segment a (lazy) volume and write the labels to an OME-Zarr label store.
 
     Parameters
@@ -200,6 +297,9 @@ def predict_to_zarr(model, volumes, out, device="auto", overlap=0.5, tta=False, 
         Replace an existing store.
     chunks : tuple of 3 int
         Chunk shape of the label store.
+    slab_rows : int, optional
+        Model-grid slices held as float32 at a time (default
+        :func:`~napari_medseg.core.planner.lazy_slab_rows`: about 64 MiB).
 
     Returns
     -------
@@ -214,7 +314,8 @@ def predict_to_zarr(model, volumes, out, device="auto", overlap=0.5, tta=False, 
     """
     import torch
 
-    from .core.inference import pick_device, sliding_window_inference
+    from .core.inference import pick_device, sliding_window_inference, window_starts
+    from .core.planner import lazy_slab_rows
     from .io.zarr import ZarrLabelWriter
     from .models.predictor import Model
 
@@ -241,29 +342,53 @@ def predict_to_zarr(model, volumes, out, device="auto", overlap=0.5, tta=False, 
         warnings.warn(msg, stacklevel=2)
         log.warning(msg)
         notes.append(msg)
-    x, pinfo = preprocess_lazy(vols, target_spacing=card.target_spacing,
-                               orientation=card.orientation,
-                               normalization=card.normalization, cancel=cancel)
+    grid = LazyModelGrid(vols, target_spacing=card.target_spacing,
+                         orientation=card.orientation, normalization=card.normalization)
     own_tta, engine_tta, _ = model._tta_setup(tta, None)
     predictor = model.make_predictor(dev)
     if own_tta:
         from .models.predictor import mirror_tta
 
         predictor = mirror_tta(predictor, card.mirror_axes)
-    with torch.inference_mode():
-        res = sliding_window_inference(
-            x, predictor, patch_size=card.patch_size, n_classes=card.n_classes,
-            overlap=overlap, batch_size=plan.batch_size or model.batch_size, tta=engine_tta,
-            device=dev, amp=model.amp, progress=progress, cancel=cancel,
-            output_device="cpu" if plan.output_on_cpu else None)
-    del x
     dtype = np.uint8 if card.n_classes <= 256 else np.uint16
-    labels = res.labels.astype(dtype, copy=False)
+    labels = np.zeros(grid.shape, dtype)  # one byte a model-grid voxel
+    patch = tuple(int(p) for p in card.patch_size)
+    zs = sorted(set(window_starts(max(grid.shape[0], patch[0]), patch[0], overlap)))
+    rows = lazy_slab_rows(grid.shape, grid.n_channels, patch) if slab_rows is None \
+        else int(slab_rows)
+    slabs = [(0, len(zs) - 1, 0, grid.shape[0])] if grid.shape[0] <= max(rows, patch[0]) \
+        else slab_plan(zs, patch[0], grid.shape[0], rows)
+    n_windows = 0
+    per_slab = math.prod(len(window_starts(max(n, p), p, overlap))
+                         for n, p in zip(grid.shape[1:], patch[1:]))
+    total = sum(j - i + 1 for i, j, _, _ in slabs) * per_slab
+
+    def prog(done, _total, base=0):
+        if progress is not None:
+            progress(base + done, total)
+
+    for i, j, lo, hi in slabs:  # the float32 model grid one slab of window rows at a time
+        check_cancel(cancel)
+        whole = len(slabs) == 1
+        a, b = (0, grid.shape[0]) if whole else (zs[i], zs[j] + patch[0])
+        x = grid.rows(a, b, cancel=cancel)
+        with torch.inference_mode():
+            res = sliding_window_inference(
+                x, predictor, patch_size=patch, n_classes=card.n_classes, overlap=overlap,
+                batch_size=plan.batch_size or model.batch_size, tta=engine_tta, device=dev,
+                amp=model.amp, progress=functools.partial(prog, base=n_windows),
+                cancel=cancel, output_device="cpu" if plan.output_on_cpu else None,
+                starts_fn=None if whole else _FixedZStarts([z - a for z in zs[i:j + 1]]))
+        del x
+        labels[lo:hi] = res.labels[lo - a:hi - a]
+        n_windows += res.n_windows
+        del res
+    pinfo = grid.info
     with ZarrLabelWriter(out, ref, dtype, card.label_names, card.label_colors, chunks=chunks,
                          overwrite=overwrite, extra_meta={"model": card.name}) as w:
         restore_labels_to(labels, pinfo, w.write, slab=w.chunks[0], cancel=cancel)
     return {"path": str(Path(out)), "shape": tuple(ref.shape3),
-            "seconds": time.perf_counter() - t0, "windows": res.n_windows,
+            "seconds": time.perf_counter() - t0, "windows": n_windows, "slabs": len(slabs),
             "model_grid": tuple(int(s) for s in labels.shape), "warnings": notes,
             "memory_plan": plan.to_dict()}
 

@@ -64,6 +64,39 @@ def test_streamed_run_equals_in_memory_run(model, tmp_path, frame):
     assert info["windows"] > 0 and not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 
+def test_slab_plan_tiles_the_grid_with_every_covering_window():
+    from napari_medseg.bigvolume import slab_plan
+    from napari_medseg.core.inference import window_starts
+
+    for size, pz, overlap, rows in [(205, 32, 0.5, 64), (128, 32, 0.5, 48), (100, 24, 0.25, 30),
+                                    (77, 16, 0.75, 20), (64, 32, 0.5, 1)]:
+        zs = sorted(set(window_starts(size, pz, overlap)))
+        plan = slab_plan(zs, pz, size, rows)
+        assert plan[0][2] == 0 and plan[-1][3] == size
+        assert all(a[3] == b[2] for a, b in zip(plan, plan[1:]))  # tiles, no gap or repeat
+        for i, j, lo, hi in plan:
+            assert lo < hi and zs[i] <= lo and hi <= zs[j] + pz
+            for z in range(lo, hi):  # every window covering a kept slice ran in its slab
+                covering = {m for m, s in enumerate(zs) if s <= z < s + pz}
+                assert covering <= set(range(i, j + 1)), (size, z)
+        assert len(plan) > 1 or rows >= size
+
+
+def test_streamed_run_in_slabs_equals_in_memory_run(model, tmp_path):
+    base = _ct(None)
+    # 125 slices: a 100-slice model grid, whose last window row is not on the 16-slice step
+    data = np.concatenate([base.data, base.data[::-1], base.data, base.data[:5]], axis=0)
+    vol = Volume(data, base.affine, modality="CT", source="ct")
+    ref = np.asarray(model.predict(vol, device="cpu").labels.data)
+    store = write_zarr_image(tmp_path / "ct.ome.zarr", vol, chunks=(16, 48, 48))
+    out = tmp_path / "labels.ome.zarr"
+    info = predict_to_zarr(model, read_zarr(store), out, device="cpu", slab_rows=40)
+    assert info["model_grid"][0] == 100 and info["slabs"] >= 3
+    got = np.asarray(read_zarr(out).data)
+    assert (got > 0).mean() > 0.02
+    np.testing.assert_array_equal(got, ref)
+
+
 def test_label_store_is_multiscale_and_a_region_edits_back(model, tmp_path):
     vol = _ct(None)
     vol = Volume(np.concatenate([vol.data] * 4, axis=0), make_affine((2.0, 1.0, 1.0)),

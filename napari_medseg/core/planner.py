@@ -67,6 +67,8 @@ __all__ = [
     "estimate_memory",
     "plan_run",
     "plan_for_model",
+    "lazy_slab_rows",
+    "LAZY_SLAB_BYTES",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,30 @@ ENV_LIMIT = "NAPARI_MEDSEG_MEMORY_LIMIT"
 #: (a 5.6 M-parameter DynUNet with 32 first-layer features used 0.85 GiB per 128^3
 #: window in bf16: about 6.8; rounded up).
 ACTIVATION_FACTOR = 8.0
+#: The lazy big-volume path makes the float32 model grid this many bytes at a time
+#: (whole window rows; at least two windows deep).
+LAZY_SLAB_BYTES = 64 << 20
+
+
+def lazy_slab_rows(model_shape, n_channels: int, patch) -> int:
+    """Model-grid slices the lazy path holds as float32 at a time (see :data:`LAZY_SLAB_BYTES`).
+
+    Parameters
+    ----------
+    model_shape : tuple of 3 int
+        ``(Z, Y, X)`` of the model grid.
+    n_channels : int
+    patch : tuple of 3 int
+        Window size ``(pz, py, px)``.
+
+    Returns
+    -------
+    int
+        ``max(2 * pz, LAZY_SLAB_BYTES // (4 * C * Y * X))`` capped at ``Z``.
+    """
+    z, y, x = (max(int(s), int(p)) for s, p in zip(model_shape, patch))
+    per_row = 4 * max(int(n_channels), 1) * y * x
+    return int(min(z, max(2 * int(patch[0]), LAZY_SLAB_BYTES // per_row)))
 #: Fixed allowance for the runtime's own buffers during a run (oneDNN scratch,
 #: glibc arenas, the first window's one-off allocations).
 RUNTIME_BYTES = 96 << 20
@@ -309,7 +335,8 @@ def estimate_memory(input_shape, model_shape, *, n_channels=1, n_classes=2,
         On a GPU, accumulate the cells in host memory instead of GPU memory.
     lazy_output : bool
         Labels are written to a chunked store on the fly (lazy big-volume path):
-        the input-grid arrays are replaced by one output slab.
+        the input-grid arrays are replaced by one output slab, and the float32
+        model grid by :func:`lazy_slab_rows` of its slices.
 
     Returns
     -------
@@ -326,10 +353,13 @@ def estimate_memory(input_shape, model_shape, *, n_channels=1, n_classes=2,
     acc_bytes = 2 if value_bytes == 2 else 4
     # input slab of one resample chunk (16 output slices) when the input streams lazily
     in_slab = n_in // max(int(input_shape[0]), 1) * 16 if lazy_output else n_in
+    # the float32 model grid: whole, or a slab of window rows on the lazy path
+    n_g = n_m if not lazy_output else \
+        lazy_slab_rows(m_shape, c, patch) * m_shape[1] * m_shape[2]
     # preprocessing, one channel at a time: raw read, float32 copy, reoriented copy,
     # resample output, the (C, Z, Y, X) float32 model array
     pre = (input_itemsize * in_slab if lazy_input else 0) + 4 * in_slab \
-        + (4 * in_slab if reoriented_copy else 0) + (4 * n_m if resampled else 0) + 4 * c * n_m
+        + (4 * in_slab if reoriented_copy else 0) + (4 * n_g if resampled else 0) + 4 * c * n_g
     # windows: model array, finite check, labels (+ maps) on the model grid, open cells,
     # one batch of inputs, activations and logits
     cells = int(0.9 * k * slab * acc_bytes) + (4 * slab if uncertainty else 0)
@@ -338,7 +368,7 @@ def estimate_memory(input_shape, model_shape, *, n_channels=1, n_classes=2,
     logits = 4 * k * p_vox * b * (2 if tta or uncertainty == "tta" else 1)
     batch_in = 4 * c * p_vox * b
     on_gpu = device_type not in ("cpu", None)
-    win = 4 * c * n_m + c * n_m + n_m + maps
+    win = 4 * c * n_g + c * n_g + n_m + maps
     gpu = 0
     if on_gpu:
         gpu = param_bytes + act + logits + batch_in + (0 if output_on_cpu else cells)
@@ -354,8 +384,9 @@ def estimate_memory(input_shape, model_shape, *, n_channels=1, n_classes=2,
     if uncertainty is not None:
         rest += 4 * out_n + 2 * out_n + 2 * n_m
     parts = {"preprocess": int(pre), "windows": int(win), "restore": int(rest)}
-    if lazy_output:  # the model grid stays in memory through the whole run
+    if lazy_output:  # the model grid's labels stay in memory through the whole run
         parts["windows"] += n_m
+        parts["preprocess"] += n_m
     ram = int(SAFETY * max(parts.values()) + RUNTIME_BYTES)
     vram = int(SAFETY * gpu + (RUNTIME_BYTES if on_gpu else 0))
     if on_gpu:
