@@ -8,6 +8,7 @@
                   [--backend native|nnunetv2] [--roi-subset CLASS ...]
     napari-medseg finetune MODEL DATASET_FOLDER [--iterations 200] [--lr 3e-4]
                   [--name NAME] [--out FOLDER] [--patch-size Z Y X] [--val-fraction 0.25]
+                  [--resume] [--add-class ID NAME] [--corrected-weight 3] [--no-guard]
     napari-medseg view [PATHS ...] [--sample KEY] [--screenshot PNG] [--widgets ...]
     napari-medseg batch INPUTS ... -m MODEL -o OUTDIR [--workers 1] [--scheduler ADDRESS]
                   [--device cpu] [--overlap 0.5] [--tta] [--fast] [--suffix .nii.gz]

@@ -75,6 +75,12 @@ class TrainingCase:
         changed from the model's prediction (from the ledger), or None.
     n_corrected : int
         How many voxels were corrected (before subsampling), on the input grid.
+    corrected_mask : numpy.ndarray or None
+        ``(Z, Y, X)`` bool, the corrected voxels on the model grid (for the
+        loss weights), or None.
+    supervised : list of int
+        Foreground classes the case speaks for (all of them unless a ``fill``
+        hook of :func:`load_case` said otherwise).
     """
 
     case: str
@@ -83,6 +89,8 @@ class TrainingCase:
     fg: dict = field(default_factory=dict)
     corrected: np.ndarray | None = None
     n_corrected: int = 0
+    corrected_mask: np.ndarray | None = None
+    supervised: list = field(default_factory=list)
 
 
 def _read_json(path: Path) -> dict:
@@ -97,7 +105,7 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def list_dataset(dataset_dir, card: ModelCard) -> list[DatasetCase]:
+def list_dataset(dataset_dir, card: ModelCard, new_classes=None) -> list[DatasetCase]:
     """The complete cases of a dataset folder, checked against a model card.
 
     Parameters
@@ -106,6 +114,9 @@ def list_dataset(dataset_dir, card: ModelCard) -> list[DatasetCase]:
         An nnU-Net v2 raw dataset folder (``DatasetXXX_Name``).
     card : ModelCard
         The model to train: channel count and classes must fit.
+    new_classes : dict[int, str], optional
+        Classes the dataset may have that the model does not (added by
+        fine-tuning).
 
     Returns
     -------
@@ -133,7 +144,7 @@ def list_dataset(dataset_dir, card: ModelCard) -> list[DatasetCase]:
         raise MedSegError(
             f"the dataset has {len(channels)} image channel(s) but model {card.name} takes "
             f"{card.n_channels}; choose a dataset made for this model", where)
-    _check_classes(meta.get("labels") or {}, card, where)
+    _check_classes(meta.get("labels") or {}, card, where, new_classes)
     ending = str(meta.get("file_ending") or ".nii.gz")
     labels_dir = root / "labelsTr"
     if not labels_dir.is_dir():
@@ -158,9 +169,10 @@ def list_dataset(dataset_dir, card: ModelCard) -> list[DatasetCase]:
     return cases
 
 
-def _check_classes(labels: dict, card: ModelCard, where: str) -> None:
+def _check_classes(labels: dict, card: ModelCard, where: str, new_classes=None) -> None:
     """Class ids in ``dataset.json`` must exist in the model; warn on renamed ones."""
-    names = card.label_names
+    names = dict(card.label_names)
+    names.update({int(k): str(v) for k, v in (new_classes or {}).items()})
     for name, cid in labels.items():
         if isinstance(cid, (list, tuple)):
             raise MedSegError("region-based nnU-Net labels are not supported for "
@@ -171,15 +183,15 @@ def _check_classes(labels: dict, card: ModelCard, where: str) -> None:
         if cid not in names:
             raise MedSegError(
                 f"class {cid} ('{name}') of the dataset is not an output of model "
-                f"{card.name} (classes {sorted(names)}); fine-tuning cannot add classes",
-                where)
+                f"{card.name} (classes {sorted(names)}); fine-tuning cannot add classes "
+                "unless asked to (new_classes, --add-class ID NAME)", where)
         if names[cid] != name:
             log.warning("%s: class %d is '%s' in the dataset but '%s' in model %s",
                         where, cid, name, names[cid], card.name)
 
 
 def load_case(item: DatasetCase, card: ModelCard, patch_size, max_fg: int = 20000,
-              seed: int = 0) -> tuple[TrainingCase, list, Volume]:
+              seed: int = 0, fill=None) -> tuple[TrainingCase, list, Volume]:
     """Read one case and take it to the model grid.
 
     Parameters
@@ -193,6 +205,13 @@ def load_case(item: DatasetCase, card: ModelCard, patch_size, max_fg: int = 2000
         Voxels kept per class for foreground sampling.
     seed : int
         Seed of that subsample.
+    fill : callable, optional
+        ``fill(images, labels, prediction) -> (labels, supervised)``: may fill in
+        the classes the case does not supervise (see
+        :func:`napari_medseg.training.guard.fill_unsupervised`); ``images`` are
+        the input-grid Volumes, ``labels`` the ``(Z, Y, X)`` input-grid labels,
+        ``prediction`` the ledger's original prediction or None. The evaluation
+        labels returned stay the case's own.
 
     Returns
     -------
@@ -231,22 +250,29 @@ def load_case(item: DatasetCase, card: ModelCard, patch_size, max_fg: int = 2000
                           f"for model {card.name} (found up to {top})", str(item.label))
     x, info = preprocess(imgs, target_spacing=card.target_spacing,
                          orientation=card.orientation, normalization=card.normalization)
-    y = _apply_orientation(y0, info.perm, info.flips)
+    ledger_pred = _ledger_prediction(item, y0)
+    changed = None if ledger_pred is None else ledger_pred != y0
+    y_train, supervised = y0, sorted(range(1, card.n_classes))
+    if fill is not None:
+        y_train, supervised = fill(imgs, y0, ledger_pred)
+    y = _apply_orientation(y_train, info.perm, info.flips)
     y = np.ascontiguousarray(resample_nearest(y, info.resampled_shape))
     y = y.astype(np.uint8 if card.n_classes <= 256 else np.uint16)
     x, y = _pad_to(x, y, patch_size)
     rng = np.random.default_rng(seed)
     fg = {int(c): _points(y == c, max_fg, rng) for c in np.unique(y) if c != 0}
-    changed = _changed(item, y0)
-    corrected = None
+    corrected, cmask = None, None
     if changed is not None and changed.any():
         grid = _apply_orientation(changed, info.perm, info.flips)
         grid = np.ascontiguousarray(resample_nearest(grid, info.resampled_shape))
         if grid.any():
             corrected = _points(grid, max_fg, rng)
+            cmask = np.pad(grid.astype(bool),
+                           [(0, n - g) for n, g in zip(y.shape, grid.shape)])
     lab_vol = imgs[0].like_labels(y0, lab.label_names or card.label_names)
     n_corr = 0 if changed is None else int(changed.sum())
-    return TrainingCase(item.case, x, y, fg, corrected, n_corr), imgs, lab_vol
+    return (TrainingCase(item.case, x, y, fg, corrected, n_corr, cmask, list(supervised)),
+            imgs, lab_vol)
 
 
 def _points(mask: np.ndarray, limit: int, rng) -> np.ndarray:
@@ -257,8 +283,8 @@ def _points(mask: np.ndarray, limit: int, rng) -> np.ndarray:
     return pts.astype(np.int32)
 
 
-def _changed(item: DatasetCase, labels: np.ndarray) -> np.ndarray | None:
-    """Voxels where the labels differ from the ledger's original prediction, or None."""
+def _ledger_prediction(item: DatasetCase, labels: np.ndarray) -> np.ndarray | None:
+    """The ledger's original prediction on the label grid, or None."""
     if item.ledger is None:
         return None
     from ..core.ledger import CorrectionLedger
@@ -272,7 +298,7 @@ def _changed(item: DatasetCase, labels: np.ndarray) -> np.ndarray | None:
         log.warning("case %s: the ledger's prediction %s is not on the label grid %s; "
                     "ignoring it", item.case, pred.shape, labels.shape)
         return None
-    return pred != labels
+    return pred
 
 
 def _pad_to(x: np.ndarray, y: np.ndarray, patch) -> tuple[np.ndarray, np.ndarray]:
@@ -326,30 +352,44 @@ class PatchSampler:
             return self._centred(case.fg[cls], shape)
         return tuple(int(self.rng.integers(0, n - p + 1)) for p, n in zip(self.patch, shape))
 
-    def sample(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        """A batch: ``x (B, C, z, y, x)`` float32 and ``y (B, z, y, x)`` int64."""
-        xs, ys = [], []
+    def sample(self, batch: int, corrected_weight: float | None = None):
+        """A batch: ``x (B, C, z, y, x)`` float32 and ``y (B, z, y, x)`` int64.
+
+        With ``corrected_weight``, also ``w (B, z, y, x)`` float32: that weight
+        on the voxels the user corrected (the ledger's diff), 1 elsewhere.
+        """
+        xs, ys, ws = [], [], []
         for _ in range(int(batch)):
             case = self.cases[int(self.rng.integers(len(self.cases)))]
             z0, y0, x0 = self._corner(case)
             win = (slice(z0, z0 + self.patch[0]), slice(y0, y0 + self.patch[1]),
                    slice(x0, x0 + self.patch[2]))
             x, y = case.x[(slice(None),) + win], case.y[win]
+            w = None
+            if corrected_weight is not None:
+                w = np.ones(y.shape, np.float32)
+                if case.corrected_mask is not None:
+                    w[case.corrected_mask[win]] = float(corrected_weight)
             for a in self.mirror_axes:
                 if self.rng.random() < 0.5:
                     x, y = np.flip(x, axis=a + 1), np.flip(y, axis=a)
+                    w = None if w is None else np.flip(w, axis=a)
             xs.append(np.ascontiguousarray(x, dtype=np.float32))
             ys.append(np.ascontiguousarray(y, dtype=np.int64))
+            if w is not None:
+                ws.append(np.ascontiguousarray(w))
+        if corrected_weight is not None:
+            return np.stack(xs), np.stack(ys), np.stack(ws)
         return np.stack(xs), np.stack(ys)
 
 
 def load_cases(items, card: ModelCard, patch_size, progress=None, cancel=None, offset=0,
-               total=None):
+               total=None, fill=None):
     """:func:`load_case` for each item; returns ``(training cases, (images, labels) pairs)``."""
     cases, originals = [], []
     for i, item in enumerate(items):
         check_cancel(cancel)
-        tc, imgs, lab = load_case(item, card, patch_size, seed=i)
+        tc, imgs, lab = load_case(item, card, patch_size, seed=i, fill=fill)
         cases.append(tc)
         originals.append((imgs, lab))
         log.info("case %s: model grid %s, classes %s, %d corrected voxels", item.case,

@@ -42,6 +42,7 @@ import numpy as np
 from ..errors import MedSegError, check_cancel
 from ..models.card import ModelCard
 from .data import PatchSampler, list_dataset, load_cases
+from .guard import largest_drop
 from .losses import soft_dice_loss
 from .metrics import dice_per_class
 
@@ -163,36 +164,130 @@ def _split(cases, val_fraction: float, seed: int):
     return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
 
 
-def _train(net, runner, sampler, iterations, lr, batch, progress, cancel, step, total):
-    """The optimisation loop; returns the loss of each iteration."""
+class _Run:
+    """What the optimisation loop needs besides the network (one fine-tuning run)."""
+
+    def __init__(self, iterations, lr, batch, corrected_weight, early_lr_factor, key, ckpt,
+                 checkpoint_every, extra, report=None, val_windows=None):
+        self.iterations, self.lr, self.batch = int(iterations), float(lr), int(batch)
+        self.corrected_weight = corrected_weight
+        self.early_lr_factor = float(early_lr_factor)
+        self.key, self.ckpt, self.checkpoint_every = key, ckpt, int(checkpoint_every)
+        self.extra, self.report, self.val_windows = extra, report, val_windows
+        self.resumed_from = 0
+
+
+def _val_dice(runner, windows, n_classes) -> float:
+    """Mean foreground Dice of the argmax on fixed held-out windows (the live plot)."""
+    import torch
+
+    xb, yb = windows
+    with torch.inference_mode():
+        pred = runner(torch.from_numpy(xb)).float().argmax(1).numpy()
+    scores = []
+    for c in range(1, n_classes):
+        a, b = pred == c, yb == c
+        s = int(a.sum()) + int(b.sum())
+        if int(b.sum()):
+            scores.append(2.0 * int((a & b).sum()) / s)
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def _train(net, runner, sampler, run: _Run, progress, cancel, step, total, state=None):
+    """The optimisation loop; returns the loss of each iteration.
+
+    ``state`` (from a checkpoint) restores the network, optimiser, scheduler,
+    RNGs and losses; a checkpoint is written every ``run.checkpoint_every``
+    iterations and when cancelled.
+    """
     import torch
     import torch.nn.functional as F
 
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr,
+    from ..errors import Cancelled
+    from .checkpoint import save_checkpoint
+    from .guard import param_groups
+
+    opt = torch.optim.AdamW(param_groups(net, run.lr, run.early_lr_factor), lr=run.lr,
                             weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(iterations, 1))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(run.iterations, 1))
     bf16 = _use_bf16()
     rng = sampler.rng
-    losses = []
+    losses, start = [], 0
+    if state is not None:
+        info, tensors = state
+        net.load_state_dict(tensors["net"])
+        opt.load_state_dict(tensors["opt"])
+        sched.load_state_dict(tensors["sched"])
+        torch.set_rng_state(tensors["torch_rng"])
+        rng.bit_generator.state = info["rng"]
+        losses, start = list(info["losses"]), int(info["step"])
+        run.resumed_from = start
+        log.info("resuming fine-tuning at iteration %d of %d", start, run.iterations)
+
+    def checkpoint(i):
+        if run.ckpt is not None and i > 0:
+            save_checkpoint(run.ckpt, run.key, i, net, opt, sched, losses,
+                            rng.bit_generator.state, run.extra)
+
+    n_classes = None
     net.train()
-    for _ in range(iterations):
-        check_cancel(cancel)
-        xb, yb = sampler.sample(batch)
-        x = torch.from_numpy(xb) * float(rng.uniform(0.9, 1.1)) + float(rng.normal(0, 0.05))
-        y = torch.from_numpy(yb)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = runner(x)
-        loss = F.cross_entropy(logits.float(), y) + soft_dice_loss(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.item()))
-        step += 1
-        if progress:
-            progress(step, total)
+    i = start
+    try:
+        for i in range(start, run.iterations):
+            check_cancel(cancel)
+            if run.corrected_weight is not None:
+                xb, yb, wb = sampler.sample(run.batch, corrected_weight=run.corrected_weight)
+                w = torch.from_numpy(wb)
+            else:
+                xb, yb = sampler.sample(run.batch)
+                w = None
+            x = torch.from_numpy(xb) * float(rng.uniform(0.9, 1.1)) + float(rng.normal(0, 0.05))
+            y = torch.from_numpy(yb)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = runner(x)
+            n_classes = logits.shape[1]
+            if w is None:
+                ce = F.cross_entropy(logits.float(), y)
+            else:
+                ce = (F.cross_entropy(logits.float(), y, reduction="none") * w).sum() / w.sum()
+            loss = ce + soft_dice_loss(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.item()))
+            if run.report is not None:
+                run.report({"step": i + 1, "loss": losses[-1]})
+                if run.val_windows is not None and ((i + 1) % _val_every(run) == 0
+                                                    or i + 1 == run.iterations):
+                    net.eval()
+                    run.report({"step": i + 1, "val_dice": _val_dice(
+                        runner, run.val_windows, n_classes)})
+                    net.train()
+            if run.checkpoint_every > 0 and (i + 1) % run.checkpoint_every == 0 \
+                    and i + 1 < run.iterations:
+                checkpoint(i + 1)
+            if progress:
+                progress(step + i + 1, total)
+    except (Cancelled, KeyboardInterrupt):  # Cancel in the dock, Ctrl+C on the command line
+        checkpoint(len(losses))
+        net.eval()
+        raise
     net.eval()
     return losses, bf16
+
+
+def _val_every(run) -> int:
+    return max(5, run.iterations // 20)
+
+
+def _val_windows(cases, patch, n: int = 4, seed: int = 12345):
+    """Fixed windows (centred on a foreground class) from held-out model-grid cases."""
+    if not cases:
+        return None
+    sampler = PatchSampler(cases, patch, mirror_axes=(), fg_fraction=1.0,
+                           corrected_fraction=0.0, seed=seed)
+    return sampler.sample(n)
 
 
 def _write_package(card: ModelCard, net, folder: Path, cancel=None) -> Path:
@@ -220,7 +315,11 @@ def _write_package(card: ModelCard, net, folder: Path, cancel=None) -> Path:
 # -------------------------------------------------------------------- main
 def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
              lr: float = 3e-4, patch_size=None, val_fraction: float = 0.25, seed: int = 0,
-             batch_size: int = 2, progress=None, cancel=None) -> Path:
+             batch_size: int = 2, progress=None, cancel=None, *, resume: bool = False,
+             checkpoint_every: int = 50, checkpoint_root=None,
+             corrected_weight: float | None = 3.0, guard: bool = True,
+             early_lr_factor: float = 0.3, new_classes: dict | None = None,
+             forgetting_cases="auto", report=None) -> Path:
     """Fine-tune ``model`` on the corrected cases of an nnU-Net raw dataset folder.
 
     Parameters
@@ -249,7 +348,38 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
         Seed of the split, the windows and the augmentation.
     batch_size : int
     progress, cancel : callable, optional
-        ``progress(done, total)``; ``cancel() -> bool`` stops and leaves nothing.
+        ``progress(done, total)``; ``cancel() -> bool`` stops: no package is
+        written, and the training state so far is kept as a checkpoint.
+    resume : bool
+        Continue from the checkpoint of the same run (same model, dataset,
+        cases and settings) left by a cancelled or crashed run; without one,
+        start afresh.
+    checkpoint_every : int
+        Iterations between checkpoints (0: none, not even on cancel).
+    checkpoint_root : path, optional
+        Where checkpoints go (default ``<user data folder>/finetune-checkpoints``).
+        A finished run removes its checkpoint.
+    corrected_weight : float or None
+        Cross-entropy weight of the voxels the user corrected (from the
+        ledgers); None or 1 for none.
+    guard : bool
+        Guard against forgetting: classes a case does not supervise keep the
+        base model's own prediction as their target
+        (:func:`~napari_medseg.training.guard.fill_unsupervised`; from the
+        ledger's prediction, or one base-model run per case without a ledger).
+    early_lr_factor : float
+        Learning-rate factor of the first third of the parameter tensors.
+    new_classes : dict[int, str], optional
+        Classes to add (ids right after the model's): the output layer grows
+        (:func:`~napari_medseg.training.guard.add_output_classes`).
+    forgetting_cases : int or "auto"
+        Held-out synthetic phantoms to measure forgetting on (Dice per class
+        before / after, :func:`~napari_medseg.training.guard.synthetic_check`);
+        ``"auto"``: 2 for abdominal CT models, else 0.
+    report : callable, optional
+        ``report(dict)`` from the training thread: ``{"step", "loss"}`` each
+        iteration and ``{"step", "val_dice"}`` (mean foreground Dice on fixed
+        held-out windows) now and then, for a live plot.
 
     Returns
     -------
@@ -268,12 +398,17 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
 
     from ..models.predictor import TorchModel
     from ..paths import user_models_dir
+    from .checkpoint import checkpoint_dir, load_checkpoint, remove_checkpoint, run_key
+    from .guard import add_output_classes, fill_unsupervised, supervised_classes
 
     t0 = time.perf_counter()
     base = trainable_model(model)
     card = base.card
     dataset_dir = Path(dataset_dir).expanduser()
-    items = list_dataset(dataset_dir, card)
+    new_classes = {int(k): str(v) for k, v in (new_classes or {}).items()}
+    net = copy.deepcopy(base.network).cpu()
+    train_card = add_output_classes(net, card, new_classes) if new_classes else card
+    items = list_dataset(dataset_dir, card, new_classes)
     if iterations < 1:
         raise MedSegError("iterations must be at least 1")
     patch = tuple(int(p) for p in (patch_size or card.patch_size))
@@ -282,32 +417,87 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
     folder = Path(out_dir).expanduser() if out_dir else user_models_dir()
     name = _check_name(name, folder) if name else fine_tuned_name(card.name, folder)
     train_idx, val_idx = _split(items, val_fraction, seed)
-    total = len(items) + 2 * len(val_idx) + iterations + 1
-    cases, originals = load_cases(items, card, patch, progress, cancel, total=total)
-    step = len(items)
-    val_pairs = [originals[i] for i in val_idx]
-    del originals
-    names = card.label_names
-    before, step = _evaluate(base, val_pairs, names, progress, cancel, step, total)
+    if corrected_weight is not None and float(corrected_weight) == 1.0:
+        corrected_weight = None
+    key = run_key(model=card.name, version=card.version, source=str(base.source),
+                  dataset=str(dataset_dir.resolve()), cases=[i.case for i in items],
+                  iterations=iterations, lr=lr, patch=patch, val=val_fraction, seed=seed,
+                  batch=batch_size, corrected_weight=corrected_weight, guard=guard,
+                  early=early_lr_factor, new=new_classes)
+    ckpt = checkpoint_dir(key, checkpoint_root) if checkpoint_every > 0 else None
+    state = load_checkpoint(ckpt, key) if (resume and ckpt is not None) else None
+    if resume and state is None:
+        log.info("no checkpoint of this run to resume; starting afresh")
+    all_ids = set(range(1, train_card.n_classes))
+    n_filled = []
 
-    sampler = PatchSampler([cases[i] for i in train_idx], patch, card.mirror_axes, seed=seed)
-    del cases[:]  # held-out cases are no longer needed on the model grid
-    split = _split_classes(sampler.cases, card.postprocessing.get("largest_component") or [])
-    net = copy.deepcopy(base.network).cpu()
-    tuned = TorchModel(_without_lcc(card, split), net, base.source,
+    def fill(imgs, y0, ledger_pred):
+        sup = supervised_classes(y0, ledger_pred)
+        if not guard or all_ids <= sup:
+            return y0, sorted(all_ids)
+        if ledger_pred is not None:
+            pred = ledger_pred
+        else:
+            pred = np.asarray(base.predict(imgs, device="cpu", overlap=0.25,
+                                           cancel=cancel).labels.data)
+        out = fill_unsupervised(y0, pred, sup | set(new_classes))
+        n_filled.append(int((out != y0).sum()))
+        return out, sorted(sup | set(new_classes))
+
+    n_check = (2 if forgetting_cases == "auto" else int(forgetting_cases or 0))
+    total = len(items) + 2 * len(val_idx) + iterations + 1 + 2 * n_check
+    train_items = [items[i] for i in train_idx]
+    val_items = [items[i] for i in val_idx]
+    cases, _ = load_cases(train_items, train_card, patch, progress, cancel, total=total,
+                          fill=fill)
+    val_cases, val_pairs = load_cases(val_items, train_card, patch, progress, cancel,
+                                      offset=len(train_items), total=total)
+    step = len(items)
+    names = train_card.label_names
+    if state is not None and "before" in state[0]:
+        before, synth_before = state[0]["before"], state[0].get("synthetic_before")
+        step += len(val_idx) + n_check
+    else:
+        before, step = _evaluate(base, val_pairs, names, progress, cancel, step, total)
+        from .guard import synthetic_check
+
+        synth_before = synthetic_check(base, n_check, cancel=cancel) if n_check else None
+        step += n_check
+
+    sampler = PatchSampler(cases, patch, card.mirror_axes, seed=seed)
+    val_windows = _val_windows(val_cases, patch) if report is not None else None
+    del val_cases
+    split = _split_classes(sampler.cases, train_card.postprocessing.get("largest_component")
+                           or [])
+    tuned = TorchModel(_without_lcc(train_card, split), net, base.source,
                        getattr(base, "axis_order", "zyx"))
     torch.manual_seed(seed)
-    losses, bf16 = _train(net, tuned.make_predictor(torch.device("cpu")), sampler, iterations,
-                          lr, batch_size, progress, cancel, step, total)
+    run = _Run(iterations, lr, batch_size, corrected_weight, early_lr_factor, key, ckpt,
+               checkpoint_every, {"before": before, "synthetic_before": synth_before},
+               report, val_windows)
+    losses, bf16 = _train(net, tuned.make_predictor(torch.device("cpu")), sampler, run,
+                          progress, cancel, step, total, state)
     step += iterations
     after, step = _evaluate(tuned, val_pairs, names, progress, cancel, step, total)
+    synth_after = None
+    if synth_before is not None:
+        from .guard import synthetic_check
 
+        synth_after = synthetic_check(tuned, n_check, cancel=cancel)
+    step += n_check
+
+    opts = {"corrected_weight": corrected_weight, "guard": bool(guard),
+            "early_lr_factor": float(early_lr_factor), "new_classes": new_classes,
+            "filled_voxels": int(sum(n_filled)), "resumed_from": run.resumed_from,
+            "synthetic": (synth_before, synth_after), "n_check": n_check}
     new_card = _new_card(tuned.card, name, dataset_dir, items, sampler.cases, split,
                          train_idx, val_idx, iterations, lr, batch_size, patch, seed, losses,
-                         before, after, bf16, time.perf_counter() - t0, base.source)
+                         before, after, bf16, time.perf_counter() - t0, base.source, opts)
     tuned.card = new_card
     check_cancel(cancel)
     path = _write_package(new_card, net, folder, cancel)
+    if ckpt is not None:
+        remove_checkpoint(ckpt)
     if progress:
         progress(total, total)
     log.info("fine-tuned %s -> %s in %.0f s (loss %.3f -> %.3f)", card.name, path,
@@ -344,6 +534,27 @@ def _corr_text(cases) -> str:
     return f"; a quarter on voxels corrected in {n} case(s) with a ledger" if n else ""
 
 
+def _opts_text(opts) -> str:
+    """The guard, weights and new classes of a run, for the card's training text."""
+    if not opts:
+        return ""
+    parts = []
+    if opts.get("corrected_weight"):
+        parts.append(f"corrected voxels weighted x{opts['corrected_weight']:g} in the "
+                     "cross-entropy")
+    if opts.get("guard"):
+        parts.append(f"classes a case does not label kept as the base model predicts them "
+                     f"({opts.get('filled_voxels', 0)} voxels)")
+    if opts.get("early_lr_factor", 1.0) != 1.0:
+        parts.append(f"first third of the layers at {opts['early_lr_factor']:g} x lr")
+    if opts.get("new_classes"):
+        parts.append("new classes " + ", ".join(f"{k}={v}" for k, v in
+                                                opts["new_classes"].items()))
+    if opts.get("resumed_from"):
+        parts.append(f"resumed from a checkpoint at iteration {opts['resumed_from']}")
+    return "; " + "; ".join(parts) if parts else ""
+
+
 def _without_lcc(card: ModelCard, split) -> ModelCard:
     """``card`` without the largest-component clean-up for the classes in ``split``."""
     if not split:
@@ -358,7 +569,8 @@ def _without_lcc(card: ModelCard, split) -> ModelCard:
 
 
 def _new_card(card, name, dataset_dir, items, cases, split, train_idx, val_idx, iterations, lr,
-              batch, patch, seed, losses, before, after, bf16, seconds, source) -> ModelCard:
+              batch, patch, seed, losses, before, after, bf16, seconds, source,
+              opts=None) -> ModelCard:
     """The base card with a new name and version, provenance and before/after Dice."""
     k = max(1, len(losses) // 10)
     train_ids = [items[i].case for i in train_idx]
@@ -374,7 +586,8 @@ def _new_card(card, name, dataset_dir, items, cases, split, train_idx, val_idx, 
         f"steps of batch {batch} random {list(patch)} windows (half centred on a "
         f"foreground class{_corr_text(cases)}, mirror flips along axes "
         f"{list(card.mirror_axes)}), lr {lr} "
-        f"cosine-decayed, cross-entropy + soft Dice, {'bf16 autocast, ' if bf16 else ''}"
+        f"cosine-decayed{_opts_text(opts)}, cross-entropy + soft Dice, "
+        f"{'bf16 autocast, ' if bf16 else ''}"
         f"CPU, seed {seed}, {seconds / 60:.1f} min, {datetime.date.today():%Y-%m-%d}. "
         f"Base model training: {card.training or 'not described'}")
     metrics = {"fine_tune": {
@@ -393,6 +606,21 @@ def _new_card(card, name, dataset_dir, items, cases, split, train_idx, val_idx, 
         metrics["base_metrics"] = card.metrics
     if split:
         metrics["fine_tune"]["largest_component_dropped"] = list(split)
+    opts = opts or {}
+    ft = metrics["fine_tune"]
+    for k in ("corrected_weight", "guard", "early_lr_factor", "filled_voxels", "resumed_from"):
+        if k in opts:
+            ft[k] = opts[k]
+    if opts.get("new_classes"):
+        ft["new_classes"] = {int(k): v for k, v in opts["new_classes"].items()}
+    sb, sa = opts.get("synthetic", (None, None))
+    if sb is not None and sa is not None:
+        new_names = set((opts.get("new_classes") or {}).values())
+        metrics["forgetting"] = {
+            "reference": "synthetic phantoms (make_abdomen_ct vary=True, seeds from "
+                         f"200001, {opts.get('n_check')} held out), Model.predict overlap 0.25",
+            "dice_before": sb, "dice_after": sa,
+            "largest_drop": largest_drop(sb, sa, exclude=new_names)}
     d["metrics"] = metrics
     extra = dict(d.get("extra") or {})
     extra["fine_tuned_from"] = {"name": card.name, "version": card.version,
@@ -420,6 +648,20 @@ def add_cli_parser(sub, progress_bar=None) -> None:
                    help="share of cases held out for Dice before/after")
     f.add_argument("--batch-size", type=int, default=2)
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--resume", action="store_true",
+                   help="continue a cancelled or interrupted run of the same settings from "
+                   "its checkpoint")
+    f.add_argument("--checkpoint-every", type=int, default=50,
+                   help="iterations between checkpoints (0: none)")
+    f.add_argument("--corrected-weight", type=float, default=3.0,
+                   help="loss weight of the voxels the user corrected (from the ledgers)")
+    f.add_argument("--no-guard", action="store_true",
+                   help="train unlabelled classes as background (no replay of the base "
+                   "model's predictions)")
+    f.add_argument("--early-lr-factor", type=float, default=0.3,
+                   help="learning-rate factor of the first third of the layers")
+    f.add_argument("--add-class", nargs=2, action="append", metavar=("ID", "NAME"),
+                   default=[], help="add a class the model does not have (repeatable)")
     f.set_defaults(func=cmd_finetune, progress_bar=progress_bar)
 
 
@@ -433,7 +675,13 @@ def cmd_finetune(args) -> int:
         path = finetune(args.model, args.dataset, out_dir=args.out, name=args.name,
                         iterations=args.iterations, lr=args.lr, patch_size=args.patch_size,
                         val_fraction=args.val_fraction, seed=args.seed,
-                        batch_size=args.batch_size, progress=bar)
+                        batch_size=args.batch_size, progress=bar,
+                        resume=getattr(args, "resume", False),
+                        checkpoint_every=getattr(args, "checkpoint_every", 50),
+                        corrected_weight=getattr(args, "corrected_weight", 3.0),
+                        guard=not getattr(args, "no_guard", False),
+                        early_lr_factor=getattr(args, "early_lr_factor", 0.3),
+                        new_classes=_parse_new_classes(getattr(args, "add_class", [])))
     finally:
         if bar is not None:
             bar.close()
@@ -445,6 +693,21 @@ def cmd_finetune(args) -> int:
     if "dice" in m:
         msg += "; held-out Dice " + ", ".join(
             f"{k} {m['dice_before'].get(k, 0):.3f}->{v:.3f}" for k, v in m["dice"].items())
+    if "forgetting" in m:
+        msg += f"; largest drop on synthetic held-out cases {m['forgetting']['largest_drop']:.3f}"
+    if ft.get("resumed_from"):
+        msg += f"; resumed at iteration {ft['resumed_from']}"
     print(msg + ")", file=sys.stderr)
     return 0
+
+
+def _parse_new_classes(pairs) -> dict:
+    out = {}
+    for cid, name in pairs or []:
+        try:
+            out[int(cid)] = str(name)
+        except ValueError:
+            raise MedSegError(f"--add-class takes an integer id and a name, got {cid!r}") \
+                from None
+    return out
 

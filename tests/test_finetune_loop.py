@@ -1,0 +1,196 @@
+"""Fine-tuning for the review loop: resume after cancel, corrected-voxel weights,
+partial labels kept by the base model's predictions, a new class, forgetting check."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_medseg.core.ledger import CorrectionLedger
+from napari_medseg.core.phantom import ABDOMEN_LABELS, make_abdomen_ct
+from napari_medseg.errors import Cancelled
+from napari_medseg.io.export import export_training_case
+from napari_medseg.models import load_model
+from napari_medseg.models.card import ModelCard
+from napari_medseg.models.networks import UNet3D
+from napari_medseg.training.data import PatchSampler, TrainingCase
+from napari_medseg.training.finetune import finetune
+from napari_medseg.training.guard import (add_output_classes, fill_unsupervised, largest_drop,
+                                          param_groups, supervised_classes)
+
+SHAPE, SPACING, PATCH = (24, 48, 48), (5.0, 3.0, 3.0), (16, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A small U-Net package for abdominal CT (random weights: fast to train)."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("base") / "tiny-abdomen"
+    folder.mkdir()
+    card = ModelCard(
+        name="tiny-abdomen", version="1.0.0", channels=[{"name": "CT", "modality": "CT"}],
+        target_spacing=SPACING, orientation="LPS",
+        normalization=[{"kind": "ct", "window": [-200, 300]}], patch_size=PATCH,
+        classes={k: {"name": v} for k, v in ABDOMEN_LABELS.items()}, weights="model.pt",
+        network={"class": "UNet3D", "kwargs": {"in_channels": 1, "out_channels": 6,
+                                               "features": [4, 8, 16]}},
+        mirror_axes=(0, 1), body_region="abdomen")
+    torch.save(UNet3D(1, 6, (4, 8, 16)).state_dict(), folder / "model.pt")
+    card.save(folder / "card.yaml")
+    return folder
+
+
+def _dataset(folder, seeds=(1, 2, 3), keep=None, ledger=True, extra=None):
+    for s in seeds:
+        img, lab = make_abdomen_ct(seed=s, shape=SHAPE, spacing=SPACING, vary=True)
+        y = np.asarray(lab.data).copy()
+        names = dict(lab.label_names)
+        if keep is not None:  # a partial reference: only these classes labelled
+            y[~np.isin(y, list(keep))] = 0
+            names = {k: v for k, v in names.items() if k in keep}
+        if extra is not None:  # a new structure, bright, labelled with a new id
+            cid, cname = extra
+            z, yy, x = np.ogrid[:SHAPE[0], :SHAPE[1], :SHAPE[2]]
+            ball = (z - 12) ** 2 / 9 + (yy - 10 - s) ** 2 / 16 + (x - 24) ** 2 / 16 <= 1
+            data = np.asarray(img.data).copy()
+            data[ball] = 250.0
+            img = img.with_data(data)
+            y[ball] = cid
+            names[cid] = cname
+        led = None
+        if ledger:
+            pred = np.asarray(lab.data).copy()
+            pred[pred == 2] = 0  # the "model" missed the spleen; the user painted it
+            led = CorrectionLedger(pred, lab.spacing, lab.label_names)
+        export_training_case([img], lab.with_data(y), folder, label_names=names, ledger=led)
+    return folder
+
+
+def _weights(path):
+    return torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+
+
+def test_resume_after_cancel_matches_an_uninterrupted_run(tiny, tmp_path):
+    ds = _dataset(tmp_path / "Dataset501_A")
+    kw = dict(iterations=12, patch_size=PATCH, val_fraction=0, seed=3, checkpoint_every=5,
+              checkpoint_root=tmp_path / "ckpt", forgetting_cases=0, lr=1e-3)
+    full = finetune(tiny, ds, out_dir=tmp_path / "a", name="full", **kw)
+    assert not any((tmp_path / "ckpt").iterdir())  # a finished run leaves no checkpoint
+
+    seen = []
+    with pytest.raises(Cancelled):
+        finetune(tiny, ds, out_dir=tmp_path / "b", name="resumed",
+                 progress=lambda d, t: seen.append(d), cancel=lambda: len(seen) >= 3 + 7,
+                 **kw)
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
+    (ckpt,) = list((tmp_path / "ckpt").iterdir())
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 7 and len(state["losses"]) == 7
+
+    resumed = finetune(tiny, ds, out_dir=tmp_path / "b", name="resumed", resume=True, **kw)
+    card = load_model(resumed).card
+    assert card.metrics["fine_tune"]["resumed_from"] == 7
+    assert "resumed from a checkpoint at iteration 7" in card.training
+    full_card = load_model(full).card
+    assert card.metrics["fine_tune"]["loss_first"] == full_card.metrics["fine_tune"]["loss_first"]
+    a, b = _weights(full), _weights(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert not any((tmp_path / "ckpt").iterdir())
+    # resume=True without a checkpoint starts afresh (and says nothing went wrong)
+    again = finetune(tiny, ds, out_dir=tmp_path / "c", name="fresh", resume=True, **kw)
+    assert load_model(again).card.metrics["fine_tune"]["resumed_from"] == 0
+
+
+def test_cli_resume_flag(tiny, tmp_path, capsys):
+    from napari_medseg.cli import main
+
+    ds = _dataset(tmp_path / "Dataset502_Cli", seeds=(4,))
+    code = main(["finetune", str(tiny), str(ds), "--iterations", "2", "--patch-size",
+                 *map(str, PATCH), "--val-fraction", "0", "--out", str(tmp_path / "m"),
+                 "--name", "cli-resume", "--resume", "--corrected-weight", "5"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    ft = load_model(tmp_path / "m" / "cli-resume").card.metrics["fine_tune"]
+    assert ft["corrected_weight"] == 5.0 and ft["resumed_from"] == 0
+
+
+def test_corrected_voxels_weighted_in_the_windows():
+    x = np.zeros((1, 8, 8, 8), np.float32)
+    y = np.zeros((8, 8, 8), np.uint8)
+    mask = np.zeros((8, 8, 8), bool)
+    mask[:4] = True
+    case = TrainingCase("c", x, y, corrected_mask=mask)
+    xb, yb, wb = PatchSampler([case], (8, 8, 8), mirror_axes=()).sample(2, corrected_weight=4)
+    assert wb.shape == yb.shape and set(np.unique(wb)) == {1.0, 4.0}
+    assert (wb[:, :4] == 4).all() and (wb[:, 4:] == 1).all()
+    assert len(PatchSampler([case], (8, 8, 8)).sample(1)) == 2  # unchanged without weights
+
+
+def test_partial_labels_keep_the_base_models_other_classes(tiny, tmp_path):
+    assert supervised_classes(np.array([0, 1, 5]), None) == {1, 5}
+    out = fill_unsupervised(np.array([0, 0, 1, 0]), np.array([3, 2, 2, 4]), {1, 2})
+    assert out.tolist() == [3, 0, 1, 4]
+    # liver and spleen only, no ledger: the kidneys and lesions come from the base model
+    ds = _dataset(tmp_path / "Dataset503_Partial", seeds=(5, 6), keep=(1, 2), ledger=False)
+    path = finetune(tiny, ds, out_dir=tmp_path / "m", name="partial", iterations=2,
+                    patch_size=PATCH, val_fraction=0, forgetting_cases=0)
+    card = load_model(path).card
+    ft = card.metrics["fine_tune"]
+    assert ft["guard"] is True and ft["filled_voxels"] > 0
+    assert "kept as the base model predicts them" in card.training
+    plain = finetune(tiny, ds, out_dir=tmp_path / "m", name="plain", iterations=2,
+                     patch_size=PATCH, val_fraction=0, forgetting_cases=0, guard=False)
+    assert load_model(plain).card.metrics["fine_tune"]["filled_voxels"] == 0
+
+
+def test_early_layers_get_a_lower_rate():
+    groups = param_groups(UNet3D(1, 3, (4, 8)), 1e-3, 0.1)
+    assert [g["lr"] for g in groups] == [pytest.approx(1e-4), 1e-3]
+    assert len(param_groups(UNet3D(1, 3, (4, 8)), 1e-3, 1.0)) == 1
+
+
+def test_new_class_grows_the_output_layer(tiny, tmp_path):
+    base = load_model(tiny)
+    net = UNet3D(1, 6, (4, 8, 16))
+    old = {k: v.clone() for k, v in net.state_dict().items()}
+    card = add_output_classes(net, base.card, {6: "cyst"})
+    assert card.n_classes == 7 and card.label_names[6] == "cyst"
+    assert card.network["kwargs"]["out_channels"] == 7
+    assert net.head.out_channels == 7
+    torch.testing.assert_close(net.head.weight[:6], old["head.weight"])
+    assert float(net.head.bias[6]) == pytest.approx(float(old["head.bias"][0]) - 2.0)
+    with pytest.raises(Exception, match="ids after"):
+        add_output_classes(UNet3D(1, 6, (4, 8)), base.card, {9: "x"})
+
+    ds = _dataset(tmp_path / "Dataset504_Cyst", seeds=(7, 8, 9), extra=(6, "cyst"))
+    path = finetune(tiny, ds, out_dir=tmp_path / "m", name="with-cyst", iterations=30,
+                    lr=3e-3, patch_size=PATCH, val_fraction=0.34, new_classes={6: "cyst"},
+                    forgetting_cases=1)
+    model = load_model(path)
+    assert model.card.label_names[6] == "cyst"
+    m = model.card.metrics
+    assert m["fine_tune"]["new_classes"] == {6: "cyst"}
+    assert "cyst" in m["dice"] and m["dice_before"]["cyst"] == 0.0
+    assert "new classes 6=cyst" in model.card.training
+    # forgetting measured on a held-out synthetic phantom, the new class left out
+    f = m["forgetting"]
+    assert set(f["dice_before"]) >= {"liver"} and "cyst" not in f["dice_before"]
+    assert f["largest_drop"] == largest_drop(f["dice_before"], f["dice_after"])
+    img, _ = make_abdomen_ct(seed=7, shape=SHAPE, spacing=SPACING, vary=True)
+    pred = model.predict(img, overlap=0.25)
+    assert int(np.asarray(pred.labels.data).max()) <= 6
+
+
+def test_live_report(tiny, tmp_path):
+    ds = _dataset(tmp_path / "Dataset505_Live", seeds=(1, 2))
+    events = []
+    finetune(tiny, ds, out_dir=tmp_path / "m", name="live", iterations=10, patch_size=PATCH,
+             val_fraction=0.5, forgetting_cases=0, report=events.append)
+    losses = [e for e in events if "loss" in e]
+    dice = [e for e in events if "val_dice" in e]
+    assert [e["step"] for e in losses] == list(range(1, 11))
+    assert dice and dice[-1]["step"] == 10 and 0.0 <= dice[-1]["val_dice"] <= 1.0
