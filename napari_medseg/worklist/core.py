@@ -519,8 +519,8 @@ class Worklist:
 
         Parameters
         ----------
-        images : list of Volume
-            The case's image channels.
+        images : list of Volume or None
+            The case's image channels (None: read from the case's files).
         labels : Volume
             The corrected ``(Z, Y, X)`` labels.
         ledger : CorrectionLedger, optional
@@ -541,6 +541,10 @@ class Worklist:
                               f"{rec.training_case})", str(self.root))
         from ..io.export import export_training_case
 
+        if images is None:
+            from ..io import read_volume
+
+            images = [read_volume(p, lazy=False) for p in rec.paths]
         tc = export_training_case(images, labels, target, ledger=ledger,
                                   case_prefix=_safe_prefix(case_id), progress=progress,
                                   cancel=cancel)
