@@ -106,38 +106,18 @@ class LazyModelGrid:
     """
 
     def __init__(self, volumes, target_spacing=None, orientation=None, normalization=None):
-        from .core.preprocess import (PreprocessInfo, _linear_weights, _reoriented_affine,
-                                      _resampled_affine, _stack_channels, _target_shape,
-                                      apply_orientation, orientation_transform)
+        from .core.preprocess import _linear_weights, apply_orientation, model_grid
 
-        channels, ref = _stack_channels(volumes)
-        specs = normalization if isinstance(normalization, (list, tuple)) else [normalization]
-        if len(specs) == 1:
-            specs = list(specs) * len(channels)
-        if len(specs) != len(channels):
-            raise MedSegError(f"the model normalises {len(specs)} channel(s) but "
-                              f"{len(channels)} were given; pass one image per model input "
-                              "channel", ref.source)
-        perm, flips = orientation_transform(ref.affine, orientation)
-        shape = ref.shape3
-        r_shape = tuple(shape[p] for p in perm)
-        r_spacing = tuple(ref.spacing[p] for p in perm)
-        r_affine = _reoriented_affine(ref.affine, shape, perm, flips)
-        m_shape, m_spacing = _target_shape(r_shape, r_spacing, target_spacing)
-        self.shape = tuple(int(s) for s in m_shape)
+        channels, specs, self.info = model_grid(volumes, target_spacing, orientation,
+                                                normalization)
+        self.shape = tuple(int(s) for s in self.info.resampled_shape)
         self.n_channels = len(channels)
-        self.source = ref.source
-        self._lerp = _linear_weights(r_shape[0], m_shape[0])
+        self.source = self.info.source
+        self._lerp = _linear_weights(self.info.reoriented_shape[0], self.shape[0])
         self._channels = []
         for data, spec in zip(channels, specs):
-            a = apply_orientation(_as_dask(data), perm, flips)
+            a = apply_orientation(_as_dask(data), self.info.perm, self.info.flips)
             self._channels.append((a, _norm_stats(a, spec)))
-        self.info = PreprocessInfo(
-            input_shape=tuple(shape), input_affine=ref.affine.copy(), perm=tuple(perm),
-            flips=tuple(flips), reoriented_shape=r_shape, reoriented_spacing=r_spacing,
-            reoriented_affine=r_affine, resampled_shape=tuple(m_shape),
-            target_spacing=m_spacing, pad=((0, 0), (0, 0), (0, 0)),
-            model_affine=_resampled_affine(r_affine, r_shape, m_shape), source=ref.source)
 
     def rows(self, z0: int, z1: int, cancel=None) -> np.ndarray:
         """Model-grid slices ``z0..z1-1`` as a float32 ``(C, z1 - z0, Y, X)`` array."""
@@ -312,9 +292,7 @@ def predict_to_zarr(model, volumes, out, device="auto", overlap=0.5, tta=False, 
         When the model grid does not fit in memory, the normalisation needs the
         whole volume, the output exists, or the model runs its own pipeline.
     """
-    import torch
-
-    from .core.inference import pick_device, sliding_window_inference, window_starts
+    from .core.inference import pick_device, window_starts
     from .core.planner import lazy_slab_rows
     from .io.zarr import ZarrLabelWriter
     from .models.predictor import Model
@@ -344,12 +322,7 @@ def predict_to_zarr(model, volumes, out, device="auto", overlap=0.5, tta=False, 
         notes.append(msg)
     grid = LazyModelGrid(vols, target_spacing=card.target_spacing,
                          orientation=card.orientation, normalization=card.normalization)
-    own_tta, engine_tta, _ = model._tta_setup(tta, None)
-    predictor = model.make_predictor(dev)
-    if own_tta:
-        from .models.predictor import mirror_tta
-
-        predictor = mirror_tta(predictor, card.mirror_axes)
+    run = model.window_runner(dev, tta, None, plan)
     dtype = np.uint8 if card.n_classes <= 256 else np.uint16
     labels = np.zeros(grid.shape, dtype)  # one byte a model-grid voxel
     patch = tuple(int(p) for p in card.patch_size)
@@ -372,13 +345,8 @@ def predict_to_zarr(model, volumes, out, device="auto", overlap=0.5, tta=False, 
         whole = len(slabs) == 1
         a, b = (0, grid.shape[0]) if whole else (zs[i], zs[j] + patch[0])
         x = grid.rows(a, b, cancel=cancel)
-        with torch.inference_mode():
-            res = sliding_window_inference(
-                x, predictor, patch_size=patch, n_classes=card.n_classes, overlap=overlap,
-                batch_size=plan.batch_size or model.batch_size, tta=engine_tta, device=dev,
-                amp=model.amp, progress=functools.partial(prog, base=n_windows),
-                cancel=cancel, output_device="cpu" if plan.output_on_cpu else None,
-                starts_fn=None if whole else _FixedZStarts([z - a for z in zs[i:j + 1]]))
+        res = run(x, overlap, progress=functools.partial(prog, base=n_windows), cancel=cancel,
+                  starts_fn=None if whole else _FixedZStarts([z - a for z in zs[i:j + 1]]))
         del x
         labels[lo:hi] = res.labels[lo - a:hi - a]
         n_windows += res.n_windows

@@ -34,6 +34,7 @@ from .volume import Volume, same_grid
 
 __all__ = [
     "PreprocessInfo",
+    "model_grid",
     "preprocess",
     "restore_labels",
     "restore_map",
@@ -369,6 +370,53 @@ def _target_shape(shape, spacing, target_spacing):
     return tuple(out), target
 
 
+def model_grid(volumes, target_spacing=None, orientation=None, normalization=None,
+               divisible_by=None):
+    """The channels, their normalisation specs and the grids of :func:`preprocess`.
+
+    No voxel is read (lazy arrays stay lazy); the lazy big-volume path
+    (:class:`napari_medseg.bigvolume.LazyModelGrid`) shares this.
+
+    Returns
+    -------
+    channels : list of array-like
+        ``(Z, Y, X)`` arrays of the input, one per model channel.
+    specs : list
+        One normalisation spec per channel.
+    info : PreprocessInfo
+
+    Raises
+    ------
+    MedSegError
+        Channels on different grids, or a normalisation list of the wrong length.
+    """
+    channels, ref = _stack_channels(volumes)
+    specs = normalization if isinstance(normalization, (list, tuple)) else [normalization]
+    if len(specs) == 1:
+        specs = list(specs) * len(channels)
+    if len(specs) != len(channels):
+        raise MedSegError(
+            f"the model normalises {len(specs)} channel(s) but {len(channels)} were given; "
+            "pass one image per model input channel", ref.source
+        )
+    perm, flips = orientation_transform(ref.affine, orientation)
+    shape = ref.shape3
+    r_shape = tuple(shape[p] for p in perm)
+    r_spacing = tuple(ref.spacing[p] for p in perm)
+    r_affine = _reoriented_affine(ref.affine, shape, perm, flips)
+    m_shape, m_spacing = _target_shape(r_shape, r_spacing, target_spacing)
+    div = divisible_by if isinstance(divisible_by, (list, tuple)) else [divisible_by or 1] * 3
+    pad = tuple((0, (-n) % int(d)) for n, d in zip(m_shape, div))
+    info = PreprocessInfo(
+        input_shape=tuple(shape), input_affine=ref.affine.copy(), perm=tuple(perm),
+        flips=tuple(flips), reoriented_shape=r_shape, reoriented_spacing=r_spacing,
+        reoriented_affine=r_affine, resampled_shape=m_shape, target_spacing=m_spacing,
+        pad=pad, model_affine=_resampled_affine(r_affine, r_shape, m_shape),
+        source=ref.source,
+    )
+    return list(channels), list(specs), info
+
+
 def preprocess(volumes, target_spacing=None, orientation=None, normalization=None,
                divisible_by=None):
     """Take input volumes to a model's grid and intensity scale.
@@ -403,44 +451,23 @@ def preprocess(volumes, target_spacing=None, orientation=None, normalization=Non
         On NaNs, channels on different grids, a bad normalisation spec or a
         normalisation list whose length does not match the channels.
     """
-    channels, ref = _stack_channels(volumes)
-    specs = normalization if isinstance(normalization, (list, tuple)) else [normalization]
-    if len(specs) == 1:
-        specs = list(specs) * len(channels)
-    if len(specs) != len(channels):
-        raise MedSegError(
-            f"the model normalises {len(specs)} channel(s) but {len(channels)} were given; "
-            "pass one image per model input channel", ref.source
-        )
-    perm, flips = orientation_transform(ref.affine, orientation)
-    shape = ref.shape3
-    r_shape = tuple(shape[p] for p in perm)
-    r_spacing = tuple(ref.spacing[p] for p in perm)
-    r_affine = _reoriented_affine(ref.affine, shape, perm, flips)
-    m_shape, m_spacing = _target_shape(r_shape, r_spacing, target_spacing)
-    div = divisible_by if isinstance(divisible_by, (list, tuple)) else [divisible_by or 1] * 3
-    pad = tuple((0, (-n) % int(d)) for n, d in zip(m_shape, div))
-
+    channels, specs, info = model_grid(volumes, target_spacing, orientation, normalization,
+                                       divisible_by)
+    perm, flips, m_shape, pad = info.perm, info.flips, info.resampled_shape, info.pad
+    shape = info.input_shape
     x = np.zeros((len(channels),) + tuple(n + p[1] for n, p in zip(m_shape, pad)), np.float32)
     for c, (data, spec) in enumerate(zip(channels, specs)):
         a = np.array(data, dtype=np.float32)  # a copy: materialises lazy arrays
         if not np.isfinite(a).all():
             raise MedSegError(
                 "the image contains NaN or infinite values; fill or mask them before "
-                "running a model", ref.source
+                "running a model", info.source
             )
         a = np.ascontiguousarray(apply_orientation(a, perm, flips))
-        normalize_channel(a, spec, ref.source)
+        normalize_channel(a, spec, info.source)
         x[c, : m_shape[0], : m_shape[1], : m_shape[2]] = resample_linear(a, m_shape)
         del a
 
-    m_affine = _resampled_affine(r_affine, r_shape, m_shape)
-    info = PreprocessInfo(
-        input_shape=tuple(shape), input_affine=ref.affine.copy(), perm=tuple(perm),
-        flips=tuple(flips), reoriented_shape=r_shape, reoriented_spacing=r_spacing,
-        reoriented_affine=r_affine, resampled_shape=m_shape, target_spacing=m_spacing,
-        pad=pad, model_affine=m_affine, source=ref.source,
-    )
     log.debug("preprocess %s -> %s (perm %s flips %s)", shape, x.shape, perm, flips)
     return x, info
 

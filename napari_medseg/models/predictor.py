@@ -277,27 +277,56 @@ class Model:
             return True, False, uncertainty
         return False, bool(tta), uncertainty
 
-    def _predict_array(self, vols, device, overlap, tta, uncertainty, progress, cancel):
-        """Run the standard pipeline; return ``(labels, uncertainty or None, info)``."""
+    def window_runner(self, device, tta=False, uncertainty=None, plan=None):
+        """The engine on the model grid with this model's network, TTA and memory plan.
+
+        Parameters
+        ----------
+        device : str or torch.device
+        tta : bool
+            Mirror test-time augmentation (the model's own or the engine's).
+        uncertainty : {None, "entropy", "tta"}
+        plan : Plan, optional
+            The memory plan (windows per batch, output on the CPU).
+
+        Returns
+        -------
+        callable
+            ``run(x, overlap, progress=None, cancel=None, **engine_options)`` on a
+            ``(C, Z, Y, X)`` float32 model-grid array, returning the
+            :class:`~napari_medseg.core.inference.InferenceResult`; engine options
+            are those of :func:`~napari_medseg.core.inference.sliding_window_inference`
+            (e.g. ``starts_fn``).
+        """
         from ..core.inference import pick_device, sliding_window_inference
-        from ..core.preprocess import preprocess, restore_labels, restore_map
 
         card = self.card
-        x, pinfo = preprocess(vols, target_spacing=card.target_spacing,
-                              orientation=card.orientation, normalization=card.normalization)
         dev = pick_device(device)
         own_tta, engine_tta, uncertainty = self._tta_setup(tta, uncertainty)
         predictor = self.make_predictor(dev)
         if own_tta:
             predictor = mirror_tta(predictor, card.mirror_axes)
-        with torch.inference_mode():
-            res = sliding_window_inference(
-                x, predictor, patch_size=card.patch_size, n_classes=card.n_classes,
-                overlap=overlap, batch_size=_plan_batch(self._plan, self.batch_size),
-                tta=engine_tta, device=dev, amp=self.amp,
-                uncertainty=uncertainty, progress=progress, cancel=cancel,
-                output_device="cpu" if self._plan is not None and self._plan.output_on_cpu
-                else None)
+
+        def run(x, overlap, progress=None, cancel=None, **engine_options):
+            with torch.inference_mode():
+                return sliding_window_inference(
+                    x, predictor, patch_size=card.patch_size, n_classes=card.n_classes,
+                    overlap=overlap, batch_size=_plan_batch(plan, self.batch_size),
+                    tta=engine_tta, device=dev, amp=self.amp, uncertainty=uncertainty,
+                    progress=progress, cancel=cancel,
+                    output_device="cpu" if plan is not None and plan.output_on_cpu else None,
+                    **engine_options)
+        return run
+
+    def _predict_array(self, vols, device, overlap, tta, uncertainty, progress, cancel):
+        """Run the standard pipeline; return ``(labels, uncertainty or None, info)``."""
+        from ..core.preprocess import preprocess, restore_labels, restore_map
+
+        card = self.card
+        x, pinfo = preprocess(vols, target_spacing=card.target_spacing,
+                              orientation=card.orientation, normalization=card.normalization)
+        run = self.window_runner(device, tta, uncertainty, self._plan)
+        res = run(x, overlap, progress=progress, cancel=cancel)
         del x
         labels = restore_labels(res.labels, pinfo)
         unc = None if res.uncertainty is None else restore_map(res.uncertainty, pinfo)
