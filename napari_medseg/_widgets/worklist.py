@@ -207,6 +207,7 @@ class WorklistWidget(QWidget):
                 self.table.setItem(r, col, QTableWidgetItem(v))
             if c.case_id == self.current:
                 self.table.selectRow(r)
+        self.table.resizeColumnsToContents()
 
     def _need(self):
         if self.worklist is None:
