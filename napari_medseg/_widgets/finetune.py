@@ -4,7 +4,9 @@ Thin over :func:`napari_medseg.training.finetune.finetune`: pick a model with
 trainable weights and the nnU-Net dataset folder the Export widget appends
 training cases to, then Run (with progress and Cancel). The new model is saved
 in the user model folder; the Segment widget's model list is refreshed so it
-can be used at once.
+can be used at once. A live plot (matplotlib) shows the loss and the Dice on
+fixed held-out windows while it trains; Cancel keeps a checkpoint that *Resume*
+continues with the same settings.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout,
-                            QLabel, QLineEdit, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
+                            QHBoxLayout, QLabel, QLineEdit, QPushButton, QSpinBox, QVBoxLayout,
+                            QWidget)
 
 from ..errors import MedSegError
 from ._common import Job, JobBar, notify_exception, show_info
@@ -78,6 +81,12 @@ class FinetuneWidget(QWidget):
         self.lr.setValue(3e-4)
         self.name_edit = QLineEdit()
         self.name_edit.setPlaceholderText("automatic (<model>-ft-<date>)")
+        self.resume_check = QCheckBox("Resume a cancelled run (same settings)")
+        self.resume_check.setToolTip("Continue from the checkpoint a cancelled run with the "
+                                     "same model, dataset and settings left")
+        from ._plot import LivePlot
+
+        self.plot = LivePlot()  # loss and held-out window Dice while training
         self.run_button = QPushButton("Fine-tune")
         self.run_button.clicked.connect(self.run)
         self.bar = JobBar()
@@ -90,11 +99,13 @@ class FinetuneWidget(QWidget):
         form.addRow("Iterations", self.iterations)
         form.addRow("Learning rate", self.lr)
         form.addRow("New name", self.name_edit)
+        form.addRow("", self.resume_check)
         lay = QVBoxLayout(self)
         lay.addLayout(form)
         lay.addWidget(self.run_button)
         lay.addWidget(self.bar)
         lay.addWidget(self.status)
+        lay.addWidget(self.plot)
         lay.addStretch(1)
         self.refresh_models()
 
@@ -149,7 +160,9 @@ class FinetuneWidget(QWidget):
         from ..training.finetune import finetune
 
         kwargs = dict(iterations=self.iterations.value(), lr=self.lr.value(),
-                      name=self.name_edit.text().strip() or None)
+                      name=self.name_edit.text().strip() or None,
+                      resume=self.resume_check.isChecked(), report=self.plot.report)
+        self.plot.clear()
         kwargs.update(options)
         self.run_button.setEnabled(False)
         self.status.setText(f"fine-tuning {model}…")
