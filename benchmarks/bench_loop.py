@@ -163,8 +163,9 @@ def scenario_newclass(a, tmp: Path) -> dict:
         ds = tmp / f"newclass{k}" / "Dataset602_Sarcoma"
         for c in cases[:k]:
             img, m = load(c)
-            export_training_case([img], img.like_labels(m.astype(np.uint8) * new_id,
-                                                        {new_id: "sarcoma"}), ds)
+            names = {**base.card.label_names, new_id: "sarcoma"}
+            export_training_case([img], img.like_labels(m.astype(np.uint8) * new_id, names),
+                                 ds)
         tuned, secs = _finetune(base, ds, tmp / f"newclass{k}" / "models", f"sarcoma{k}", a,
                                 a.newclass_iterations, new_classes={new_id: "sarcoma"})
         scores = [_dice(_predict(tuned, img) == new_id, m) for img, m in test]
