@@ -320,8 +320,17 @@ def run_case(model_ref, case: Case, out: str, options: dict) -> dict:
                                 device=options.get("device", "cpu"),
                                 overlap=options.get("overlap", 0.5),
                                 tta=options.get("tta", False), fast=options.get("fast", False),
-                                memory_limit=options.get("memory_limit"))
+                                memory_limit=options.get("memory_limit"),
+                                uncertainty=options.get("uncertainty"))
             caught.extend((pred.info or {}).get("warnings") or [])
+            if pred.uncertainty is not None:  # before the labels, which mark the case done
+                import numpy as np
+
+                from .io import write_volume
+
+                u = pred.uncertainty
+                write_volume(uncertainty_path(out), u.with_data(np.asarray(u.data, np.float32)),
+                             overwrite=True)
             write_labels(out, pred.labels, overwrite=True)
             _log_event(out.parent, event="wrote", case=case.case_id, output=str(out))
         caught.extend(str(w.message) for w in wlist)
@@ -340,6 +349,16 @@ def run_case(model_ref, case: Case, out: str, options: dict) -> dict:
         row["peak_memory_gib"] = round(_peak_bytes() / 2**30, 3)
         row["warnings"] = "; ".join(dict.fromkeys(c.replace("\n", " ") for c in caught))
     return row
+
+
+def uncertainty_path(out) -> Path:
+    """Where a batch run with ``uncertainty`` writes a map: ``<case>_uncertainty<suffix>``."""
+    out = Path(out)
+    low = out.name.lower()
+    for ext in (".nii.gz", ".seg.nrrd"):
+        if low.endswith(ext):
+            return out.with_name(out.name[: -len(ext)] + "_uncertainty" + out.name[-len(ext):])
+    return out.with_name(out.stem + "_uncertainty" + out.suffix)
 
 
 def _class_volumes(pred) -> dict:
@@ -434,7 +453,7 @@ def _client(scheduler, client):
 def run_batch(inputs, model, outdir, *, workers=1, scheduler=None, client=None,
               device="cpu", overlap=0.5, tta=False, fast=False, suffix=".nii.gz",
               retries=1, memory_limit=None, progress=True, backend=None,
-              roi_subset=None) -> BatchResult:
+              roi_subset=None, uncertainty=None) -> BatchResult:
     """Segment every case of ``inputs`` with ``model`` into ``outdir``.
 
     Parameters
@@ -466,6 +485,9 @@ def run_batch(inputs, model, outdir, *, workers=1, scheduler=None, client=None,
     backend, roi_subset : optional
         nnU-Net / TotalSegmentator options (see
         :func:`napari_medseg.models.run.set_model_options`).
+    uncertainty : {None, "entropy", "tta"}
+        Also write each case's uncertainty map (float32, :func:`uncertainty_path`),
+        before its labels.
 
     Returns
     -------
@@ -480,7 +502,8 @@ def run_batch(inputs, model, outdir, *, workers=1, scheduler=None, client=None,
     jobs = [(c, outdir / f"{c.case_id}{suffix}") for c in cases]
     options = {"device": device, "overlap": float(overlap), "tta": bool(tta),
                "fast": bool(fast), "memory_limit": memory_limit, "backend": backend,
-               "roi_subset": list(roi_subset) if roi_subset else None}
+               "roi_subset": list(roi_subset) if roi_subset else None,
+               "uncertainty": uncertainty}
     local = client is None and scheduler is None
     workers = max(1, int(workers or 1))
     if local and memory_limit is None and workers > 1:

@@ -56,3 +56,18 @@ def test_worklist_predict_ahead_and_uncertainty_order(tmp_path, capsys):
         assert np.asarray(case["prediction"].data).max() >= 1  # organs found
         assert case["uncertainty"] is not None
         assert case["record"].model == "abdomen-ct-small"
+
+
+def test_worklist_predict_ahead_with_the_batch_runner(tmp_path, capsys):
+    root = _phantoms(tmp_path / "cases")
+    assert main(["worklist", str(root), "--predict", "abdomen-ct-small", "--workers", "1",
+                 "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert all(r["status"] == "predicted" and 0 < r["uncertainty"] < 1 for r in data["cases"])
+    with Worklist(root) as wl:
+        batch = wl.work_dir / "batch"
+        assert (batch / "p0.nii.gz").is_file() and (batch / "p0_uncertainty.nii.gz").is_file()
+        assert (batch / "batch_summary.csv").is_file()
+        case = wl.load_case("p1")
+        assert case["uncertainty"].shape3 == case["images"][0].shape3
+        assert case["record"].model == "abdomen-ct-small"

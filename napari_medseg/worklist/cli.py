@@ -3,7 +3,7 @@
 ::
 
     napari-medseg worklist DIR [--order list|uncertainty] [--json]
-                  [--predict MODEL [--device cpu]] [--training-dir FOLDER]
+                  [--predict MODEL [--device cpu] [--workers N]] [--training-dir FOLDER]
 
 ``--predict`` predicts every case without a cached prediction (labels and an
 entropy uncertainty map into the worklist's work folder) before printing.
@@ -32,6 +32,9 @@ def add_cli_parser(sub, progress_bar=None) -> None:
     w.add_argument("--predict", metavar="MODEL", help="predict the cases that have no "
                    "prediction yet (labels + uncertainty), then print")
     w.add_argument("--device", default="auto", help="device for --predict")
+    w.add_argument("--workers", type=int, default=0,
+                   help="--predict with the batch runner's N worker processes (0: here, "
+                   "one case after the other)")
     w.add_argument("--training-dir", metavar="FOLDER", help="set the training dataset "
                    "folder (nnU-Net raw DatasetXXX_Name) approved cases go to, once")
     w.set_defaults(func=cmd_worklist, progress_bar=progress_bar)
@@ -53,7 +56,10 @@ def cmd_worklist(args) -> int:
     with Worklist(args.folder) as wl:
         if args.training_dir:
             wl.set_training_dir(args.training_dir)
-        if args.predict:
+        if args.predict and args.workers > 0:
+            wl.predict_all(args.predict, workers=args.workers,
+                           device="cpu" if args.device == "auto" else args.device)
+        elif args.predict:
             todo = [c for c in wl.cases() if c.model is None
                     or not wl.prediction_path(c.case_id).is_file()]
             make_bar = getattr(args, "progress_bar", None)

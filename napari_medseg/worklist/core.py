@@ -422,6 +422,36 @@ class Worklist:
         self.record_prediction(case_id, model.card.name, mean_unc)
         return lab_p, unc_p if unc_p.is_file() else None
 
+    def predict_all(self, model, workers: int = 1, device: str = "cpu",
+                    uncertainty: str = "entropy", progress=True) -> int:
+        """Predict every case without a cached prediction with the batch runner.
+
+        Uses :func:`napari_medseg.batch.run_batch` (a process pool of ``workers``)
+        into ``<work folder>/batch/``, with uncertainty maps, then
+        :meth:`ingest_predictions`. Returns how many cases were recorded.
+        """
+        import csv
+
+        from ..batch import run_batch
+
+        todo = [c for c in self.cases() if not self.prediction_path(c.case_id).is_file()]
+        if not todo:
+            return 0
+        out = self.work_dir / "batch"
+        out.mkdir(parents=True, exist_ok=True)
+        listing = out / "cases.csv"
+        n_ch = max(len(c.paths) for c in todo)
+        with open(listing, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["case_id"] + [f"path_{i}" for i in range(n_ch)])
+            for c in todo:
+                w.writerow([c.case_id] + list(c.paths))
+        name = model if isinstance(model, (str, Path)) else model.source
+        run_batch([listing], name, out, workers=workers, device=device,
+                  uncertainty=uncertainty, progress=progress)
+        return self.ingest_predictions(out, Path(str(name)).name if Path(str(name)).exists()
+                                       else str(name))
+
     def ingest_predictions(self, folder, model: str, suffix: str = ".nii.gz") -> int:
         """Take labels (and ``<case>_uncertainty`` maps) a batch run wrote into ``folder``.
 
