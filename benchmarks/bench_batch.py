@@ -69,11 +69,15 @@ def run_separate(paths, out: Path, threads: int) -> float:
     return time.perf_counter() - t0
 
 
-def run_pool(folder: Path, out: Path, workers: int) -> float:
+def _env(threads):
+    return dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else dict(os.environ)
+
+
+def run_pool(folder: Path, out: Path, workers: int, threads=None) -> float:
     t0 = time.perf_counter()
     r = subprocess.run(_cli() + ["batch", str(folder), "-m", "abdomen-ct-small", "-o",
                                  str(out), "--workers", str(workers), "--device", "cpu"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=_env(threads))
     if r.returncode:
         sys.exit(r.stderr[-2000:])
     return time.perf_counter() - t0
@@ -93,10 +97,10 @@ print(time.perf_counter() - t0)
 """
 
 
-def run_dask(folder: Path, out: Path, workers: int) -> float:
+def run_dask(folder: Path, out: Path, workers: int, threads=None) -> float:
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", _DASK, str(folder), str(out), str(workers)],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=_env(threads))
     if r.returncode:
         sys.exit(r.stderr[-2000:])
     return time.perf_counter() - t0
@@ -109,24 +113,29 @@ def main(argv=None):
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(),
                                                      "napari_medseg_bench_batch"))
     p.add_argument("--skip-dask", action="store_true")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per process in every run (OMP_NUM_THREADS); default: "
+                   "all cores for a separate run, cores / workers for the pool, one per Dask "
+                   "worker (Dask's own default). On a busy machine 1 keeps OpenMP threads "
+                   "from spinning against other processes")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     work = Path(a.workdir)
     folder = work / f"cases_{a.cases}_{'x'.join(map(str, a.shape))}"
     paths = make_cases(folder, a.cases, a.shape)
-    threads = max(1, os.cpu_count() or 1)
+    threads = a.threads or max(1, os.cpu_count() or 1)
     runs = {}
     outs = work / "out"
     shutil.rmtree(outs, ignore_errors=True)
     runs["separate"] = run_separate(paths, outs / "separate", threads)
-    runs["pool_1"] = run_pool(folder, outs / "pool_1", 1)
-    runs["pool_2"] = run_pool(folder, outs / "pool_2", 2)
+    runs["pool_1"] = run_pool(folder, outs / "pool_1", 1, a.threads)
+    runs["pool_2"] = run_pool(folder, outs / "pool_2", 2, a.threads)
     if not a.skip_dask:
-        runs["dask_1"] = run_dask(folder, outs / "dask_1", 1)
-        runs["dask_2"] = run_dask(folder, outs / "dask_2", 2)
+        runs["dask_1"] = run_dask(folder, outs / "dask_1", 1, a.threads)
+        runs["dask_2"] = run_dask(folder, outs / "dask_2", 2, a.threads)
     res = {
         "cases": a.cases, "shape": list(a.shape), "reduced": a.cases != 24,
-        "cpu_count": os.cpu_count(),
+        "cpu_count": os.cpu_count(), "threads": a.threads,
         "wall_seconds": {k: round(v, 1) for k, v in runs.items()},
         "cases_per_minute": {k: round(60 * a.cases / v, 2) for k, v in runs.items()},
         "batch_overhead_ratio": round(runs["pool_1"] / runs["separate"], 3),

@@ -19,7 +19,8 @@ optional ``case_id`` column names the case).
 How it runs:
 
 * **Local** (default): a process pool of ``workers`` processes (``spawn``);
-  each loads the model once and keeps it for all its cases. The free memory
+  each loads the model once and keeps it for all its cases, with the CPU
+  cores shared out as torch threads (at most ``$OMP_NUM_THREADS`` when set). The free memory
   (see :mod:`napari_medseg.core.planner`) is shared out between the workers.
 * **Dask**: ``scheduler="tcp://host:8786"`` or ``client=`` a
   ``dask.distributed.Client``; each case is one task. A worker process loads
@@ -387,6 +388,8 @@ def _run_local(model_ref, jobs, options, workers, report):
     import multiprocessing as mp
 
     threads = max(1, (os.cpu_count() or 1) // workers)
+    with contextlib.suppress(ValueError):  # a thread count the user set wins when smaller
+        threads = min(threads, max(1, int(os.environ.get("OMP_NUM_THREADS", threads))))
     pending = list(jobs)
     broken = 0
     while pending:
