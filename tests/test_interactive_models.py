@@ -280,3 +280,58 @@ def test_default_engine_three_clicks_on_a_real_liver():
     run = simulate_clicks(engine, np.asarray(img.data, np.float32), img.spacing, liver,
                           n_clicks=3, rule="largest")
     assert run.dice[-1] >= 0.8, run.dice
+
+
+def _two_region_image(rng):
+    """A noisy image: a bright ball and a darker slab in a mid-grey body, in air."""
+    z, y, x = np.mgrid[:24, :48, :48]
+    img = np.full((24, 48, 48), -1000.0, np.float32)
+    body = (y - 24) ** 2 + (x - 24) ** 2 < 22 ** 2
+    img[body] = 40.0
+    ball = ((z - 12) ** 2 * 4 + (y - 20) ** 2 + (x - 18) ** 2) < 8 ** 2
+    img[ball] = 160.0
+    slab = body & (x > 32) & (np.abs(z - 12) < 8)
+    img[slab] = -60.0
+    return img + rng.normal(0, 12, img.shape).astype(np.float32), ball, slab
+
+
+def test_pseudo_objects_follow_the_image_edges():
+    from napari_medseg.training.pseudo_objects import noise_sigma, pseudo_objects
+
+    rng = np.random.default_rng(0)
+    img, ball, slab = _two_region_image(rng)
+    assert 8 < noise_sigma(img) < 16  # the added noise (12), not the air/body jump
+    objs, classes = pseudo_objects(img, (2.0, 1.0, 1.0), rng, segment_mm=5, merge_sigmas=2)
+    assert objs.shape == img.shape and classes[0] == 0 and len(classes) == objs.max() + 1
+    assert set(np.unique(classes[1:])) <= {300, 301, 302}
+    for truth in (ball, slab):  # the object under each region's centre is that region
+        c = tuple(int(v) for v in np.mean(np.argwhere(truth), 0).round())
+        obj = objs == objs[c]
+        assert objs[c] > 0
+        dice = 2 * (obj & truth).sum() / (obj.sum() + truth.sum())
+        assert dice > 0.8, dice
+    assert not objs[img < -500].any()  # nothing in the air around the body
+
+
+def test_training_takes_pseudo_objects_on_real_images(tmp_path):
+    import nibabel as nib
+
+    from napari_medseg.training.pseudo_objects import TRAINING_IMAGES, build_real_pool
+    from napari_medseg.training.train_click_model import train
+
+    rng = np.random.default_rng(1)
+    img, _, _ = _two_region_image(rng)
+    rel = "brain_t1_aseg/t1.nii.gz"
+    assert (rel, "mr") in TRAINING_IMAGES
+    (tmp_path / "real" / "brain_t1_aseg").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(img.transpose(2, 1, 0), np.diag([1.0, 1.0, 2.0, 1.0])),
+             tmp_path / "real" / rel)
+    # labels beside the image are never read: a broken one cannot matter
+    (tmp_path / "real" / "brain_t1_aseg" / "labels.nii.gz").write_bytes(b"not a nifti")
+    pool = build_real_pool(tmp_path / "real", np.random.default_rng(2), maps_per_image=2)
+    assert len(pool) == 2 and pool[0][0].shape == img.shape
+    assert np.allclose(pool[0][1], (2.0, 1.0, 1.0))
+    out = tmp_path / "w.pt"
+    summary = train(out, steps=3, width=4, n_phantoms=0, real_dir=tmp_path / "real",
+                    real_share=1.0, synth_share=0.0)
+    assert summary["steps"] == 3 and isinstance(load_click_net(out), ClickNet)

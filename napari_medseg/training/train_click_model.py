@@ -235,18 +235,25 @@ def _predict_grid(net, x: np.ndarray) -> np.ndarray:
         return net(torch.from_numpy(x)[None])[0, 0].float().numpy()
 
 
-def _example(pool, net, rng, synth_share: float = 0.6, centre_share: float = 0.5):
+def _example(pool, net, rng, synth_share: float = 0.6, centre_share: float = 0.5,
+             real_pool=(), real_share: float = 0.0):
     """One input ``(6, Z, Y, X)`` and target ``(1, Z, Y, X)`` on a region's grid.
 
-    The object is synthetic (:mod:`.synth`, share ``synth_share``) or a
-    phantom organ; three in four regions are 3D, one in four a 2D slab. After
+    The object is synthetic (:mod:`.synth`, share ``synth_share``), a
+    pseudo-object on a real image (:mod:`.pseudo_objects`, share
+    ``real_share`` where ``real_pool`` has entries) or a phantom organ; three in four regions are 3D, one in four a 2D slab. After
     the first prompt, 0-4 corrective clicks are simulated with the network
     itself (no gradient), each at the centre of its largest error, and its
     last mask becomes the previous-mask input.
     """
     two_d = rng.random() < 0.25
-    src = _synth_crop(rng, two_d, centre_share) if rng.random() < synth_share or not pool else \
-        _phantom_crop(pool, rng, two_d)
+    r = rng.random()
+    if r < synth_share or not (pool or real_pool):
+        src = _synth_crop(rng, two_d, centre_share)
+    elif real_pool and (r < synth_share + real_share or not pool):
+        src = _phantom_crop(real_pool, rng, two_d)
+    else:
+        src = _phantom_crop(pool, rng, two_d)
     if src is None:
         return None
     crop, tg, click = src
@@ -323,7 +330,8 @@ def train(out=WEIGHTS, minutes: float | None = None, width: int = 16, n_phantoms
           threads: int = 1, seed: int = 0, lr: float = 2e-3, init=None,
           cache: Path | None = None, steps: int = 12000, work_dir: Path | None = None,
           synth_share: float = 0.6, bf16: bool | None = None,
-          centre_share: float = 0.5, stop_after: int | None = None) -> dict:
+          centre_share: float = 0.5, stop_after: int | None = None,
+          real_dir: Path | None = None, real_share: float = 0.0) -> dict:
     """Train and save the click network; return a summary dict.
 
     Parameters
@@ -355,6 +363,10 @@ def train(out=WEIGHTS, minutes: float | None = None, width: int = 16, n_phantoms
         centre, clicked there (:func:`~napari_medseg.training.synth.synth_example`).
     bf16 : bool, optional
         bf16 autocast (default: where the CPU has native bf16).
+    real_dir, real_share : path, float
+        Real-data folder whose :data:`~.pseudo_objects.TRAINING_IMAGES` (images
+        only, never labels) give pseudo-objects for a share ``real_share`` of
+        the examples.
     """
     global _BF16
     from ..core.policy import bf16_supported
@@ -366,6 +378,13 @@ def train(out=WEIGHTS, minutes: float | None = None, width: int = 16, n_phantoms
     t0 = time.perf_counter()
     pool = build_pool(n_phantoms, cache) if n_phantoms else []
     log.info("phantom pool of %d ready in %.1f s", len(pool), time.perf_counter() - t0)
+    real_pool = []
+    if real_dir is not None and real_share > 0:
+        from .pseudo_objects import build_real_pool
+
+        real_pool = build_real_pool(real_dir, np.random.default_rng([seed, 7]))
+        log.info("real-image pseudo-object pool of %d maps ready in %.1f s", len(real_pool),
+                 time.perf_counter() - t0)
     net = load_click_net(init) if init else ClickNet(width)
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
@@ -389,7 +408,7 @@ def train(out=WEIGHTS, minutes: float | None = None, width: int = 16, n_phantoms
     last = steps if stop_after is None else min(steps, int(stop_after))
     while step < last and (deadline is None or step == start_step
                             or time.perf_counter() < deadline):
-        ex = _example(pool, net, rng, synth_share, centre_share)
+        ex = _example(pool, net, rng, synth_share, centre_share, real_pool, real_share)
         if ex is None:
             continue
         x, y, w = (torch.from_numpy(np.ascontiguousarray(a))[None] for a in ex)
@@ -469,6 +488,11 @@ def main(argv=None) -> None:
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir())
                                            / "napari_medseg_click_pool.npz"))
     ap.add_argument("--log", default=None, help="also log to this file")
+    ap.add_argument("--real-dir", default=None,
+                    help="real-data folder: its training images (never labels) give "
+                         "pseudo-objects (training/pseudo_objects.py)")
+    ap.add_argument("--real-share", type=float, default=0.0,
+                    help="share of examples that are pseudo-objects on real images")
     args = ap.parse_args(argv)
     handlers = [logging.StreamHandler()]
     if args.log:
@@ -479,7 +503,8 @@ def main(argv=None) -> None:
           seed=args.seed, lr=args.lr, init=args.init, cache=Path(args.cache),
           steps=args.steps, work_dir=Path(args.work_dir) if args.work_dir else None,
           synth_share=args.synth_share, centre_share=args.centre_share,
-          stop_after=args.stop_after)
+          stop_after=args.stop_after,
+          real_dir=Path(args.real_dir) if args.real_dir else None, real_share=args.real_share)
 
 
 if __name__ == "__main__":
