@@ -85,17 +85,19 @@ from napari_medseg.core.volume import Volume
 from napari_medseg.io.zarr import read_zarr
 from napari_medseg.models import load_model
 import dataclasses
-src, out = sys.argv[1], sys.argv[2]
+src, out, overlap = sys.argv[1], sys.argv[2], float(sys.argv[3])
+slab_rows = int(sys.argv[4]) if sys.argv[4] != "auto" else None
 m = load_model("abdomen-ct-small")
 m.card = dataclasses.replace(m.card, postprocessing={})
 v = read_zarr(src)
 hu = Volume(v.data.astype(np.int16) - np.int16(1024), v.affine, modality="CT", source=src)
 t = time.perf_counter()
-info = predict_to_zarr(m, hu, out, device="cpu", overwrite=True)
+info = predict_to_zarr(m, hu, out, device="cpu", overwrite=True, overlap=overlap,
+                       slab_rows=slab_rows)
 wall = time.perf_counter() - t
 hwm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
 print(json.dumps({"seconds": wall, "peak_rss_bytes": hwm, "windows": info["windows"],
-                  "model_grid": info["model_grid"]}))
+                  "model_grid": info["model_grid"], "slabs": info.get("slabs")}))
 """
 
 _CHECK = r"""
@@ -105,13 +107,15 @@ from napari_medseg.core.volume import Volume
 from napari_medseg.io.zarr import read_zarr
 from napari_medseg.models import load_model
 src, out, mode, pieces = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+overlap = float(sys.argv[5])
 m = load_model("abdomen-ct-small")
 m.card = dataclasses.replace(m.card, postprocessing={})
 v = read_zarr(src)
 got = np.asarray(read_zarr(out).data)
 if mode == "memory":
     data = np.asarray(v.data).astype(np.int16) - np.int16(1024)
-    ref = m.predict(Volume(data, v.affine, modality="CT"), device="cpu").labels.data
+    ref = m.predict(Volume(data, v.affine, modality="CT"), device="cpu",
+                    overlap=overlap).labels.data
     print(json.dumps({"equal": bool(np.array_equal(ref, got)),
                       "differing": int(np.count_nonzero(ref != got))}))
 """
@@ -125,6 +129,11 @@ def main(argv=None):
                                                      "napari_medseg_bench_bigvolume"))
     p.add_argument("--check-max", type=int, default=512,
                    help="compare with an in-memory run up to this size")
+    p.add_argument("--overlap", type=float, default=0.5,
+                   help="window overlap (0.25: the fast mode's, a third of the windows)")
+    p.add_argument("--slab-rows", default="auto",
+                   help="model-grid slices per slab (default: about 64 MiB of float32; a "
+                   "large number runs the whole grid at once, as before slabs)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     work = Path(a.workdir)
@@ -135,8 +144,8 @@ def main(argv=None):
     make_volume(src, a.size, a.spacing)
     make_s = time.perf_counter() - t
     out = work / f"labels_{a.size}.ome.zarr"
-    r = subprocess.run([sys.executable, "-c", _CHILD, str(src), str(out)], capture_output=True,
-                       text=True)
+    r = subprocess.run([sys.executable, "-c", _CHILD, str(src), str(out), str(a.overlap),
+                        str(a.slab_rows)], capture_output=True, text=True)
     if r.returncode:
         sys.exit(r.stderr[-3000:])
     run = json.loads(r.stdout.strip().splitlines()[-1])
@@ -144,13 +153,13 @@ def main(argv=None):
         "size": a.size, "spacing_mm": a.spacing, "input_gib": 2 * a.size ** 3 / 2 ** 30,
         "reduced": a.size != 1024, "volume_made_seconds": round(make_s, 1) if made else 0.0,
         "seconds": round(run["seconds"], 1), "windows": run["windows"],
-        "model_grid": run["model_grid"],
+        "overlap": a.overlap, "model_grid": run["model_grid"], "slabs": run["slabs"],
         "peak_rss_gib": round(run["peak_rss_bytes"] / 2 ** 30, 3),
         "goal_peak_rss_gib": GOAL_PEAK_GIB,
     }
     if a.size <= a.check_max:
-        c = subprocess.run([sys.executable, "-c", _CHECK, str(src), str(out), "memory", "1"],
-                           capture_output=True, text=True)
+        c = subprocess.run([sys.executable, "-c", _CHECK, str(src), str(out), "memory", "1",
+                            str(a.overlap)], capture_output=True, text=True)
         if c.returncode == 0:
             chk = json.loads(c.stdout.strip().splitlines()[-1])
             res["labels_equal_in_memory"] = chk["equal"]
