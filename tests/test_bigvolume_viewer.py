@@ -28,6 +28,16 @@ def _store(tmp_path):
     return tmp_path / "seg.ome.zarr", labels, ref
 
 
+def _written_only_there(path, labels, region, value):
+    """The store's level 0: ``value`` in ``region``, the original labels elsewhere."""
+    full = np.asarray(read_zarr_levels(path)[0])
+    assert (full[region] == value).all()
+    outside = full.copy()
+    outside[region] = labels[region]
+    np.testing.assert_array_equal(outside, labels)
+    return full
+
+
 def test_multiscale_layer_and_region_edit(make_napari_viewer, tmp_path):
     path, labels, ref = _store(tmp_path)
     viewer = make_napari_viewer()
@@ -44,11 +54,7 @@ def test_multiscale_layer_and_region_edit(make_napari_viewer, tmp_path):
     changed = write_back_region(viewer, edit)
     assert changed == int((labels[region] != 2).sum())
     assert edit not in viewer.layers
-    full = np.asarray(read_zarr_levels(path)[0])
-    assert (full[region] == 2).all()
-    outside = full.copy()
-    outside[region] = labels[region]
-    np.testing.assert_array_equal(outside, labels)
+    full = _written_only_there(path, labels, region, 2)
     np.testing.assert_array_equal(np.asarray(layer.data[1]), full[::2, ::2, ::2])
 
 
@@ -105,8 +111,4 @@ def test_correct_widget_edits_the_region_in_view_and_writes_it_back(make_napari_
     edit.data = np.full(edit.data.shape, 1, np.uint8)
     widget.write_back_button.click()
     assert edit not in viewer.layers
-    full = np.asarray(read_zarr_levels(path)[0])
-    assert (full[region] == 1).all()
-    outside = full.copy()
-    outside[region] = labels[region]
-    np.testing.assert_array_equal(outside, labels)
+    _written_only_there(path, labels, region, 1)
