@@ -76,7 +76,7 @@ def _weights(path):
 def test_resume_after_cancel_matches_an_uninterrupted_run(tiny, tmp_path):
     ds = _dataset(tmp_path / "Dataset501_A")
     kw = dict(iterations=12, patch_size=PATCH, val_fraction=0, seed=3, checkpoint_every=5,
-              checkpoint_root=tmp_path / "ckpt", forgetting_cases=0, lr=1e-3)
+              checkpoint_root=tmp_path / "ckpt", forgetting_cases=0, lr=1e-3, replay_cases=1)
     full = finetune(tiny, ds, out_dir=tmp_path / "a", name="full", **kw)
     assert not any((tmp_path / "ckpt").iterdir())  # a finished run leaves no checkpoint
 
@@ -93,6 +93,7 @@ def test_resume_after_cancel_matches_an_uninterrupted_run(tiny, tmp_path):
     resumed = finetune(tiny, ds, out_dir=tmp_path / "b", name="resumed", resume=True, **kw)
     card = load_model(resumed).card
     assert card.metrics["fine_tune"]["resumed_from"] == 7
+    assert card.metrics["fine_tune"]["replay_cases"] == 1 and "replayed synthetic" in card.training
     assert "resumed from a checkpoint at iteration 7" in card.training
     full_card = load_model(full).card
     assert card.metrics["fine_tune"]["loss_first"] == full_card.metrics["fine_tune"]["loss_first"]
@@ -130,6 +131,18 @@ def test_corrected_voxels_weighted_in_the_windows():
     assert len(PatchSampler([case], (8, 8, 8)).sample(1)) == 2  # unchanged without weights
 
 
+def test_replay_share_of_the_windows():
+    ones = TrainingCase("real", np.ones((1, 8, 8, 8), np.float32), np.zeros((8, 8, 8), np.uint8))
+    zeros = TrainingCase("replay", np.zeros((1, 8, 8, 8), np.float32),
+                         np.zeros((8, 8, 8), np.uint8))
+    sampler = PatchSampler([ones], (8, 8, 8), replay=[zeros], replay_fraction=0.3, seed=1)
+    xb, _ = sampler.sample(2000)
+    share = float((xb[:, 0, 0, 0, 0] == 0).mean())
+    assert 0.26 < share < 0.34
+    assert (PatchSampler([ones], (8, 8, 8), replay=[], replay_fraction=0.3).sample(50)[0]
+            == 1).all()
+
+
 def test_partial_labels_keep_the_base_models_other_classes(tiny, tmp_path):
     assert supervised_classes(np.array([0, 1, 5]), None) == {1, 5}
     out = fill_unsupervised(np.array([0, 0, 1, 0]), np.array([3, 2, 2, 4]), {1, 2})
@@ -137,13 +150,14 @@ def test_partial_labels_keep_the_base_models_other_classes(tiny, tmp_path):
     # liver and spleen only, no ledger: the kidneys and lesions come from the base model
     ds = _dataset(tmp_path / "Dataset503_Partial", seeds=(5, 6), keep=(1, 2), ledger=False)
     path = finetune(tiny, ds, out_dir=tmp_path / "m", name="partial", iterations=2,
-                    patch_size=PATCH, val_fraction=0, forgetting_cases=0)
+                    patch_size=PATCH, val_fraction=0, forgetting_cases=0, replay_cases=0)
     card = load_model(path).card
     ft = card.metrics["fine_tune"]
     assert ft["guard"] is True and ft["filled_voxels"] > 0
     assert "kept as the base model predicts them" in card.training
     plain = finetune(tiny, ds, out_dir=tmp_path / "m", name="plain", iterations=2,
                      patch_size=PATCH, val_fraction=0, forgetting_cases=0, guard=False)
+    assert load_model(plain).card.metrics["fine_tune"]["replay_cases"] == 0  # opt-in
     assert load_model(plain).card.metrics["fine_tune"]["filled_voxels"] == 0
 
 
@@ -169,7 +183,7 @@ def test_new_class_grows_the_output_layer(tiny, tmp_path):
     ds = _dataset(tmp_path / "Dataset504_Cyst", seeds=(7, 8, 9), extra=(6, "cyst"))
     path = finetune(tiny, ds, out_dir=tmp_path / "m", name="with-cyst", iterations=30,
                     lr=3e-3, patch_size=PATCH, val_fraction=0.34, new_classes={6: "cyst"},
-                    forgetting_cases=1)
+                    forgetting_cases=1, replay_cases=0)
     model = load_model(path)
     assert model.card.label_names[6] == "cyst"
     m = model.card.metrics

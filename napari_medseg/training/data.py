@@ -326,11 +326,17 @@ class PatchSampler:
         Share of windows centred on a corrected voxel, in cases with a ledger
         (taken from the class-centred share).
     seed : int
+    replay : list of TrainingCase
+        Cases replayed against forgetting (e.g. synthetic cases the base model
+        was trained on), drawn for a ``replay_fraction`` share of the windows.
     """
 
     def __init__(self, cases, patch_size, mirror_axes=(0, 1, 2), fg_fraction: float = 0.5,
-                 corrected_fraction: float = 0.25, seed: int = 0):
+                 corrected_fraction: float = 0.25, seed: int = 0, replay=(),
+                 replay_fraction: float = 0.0):
         self.cases = list(cases)
+        self.replay = list(replay)
+        self.replay_fraction = float(replay_fraction) if self.replay else 0.0
         self.patch = tuple(int(p) for p in patch_size)
         self.mirror_axes = tuple(int(a) for a in mirror_axes)
         self.fg_fraction = float(fg_fraction)
@@ -360,7 +366,10 @@ class PatchSampler:
         """
         xs, ys, ws = [], [], []
         for _ in range(int(batch)):
-            case = self.cases[int(self.rng.integers(len(self.cases)))]
+            if self.replay_fraction and self.rng.random() < self.replay_fraction:
+                case = self.replay[int(self.rng.integers(len(self.replay)))]
+            else:
+                case = self.cases[int(self.rng.integers(len(self.cases)))]
             z0, y0, x0 = self._corner(case)
             win = (slice(z0, z0 + self.patch[0]), slice(y0, y0 + self.patch[1]),
                    slice(x0, x0 + self.patch[2]))

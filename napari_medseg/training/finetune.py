@@ -319,7 +319,8 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
              checkpoint_every: int = 50, checkpoint_root=None,
              corrected_weight: float | None = 3.0, guard: bool = True,
              early_lr_factor: float = 0.3, new_classes: dict | None = None,
-             forgetting_cases="auto", report=None) -> Path:
+             forgetting_cases="auto", replay_cases: int = 0, replay_fraction: float = 0.3,
+             report=None) -> Path:
     """Fine-tune ``model`` on the corrected cases of an nnU-Net raw dataset folder.
 
     Parameters
@@ -372,6 +373,14 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
     new_classes : dict[int, str], optional
         Classes to add (ids right after the model's): the output layer grows
         (:func:`~napari_medseg.training.guard.add_output_classes`).
+    replay_cases : int
+        Synthetic phantoms with their full labels replayed against forgetting
+        (:func:`~napari_medseg.training.guard.synthetic_replay`; abdominal CT
+        models only), drawn for a ``replay_fraction`` share of the windows. For
+        corrections that adapt the model to a new appearance (scanner, contrast);
+        not for corrections that redefine a class (the phantoms would teach the
+        old definition back).
+    replay_fraction : float
     forgetting_cases : int or "auto"
         Held-out synthetic phantoms to measure forgetting on (Dice per class
         before / after, :func:`~napari_medseg.training.guard.synthetic_check`);
@@ -423,7 +432,8 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
                   dataset=str(dataset_dir.resolve()), cases=[i.case for i in items],
                   iterations=iterations, lr=lr, patch=patch, val=val_fraction, seed=seed,
                   batch=batch_size, corrected_weight=corrected_weight, guard=guard,
-                  early=early_lr_factor, new=new_classes)
+                  early=early_lr_factor, new=new_classes, replay=replay_cases,
+                  replay_fraction=replay_fraction)
     ckpt = checkpoint_dir(key, checkpoint_root) if checkpoint_every > 0 else None
     state = load_checkpoint(ckpt, key) if (resume and ckpt is not None) else None
     if resume and state is None:
@@ -445,7 +455,8 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
         return out, sorted(sup | set(new_classes))
 
     n_check = (2 if forgetting_cases == "auto" else int(forgetting_cases or 0))
-    total = len(items) + 2 * len(val_idx) + iterations + 1 + 2 * n_check
+    n_replay = int(replay_cases or 0)
+    total = len(items) + 2 * len(val_idx) + iterations + 1 + 2 * n_check + n_replay
     train_items = [items[i] for i in train_idx]
     val_items = [items[i] for i in val_idx]
     cases, _ = load_cases(train_items, train_card, patch, progress, cancel, total=total,
@@ -464,7 +475,13 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
         synth_before = synthetic_check(base, n_check, cancel=cancel) if n_check else None
         step += n_check
 
-    sampler = PatchSampler(cases, patch, card.mirror_axes, seed=seed)
+    from .guard import synthetic_replay
+
+    with tempfile.TemporaryDirectory(prefix="medseg-replay-") as scratch:
+        replay = synthetic_replay(card, train_card, patch, n_replay, scratch, cancel=cancel)
+    step += n_replay
+    sampler = PatchSampler(cases, patch, card.mirror_axes, seed=seed, replay=replay,
+                           replay_fraction=replay_fraction)
     val_windows = _val_windows(val_cases, patch) if report is not None else None
     del val_cases
     split = _split_classes(sampler.cases, train_card.postprocessing.get("largest_component")
@@ -489,7 +506,8 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
     opts = {"corrected_weight": corrected_weight, "guard": bool(guard),
             "early_lr_factor": float(early_lr_factor), "new_classes": new_classes,
             "filled_voxels": int(sum(n_filled)), "resumed_from": run.resumed_from,
-            "synthetic": (synth_before, synth_after), "n_check": n_check}
+            "synthetic": (synth_before, synth_after), "n_check": n_check,
+            "replay_cases": len(replay), "replay_fraction": float(replay_fraction)}
     new_card = _new_card(tuned.card, name, dataset_dir, items, sampler.cases, split,
                          train_idx, val_idx, iterations, lr, batch_size, patch, seed, losses,
                          before, after, bf16, time.perf_counter() - t0, base.source, opts)
@@ -545,6 +563,9 @@ def _opts_text(opts) -> str:
     if opts.get("guard"):
         parts.append(f"classes a case does not label kept as the base model predicts them "
                      f"({opts.get('filled_voxels', 0)} voxels)")
+    if opts.get("replay_cases"):
+        parts.append(f"{opts['replay_fraction']:.0%} of the windows from {opts['replay_cases']} "
+                     "replayed synthetic phantoms (make_abdomen_ct vary=True, seeds from 700001)")
     if opts.get("early_lr_factor", 1.0) != 1.0:
         parts.append(f"first third of the layers at {opts['early_lr_factor']:g} x lr")
     if opts.get("new_classes"):
@@ -608,7 +629,8 @@ def _new_card(card, name, dataset_dir, items, cases, split, train_idx, val_idx, 
         metrics["fine_tune"]["largest_component_dropped"] = list(split)
     opts = opts or {}
     ft = metrics["fine_tune"]
-    for k in ("corrected_weight", "guard", "early_lr_factor", "filled_voxels", "resumed_from"):
+    for k in ("corrected_weight", "guard", "early_lr_factor", "filled_voxels", "resumed_from",
+              "replay_cases"):
         if k in opts:
             ft[k] = opts[k]
     if opts.get("new_classes"):
@@ -660,6 +682,9 @@ def add_cli_parser(sub, progress_bar=None) -> None:
                    "model's predictions)")
     f.add_argument("--early-lr-factor", type=float, default=0.3,
                    help="learning-rate factor of the first third of the layers")
+    f.add_argument("--replay", type=int, default=0, metavar="N",
+                   help="replay N synthetic phantoms (abdominal CT models) against "
+                   "forgetting, for corrections that adapt to a new appearance")
     f.add_argument("--add-class", nargs=2, action="append", metavar=("ID", "NAME"),
                    default=[], help="add a class the model does not have (repeatable)")
     f.set_defaults(func=cmd_finetune, progress_bar=progress_bar)
@@ -681,6 +706,7 @@ def cmd_finetune(args) -> int:
                         corrected_weight=getattr(args, "corrected_weight", 3.0),
                         guard=not getattr(args, "no_guard", False),
                         early_lr_factor=getattr(args, "early_lr_factor", 0.3),
+                        replay_cases=getattr(args, "replay", 0),
                         new_classes=_parse_new_classes(getattr(args, "add_class", [])))
     finally:
         if bar is not None:

@@ -14,6 +14,9 @@
 * **A new class** (:func:`add_output_classes`): the output convolution gets
   more channels; the old ones keep their weights, each new one starts as a
   copy of the background channel with its bias lowered so it starts off.
+* **Replay of synthetic cases** (:func:`synthetic_replay`): for abdominal CT
+  models, phantoms like those the base model was trained on, with their full
+  labels, make a share of the training windows.
 * **Forgetting check** (:func:`synthetic_check`): Dice per class before and
   after on held-out synthetic phantoms the base model was trained on.
 """
@@ -29,7 +32,7 @@ from ..errors import MedSegError
 log = logging.getLogger(__name__)
 
 __all__ = ["supervised_classes", "fill_unsupervised", "param_groups", "add_output_classes",
-           "synthetic_check", "largest_drop"]
+           "synthetic_check", "synthetic_replay", "largest_drop"]
 
 
 def supervised_classes(labels: np.ndarray, prediction: np.ndarray | None = None) -> set:
@@ -206,16 +209,12 @@ def synthetic_check(model, n_cases: int = 2, seed0: int = 200001, cancel=None) -
     with ``vary=True``, seeds ``seed0...``, never used in training), and only
     the phantom classes the card names the same way.
     """
-    from ..core.phantom import ABDOMEN_LABELS, make_abdomen_ct
+    from ..core.phantom import make_abdomen_ct
     from ..errors import check_cancel
     from .metrics import dice_per_class
 
-    card = model.card
-    if (n_cases <= 0 or card.n_channels != 1 or card.channels[0].get("modality") != "CT"
-            or "abdomen" not in str(card.body_region or "")):
-        return None
-    names = {i: n for i, n in card.label_names.items() if ABDOMEN_LABELS.get(i) == n}
-    if not names:
+    names = _phantom_names(model.card)
+    if n_cases <= 0 or not names:
         return None
     per = []
     for s in range(seed0, seed0 + int(n_cases)):
@@ -225,6 +224,64 @@ def synthetic_check(model, n_cases: int = 2, seed0: int = 200001, cancel=None) -
         per.append(dice_per_class(np.asarray(pred.labels.data), np.asarray(lab.data), names))
     keys = sorted({k for p in per for k in p})
     return {k: round(float(np.mean([p[k] for p in per if k in p])), 4) for k in keys}
+
+
+def _phantom_names(card) -> dict:
+    """Classes of ``card`` that the abdomen phantoms label the same way, or {}."""
+    from ..core.phantom import ABDOMEN_LABELS
+
+    if (card.n_channels != 1 or card.channels[0].get("modality") != "CT"
+            or "abdomen" not in str(card.body_region or "")):
+        return {}
+    return {i: n for i, n in card.label_names.items() if ABDOMEN_LABELS.get(i) == n}
+
+
+def synthetic_replay(card, train_card, patch, n_cases: int, folder, seed0: int = 700001,
+                     cancel=None) -> list:
+    """Synthetic training cases on the model grid, for replay against forgetting.
+
+    Parameters
+    ----------
+    card : ModelCard
+        The base model's card (decides whether phantoms fit: abdominal CT).
+    train_card : ModelCard
+        The card being trained (its grid; classes the phantoms lack are 0).
+    patch : tuple of 3 int
+    n_cases : int
+        Phantoms (``make_abdomen_ct(vary=True)``, seeds ``seed0...``; never the
+        seeds of :func:`synthetic_check`).
+    folder : path
+        Scratch folder for the phantom files.
+
+    Returns
+    -------
+    list of TrainingCase
+        Empty when the model is not an abdominal CT one.
+    """
+    from pathlib import Path
+
+    from ..core.phantom import make_abdomen_ct
+    from ..errors import check_cancel
+    from ..io import write_labels, write_volume
+    from .data import DatasetCase, load_case
+
+    names = _phantom_names(card)
+    if n_cases <= 0 or not names:
+        return []
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for s in range(seed0, seed0 + int(n_cases)):
+        check_cancel(cancel)
+        img, lab = make_abdomen_ct(seed=s, vary=True)
+        y = np.asarray(lab.data).copy()
+        y[~np.isin(y, list(names))] = 0
+        ip, lp = folder / f"replay_{s}_0000.nii.gz", folder / f"replay_{s}.nii.gz"
+        write_volume(ip, img, overwrite=True)
+        write_labels(lp, lab.with_data(y), overwrite=True)
+        tc, _, _ = load_case(DatasetCase(f"replay_{s}", [ip], lp), train_card, patch, seed=s)
+        out.append(tc)
+    return out
 
 
 def largest_drop(before: dict, after: dict, exclude=()) -> float:
