@@ -116,7 +116,7 @@ def scenario_adapt(a, tmp: Path) -> dict:
     before_spleen = _dice(_predict(base, s_img) == 2, s_ref)
     synth_before = _synthetic_dice(base, seeds, shape)
     tuned, secs = _finetune(base, ds, tmp / "adapt" / "models", "adapt", a, a.adapt_iterations,
-                            replay_cases=a.adapt_replay)
+                            replay_cases=a.adapt_replay, patch_size=tuple(a.adapt_patch))
     after_pred = _predict(tuned, img)
     after_spleen = _dice(_predict(tuned, s_img) == 2, s_ref)
     synth_after = _synthetic_dice(tuned, seeds, shape)
@@ -299,6 +299,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave)")
     p.add_argument("--adapt-iterations", type=int, default=150)
+    p.add_argument("--adapt-patch", type=int, nargs=3, default=(16, 64, 64),
+                   help="training window: the DICOM CT is 16 slices on the model grid, so "
+                   "the card's 32 would be half padding")
     p.add_argument("--synthetic-cases", type=int, default=4)
     p.add_argument("--synthetic-shape", type=int, nargs=3, default=(64, 128, 128))
     p.add_argument("--newclass-k", type=int, nargs="+", default=[1, 3, 7])
