@@ -27,7 +27,7 @@ Figures (per network, and the headline ones for ``trained``):
 * ``throughput_ratio_vs_nnunet``: nnU-Net wall seconds / ours for the prediction
   call (model loading excluded); goal >= 3;
 * ``peak_rss_ratio_vs_nnunet``: our peak resident memory / nnU-Net's (whole
-  process, imports included; ``..._above_baseline`` subtracts each process's
+  process, imports included, ``VmHWM``; ``..._above_baseline`` subtracts each process's
   resident size after loading); goal <= 0.5;
 * ``dice_vs_nnunet``: mean Dice between the two label maps over classes with at
   least 100 voxels in either; meaningful for ``trained`` (goal >= 0.99); for
@@ -219,6 +219,18 @@ def _ct_volume(shape, spacing, seed=3):
 
 # --------------------------------------------------------------------------- workers
 def _rss_gib():
+    """Peak resident size of this process (GiB): ``VmHWM``, which starts afresh at exec.
+
+    (``ru_maxrss`` does not: a worker started by a large parent reports the parent's
+    size, so after the in-process training both workers showed the parent's 2.67 GiB.)
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # KiB -> GiB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
@@ -352,6 +364,10 @@ def main():
     ap.add_argument("--json", action="store_true", help="print only the JSON result")
     ap.add_argument("--size", choices=list(SIZES), default="full")
     ap.add_argument("--train-steps", type=int, default=None)
+    ap.add_argument("--trained-folder", default=None,
+                    help="an nnU-Net result folder trained by nnU-Net itself (e.g. by "
+                    "benchmarks/train_nnunet_phantom.py) to use as the 'trained' network "
+                    "instead of the plain training loop")
     ap.add_argument("--skip", default="", help="comma list of: trained,part,fast,totalseg")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads in each worker (default: torch's own); on a busy "
@@ -388,27 +404,33 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         x = np.asarray(_ct_volume(cfg["volume"], CT_SPACING).data, np.float32)[None]
         if "trained" not in skip:
-            log(f"training the phantom model ({cfg['train_steps']} steps) ...")
             t0 = time.perf_counter()
-            folder, _ = _trained_folder(os.path.join(tmp, "res"), cfg, log)
+            if args.trained_folder:
+                folder = Path(args.trained_folder)
+                log(f"trained network: {folder}")
+            else:
+                log(f"training the phantom model ({cfg['train_steps']} steps) ...")
+                folder, _ = _trained_folder(os.path.join(tmp, "res"), cfg, log)
             r = _compare(tmp, "trained", folder, x, CT_SPACING, log)
-            r["train_steps"], r["train_seconds"] = cfg["train_steps"], time.perf_counter() - t0
+            if args.trained_folder:
+                r["trained_by"] = f"nnU-Net ({folder.name})"
+            else:
+                r["train_steps"] = cfg["train_steps"]
+                r["train_seconds"] = time.perf_counter() - t0
             result["networks"]["trained"] = r
             result["throughput_ratio_vs_nnunet"] = r["throughput_ratio_vs_nnunet"]
             result["peak_rss_ratio_vs_nnunet"] = r["peak_rss_ratio_vs_nnunet"]
             result["dice_vs_nnunet"] = r["mean_dice"]
-        if "part" not in skip:
-            folder = _ts_folder(os.path.join(tmp, "res"), "Dataset291_TSPartShape", 25,
-                                (1.5, 1.5, 1.5), cfg["ts_patch"], "nnUNetTrainerNoMirroring")
-            r = _compare(tmp, "totalseg-part", folder, x, CT_SPACING, log)
+        for key, name, dataset, n_out, mm in (
+                ("part", "totalseg-part", "Dataset291_TSPartShape", 25, 1.5),
+                ("fast", "totalseg-fast", "Dataset297_TSFastShape", 118, 3.0)):
+            if key in skip:
+                continue
+            folder = _ts_folder(os.path.join(tmp, "res"), dataset, n_out, (mm,) * 3,
+                                cfg["ts_patch"], "nnUNetTrainerNoMirroring")
+            r = _compare(tmp, name, folder, x, CT_SPACING, log)
             r["random_weights_agreement"] = r.pop("mean_dice")
-            result["networks"]["totalseg-part"] = r
-        if "fast" not in skip:
-            folder = _ts_folder(os.path.join(tmp, "res"), "Dataset297_TSFastShape", 118,
-                                (3.0, 3.0, 3.0), cfg["ts_patch"], "nnUNetTrainerNoMirroring")
-            r = _compare(tmp, "totalseg-fast", folder, x, CT_SPACING, log)
-            r["random_weights_agreement"] = r.pop("mean_dice")
-            result["networks"]["totalseg-fast"] = r
+            result["networks"][name] = r
         if "totalseg" not in skip:
             from napari_medseg.io import write_volume
 
