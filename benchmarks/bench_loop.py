@@ -312,6 +312,8 @@ def main(argv=None) -> int:
     p.add_argument("--ordering-seeds", type=int, default=3)
     p.add_argument("--ordering-iterations", type=int, default=60)
     p.add_argument("--ordering-shape", type=int, nargs=3, default=(48, 96, 96))
+    p.add_argument("--out", help="also write the JSON here after each scenario (a run cut "
+                   "short keeps the scenarios it finished)")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING)
@@ -328,6 +330,8 @@ def main(argv=None) -> int:
             result.update({"adapt": scenario_adapt, "newclass": scenario_newclass,
                            "ordering": scenario_ordering}[name](a, Path(tmp)))
             result[f"{name}_wall_seconds"] = round(time.perf_counter() - t, 1)
+            if a.out:
+                Path(a.out).write_text(json.dumps(result, indent=2))
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
     result["machine"]["load_average_end"] = os.getloadavg()
     if a.json:
