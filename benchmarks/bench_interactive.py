@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -186,8 +187,6 @@ def real_cases(root) -> list:
     """The cases of the real-scan folder: ``[(case, image path, labels path,
     [(group, object name, selector)])]``; a selector is a label id or ``">0"``
     (every label). Paths that do not exist are left out."""
-    from pathlib import Path
-
     root = Path(root)
     names = _ct_names(root)
     cases = [("ct_abdomen", root / "ct_abdomen_dicom", root / "ct_abdomen_dicom_labels.nii.gz",
@@ -244,6 +243,29 @@ def _refuses_boxes(engine, image, spacing, truth) -> str:
     return ""
 
 
+def _training_image_paths(root) -> set:
+    """Resolved paths of the real images whose pixels (never labels) the click
+    model may see in training (:data:`~napari_medseg.training.pseudo_objects.TRAINING_IMAGES`)."""
+    from napari_medseg.training.pseudo_objects import TRAINING_IMAGES
+
+    return {(Path(root) / rel).resolve() for rel, _ in TRAINING_IMAGES}
+
+
+def _split(objects: dict, protocols) -> dict:
+    """Final Dice on objects of images never seen in training and of the others."""
+    out = {}
+    for key, seen in (("held_out_images", False), ("images_seen_in_training", True)):
+        recs = [r for r in objects.values() if r.get("image_in_training") is seen
+                and "skipped" not in r]
+        d = {"n": len(recs)}
+        for proto, k in (("clicks", "dice_at_5"), ("box+clicks", "box_dice_at_5")):
+            vals = [r[proto][-1] for r in recs if proto in protocols and proto in r]
+            if vals:
+                d[k] = round(float(np.mean(vals)), 4)
+        out[key] = d
+    return out
+
+
 def bench_real(name: str, root, protocols, n_clicks: int = 5, path=None, groups=None,
                max_per_group: int = 0, latency=None, log=None) -> dict:
     """One engine on the objects of the real-scan folder ``root``.
@@ -258,6 +280,7 @@ def bench_real(name: str, root, protocols, n_clicks: int = 5, path=None, groups=
     from napari_medseg.interactive.simulate import simulate_clicks
 
     engine = make_engine(name, path)
+    seen = _training_image_paths(root)
     taken: dict = {}
     objects: dict = {}
     box_refused = None
@@ -277,7 +300,8 @@ def bench_real(name: str, root, protocols, n_clicks: int = 5, path=None, groups=
                 continue
             truth = labels > 0 if sel == ">0" else labels == sel
             key = f"{case}/{obj}"
-            rec = {"group": group, "voxels": int(truth.sum())}
+            rec = {"group": group, "voxels": int(truth.sum()),
+                   "image_in_training": Path(ipath).resolve() in seen}
             objects[key] = rec
             if rec["voxels"] < MIN_VOXELS:
                 rec["skipped"] = f"fewer than {MIN_VOXELS} voxels"
@@ -342,6 +366,7 @@ def summarise_real(name, objects, protocols, n_clicks, box_refused, engine, late
         if "box+clicks" in v:
             d["box_dice_at_5"] = round(float(np.mean(v["box+clicks"])), 4)
         out["real_groups"][g] = d
+    out["real_split"] = _split(objects, protocols)
     out["real_errors"] = {k: r.get("errors", r.get("error")) for k, r in objects.items()
                           if "errors" in r or "error" in r}
     if latency is not None:
