@@ -167,6 +167,20 @@ def test_early_layers_get_a_lower_rate():
     assert len(param_groups(UNet3D(1, 3, (4, 8)), 1e-3, 1.0)) == 1
 
 
+def test_a_grown_output_layer_trains_faster():
+    from napari_medseg.training.guard import NEW_HEAD_LR_FACTOR, output_head
+
+    net = UNet3D(1, 3, (4, 8))
+    head = output_head(net, 3)
+    assert head is net.head
+    groups = param_groups(net, 1e-3, 0.1, head)
+    assert groups[-1]["lr"] == pytest.approx(1e-3 * NEW_HEAD_LR_FACTOR)
+    ids = [[id(p) for p in g["params"]] for g in groups]
+    assert sorted(ids[-1]) == sorted(id(p) for p in head.parameters())
+    every = [i for g in ids for i in g]
+    assert len(every) == len(set(every)) == len(list(net.parameters()))  # each tensor once
+
+
 def test_new_class_grows_the_output_layer(tiny, tmp_path):
     base = load_model(tiny)
     net = UNet3D(1, 6, (4, 8, 16))

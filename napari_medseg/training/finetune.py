@@ -175,6 +175,7 @@ class _Run:
         self.key, self.ckpt, self.checkpoint_every = key, ckpt, int(checkpoint_every)
         self.extra, self.report, self.val_windows = extra, report, val_windows
         self.resumed_from = 0
+        self.head = None  # the output convolution, when classes were added
 
 
 def _val_dice(runner, windows, n_classes) -> float:
@@ -207,8 +208,8 @@ def _train(net, runner, sampler, run: _Run, progress, cancel, step, total, state
     from .checkpoint import save_checkpoint
     from .guard import param_groups
 
-    opt = torch.optim.AdamW(param_groups(net, run.lr, run.early_lr_factor), lr=run.lr,
-                            weight_decay=1e-4)
+    opt = torch.optim.AdamW(param_groups(net, run.lr, run.early_lr_factor, run.head),
+                            lr=run.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(run.iterations, 1))
     bf16 = _use_bf16()
     rng = sampler.rng
@@ -492,6 +493,10 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
     run = _Run(iterations, lr, batch_size, corrected_weight, early_lr_factor, key, ckpt,
                checkpoint_every, {"before": before, "synthetic_before": synth_before},
                report, val_windows)
+    if new_classes:  # the new output channels learn fast enough in a short run
+        from .guard import output_head
+
+        run.head = output_head(net, train_card.n_classes)
     losses, bf16 = _train(net, tuned.make_predictor(torch.device("cpu")), sampler, run,
                           progress, cancel, step, total, state)
     step += iterations

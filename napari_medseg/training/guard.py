@@ -13,7 +13,10 @@
   definition order) train at ``early_lr_factor`` x the rate.
 * **A new class** (:func:`add_output_classes`): the output convolution gets
   more channels; the old ones keep their weights, each new one starts as a
-  copy of the background channel with its bias lowered so it starts off.
+  copy of the background channel with its bias lowered so it starts off, and
+  that convolution trains at :data:`NEW_HEAD_LR_FACTOR` x the rate (AdamW moves
+  each weight by about the rate per step: too little, in a short run, to lift
+  a new channel above the background's).
 * **Replay of synthetic cases** (:func:`synthetic_replay`): for abdominal CT
   models, phantoms like those the base model was trained on, with their full
   labels, make a share of the training windows.
@@ -31,8 +34,8 @@ from ..errors import MedSegError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["supervised_classes", "fill_unsupervised", "param_groups", "add_output_classes",
-           "synthetic_check", "synthetic_replay", "largest_drop"]
+__all__ = ["supervised_classes", "fill_unsupervised", "param_groups", "output_head",
+           "add_output_classes", "synthetic_check", "synthetic_replay", "largest_drop"]
 
 
 def supervised_classes(labels: np.ndarray, prediction: np.ndarray | None = None) -> set:
@@ -99,20 +102,46 @@ def fill_unsupervised(labels: np.ndarray, base_prediction: np.ndarray, supervise
     return out
 
 
-def param_groups(net, lr: float, early_lr_factor: float = 1.0) -> list:
+#: Learning-rate factor of the output convolution when classes were added: its new
+#: channels start as a copy of the background's, and AdamW moves each weight by about
+#: ``lr`` per step, too little in a few hundred steps to lift a new class above it.
+NEW_HEAD_LR_FACTOR = 20.0
+
+
+def param_groups(net, lr: float, early_lr_factor: float = 1.0, head=None,
+                 head_lr_factor: float = NEW_HEAD_LR_FACTOR) -> list:
     """AdamW parameter groups: the first third of the tensors at ``lr * early_lr_factor``.
+
+    Parameters
+    ----------
+    head : torch.nn.Module, optional
+        The output convolution that got new classes: its tensors train at
+        ``lr * head_lr_factor``.
 
     Returns
     -------
     list of dict
-        One group when the factor is 1.
+        One group when the factor is 1 and there is no ``head``.
     """
-    params = [p for p in net.parameters() if p.requires_grad]
+    skip = {id(p) for p in head.parameters()} if head is not None else set()
+    params = [p for p in net.parameters() if p.requires_grad and id(p) not in skip]
+    groups = []
     if early_lr_factor == 1.0 or len(params) < 3:
-        return [{"params": params, "lr": lr}]
-    k = len(params) // 3
-    return [{"params": params[:k], "lr": lr * float(early_lr_factor), "name": "early"},
-            {"params": params[k:], "lr": lr, "name": "rest"}]
+        groups.append({"params": params, "lr": lr})
+    else:
+        k = len(params) // 3
+        groups += [{"params": params[:k], "lr": lr * float(early_lr_factor), "name": "early"},
+                   {"params": params[k:], "lr": lr, "name": "rest"}]
+    if head is not None:
+        groups.append({"params": [p for p in head.parameters() if p.requires_grad],
+                       "lr": lr * float(head_lr_factor), "name": "new head"})
+    return groups
+
+
+def output_head(net, n_classes: int):
+    """The output convolution of ``net`` giving ``n_classes`` channels, or None."""
+    found = _output_conv(net, n_classes)
+    return None if found is None else found[2]
 
 
 def _output_conv(net, n_classes: int):
