@@ -61,21 +61,10 @@ def base_model(tmp_path_factory):
     path = _builtin_path()
     if path is not None:
         return path
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("base") / "tiny-abdomen"
-    folder.mkdir()
-    card = ModelCard(
-        name="tiny-abdomen", version="1.0.0", channels=[{"name": "CT", "modality": "CT"}],
-        target_spacing=SPACING, orientation="LPS",
-        normalization=[{"kind": "ct", "window": [-200, 300]}], patch_size=PATCH,
-        classes={k: {"name": v} for k, v in ABDOMEN_LABELS.items()}, weights="model.pt",
-        network={"class": "UNet3D", "kwargs": {"in_channels": 1, "out_channels": 6,
-                                               "features": [4, 8, 16]}},
-        mirror_axes=(0, 1))
-    net = UNet3D(1, 6, (4, 8, 16))
-    torch.save(net.state_dict(), folder / "model.pt")
-    card.save(folder / "card.yaml")
-    return str(folder)
+    from conftest import write_tiny_abdomen_model
+
+    return str(write_tiny_abdomen_model(tmp_path_factory.mktemp("base") / "tiny-abdomen",
+                                        SPACING, PATCH))
 
 
 def test_finetune_moves_toward_corrections(dataset, base_model, tmp_path):

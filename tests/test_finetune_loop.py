@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from napari_medseg.core.ledger import CorrectionLedger
-from napari_medseg.core.phantom import ABDOMEN_LABELS, make_abdomen_ct
+from napari_medseg.core.phantom import make_abdomen_ct
 from napari_medseg.errors import Cancelled
 from napari_medseg.io.export import export_training_case
 from napari_medseg.models import load_model
-from napari_medseg.models.card import ModelCard
 from napari_medseg.models.networks import UNet3D
 from napari_medseg.training.data import PatchSampler, TrainingCase
 from napari_medseg.training.finetune import finetune
@@ -27,20 +26,10 @@ SHAPE, SPACING, PATCH = (24, 48, 48), (5.0, 3.0, 3.0), (16, 32, 32)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A small U-Net package for abdominal CT (random weights: fast to train)."""
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("base") / "tiny-abdomen"
-    folder.mkdir()
-    card = ModelCard(
-        name="tiny-abdomen", version="1.0.0", channels=[{"name": "CT", "modality": "CT"}],
-        target_spacing=SPACING, orientation="LPS",
-        normalization=[{"kind": "ct", "window": [-200, 300]}], patch_size=PATCH,
-        classes={k: {"name": v} for k, v in ABDOMEN_LABELS.items()}, weights="model.pt",
-        network={"class": "UNet3D", "kwargs": {"in_channels": 1, "out_channels": 6,
-                                               "features": [4, 8, 16]}},
-        mirror_axes=(0, 1), body_region="abdomen")
-    torch.save(UNet3D(1, 6, (4, 8, 16)).state_dict(), folder / "model.pt")
-    card.save(folder / "card.yaml")
-    return folder
+    from conftest import write_tiny_abdomen_model
+
+    return write_tiny_abdomen_model(tmp_path_factory.mktemp("base") / "tiny-abdomen",
+                                    SPACING, PATCH, body_region="abdomen")
 
 
 def _dataset(folder, seeds=(1, 2, 3), keep=None, ledger=True, extra=None):
