@@ -92,7 +92,7 @@ def test_annotate_review_and_approve(make_napari_viewer, qtbot, folder, tmp_path
     w.reviewer_mode.setChecked(True)
     w.open_case("p0")
     assert {"p0 original prediction", "p0 labels"} <= set(_names(viewer))
-    assert viewer.grid.enabled
+    assert viewer.canvas.grid.enabled and viewer.canvas.grid.shape == (1, 2)
     np.testing.assert_array_equal(np.asarray(w.layers["labels"].data), draft)
     np.testing.assert_array_equal(np.asarray(w.layers["original"].data),
                                   np.asarray(wl.load_case("p0")["prediction"].data))

@@ -51,6 +51,12 @@ def _row(*widgets) -> QWidget:
     return w
 
 
+def _grid(viewer):
+    """The viewer's grid: ``viewer.canvas.grid`` where napari has it, else ``viewer.grid``."""
+    canvas = getattr(viewer, "canvas", None)
+    return canvas.grid if canvas is not None and hasattr(canvas, "grid") else viewer.grid
+
+
 class WorklistWidget(QWidget):
     """Work through the cases of a folder: predict, correct, approve, review."""
 
@@ -381,9 +387,10 @@ class WorklistWidget(QWidget):
         order = [images[0], self.layers["labels"], images[-1], self.layers["original"]]
         for i, layer in enumerate(order):
             self.viewer.layers.move(self.viewer.layers.index(layer), i)
-        self.viewer.grid.stride = 2
-        self.viewer.grid.shape = (1, 2)
-        self.viewer.grid.enabled = True
+        grid = _grid(self.viewer)
+        grid.stride = 2
+        grid.shape = (1, 2)
+        grid.enabled = True
 
     def _card(self, model_name):
         if not model_name:
@@ -417,7 +424,7 @@ class WorklistWidget(QWidget):
                 self.viewer.layers.remove(layer)
         self.layers = {}
         self.regions = []
-        self.viewer.grid.enabled = False
+        _grid(self.viewer).enabled = False
 
     def _leave(self) -> None:
         """Add the time and edits of the open case; keep its labels as a draft."""
