@@ -17,14 +17,24 @@ from napari.qt.threading import create_worker
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import QHBoxLayout, QProgressBar, QPushButton, QWidget
+from qtpy.QtWidgets import QComboBox, QHBoxLayout, QLineEdit, QProgressBar, QPushButton, QWidget
 
 from ..core.policy import is_out_of_memory
 from ..errors import Cancelled, MedSegError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Job", "JobBar", "notify_exception", "show_error", "show_info", "show_warning"]
+__all__ = ["Job", "JobBar", "notify_exception", "row", "show_error", "show_info", "show_warning"]
+
+
+def row(*widgets) -> QWidget:
+    """Widgets side by side, without margins; combo boxes and line edits take the room."""
+    w = QWidget()
+    lay = QHBoxLayout(w)
+    lay.setContentsMargins(0, 0, 0, 0)
+    for x in widgets:
+        lay.addWidget(x, 1 if isinstance(x, (QComboBox, QLineEdit)) else 0)
+    return w
 
 
 def notify_exception(exc: BaseException, what: str = "") -> str:

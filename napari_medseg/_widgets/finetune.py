@@ -15,25 +15,16 @@ import logging
 from pathlib import Path
 
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
-                            QHBoxLayout, QLabel, QLineEdit, QPushButton, QSpinBox, QVBoxLayout,
+                            QLabel, QLineEdit, QPushButton, QSpinBox, QVBoxLayout,
                             QWidget)
 
 from ..errors import MedSegError
-from ._common import Job, JobBar, notify_exception, show_info
+from ._common import Job, JobBar, notify_exception, row, show_info
 from ._layout import tabify_when_docked
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FinetuneWidget"]
-
-
-def _row(*widgets) -> QWidget:
-    w = QWidget()
-    lay = QHBoxLayout(w)
-    lay.setContentsMargins(0, 0, 0, 0)
-    for x in widgets:
-        lay.addWidget(x, 1 if isinstance(x, (QComboBox, QLineEdit)) else 0)
-    return w
 
 
 def _summary(path: Path) -> str:
@@ -94,8 +85,8 @@ class FinetuneWidget(QWidget):
         self.status.setWordWrap(True)
 
         form = QFormLayout()
-        form.addRow("Model", _row(self.model_box, refresh))
-        form.addRow("Dataset", _row(self.dataset_edit, browse))
+        form.addRow("Model", row(self.model_box, refresh))
+        form.addRow("Dataset", row(self.dataset_edit, browse))
         form.addRow("Iterations", self.iterations)
         form.addRow("Learning rate", self.lr)
         form.addRow("New name", self.name_edit)

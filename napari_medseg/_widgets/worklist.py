@@ -26,11 +26,11 @@ import time
 
 import numpy as np
 from qtpy.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QFileDialog, QFormLayout,
-                            QHBoxLayout, QLabel, QLineEdit, QPushButton, QTableWidget,
+                            QLabel, QLineEdit, QPushButton, QTableWidget,
                             QTableWidgetItem, QVBoxLayout, QWidget)
 
 from ..errors import MedSegError
-from ._common import Job, JobBar, notify_exception, show_info
+from ._common import Job, JobBar, notify_exception, row, show_info
 from ._layout import tabify_when_docked
 
 log = logging.getLogger(__name__)
@@ -40,15 +40,6 @@ __all__ = ["WorklistWidget", "KEYS"]
 #: Shortcuts bound on the open case's layers.
 KEYS = {"Alt-N": "next_case", "Alt-P": "previous_case", "Alt-U": "next_region"}
 _COLUMNS = ("case", "status", "annotator", "min", "edits", "uncertainty")
-
-
-def _row(*widgets) -> QWidget:
-    w = QWidget()
-    lay = QHBoxLayout(w)
-    lay.setContentsMargins(0, 0, 0, 0)
-    for x in widgets:
-        lay.addWidget(x, 1 if isinstance(x, (QComboBox, QLineEdit)) else 0)
-    return w
 
 
 def _grid(viewer):
@@ -123,7 +114,7 @@ class WorklistWidget(QWidget):
         self.status.setWordWrap(True)
 
         form = QFormLayout()
-        form.addRow("Folder", _row(self.folder_edit, browse, self.open_button))
+        form.addRow("Folder", row(self.folder_edit, browse, self.open_button))
         form.addRow("Annotator", self.annotator_edit)
         form.addRow("Model", self.model_box)
         form.addRow("Training set", self.training_edit)
@@ -131,10 +122,10 @@ class WorklistWidget(QWidget):
         lay = QVBoxLayout(self)
         lay.addLayout(form)
         lay.addWidget(self.table, 1)
-        lay.addWidget(_row(self.prev_button, self.next_button))
-        lay.addWidget(_row(self.region_button, self.show_uncertainty))
-        lay.addWidget(_row(self.approve_button, self.review_check))
-        lay.addWidget(_row(self.reviewer_mode, self.send_back_button))
+        lay.addWidget(row(self.prev_button, self.next_button))
+        lay.addWidget(row(self.region_button, self.show_uncertainty))
+        lay.addWidget(row(self.approve_button, self.review_check))
+        lay.addWidget(row(self.reviewer_mode, self.send_back_button))
         lay.addWidget(self.finetune_button)
         lay.addWidget(self.bar)
         lay.addWidget(self.status)
