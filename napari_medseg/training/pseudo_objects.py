@@ -41,7 +41,7 @@ MIN_VOXELS = 150
 SIZE_BINS = (150, 2_000, 20_000)
 
 
-def noise_sigma(img: np.ndarray) -> float:
+def noise_sigma(img: np.ndarray, floor: float | None = None) -> float:
     """A robust estimate of the image noise: the MAD of neighbour differences.
 
     Only pairs of voxels above the image's 10th percentile count (not the air
@@ -51,13 +51,15 @@ def noise_sigma(img: np.ndarray) -> float:
     ----------
     img : numpy.ndarray
         ``(Z, Y, X)`` float image.
+    floor : float, optional
+        The image's 10th percentile, where the caller has it already.
 
     Returns
     -------
     float
         Noise standard deviation in the image's units (> 0).
     """
-    floor = np.percentile(img, 10)
+    floor = np.percentile(img, 10) if floor is None else floor
     inside = (img[..., 1:] > floor) & (img[..., :-1] > floor)
     d = np.diff(img, axis=-1)[inside]
     d = d[d != 0]
@@ -129,11 +131,11 @@ def pseudo_objects(img: np.ndarray, spacing, rng, segment_mm: float | None = Non
     n_seg = max(int(np.prod(np.array(img.shape) * sp) / segment_mm ** 3), 8)
     seg = slic(norm, n_segments=n_seg, compactness=float(rng.uniform(0.02, 0.2)),
                spacing=sp, channel_axis=None, start_label=1, enforce_connectivity=True)
-    sigma = noise_sigma(img)
+    # the darkest tenth: air around the body, outside a skull-stripped brain
+    floor = np.percentile(img, 10)
+    sigma = noise_sigma(img, floor)
     # means of supervoxels of ~hundreds of voxels: a threshold in noise units of the image
     merged = _merge(seg.astype(np.int64), img, merge_sigmas * sigma)
-    # drop the darkest tenth (air around the body, outside a skull-stripped brain)
-    floor = np.percentile(img, 10)
     # each merged group is connected: SLIC's supervoxels are, and merging joins neighbours
     sizes = np.bincount(merged.ravel())
     ids = np.flatnonzero((sizes >= MIN_VOXELS) & (sizes <= max_fraction * img.size))
@@ -178,9 +180,11 @@ def build_real_pool(root, rng, maps_per_image: int = 3) -> list:
     """
     pool = []
     for rel, img, sp in load_training_images(root):
+        counts = []
         for _ in range(maps_per_image):
             objs, classes = pseudo_objects(img, sp, rng)
+            counts.append(len(classes) - 1)
             if len(classes) > 1:
                 pool.append((img, sp, objs, classes))
-        log.info("pseudo-objects on %s: %s", rel, [len(p[3]) - 1 for p in pool[-maps_per_image:]])
+        log.info("pseudo-objects on %s: %s", rel, counts)
     return pool
