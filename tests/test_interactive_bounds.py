@@ -187,6 +187,46 @@ def test_a_positive_click_adds_near_itself_and_gives_up_nothing():
     assert kept[obj].all()
 
 
+def _two_steps(first, second, prompts1, prompts2, bounds):
+    shape = first.shape
+    eng = _Scripted([first, second])
+    eng.bounds = bounds
+    image = np.zeros(shape, np.float32)
+    eng.predict(image, (1.0, 1.0, 1.0), prompts1)
+    return eng.predict(image, (1.0, 1.0, 1.0), prompts2)
+
+
+def test_a_click_changes_the_mask_only_near_itself():
+    shape = (30, 80, 100)
+    x = np.arange(shape[2])[None, None, :]
+    obj = _ball(shape, (15, 40, 50), 12)
+    shell = ndi.binary_dilation(obj, iterations=2) & ~obj
+    inner = obj & ~ndi.binary_erosion(obj, iterations=2)
+    pos1 = Prompts(positive=[[15, 40, 50]])
+    # a positive click 2 mm off the edge: the engine grows the whole edge by
+    # 2 voxels and also peels the far side
+    pos2 = Prompts(positive=[[15, 40, 50], [15, 40, 64]])
+    answer = (obj | shell) & ~(inner & (x < 44))
+    far = x < 44  # farther than max(12, 5 x 2) mm from the click
+    got = _two_steps(obj, answer, pos1, pos2, Bounds(local=5.0))
+    assert got[15, 40, 63] and got[15, 40, 64]  # the edge at the click grew
+    assert got[obj & far].all() and not got[shell & (x < 40)].any()  # far side as before
+    # without the rule the engine's far changes (within the edge band) stand
+    got = _two_steps(obj, answer, pos1, pos2, Bounds())
+    assert not got[inner & (x < 40)].any() and got[shell & (x < 40)].any()
+    # a negative click just inside the edge removes a cap there, not the far side
+    neg2 = Prompts(positive=[[15, 40, 50]], negative=[[15, 40, 60]])
+    answer = obj & (x < 56) & ~(inner & (x < 44))
+    got = _two_steps(obj, answer, pos1, neg2, Bounds(local=5.0))
+    assert not got[15, 40, 60] and got[obj & far].all()
+    # a click deep in a missed part adds all of it
+    part = _ball(shape, (15, 40, 80), 9)
+    small = _ball(shape, (15, 40, 30), 8)
+    got = _two_steps(small, small | part, Prompts(positive=[[15, 40, 30]]),
+                     Prompts(positive=[[15, 40, 30], [15, 40, 80]]), Bounds(local=5.0))
+    assert got[part].all() and got[small].all()
+
+
 def test_added_click_knows_one_click_from_new_prompts():
     a = Prompts(positive=[[1, 2, 3]])
     b = Prompts(positive=[[1, 2, 3]], negative=[[4, 5, 6]])

@@ -29,9 +29,17 @@ previous result alone (no engine internals, no image statistics):
    prompts than the new negative click is kept: what the mask held for two
    updates whatever its intensity, what the click before added only when its
    intensity is nearer the object's than the negative click's.
+4. **A click changes the mask near itself** (``local``, on for the click
+   model). Beyond a radius that grows with the click's distance to the
+   previous mask's edge, the previous mask stays as it was: a click that
+   fixes a margin cannot move the object's far side, a click deep in a
+   missed part can add that part. This is the rule that keeps a further
+   click from making the result much worse (the model's far changes are
+   as often wrong as right), in the manner of FocalClick's local
+   refinement.
 
-Boundary refinements within ``edge_mm`` are never touched, so an engine that
-is right is left alone; the rules only cut what no single click can mean.
+Without rule 4, boundary refinements within ``edge_mm`` are never touched,
+so an engine that is right is left alone; the rules only cut what no single click can mean.
 All coordinates are array indices ``(z, y, x)``; distances are in mm.
 """
 
@@ -68,6 +76,13 @@ class Bounds:
     keep : float
         A negative click that leaves less than this share of the previous
         mask removes only what lies nearer to it than to the positive prompts.
+    local : float or None
+        A click at distance ``d`` (mm) from the previous mask's edge (from
+        outside for a positive click, from inside for a negative one)
+        changes nothing farther than ``max(min_reach_mm, local * d)`` from
+        itself: a click just off the edge fixes the edge there, a click deep
+        in a missed or spilled part fixes a part of that size. Everything
+        beyond is the previous result. None: no such limit.
     """
 
     max_radius_mm: float = 150.0
@@ -77,6 +92,7 @@ class Bounds:
     min_reach_mm: float = 12.0
     edge_mm: float = 3.0
     keep: float = 0.5
+    local: float | None = None
 
 
 @dataclass
@@ -289,12 +305,22 @@ def _positive_step(new, old, point, spacing, domain, bounds: Bounds,
         add &= ~drop
         if not add.any():
             return out
+    if bounds.local is not None:
+        drop = add & ~_near_click(old, old | add, domain, point, True, spacing, bounds)
+        out &= ~drop
+        add &= ~drop
+        if not add.any():
+            return _connected(out, old, point, domain)
     vox = float(np.prod([s for s, n in zip(spacing, add.shape) if n > 1]))
     ball = (4 / 3 * np.pi * bounds.min_reach_mm ** 3 if add.ndim - add.shape.count(1) == 3
             else np.pi * bounds.min_reach_mm ** 2)
     cap = int(bounds.growth * n_old + ball / vox)
     out &= ~(add & ~_nearest(add, domain, point, spacing, cap))
-    # what stays must hang together with the previous mask or the click
+    return _connected(out, old, point, domain)
+
+
+def _connected(out, old, point, domain) -> np.ndarray:
+    """The parts of ``out`` that hang together with ``old`` or the click."""
     seeds = old & out
     v = _voxel(point, domain)
     if v is not None and out[v]:
@@ -304,6 +330,51 @@ def _positive_step(new, old, point, spacing, domain, bounds: Bounds,
         keep = np.unique(lab[seeds])
         out = np.isin(lab, keep[keep > 0])
     return out
+
+
+def _near_click(old, new, domain, point, positive, spacing, bounds) -> np.ndarray:
+    """Where ``new`` differs from ``old`` within ``max(min_reach_mm, local *
+    d)`` of the click (rule 4), on ``domain``; ``d`` is the click's distance
+    to ``old`` (a positive click) or to the outside of ``old`` (a negative
+    one)."""
+    d = _distance_to_mask(old if positive else ~old, domain, point, spacing)
+    radius = max(bounds.min_reach_mm, bounds.local * d)
+    changed = np.flatnonzero(new != old)
+    out = np.zeros(old.shape, bool)
+    if len(changed):
+        idx = np.stack(np.unravel_index(changed, old.shape), 1)
+        out.ravel()[changed[_distances(idx, domain, point, spacing) <= radius]] = True
+    return out
+
+
+def _distances(idx, domain, point, spacing) -> np.ndarray:
+    """Distances (mm) from ``point`` (image indices) to voxels ``idx`` of ``domain``."""
+    start = np.array([d.start for d in domain], float)
+    diff = (idx + start - np.asarray(point, float)) * np.asarray(spacing, float)
+    return np.sqrt((diff * diff).sum(1))
+
+
+def _distance_to_mask(mask, domain, point, spacing) -> float:
+    """Distance (mm) from ``point`` (image indices) to the nearest voxel of
+    ``mask`` (on ``domain``); 0 when the point lies in it, the domain's
+    diagonal when the mask is empty. Searched in growing windows around the
+    point: a voxel found within a window's half-size is the nearest."""
+    sp = np.asarray(spacing, float)
+    centre = np.round(np.asarray(point, float)).astype(int) - [d.start for d in domain]
+    half = 8.0
+    while True:
+        lo = np.clip(centre - np.ceil(half / sp).astype(int), 0, mask.shape)
+        hi = np.clip(centre + np.ceil(half / sp).astype(int) + 1, 0, mask.shape)
+        win = mask[tuple(slice(a, b) for a, b in zip(lo, hi))]
+        whole = bool(np.all(lo == 0) and np.all(hi == mask.shape))
+        idx = np.argwhere(win)
+        if len(idx):
+            d = float(_distances(idx + lo, domain, point, spacing).min())
+            if d <= half or whole:
+                return d
+        elif whole:
+            return float(np.sqrt(((np.asarray(mask.shape) * sp) ** 2).sum()))
+        half *= 2
 
 
 def _value_at(image, point) -> float:
@@ -409,6 +480,9 @@ def bound_result(mask, region, shape, spacing, prompts, bounds: Bounds = Bounds(
                     prev.removed = np.zeros(tuple(shape), bool)
                 prev.removed[domain] |= gone
         new &= allowed | old
+        if bounds.local is not None:
+            near = _near_click(old, new, domain, prev.point, prev.positive, spacing, bounds)
+            new = np.where(near, new, old)
     # on the engine's own region (widened to the domain where that reaches out)
     out = tuple(slice(min(r.start, d.start), max(r.stop, d.stop))
                 for r, d in zip(region, domain))

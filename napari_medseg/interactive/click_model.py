@@ -344,7 +344,8 @@ class ClickModelEngine(Engine):
     name = "click model"
     #: The network sees the previous mask and corrects it as a whole (RITM), so
     #: a click may grow an under-segmented first answer many times over; reach
-    #: and share are bounded as for every engine (:mod:`.bounds`).
+    #: and share are bounded as for every engine, and a click changes the mask
+    #: only near itself (rule 4 of :mod:`.bounds`).
     bounds = None
 
     def __init__(self, weights=None, budget: int = roi.BUDGET_3D, max_grow: int = 2,
@@ -359,7 +360,7 @@ class ClickModelEngine(Engine):
         self.first_roi_mm = float(first_roi_mm)
         from .bounds import Bounds
 
-        self.bounds = Bounds(growth=20.0)
+        self.bounds = Bounds(growth=20.0, local=5.0)
         self._net: ClickNet | None = None
         self._last = None  # (key, positive, negative, boxes, mask, region)
         self._grid = None  # (key, lo, hi, grid shape, resampled crop)

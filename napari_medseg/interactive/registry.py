@@ -182,8 +182,9 @@ _BUILTIN = (
                    "real scan (napari_medseg.training.train_click_model)",
         measured_on="60 objects of the shared real CT, MR and PET scans (references: "
                     "TotalSegmentator output for the abdominal CT, manual otherwise): Dice "
-                    "0.67 after 5 clicks, 0.70 after a 2D box and 5 clicks "
-                    "(benchmarks/bench_interactive.py --real; docs/models.md)"),
+                    "0.66 after 5 clicks, 0.71 after a 2D box and 5 clicks; 5 % of clicks "
+                    "lowered Dice (8 % after a box) (benchmarks/bench_interactive.py --real; "
+                    "docs/models.md)"),
         prompts=("clicks", "boxes"), path="file", path_optional=True),
     EngineInfo("Segment Anything", _with_path(".sam", "SamEngine"), EngineCard(
         trained_on="the checkpoint's own data (SAM: SA-1B natural images; MedSAM: public "
