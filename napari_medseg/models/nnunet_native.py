@@ -42,6 +42,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..core.inference import class_argmax
+
 __all__ = ["nnunet_window_starts", "nnunet_gaussian", "LogitResampler", "NativeResult",
            "EnsembleNetwork", "Network2D", "run_native"]
 
@@ -274,23 +276,28 @@ class LogitResampler:
 
     def _compute(self, start, stop):
         i0, i1, w = (a[start:stop] for a in self.maps[0])
-        i1 = np.where(w > 0, i1, i0)  # weight 0: the second slice is not needed
-        zs = sorted(set(i0.tolist()) | set(i1.tolist()))
-        stack = torch.stack([self.slices[z] for z in zs], dim=1)  # (K, n, Yi, Xi)
-        pos = {z: j for j, z in enumerate(zs)}
-        v = _interp(stack, 1, (np.array([pos[z] for z in i0], dtype=np.int64),
-                               np.array([pos[z] for z in i1], dtype=np.int64), w))
-        del stack
+        # axis 0: each output slice straight from its one or two input slices
+        v = torch.empty((self.k, stop - start) + self.in_shape[1:], dtype=torch.float32)
+        for j in range(stop - start):
+            a = self.slices[int(i0[j])]
+            if w[j] > 0:
+                torch.lerp(a, self.slices[int(i1[j])], float(np.float32(w[j])), out=v[:, j])
+            else:
+                v[:, j] = a
         v = _interp(v, 2, self.maps[1])
-        v = _interp(v, 3, self.maps[2])
+        # axis 2 on the transposed view: torch gathers whole rows much faster than
+        # single values along the last axis (the same numbers, about 2x less time);
+        # vt is (K, n, Xo, Yo), contiguous
+        vt = _interp(v.transpose(2, 3), 2, self.maps[2])
+        del v
         out = slice(start, stop)
-        self.labels[out] = v.argmax(0).numpy().astype(self.labels.dtype)
+        self.labels[out] = class_argmax(vt).transpose(1, 2).numpy()
         if self.logits is not None:
-            self.logits[:, out] = v.numpy()
+            self.logits[:, out] = vt.transpose(2, 3).numpy()
         if self.entropy is not None:
-            p = torch.softmax(v, 0)
+            p = torch.softmax(vt, 0)
             ent = -(p * torch.log(p.clamp_min(1e-12))).sum(0) / math.log(max(self.k, 2))
-            self.entropy[out] = ent.clamp(0, 1).numpy().astype(np.float16)
+            self.entropy[out] = ent.clamp(0, 1).transpose(1, 2).numpy().astype(np.float16)
 
     def finish(self):
         """Check every output slice was made; return the labels ``(Z, Y, X)``."""
