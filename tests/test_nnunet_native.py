@@ -175,6 +175,39 @@ def test_streamed_export_equals_nnunet_resampling(case):
     assert r.peak_slices < in_shape[0] // 2  # slices are dropped once used
 
 
+@pytest.mark.parametrize("case", ["ct_iso", "ct_aniso", "zscore_mask_transposed", "same_grid"])
+def test_preprocessing_equals_run_case_npy(tmp_path, case):
+    """The engine's preprocessing gives run_case_npy's array and properties exactly."""
+    import json
+
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from napari_medseg.models.nnunet_native import preprocess_case
+
+    kw = {"ct_iso": dict(spacing=(2.0, 1.5, 1.5)), "ct_aniso": dict(spacing=(2.5, 0.7, 0.7)),
+          "zscore_mask_transposed": dict(spacing=(1.0, 1.2, 0.9), transpose=(2, 0, 1),
+                                         normalization="ZScoreNormalization"),
+          "same_grid": dict(spacing=(1.0, 1.0, 1.0))}[case]
+    folder = make_result_folder(tmp_path, "Dataset506_Pre", ["a"], patch=(8, 16, 16), **kw)
+    plans = json.loads((folder / "plans.json").read_text())
+    if case == "zscore_mask_transposed":
+        plans["configurations"]["3d_fullres"]["use_mask_for_norm"] = [True]
+    pm = PlansManager(plans)
+    cm = pm.get_configuration("3d_fullres")
+    ds = json.loads((folder / "dataset.json").read_text())
+    x = _ct((17, 33, 26), seed=4, border=3)[None]
+    spacing = (1.0, 1.0, 1.0) if case == "same_grid" else (2.2, 0.8, 1.1)
+    ref, _, ref_props = cm.preprocessor_class(verbose=False).run_case_npy(
+        x.copy(), None, {"spacing": list(spacing)}, pm, cm, ds)
+    got, props = preprocess_case(pm, cm, ds, x, spacing)
+    assert got.dtype == ref.dtype == np.float32 and got.shape == ref.shape
+    np.testing.assert_array_equal(got, ref)
+    for key in ("shape_before_cropping", "bbox_used_for_cropping",
+                "shape_after_cropping_and_before_resampling", "spacing"):
+        assert np.array_equal(np.asarray(props[key]), np.asarray(ref_props[key])), key
+    assert np.array_equal(x, _ct((17, 33, 26), seed=4, border=3)[None])  # input untouched
+
+
 def test_anisotropic_odd_volume_with_zero_border_matches_predictor(tmp_path):
     """Separate-z resampling both ways, crop to non-zero, CT normalisation, 2 folds."""
     folder = make_result_folder(tmp_path, "Dataset501_Aniso", ["a", "b", "c", "d"],

@@ -160,7 +160,9 @@ def load_nnunet(path, folds=None, checkpoint: str = "checkpoint_final.pth",
         raise MedSegError(f"unknown nnU-Net backend {backend!r}; use 'native' or 'nnunetv2'",
                           str(path))
     try:
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor  # noqa: F401
+        # (not nnunetv2.inference: it imports torch._dynamo, 3-4 s, and only the
+        # reference backend needs it)
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager  # noqa: F401
     except ImportError as exc:
         raise MedSegError("nnU-Net result folders need nnunetv2; install "
                           "napari-medseg[nnunet]", str(path)) from exc
