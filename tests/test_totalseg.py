@@ -120,6 +120,34 @@ def _totalseg_reference(home, vol, part_ids):
     return np.asarray(out.dataobj).transpose(2, 1, 0)
 
 
+@pytest.mark.parametrize("shape,zoom,dtype", [
+    ((13, 17, 11), (0.55, 0.7, 1.3), np.int16),
+    ((20, 9, 31), (1.7, 0.33, 0.5), np.float32),
+    ((30, 40, 50), (0.8 / 3, 0.8 / 3, 0.5), np.int16),
+    ((8, 8, 8), (1.0, 1.0, 1.0), np.float32),
+    ((13, 22, 19), (1.42, 1.27, 1.62), np.float32),  # zooming back hits scipy's cval
+])
+def test_resampling_steps_equal_scipy_zoom_as_totalsegmentator_calls_it(shape, zoom, dtype):
+    """The leaner order-3 and order-0 zooms give scipy's voxels exactly."""
+    from scipy import ndimage
+
+    from napari_medseg.models.totalseg import _nearest_zoom_xyz, _spline_zoom_xyz
+
+    rng = np.random.default_rng(sum(shape))
+    a = rng.normal(0, 300, shape).astype(dtype)
+    ref = ndimage.zoom(a.transpose(2, 1, 0).astype(np.float64), zoom, order=3) \
+        .astype(np.int32).transpose(2, 1, 0)
+    got = _spline_zoom_xyz(a, zoom, np.int32)
+    assert got.dtype == np.int32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, ref)
+    lab = rng.integers(0, 118, ref.shape).astype(np.uint8)
+    back = np.array(shape[::-1], float) / np.array(ref.shape[::-1], float)
+    ref0 = ndimage.zoom(lab.transpose(2, 1, 0), back, order=0).transpose(2, 1, 0)
+    got0 = _nearest_zoom_xyz(lab, back)
+    assert got0.shape == shape
+    np.testing.assert_array_equal(got0, ref0)
+
+
 def test_total_five_part_merge_matches_totalsegmentator_steps(ts_env):
     vol = _oblique_ct()
     model = load_model("total")

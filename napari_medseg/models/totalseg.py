@@ -336,13 +336,68 @@ def _undo_canonical(labels_zyx: np.ndarray, ornt) -> np.ndarray:
     return np.ascontiguousarray(xyz.transpose(2, 1, 0))
 
 
-def _zoom_xyz(a_zyx, zoom_xyz, order, dtype=None):
-    """``scipy.ndimage.zoom`` on the ``(x, y, z)`` view, as TotalSegmentator calls it."""
+def _spline_zoom_xyz(a_zyx, zoom_xyz, dtype):
+    """``ndimage.zoom(a_xyz.astype(float64), zoom_xyz, order=3).astype(dtype)``, the same numbers.
+
+    TotalSegmentator's resampling of the image, on the ``(x, y, z)`` view of a
+    ``(Z, Y, X)`` array, with the same voxels as that call.
+
+    scipy's ``zoom`` makes a float64 copy of the input, then filters the ``(x, y,
+    z)`` view along x, y and z into another float64 array the size of the input
+    (the spline coefficients) and evaluates the spline at the new grid. Here the
+    filter reads the input as it is (any dtype: every value is converted to
+    float64 exactly, line by line) and runs along the same axes in the same order
+    on the contiguous array, and the evaluation is scipy's own on the
+    coefficients (``prefilter=False``): one float64 volume instead of two (a
+    512 x 512 x 300 CT: 0.59 GiB less).
+
+    Parameters
+    ----------
+    a_zyx : numpy.ndarray
+        ``(Z, Y, X)`` image, any real dtype.
+    zoom_xyz : sequence of 3 float
+        Zoom factors along x, y, z, as given to ``scipy.ndimage.zoom``.
+    dtype : numpy dtype
+        Output dtype (cast as ``astype`` does: int32 truncates toward zero).
+    """
     from scipy import ndimage
 
-    out = ndimage.zoom(np.asarray(a_zyx).transpose(2, 1, 0), zoom_xyz, order=order)
-    out = out.transpose(2, 1, 0)
-    return np.ascontiguousarray(out if dtype is None else out.astype(dtype))
+    a = np.asarray(a_zyx)
+    zoom_xyz = [float(z) for z in zoom_xyz]
+    if all(z == 1 for z in zoom_xyz):  # scipy returns the input itself
+        return np.ascontiguousarray(a.astype(np.float64).astype(dtype))
+    coef = np.empty(a.shape, np.float64)
+    for i, axis in enumerate((2, 1, 0)):  # x, y, z: the order scipy filters the xyz view
+        ndimage.spline_filter1d(a if i == 0 else coef, 3, axis=axis, output=coef,
+                                mode="constant")
+    out = ndimage.zoom(coef.transpose(2, 1, 0), zoom_xyz, order=3, mode="constant",
+                       prefilter=False, output=np.float64)
+    del coef
+    return np.ascontiguousarray(out.transpose(2, 1, 0).astype(dtype))
+
+
+def _nearest_zoom_xyz(a_zyx, zoom_xyz):
+    """``ndimage.zoom(a_xyz, zoom_xyz, order=0)`` on the ``(x, y, z)`` view, by indexing each axis.
+
+    Order-0 zoom picks, along each axis, the source index that scipy computes for
+    that axis alone (its coordinates, and whether they fall outside, are per
+    axis), so the 1D zoom of ``1..n`` gives the indices and the volume is gathered
+    axis by axis,
+    without evaluating every output voxel (512 x 512 x 300 labels: about 4x faster).
+    """
+    from scipy import ndimage
+
+    a = np.asarray(a_zyx)
+    # the 1D zoom of 1..n: the source index + 1, or scipy's cval 0 where a coordinate
+    # falls outside (it can, by rounding, at the last voxel); index 0 of the padded
+    # array is that 0
+    idx = [ndimage.zoom(np.arange(1, n + 1, dtype=np.float64), float(z), order=0)
+           .astype(np.intp) for n, z in zip(a.shape[::-1], zoom_xyz)]  # x, y, z
+    ix, iy, iz = idx
+    a = np.pad(a, ((1, 0), (1, 0), (1, 0)))
+    out = np.take(a, iz, axis=0)
+    out = np.take(out, iy, axis=1)
+    return np.ascontiguousarray(np.take(out, ix, axis=2))
 
 
 class TotalSegModel(Model):
@@ -402,7 +457,7 @@ class TotalSegModel(Model):
         spacing_xyz = np.linalg.norm(aff[:3, :3], axis=0)
         if self.task.spacing:
             zoom = spacing_xyz / self.task.spacing
-            img = _zoom_xyz(can.astype(np.float64), zoom, order=3, dtype=np.int32)
+            img = _spline_zoom_xyz(can, zoom, dtype=np.int32)
             spacing_xyz = spacing_xyz / zoom
         else:
             img = can
@@ -448,7 +503,7 @@ class TotalSegModel(Model):
             merged *= np.isin(merged, keep).astype(merged.dtype)
         if self.task.spacing:
             zoom_back = np.array(shape_can[::-1], float) / np.array(merged.shape[::-1], float)
-            merged = _zoom_xyz(merged, zoom_back, order=0)
+            merged = _nearest_zoom_xyz(merged, zoom_back)
         if merged.shape != shape_can:  # pragma: no cover - zoom rounding guard
             raise MedSegError("TotalSegmentator resampling back gave the wrong shape", vol.source)
         labels = _undo_canonical(merged, ornt)
