@@ -15,12 +15,14 @@ for a box drawn on one slice) and grows it while the mask reaches its border;
 a 2D update looks at a slab of :data:`~.click_roi.SLAB_2D` slices around the
 slice.
 
-The network never saw a real scan in training: it learned from
+The network never saw a real label in training: it learned from
 domain-randomised synthetic volumes (:mod:`napari_medseg.training.synth`:
 random shapes in random tissue maps with random intensities, textures,
-resolution, blur, bias and noise, a third of them in CT Hounsfield ranges)
-and from the randomised CT and MR phantoms, with boxes and clicks simulated
-RITM style (later clicks at the centre of its own largest error). The
+resolution, blur, bias and noise, a third of them in CT Hounsfield ranges),
+from the randomised CT and MR phantoms and, in its last phase, from
+pseudo-objects made from the images alone of a few openly licensed real
+scans (:mod:`napari_medseg.training.pseudo_objects`), with boxes and clicks
+simulated RITM style (later clicks at the centre of its own largest error). The
 training commands are in :mod:`napari_medseg.training.train_click_model` and
 docs/models.md. The weights ship in the package (``click_model.pt``: a plain
 state dict read with ``weights_only=True``, tagged with :data:`ARCH`).
