@@ -45,6 +45,19 @@ def test_split_head_gives_the_same_result_and_says_so(caplog):
     assert isinstance(net.head, torch.nn.Conv3d)  # the network is given back whole
 
 
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_split_head_labels_only_equal_the_whole_network(amp):
+    """Labels alone (no probability or uncertainty maps) through the head: the same argmax."""
+    net, x = _net(seed=3), _x(seed=3)
+    kw = dict(return_probability=False, uncertainty=None, amp=amp)
+    ref = _run(net, x, split=False, **kw)
+    res = _run(net, x, split=True, **kw)
+    with_maps = _run(net, x, split=True, amp=amp)
+    np.testing.assert_array_equal(res.labels, with_maps.labels)
+    assert (res.labels == ref.labels).mean() >= (1.0 if amp == "off" else 0.97)
+    assert len(np.unique(res.labels)) > 3
+
+
 @pytest.mark.parametrize("tta", [False, True])
 def test_split_head_with_mirrors_batches_and_bf16(tta):
     net, x = _net(seed=1), _x(seed=1)

@@ -256,6 +256,33 @@ def test_oblique_volume_through_predict_matches_reference_backend(tmp_path):
     assert (ref.labels.data == pred.labels.data).mean() > 0.99
 
 
+def test_bf16_run_keeps_export_slices_in_float16_and_agrees_with_fp32(tmp_path):
+    """Mixed precision: the export holds float16 slices; labels as the fp32 run's."""
+    folder = make_result_folder(tmp_path, "Dataset507_Bf16", ["a", "b", "c"],
+                                spacing=(2.0, 1.2, 1.2), patch=(8, 16, 16), seed=9)
+    model = load_model(folder)
+    x = _ct((15, 31, 27), seed=6)[None]
+    model.amp = "off"
+    ref = model.run_array(x, (2.5, 1.0, 1.1), device="cpu")
+    model.amp = "bf16"
+    seen = []
+    orig = LogitResampler.__init__
+
+    def spy(self, *a, **kw):
+        orig(self, *a, **kw)
+        seen.append(self.store_dtype)
+
+    LogitResampler.__init__ = spy
+    try:
+        got = model.run_array(x, (2.5, 1.0, 1.1), device="cpu")
+    finally:
+        LogitResampler.__init__ = orig
+    assert got.info["amp"] == "bf16" and got.info["export"] == "streamed"
+    assert seen == [torch.float16]
+    assert (got.labels == ref.labels).mean() > 0.97
+    assert len(np.unique(ref.labels)) > 2
+
+
 def test_cancel_stops_native_run(tmp_path):
     from napari_medseg.errors import Cancelled
 

@@ -211,10 +211,16 @@ class LogitResampler:
         Also keep the resampled ``(K, *out_shape)`` logits (small volumes, tests).
     entropy : bool
         Also compute the normalised entropy of the softmax on the output grid.
+    store_dtype : torch.dtype
+        How the received slices are kept until used: float32, or float16 for
+        mixed-precision runs, whose blended logits come from float16 sums and
+        bf16 outputs already (half the memory; the resampling itself runs in
+        float32 either way).
     """
 
     def __init__(self, n_classes, in_shape, out_shape, modes, keep_logits=False,
-                 entropy=False):
+                 entropy=False, store_dtype=torch.float32):
+        self.store_dtype = store_dtype
         self.k = int(n_classes)
         self.in_shape = tuple(int(s) for s in in_shape)
         self.out_shape = tuple(int(s) for s in out_shape)
@@ -251,9 +257,9 @@ class LogitResampler:
             buf = self.slices.get(z)
             if buf is None:
                 buf = self.slices[z] = torch.empty((self.k,) + self.in_shape[1:],
-                                                   dtype=torch.float32)
+                                                   dtype=self.store_dtype)
                 self.peak_slices = max(self.peak_slices, len(self.slices))
-            buf[:, ys, xs] = logits[:, i].to("cpu", torch.float32)
+            buf[:, ys, xs] = logits[:, i].to("cpu", self.store_dtype)
             if self.filled[z] > plane:  # pragma: no cover - internal consistency
                 raise RuntimeError("nnU-Net export: a logit slice was received twice")
         self._emit()
@@ -281,9 +287,10 @@ class LogitResampler:
         # axis 0: each output slice straight from its one or two input slices
         v = torch.empty((self.k, stop - start) + self.in_shape[1:], dtype=torch.float32)
         for j in range(stop - start):
-            a = self.slices[int(i0[j])]
+            a = self.slices[int(i0[j])].float()
             if w[j] > 0:
-                torch.lerp(a, self.slices[int(i1[j])], float(np.float32(w[j])), out=v[:, j])
+                torch.lerp(a, self.slices[int(i1[j])].float(), float(np.float32(w[j])),
+                           out=v[:, j])
             else:
                 v[:, j] = a
         v = _interp(v, 2, self.maps[1])
@@ -468,7 +475,7 @@ def run_native(model, x: np.ndarray, spacing, device="cpu", overlap=0.5, tta=Fal
     from nnunetv2.preprocessing.resampling.default_resampling import \
         determine_do_sep_z_and_axis
 
-    from ..core.inference import pick_device, sliding_window_inference
+    from ..core.inference import pick_device, resolve_amp, sliding_window_inference
 
     t0 = time.perf_counter()
     pm, cm = model.plans_manager, model.configuration_manager
@@ -483,6 +490,7 @@ def run_native(model, x: np.ndarray, spacing, device="cpu", overlap=0.5, tta=Fal
     spacing_t = [props["spacing"][i] for i in pm.transpose_forward]
     current = list(cm.spacing) if len(cm.spacing) == 3 else [spacing_t[0], *cm.spacing]
 
+    dev = pick_device(device)
     kw, all_kw = _probability_resampling(cm)
     resample_needed = tuple(net_shape) != out_shape
     resampler = None
@@ -496,10 +504,11 @@ def run_native(model, x: np.ndarray, spacing, device="cpu", overlap=0.5, tta=Fal
             if sep and int(kw.get("order_z", 0)) == 0:
                 modes[int(axis)] = "nearest"
             resampler = LogitResampler(k, net_shape, out_shape, modes, keep_logits=keep_logits,
-                                       entropy=uncertainty is not None)
+                                       entropy=uncertainty is not None,
+                                       store_dtype=torch.float32 if resolve_amp(amp, dev) is None
+                                       else torch.float16)
         else:  # nnU-Net's own export of the whole array (no memory bound)
             whole = LogitResampler(k, net_shape, net_shape, ["linear"] * 3, keep_logits=True)
-    dev = pick_device(device)
     net = model.native_network(dev)
     axes = model.mirror_axes_nn if tta else None
     engine_tta = False
