@@ -283,6 +283,27 @@ def test_bf16_run_keeps_export_slices_in_float16_and_agrees_with_fp32(tmp_path):
     assert len(np.unique(ref.labels)) > 2
 
 
+def test_lean_unet_gives_the_networks_own_outputs(tmp_path):
+    """The plain U-Net run by LeanUNet: bit-identical outputs, fp32 and bf16."""
+    from napari_medseg.core.inference import _cpu_fast_path
+    from napari_medseg.models.nnunet_native import LeanUNet
+
+    folder = make_result_folder(tmp_path, "Dataset508_Lean", ["a", "b"],
+                                spacing=(1.0, 1.0, 1.0), patch=(8, 16, 16), seed=13)
+    model = load_model(folder)
+    net = model.native_network("cpu")
+    assert isinstance(net, LeanUNet) and net.network is model.network
+    x = torch.from_numpy(_ct((8, 16, 16), seed=7)[None, None] / 500.0)
+    with torch.inference_mode():
+        assert torch.equal(net(x), model.network(x))
+        with _cpu_fast_path(net, torch.device("cpu"), torch.bfloat16), \
+                torch.autocast("cpu", torch.bfloat16):
+            xc = x.contiguous(memory_format=torch.channels_last_3d)
+            assert torch.equal(net(xc), model.network(xc))
+    model.network.decoder.deep_supervision = True
+    assert not LeanUNet.fits(model.network)  # deep supervision: the stock forward
+
+
 def test_cancel_stops_native_run(tmp_path):
     from napari_medseg.errors import Cancelled
 

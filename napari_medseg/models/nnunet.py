@@ -271,7 +271,7 @@ class NnunetModel(Model):
         """The fold ensemble as one ``(B, C, z, y, x) -> (B, K, z, y, x)`` module on ``device``."""
         import copy
 
-        from .nnunet_native import EnsembleNetwork, Network2D, _FullResolution
+        from .nnunet_native import EnsembleNetwork, LeanUNet, Network2D, _FullResolution
 
         # the reference backend loads each fold into self.network in turn: reload fold 0
         self.network.load_state_dict(self.parameters[0])
@@ -281,6 +281,8 @@ class NnunetModel(Model):
                 net = self.network if not nets else copy.deepcopy(self.network)
                 net.load_state_dict(params)
                 nets.append(net.eval())
+            # plain U-Nets run with the same modules in an order that frees memory sooner
+            nets = [LeanUNet(n) if LeanUNet.fits(n) else n for n in nets]
             net = nets[0] if len(nets) == 1 else EnsembleNetwork(nets)
             if len(self.configuration_manager.patch_size) == 2:
                 net = Network2D(net)

@@ -46,7 +46,7 @@ import torch
 from ..core.inference import class_argmax
 
 __all__ = ["nnunet_window_starts", "nnunet_gaussian", "LogitResampler", "NativeResult",
-           "EnsembleNetwork", "Network2D", "preprocess_case", "run_native"]
+           "EnsembleNetwork", "Network2D", "LeanUNet", "preprocess_case", "run_native"]
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,64 @@ class Network2D(torch.nn.Module):
         y = self.network(x[:, :, 0])
         y = y[0] if isinstance(y, (list, tuple)) else y
         return y[:, :, None]
+
+
+class LeanUNet(torch.nn.Module):
+    """A ``PlainConvUNet`` run so that each skip and concatenation is let go once used.
+
+    ``dynamic_network_architectures``' decoder keeps every encoder output until
+    the whole forward pass ends, and each concatenation alive through all the
+    convolutions of its stage. Here the same modules run in the same order on
+    the same tensors (the same numbers), but a skip is dropped once concatenated
+    and the concatenation once the stage's first block has used it: at the
+    full-resolution stage that is one block's input and output instead of two
+    skips, a concatenation and both blocks' tensors (64 x 128 x 128 windows with
+    16 features: about 60 MB less). Use :meth:`fits` first.
+    """
+
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+
+    @staticmethod
+    def fits(network) -> bool:
+        """Whether ``network`` is a plain U-Net this forward reproduces exactly."""
+        try:
+            from dynamic_network_architectures.architectures.unet import PlainConvUNet
+            from dynamic_network_architectures.building_blocks.plain_conv_encoder import \
+                PlainConvEncoder
+            from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+        except ImportError:  # pragma: no cover - an nnunetv2 dependency
+            return False
+        enc, dec = getattr(network, "encoder", None), getattr(network, "decoder", None)
+        return (type(network) is PlainConvUNet and type(enc) is PlainConvEncoder
+                and type(dec) is UNetDecoder and bool(enc.return_skips)
+                and not dec.deep_supervision)
+
+    def forward(self, x):
+        from dynamic_network_architectures.building_blocks.simple_conv_blocks import \
+            StackedConvBlocks
+
+        enc, dec = self.network.encoder, self.network.decoder
+        skips = []
+        for stage in enc.stages:
+            x = stage(x)
+            skips.append(x)
+        del x
+        lres = skips.pop()
+        for s, stage in enumerate(dec.stages):
+            x = torch.cat((dec.transpconvs[s](lres), skips.pop()), 1)
+            del lres
+            if type(stage) is StackedConvBlocks:  # its forward is self.convs(x)
+                blocks = list(stage.convs)
+                x = blocks[0](x)  # the concatenation is freed here
+                for blk in blocks[1:]:
+                    x = blk(x)
+            else:  # pragma: no cover - other stage types
+                x = stage(x)
+            lres = x
+            del x
+        return dec.seg_layers[-1](lres)
 
 
 class _FullResolution(torch.nn.Module):
