@@ -211,3 +211,33 @@ def test_live_report(tiny, tmp_path):
     dice = [e for e in events if "val_dice" in e]
     assert [e["step"] for e in losses] == list(range(1, 11))
     assert dice and dice[-1]["step"] == 10 and 0.0 <= dice[-1]["val_dice"] <= 1.0
+
+
+def test_a_non_finite_step_never_reaches_the_weights(tiny, tmp_path, monkeypatch):
+    """CPU bf16 convolution backward now and then returns NaN: such a step is
+    redone in float32, and one still non-finite is skipped, never applied."""
+    from napari_medseg.training.data import PatchSampler
+
+    ds = _dataset(tmp_path / "Dataset503_N", seeds=(1, 2))
+    calls = []
+    sample = PatchSampler.sample
+
+    def poisoned(self, *a, **k):  # the third window batch holds a NaN voxel
+        out = sample(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 3:
+            out[0][0, 0, 0, 0, 0] = np.nan
+        return out
+
+    monkeypatch.setattr(PatchSampler, "sample", poisoned)
+    path = finetune(tiny, ds, out_dir=tmp_path / "o", name="guarded", iterations=6,
+                    patch_size=PATCH, val_fraction=0, seed=1, forgetting_cases=0, lr=1e-3)
+    ft = load_model(path).card.metrics["fine_tune"]
+    assert ft["skipped_steps"] == 1 and np.isfinite(ft["loss_first"])
+    assert all(torch.isfinite(v).all() for v in _weights(path).values()
+               if v.is_floating_point())
+    # the run without the bad window: every step applied
+    monkeypatch.setattr(PatchSampler, "sample", sample)
+    clean = finetune(tiny, ds, out_dir=tmp_path / "c", name="clean", iterations=6,
+                     patch_size=PATCH, val_fraction=0, seed=1, forgetting_cases=0, lr=1e-3)
+    assert load_model(clean).card.metrics["fine_tune"]["skipped_steps"] == 0

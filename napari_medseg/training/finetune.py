@@ -176,6 +176,8 @@ class _Run:
         self.extra, self.report, self.val_windows = extra, report, val_windows
         self.resumed_from = 0
         self.head = None  # the output convolution, when classes were added
+        self.fp32_retries = 0  # bf16 steps redone in float32 (non-finite gradient)
+        self.skipped = 0  # steps left out (non-finite in float32 too)
 
 
 def _val_dice(runner, windows, n_classes) -> float:
@@ -192,6 +194,23 @@ def _val_dice(runner, windows, n_classes) -> float:
         if int(b.sum()):
             scores.append(2.0 * int((a & b).sum()) / s)
     return float(np.mean(scores)) if scores else float("nan")
+
+
+def _mean_finite(values) -> float:
+    """Mean of the finite ``values`` (skipped steps are NaN), rounded; NaN if none."""
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    return round(float(v.mean()), 4) if len(v) else float("nan")
+
+
+def _finite_step(net, loss) -> bool:
+    """Whether ``loss`` and every gradient of ``net`` are finite."""
+    import torch
+
+    if not bool(torch.isfinite(loss.detach())):
+        return False
+    return all(bool(torch.isfinite(p.grad).all()) for p in net.parameters()
+               if p.grad is not None)
 
 
 def _train(net, runner, sampler, run: _Run, progress, cancel, step, total, state=None):
@@ -244,19 +263,35 @@ def _train(net, runner, sampler, run: _Run, progress, cancel, step, total, state
                 w = None
             x = torch.from_numpy(xb) * float(rng.uniform(0.9, 1.1)) + float(rng.normal(0, 0.05))
             y = torch.from_numpy(yb)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits = runner(x)
-            n_classes = logits.shape[1]
-            if w is None:
-                ce = F.cross_entropy(logits.float(), y)
+
+            def step_loss(amp: bool):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                    logits = runner(x)
+                if w is None:
+                    ce = F.cross_entropy(logits.float(), y)
+                else:
+                    ce = (F.cross_entropy(logits.float(), y, reduction="none") * w).sum() \
+                        / w.sum()
+                opt.zero_grad(set_to_none=True)
+                loss = ce + soft_dice_loss(logits, y)
+                loss.backward()
+                return loss, logits.shape[1], _finite_step(net, loss)
+
+            loss, n_classes, finite = step_loss(bf16)
+            if not finite and bf16:
+                # CPU bf16 convolution backward now and then returns NaN (grids of
+                # 16 slices): redo the step in float32
+                run.fp32_retries += 1
+                loss, n_classes, finite = step_loss(False)
+            if not finite:  # a non-finite step never reaches the weights
+                run.skipped += 1
+                opt.zero_grad(set_to_none=True)
+                log.warning("fine-tuning: skipped iteration %d (non-finite loss or "
+                            "gradient, %d so far)", i + 1, run.skipped)
             else:
-                ce = (F.cross_entropy(logits.float(), y, reduction="none") * w).sum() / w.sum()
-            loss = ce + soft_dice_loss(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+                opt.step()
             sched.step()
-            losses.append(float(loss.item()))
+            losses.append(float(loss.item()) if finite else float("nan"))
             if run.report is not None:
                 run.report({"step": i + 1, "loss": losses[-1]})
                 if run.val_windows is not None and ((i + 1) % _val_every(run) == 0
@@ -516,6 +551,8 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
     new_card = _new_card(tuned.card, name, dataset_dir, items, sampler.cases, split,
                          train_idx, val_idx, iterations, lr, batch_size, patch, seed, losses,
                          before, after, bf16, time.perf_counter() - t0, base.source, opts)
+    new_card.metrics["fine_tune"].update({"float32_retries": run.fp32_retries,
+                                          "skipped_steps": run.skipped})
     tuned.card = new_card
     check_cancel(cancel)
     path = _write_package(new_card, net, folder, cancel)
@@ -621,8 +658,8 @@ def _new_card(card, name, dataset_dir, items, cases, split, train_idx, val_idx, 
         "train_cases": train_ids, "held_out_cases": val_ids, "iterations": int(iterations),
         "lr": float(lr), "patch_size": list(patch), "seed": int(seed),
         "corrected_voxels": int(n_corr),
-        "loss_first": round(float(np.mean(losses[:k])), 4),
-        "loss_last": round(float(np.mean(losses[-k:])), 4)}}
+        "loss_first": _mean_finite(losses[:k]),
+        "loss_last": _mean_finite(losses[-k:])}}
     if val_ids:
         metrics["dice"] = after
         metrics["dice_before"] = before
