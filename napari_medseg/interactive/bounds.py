@@ -33,13 +33,13 @@ previous result alone (no engine internals, no image statistics):
    model). Beyond a radius that grows with the click's distance to the
    previous mask's edge, the previous mask stays as it was: a click that
    fixes a margin cannot move the object's far side, a click deep in a
-   missed part can add that part. This is the rule that keeps a further
-   click from making the result much worse (the model's far changes are
-   as often wrong as right), in the manner of FocalClick's local
+   missed part can add that part. It keeps a further click from undoing
+   what was right far from it, in the manner of FocalClick's local
    refinement.
 
 Without rule 4, boundary refinements within ``edge_mm`` are never touched,
-so an engine that is right is left alone; the rules only cut what no single click can mean.
+so an engine that is right is left alone; the rules only cut what no single
+click can mean.
 All coordinates are array indices ``(z, y, x)``; distances are in mm.
 """
 
@@ -278,11 +278,12 @@ def _voxel(point, domain) -> tuple | None:
 
 
 def _positive_step(new, old, point, spacing, domain, bounds: Bounds,
-                   removed=None) -> np.ndarray:
+                   removed=None, radius=None) -> np.ndarray:
     """Rule 2 on ``domain``: a positive click (at ``point``) adds near itself,
     takes back nothing negative clicks removed (``removed``, on ``domain``)
     farther than ``min_reach_mm`` from itself, and gives up nothing beyond
-    the edge band."""
+    the edge band; with rule 4 (``radius``, mm) it adds nothing beyond
+    ``radius`` before the volume cap is counted."""
     out = new.copy()
     n_old = int(old.sum())
     # restore parts of the object the click gave up (beyond the edge band)
@@ -305,8 +306,8 @@ def _positive_step(new, old, point, spacing, domain, bounds: Bounds,
         add &= ~drop
         if not add.any():
             return out
-    if bounds.local is not None:
-        drop = add & ~_near_click(old, old | add, domain, point, True, spacing, bounds)
+    if radius is not None:
+        drop = add & ~_near_click(old, old | add, domain, point, spacing, radius)
         out &= ~drop
         add &= ~drop
         if not add.any():
@@ -332,13 +333,17 @@ def _connected(out, old, point, domain) -> np.ndarray:
     return out
 
 
-def _near_click(old, new, domain, point, positive, spacing, bounds) -> np.ndarray:
-    """Where ``new`` differs from ``old`` within ``max(min_reach_mm, local *
-    d)`` of the click (rule 4), on ``domain``; ``d`` is the click's distance
-    to ``old`` (a positive click) or to the outside of ``old`` (a negative
-    one)."""
+def _local_radius(old, domain, point, positive, spacing, bounds) -> float:
+    """Rule 4's radius (mm): ``max(min_reach_mm, local * d)``, ``d`` the
+    click's distance to ``old`` (a positive click) or to the outside of
+    ``old`` (a negative one), on ``domain``."""
     d = _distance_to_mask(old if positive else ~old, domain, point, spacing)
-    radius = max(bounds.min_reach_mm, bounds.local * d)
+    return max(bounds.min_reach_mm, bounds.local * d)
+
+
+def _near_click(old, new, domain, point, spacing, radius) -> np.ndarray:
+    """Where ``new`` differs from ``old`` within ``radius`` (mm) of the
+    click at ``point``, on ``domain``."""
     changed = np.flatnonzero(new != old)
     out = np.zeros(old.shape, bool)
     if len(changed):
@@ -467,9 +472,12 @@ def bound_result(mask, region, shape, spacing, prompts, bounds: Bounds = Bounds(
                        int(bounds.max_share * size))
     if prev is not None:
         old = _paste(prev.mask, prev.region, domain)
+        radius = None if bounds.local is None else _local_radius(
+            old, domain, prev.point, prev.positive, spacing, bounds)
         if prev.positive:
             new = _positive_step(new, old, prev.point, spacing, domain, bounds,
-                                 None if prev.removed is None else prev.removed[domain])
+                                 None if prev.removed is None else prev.removed[domain],
+                                 radius)
         else:
             stable = None if prev.older is None else old & _paste(*prev.older, domain)
             new = _negative_step(new, old, prev.point, prompts, spacing, domain, bounds,
@@ -480,8 +488,8 @@ def bound_result(mask, region, shape, spacing, prompts, bounds: Bounds = Bounds(
                     prev.removed = np.zeros(tuple(shape), bool)
                 prev.removed[domain] |= gone
         new &= allowed | old
-        if bounds.local is not None:
-            near = _near_click(old, new, domain, prev.point, prev.positive, spacing, bounds)
+        if radius is not None:
+            near = _near_click(old, new, domain, prev.point, spacing, radius)
             new = np.where(near, new, old)
     # on the engine's own region (widened to the domain where that reaches out)
     out = tuple(slice(min(r.start, d.start), max(r.stop, d.stop))
