@@ -176,8 +176,7 @@ class _Run:
         self.extra, self.report, self.val_windows = extra, report, val_windows
         self.resumed_from = 0
         self.head = None  # the output convolution, when classes were added
-        self.fp32_retries = 0  # bf16 steps redone in float32 (non-finite gradient)
-        self.skipped = 0  # steps left out (non-finite in float32 too)
+        self.fp32_retries = 0  # bf16 steps redone in float32 (in this process)
 
 
 def _val_dice(runner, windows, n_classes) -> float:
@@ -249,6 +248,19 @@ def _train(net, runner, sampler, run: _Run, progress, cancel, step, total, state
             save_checkpoint(run.ckpt, run.key, i, net, opt, sched, losses,
                             rng.bit_generator.state, run.extra)
 
+    def step_loss(x, y, w, amp: bool):
+        """Forward and backward of one batch: (loss, classes, whether all is finite)."""
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            logits = runner(x)
+        if w is None:
+            ce = F.cross_entropy(logits.float(), y)
+        else:
+            ce = (F.cross_entropy(logits.float(), y, reduction="none") * w).sum() / w.sum()
+        opt.zero_grad(set_to_none=True)
+        loss = ce + soft_dice_loss(logits, y)
+        loss.backward()
+        return loss, logits.shape[1], _finite_step(net, loss)
+
     n_classes = None
     net.train()
     i = start
@@ -263,33 +275,18 @@ def _train(net, runner, sampler, run: _Run, progress, cancel, step, total, state
                 w = None
             x = torch.from_numpy(xb) * float(rng.uniform(0.9, 1.1)) + float(rng.normal(0, 0.05))
             y = torch.from_numpy(yb)
-
-            def step_loss(amp: bool):
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                    logits = runner(x)
-                if w is None:
-                    ce = F.cross_entropy(logits.float(), y)
-                else:
-                    ce = (F.cross_entropy(logits.float(), y, reduction="none") * w).sum() \
-                        / w.sum()
-                opt.zero_grad(set_to_none=True)
-                loss = ce + soft_dice_loss(logits, y)
-                loss.backward()
-                return loss, logits.shape[1], _finite_step(net, loss)
-
-            loss, n_classes, finite = step_loss(bf16)
+            loss, n_classes, finite = step_loss(x, y, w, bf16)
             if not finite and bf16:
                 # CPU bf16 convolution backward now and then returns NaN (grids of
                 # 16 slices): redo the step in float32
                 run.fp32_retries += 1
-                loss, n_classes, finite = step_loss(False)
-            if not finite:  # a non-finite step never reaches the weights
-                run.skipped += 1
+                loss, n_classes, finite = step_loss(x, y, w, False)
+            if finite:
+                opt.step()
+            else:  # a non-finite step never reaches the weights; its loss is NaN
                 opt.zero_grad(set_to_none=True)
                 log.warning("fine-tuning: skipped iteration %d (non-finite loss or "
-                            "gradient, %d so far)", i + 1, run.skipped)
-            else:
-                opt.step()
+                            "gradient, %d so far)", i + 1, 1 + int(np.isnan(losses).sum()))
             sched.step()
             losses.append(float(loss.item()) if finite else float("nan"))
             if run.report is not None:
@@ -547,12 +544,12 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
             "early_lr_factor": float(early_lr_factor), "new_classes": new_classes,
             "filled_voxels": int(sum(n_filled)), "resumed_from": run.resumed_from,
             "synthetic": (synth_before, synth_after), "n_check": n_check,
-            "replay_cases": len(replay), "replay_fraction": float(replay_fraction)}
+            "replay_cases": len(replay), "replay_fraction": float(replay_fraction),
+            "float32_retries": run.fp32_retries,
+            "skipped_steps": int(np.isnan(losses).sum())}
     new_card = _new_card(tuned.card, name, dataset_dir, items, sampler.cases, split,
                          train_idx, val_idx, iterations, lr, batch_size, patch, seed, losses,
                          before, after, bf16, time.perf_counter() - t0, base.source, opts)
-    new_card.metrics["fine_tune"].update({"float32_retries": run.fp32_retries,
-                                          "skipped_steps": run.skipped})
     tuned.card = new_card
     check_cancel(cancel)
     path = _write_package(new_card, net, folder, cancel)
@@ -672,7 +669,7 @@ def _new_card(card, name, dataset_dir, items, cases, split, train_idx, val_idx, 
     opts = opts or {}
     ft = metrics["fine_tune"]
     for k in ("corrected_weight", "guard", "early_lr_factor", "filled_voxels", "resumed_from",
-              "replay_cases"):
+              "replay_cases", "float32_retries", "skipped_steps"):
         if k in opts:
             ft[k] = opts[k]
     if opts.get("new_classes"):
