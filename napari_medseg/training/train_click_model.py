@@ -129,11 +129,23 @@ def _region(truth_box, click, spacing, shape, rng, fixed=()):
     return lo, hi
 
 
-def _phantom_crop(pool, rng, two_d: bool):
+def _inside_cube(truth, box, click, spacing, rng):
+    """A first-click cube that lies (mostly) inside the object: an edge of
+    1.0-1.8 times the click's depth (mm to the object's edge), as a first
+    click deep in a large organ sees nothing but organ."""
+    dist = ndi.distance_transform_edt(np.pad(truth[box], 1), sampling=spacing)
+    at = tuple(int(round(c)) - s.start + 1 for c, s in zip(click, box))
+    edge = 2.0 * float(dist[at]) * rng.uniform(0.5, 0.9)
+    return roi.box_around(click[None], spacing, truth.shape, min_mm=edge)
+
+
+def _phantom_crop(pool, rng, two_d: bool, inside_share: float = 0.0):
     """A phantom object's region on the inference grid: ``(crop, truth, click)``.
 
     The region is chosen as inference would (the object's box or a first-click
-    cube, :func:`_region`); ``click`` is the first click in grid indices.
+    cube, :func:`_region`), or, a share ``inside_share`` of the 3D regions, a
+    cube inside the object (:func:`_inside_cube`); ``click`` is the first click
+    in grid indices.
     """
     img, sp, objs, classes = pool[rng.integers(len(pool))]
     kinds = np.unique(classes[1:])
@@ -155,7 +167,10 @@ def _phantom_crop(pool, rng, two_d: bool):
         grid = roi.plan_grid(hi - lo, sp, roi.INPLANE_2D, fixed=(0,))
     else:
         click = _first_click(truth, sp, rng)
-        lo, hi = _region(box, click, sp, truth.shape, rng)
+        if inside_share > 0 and rng.random() < inside_share:
+            lo, hi = _inside_cube(truth, box, click, sp, rng)
+        else:
+            lo, hi = _region(box, click, sp, truth.shape, rng)
         grid = roi.plan_grid(hi - lo, sp, roi.BUDGET_3D)
     sl = tuple(slice(a, b) for a, b in zip(lo, hi))
     crop = roi.resample(img[sl], grid)
@@ -236,7 +251,7 @@ def _predict_grid(net, x: np.ndarray) -> np.ndarray:
 
 
 def _example(pool, net, rng, synth_share: float = 0.6, centre_share: float = 0.5,
-             real_pool=(), real_share: float = 0.0):
+             real_pool=(), real_share: float = 0.0, inside_share: float = 0.0):
     """One input ``(6, Z, Y, X)`` and target ``(1, Z, Y, X)`` on a region's grid.
 
     The object is synthetic (:mod:`.synth`, share ``synth_share``), a
@@ -251,9 +266,9 @@ def _example(pool, net, rng, synth_share: float = 0.6, centre_share: float = 0.5
     if r < synth_share or not (pool or real_pool):
         src = _synth_crop(rng, two_d, centre_share)
     elif real_pool and (r < synth_share + real_share or not pool):
-        src = _phantom_crop(real_pool, rng, two_d)
+        src = _phantom_crop(real_pool, rng, two_d, inside_share)
     else:
-        src = _phantom_crop(pool, rng, two_d)
+        src = _phantom_crop(pool, rng, two_d, inside_share)
     if src is None:
         return None
     crop, tg, click = src
@@ -331,7 +346,8 @@ def train(out=WEIGHTS, minutes: float | None = None, width: int = 16, n_phantoms
           cache: Path | None = None, steps: int = 12000, work_dir: Path | None = None,
           synth_share: float = 0.6, bf16: bool | None = None,
           centre_share: float = 0.5, stop_after: int | None = None,
-          real_dir: Path | None = None, real_share: float = 0.0) -> dict:
+          real_dir: Path | None = None, real_share: float = 0.0,
+          inside_share: float = 0.0) -> dict:
     """Train and save the click network; return a summary dict.
 
     Parameters
@@ -367,6 +383,9 @@ def train(out=WEIGHTS, minutes: float | None = None, width: int = 16, n_phantoms
         Real-data folder whose :data:`~.pseudo_objects.TRAINING_IMAGES` (images
         only, never labels) give pseudo-objects for a share ``real_share`` of
         the examples.
+    inside_share : float
+        Share of the 3D phantom and pseudo-object examples whose first-click
+        cube lies inside the object (:func:`_inside_cube`).
     """
     global _BF16
     from ..core.policy import bf16_supported
@@ -408,7 +427,8 @@ def train(out=WEIGHTS, minutes: float | None = None, width: int = 16, n_phantoms
     last = steps if stop_after is None else min(steps, int(stop_after))
     while step < last and (deadline is None or step == start_step
                             or time.perf_counter() < deadline):
-        ex = _example(pool, net, rng, synth_share, centre_share, real_pool, real_share)
+        ex = _example(pool, net, rng, synth_share, centre_share, real_pool, real_share,
+                      inside_share)
         if ex is None:
             continue
         x, y, w = (torch.from_numpy(np.ascontiguousarray(a))[None] for a in ex)
@@ -493,6 +513,9 @@ def main(argv=None) -> None:
                          "pseudo-objects (training/pseudo_objects.py)")
     ap.add_argument("--real-share", type=float, default=0.0,
                     help="share of examples that are pseudo-objects on real images")
+    ap.add_argument("--inside-share", type=float, default=0.0,
+                    help="share of 3D phantom / pseudo-object examples whose first-click "
+                         "cube lies inside the object")
     args = ap.parse_args(argv)
     handlers = [logging.StreamHandler()]
     if args.log:
@@ -504,7 +527,8 @@ def main(argv=None) -> None:
           steps=args.steps, work_dir=Path(args.work_dir) if args.work_dir else None,
           synth_share=args.synth_share, centre_share=args.centre_share,
           stop_after=args.stop_after,
-          real_dir=Path(args.real_dir) if args.real_dir else None, real_share=args.real_share)
+          real_dir=Path(args.real_dir) if args.real_dir else None, real_share=args.real_share,
+          inside_share=args.inside_share)
 
 
 if __name__ == "__main__":
