@@ -256,8 +256,9 @@ def _example(pool, net, rng, synth_share: float = 0.6, centre_share: float = 0.5
 
     The object is synthetic (:mod:`.synth`, share ``synth_share``), a
     pseudo-object on a real image (:mod:`.pseudo_objects`, share
-    ``real_share`` where ``real_pool`` has entries) or a phantom organ; three in four regions are 3D, one in four a 2D slab. After
-    the first prompt, 0-4 corrective clicks are simulated with the network
+    ``real_share`` where ``real_pool`` has entries) or a phantom organ; three
+    in four regions are 3D, one in four a 2D slab. After the first prompt,
+    0-4 corrective clicks are simulated with the network
     itself (no gradient), each at the centre of its largest error, and its
     last mask becomes the previous-mask input.
     """
