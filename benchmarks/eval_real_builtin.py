@@ -143,7 +143,10 @@ def main(argv=None) -> int:
 
             card_path = Path(path) / "card.yaml"
             card = ModelCard.load(card_path)
-            card.metrics = card_metrics(syn, res, a.synthetic)
+            metrics = card_metrics(syn, res, a.synthetic)
+            if syn is None and (card.metrics or {}).get("synthetic"):
+                metrics["synthetic"] = card.metrics["synthetic"]  # keep what training wrote
+            card.metrics = metrics
             card.save(card_path)
     if a.json:
         print(json.dumps({"real_dice": res, "synthetic": syn}))

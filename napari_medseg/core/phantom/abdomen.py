@@ -25,7 +25,7 @@ _HU = {
     "gas": -850.0, "liver": 100.0, "vessel": 165.0, "spleen": 108.0, "cortex": 175.0,
     "medulla": 110.0, "sinus": -40.0, "lesion": 45.0, "aorta": 170.0, "ivc": 130.0,
     "bone": 700.0, "marrow": 220.0, "disc": 90.0, "canal": 15.0, "rib": 550.0,
-    "stomach": 15.0,
+    "stomach": 15.0, "table": 250.0,
 }
 
 
@@ -82,6 +82,11 @@ def make_abdomen_ct(seed: int = 0, shape=(64, 128, 128), spacing=(2.5, 1.5, 1.5)
     hu = dict(_HU)
     for k in ("liver", "spleen", "muscle", "bowel", "lesion"):
         hu[k] += jit.normal(6.0)
+    # draws added later come from their own stream, so each seed keeps its anatomy
+    extra = _Jitter(np.random.default_rng([int(seed), 2]), vary)
+    # the spleen is brighter than the liver in arterial and many portal-venous
+    # scans, darker in others
+    hu["spleen"] = hu["liver"] + extra.uniform(-25.0, 35.0, _HU["spleen"] - _HU["liver"])
     enhance = jit.uniform(0.7, 1.3, 1.0)
     for k in ("cortex", "medulla", "aorta", "ivc", "vessel"):
         hu[k] = 40.0 + (hu[k] - 40.0) * enhance
@@ -89,7 +94,7 @@ def make_abdomen_ct(seed: int = 0, shape=(64, 128, 128), spacing=(2.5, 1.5, 1.5)
 
     img = np.full(grid.shape, hu["air"], dtype=np.float32)
     lab = np.zeros(grid.shape, dtype=np.uint8)
-    cavity = _body(grid, img, rng, jit, hu)
+    cavity = _body(grid, img, rng, jit, hu, extra)
     spine = _spine(grid, img, jit, hu, cavity)
     _vessels(grid, img, hu, spine, cavity)
     _stomach(grid, img, rng, jit, hu, cavity)
@@ -113,7 +118,7 @@ def make_abdomen_ct(seed: int = 0, shape=(64, 128, 128), spacing=(2.5, 1.5, 1.5)
     return image, labels
 
 
-def _body(grid, img, rng, jit, hu):
+def _body(grid, img, rng, jit, hu, extra):
     """Skin, subcutaneous fat, abdominal wall and bowel/fat; returns the cavity mask."""
     hx, hy, hz = grid.half
     ax = hx * (0.86 + jit.normal(0.03))
@@ -145,7 +150,26 @@ def _body(grid, img, rng, jit, hu):
     gas = (field > 0.45) & (gw(grid.x, grid.y, grid.z) > 1.1)
     visceral[gas] = hu["gas"]
     img[cavity] = visceral[cavity]
+    _table(grid, img, extra, hu, cy - ay * 0.82)
     return cavity
+
+
+def _table(grid, img, jit, hu, y_back):
+    """The scanner table under the patient's back: two curved carbon-fibre skins
+    around foam, outside the body (unlabelled)."""
+    x, y = grid.x[0], grid.y[0]  # (1, X), (Y, 1)
+    gap = jit.uniform(0.0, 25.0, 5.0)
+    depth = jit.uniform(25.0, 60.0, 40.0)
+    curve = jit.uniform(0.0, 0.0015, 0.0008)  # 1/mm: the plate rises towards its edges
+    top = np.float32(y_back - gap) + np.float32(curve) * x * x  # (1, X)
+    below = top - y  # mm under the top skin, (Y, X)
+    width = grid.half[0] * jit.uniform(0.7, 1.0, 0.85)
+    inside = np.abs(x) < width
+    foam = inside & (below > 2.0) & (below < depth - 2.0)
+    skin = inside & (((below >= 0) & (below <= 2.0)) | ((below >= depth - 2.0) & (below <= depth)))
+    free = img <= hu["air"] + 1.0
+    img[free & foam[None]] = hu["air"] + 100.0
+    img[free & skin[None]] = hu["table"] + jit.normal(60.0)
 
 
 def _spine(grid, img, jit, hu, cavity):
@@ -245,8 +269,10 @@ def _kidneys(grid, img, lab, rng, jit, hu, spine, cavity):
 def _spleen(grid, img, lab, rng, jit, hu, cavity):
     """Spleen, posterior on the patient's left, upper abdomen (label 2)."""
     hx, hy, hz = grid.half
-    c = (-0.56 * hx + jit.normal(3.0), -0.26 * hy + jit.normal(3.0), 0.32 * hz + jit.normal(4.0))
-    axes = tuple(a * jit.uniform(0.75, 1.25, 1.0) for a in (0.14 * hx, 0.28 * hy, 0.28 * hz))
+    # An adult spleen is about 12 x 7 x 4 cm (150-250 mL, a tenth of the liver): a
+    # thick crescent inside the ribs, not a sliver cut off by the body wall.
+    c = (-0.47 * hx + jit.normal(3.0), -0.20 * hy + jit.normal(3.0), 0.30 * hz + jit.normal(4.0))
+    axes = tuple(a * jit.uniform(0.8, 1.25, 1.0) for a in (0.16 * hx, 0.30 * hy, 0.34 * hz))
     rot = _rotation(45.0 + jit.normal(10.0), rx=jit.normal(5.0))
     sl, r, _ = _blob(grid, c, axes, rot, _Waves(rng, 5, 1.2), 0.12)
     _paint(img, lab, sl, (r < 1) & cavity[sl] & (lab[sl] == 0), hu["spleen"], 2)
