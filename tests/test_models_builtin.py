@@ -64,3 +64,19 @@ def test_builtin_on_resampled_and_cropped_input(model):
     dice = dice_per_class(got[box], ref[box], ABDOMEN_LABELS)
     assert dice["liver"] >= 0.9 and dice["kidney_left"] >= 0.85, dice
     assert dice["kidney_right"] >= 0.85 and dice["spleen"] >= 0.7, dice
+
+
+def test_training_cases_vary_in_size_and_thin_slabs_pad_with_zeros():
+    import torch
+
+    from napari_medseg.training.train_builtin import (CASE_SHAPE, CASE_SHAPE_MAX, _thin_slab,
+                                                      case_shape)
+
+    shapes = {case_shape(i) for i in range(16)}
+    assert len(shapes) > 8
+    assert all(lo <= n <= hi and n % 8 == 0
+               for s in shapes for n, lo, hi in zip(s, CASE_SHAPE, CASE_SHAPE_MAX))
+    x, y = torch.ones(1, 32, 4, 4), torch.ones(32, 4, 4, dtype=torch.long)
+    _thin_slab(x, y, 16)
+    assert x[0, :8].eq(0).all() and x[0, 8:24].eq(1).all() and x[0, 24:].eq(0).all()
+    assert y[:8].eq(0).all() and y[8:24].eq(1).all()
