@@ -167,19 +167,16 @@ def test_training_script_writes_loadable_weights(tmp_path):
 
 
 def test_inside_cubes_see_mostly_the_object():
-    from scipy import ndimage as ndi
-
-    from napari_medseg.training.train_click_model import _first_click, _inside_cube
+    from napari_medseg.training.train_click_model import _deep_click, _inside_cube
 
     z, y, x = np.mgrid[:40, :80, :80]
     ball = ((z - 20) * 2.0) ** 2 + (y - 40.0) ** 2 + (x - 40.0) ** 2 < 30.0 ** 2
     sp = (2.0, 1.0, 1.0)
     rng = np.random.default_rng(0)
-    box = ndi.find_objects(ball.astype(np.uint8))[0]
     fractions = []
     for _ in range(20):
-        click = _first_click(ball, sp, rng)
-        lo, hi = _inside_cube(ball, box, click, sp, rng)
+        click, depth = _deep_click(ball, sp, rng)
+        lo, hi = _inside_cube(click, depth, sp, ball.shape, rng)
         assert np.all(lo <= click) and np.all(click < hi)
         fractions.append(ball[tuple(slice(a, b) for a, b in zip(lo, hi))].mean())
     # cubes of 1.0-1.8 times the click's depth: mostly object, some edge seen

@@ -99,8 +99,9 @@ def build_pool(n: int, cache: Path | None = None) -> list:
     return pool
 
 
-def _first_click(truth: np.ndarray, spacing, rng) -> np.ndarray:
-    """A click deep inside ``truth`` (its deepest voxel half of the time)."""
+def _deep_click(truth: np.ndarray, spacing, rng) -> tuple[np.ndarray, float]:
+    """A click deep inside ``truth`` (its deepest voxel half of the time) and its
+    depth (mm to the object's edge)."""
     box = ndi.find_objects(truth.astype(np.uint8))[0]
     dist = ndi.distance_transform_edt(np.pad(truth[box], 1), sampling=spacing)
     dist = dist[tuple(slice(1, -1) for _ in box)]
@@ -109,7 +110,12 @@ def _first_click(truth: np.ndarray, spacing, rng) -> np.ndarray:
     else:
         deep = np.argwhere(dist >= 0.6 * dist.max())
         p = deep[rng.integers(len(deep))]
-    return np.array([i + s.start for i, s in zip(p, box)], float)
+    return np.array([i + s.start for i, s in zip(p, box)], float), float(dist[tuple(p)])
+
+
+def _first_click(truth: np.ndarray, spacing, rng) -> np.ndarray:
+    """A click deep inside ``truth`` (its deepest voxel half of the time)."""
+    return _deep_click(truth, spacing, rng)[0]
 
 
 def _region(truth_box, click, spacing, shape, rng, fixed=()):
@@ -129,14 +135,13 @@ def _region(truth_box, click, spacing, shape, rng, fixed=()):
     return lo, hi
 
 
-def _inside_cube(truth, box, click, spacing, rng):
+def _inside_cube(click, depth: float, spacing, shape, rng):
     """A first-click cube that lies (mostly) inside the object: an edge of
-    1.0-1.8 times the click's depth (mm to the object's edge), as a first
-    click deep in a large organ sees nothing but organ."""
-    dist = ndi.distance_transform_edt(np.pad(truth[box], 1), sampling=spacing)
-    at = tuple(int(round(c)) - s.start + 1 for c, s in zip(click, box))
-    edge = 2.0 * float(dist[at]) * rng.uniform(0.5, 0.9)
-    return roi.box_around(click[None], spacing, truth.shape, min_mm=edge)
+    1.0-1.8 times the click's ``depth`` (mm to the object's edge, from
+    :func:`_deep_click`), as a first click deep in a large organ sees nothing
+    but organ."""
+    edge = 2.0 * depth * rng.uniform(0.5, 0.9)
+    return roi.box_around(click[None], spacing, shape, min_mm=edge)
 
 
 def _phantom_crop(pool, rng, two_d: bool, inside_share: float = 0.0):
@@ -166,9 +171,9 @@ def _phantom_crop(pool, rng, two_d: bool, inside_share: float = 0.0):
         lo[0], hi[0] = z0, z0 + roi.SLAB_2D
         grid = roi.plan_grid(hi - lo, sp, roi.INPLANE_2D, fixed=(0,))
     else:
-        click = _first_click(truth, sp, rng)
+        click, depth = _deep_click(truth, sp, rng)
         if inside_share > 0 and rng.random() < inside_share:
-            lo, hi = _inside_cube(truth, box, click, sp, rng)
+            lo, hi = _inside_cube(click, depth, sp, truth.shape, rng)
         else:
             lo, hi = _region(box, click, sp, truth.shape, rng)
         grid = roi.plan_grid(hi - lo, sp, roi.BUDGET_3D)
