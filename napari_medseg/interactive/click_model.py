@@ -13,7 +13,8 @@ A 3D update looks at the box around the prompts and the previous mask (a
 64 mm cube around a first click; a box's own extent, as deep as it is wide
 for a box drawn on one slice) and grows it while the mask reaches its border;
 a 2D update looks at a slab of :data:`~.click_roi.SLAB_2D` slices around the
-slice.
+slice. A positive click that a 3D refinement leaves outside its mask is
+segmented again on its own, as a first click, and added.
 
 The network never saw a real label in training: it learned from
 domain-randomised synthetic volumes (:mod:`napari_medseg.training.synth`:
@@ -467,7 +468,34 @@ class ClickModelEngine(Engine):
             lo, hi = roi.grow_box(lo, hi, faces, shape)
         check_cancel(cancel)
         mask = keep_clicked(roi.resample(logits, hi - lo) > 0, anchors - lo, neg - lo)
+        if prev is not None:
+            mask, lo, hi = self._add_ignored(image, spacing, prompts, mask, lo, hi, key, cancel)
         return mask, tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+    def _add_ignored(self, image, spacing, prompts, mask, lo, hi, key, cancel):
+        """Honour the positive clicks a refinement left outside its mask.
+
+        The network may answer a click inside a part it did not take as the
+        object (a stomach's fluid under a click on its wall) by leaving the
+        part out, and the simulated or real user then clicks there again and
+        again. Each such click is segmented on its own, as a first click,
+        and added to the mask; the bounds of :mod:`.bounds` still limit what
+        it may add.
+        """
+        for p in prompts.positive:
+            i = np.round(p).astype(int) - lo
+            if np.any(i < 0) or np.any(i >= mask.shape) or mask[tuple(i)]:
+                continue
+            one = Prompts(positive=p[None], negative=prompts.negative, mode="3d")
+            sub, region = self._predict_3d(image, spacing, one, None, key, cancel)
+            if not sub.any():
+                continue
+            s_lo = np.array([r.start for r in region])
+            n_lo, n_hi = np.minimum(lo, s_lo), np.maximum(hi, s_lo + np.array(sub.shape))
+            mask = (_paste(mask.astype(np.float32), lo, n_lo, n_hi) > 0) | \
+                (_paste(sub.astype(np.float32), s_lo, n_lo, n_hi) > 0)
+            lo, hi = n_lo, n_hi
+        return mask, lo, hi
 
     def _predict_2d(self, image, spacing, prompts, prev, key, cancel):
         ax, idx = prompts.axis, int(prompts.index)
