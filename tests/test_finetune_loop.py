@@ -150,6 +150,35 @@ def test_partial_labels_keep_the_base_models_other_classes(tiny, tmp_path):
     assert load_model(plain).card.metrics["fine_tune"]["filled_voxels"] == 0
 
 
+def test_anchor_keeps_the_weights_near_the_base(tiny, tmp_path):
+    from napari_medseg.training.guard import anchor_penalty, base_weights
+
+    net = UNet3D(1, 3, (4, 8))
+    pairs = base_weights(net, net.head)
+    assert len(pairs) == len(list(net.parameters())) - 2  # the new head is free
+    with torch.no_grad():
+        for p, _ in pairs:
+            p.add_(0.5)
+    n = sum(p.numel() for p, _ in pairs)
+    assert float(anchor_penalty(pairs)) == pytest.approx(0.25 * n, rel=1e-5)
+
+    ds = _dataset(tmp_path / "Dataset505_Anchor", seeds=(5, 6), ledger=False)
+    base = load_model(tiny).network.state_dict()
+
+    def drift(anchor, name):
+        path = finetune(tiny, ds, out_dir=tmp_path / "m", name=name, iterations=15, lr=3e-3,
+                        patch_size=PATCH, val_fraction=0, forgetting_cases=0, anchor=anchor)
+        model = load_model(path)
+        tuned = model.network.state_dict()
+        return model.card, sum(float(((tuned[k].float() - base[k].float()) ** 2).sum())
+                               for k in base if base[k].is_floating_point())
+
+    card, held = drift(30.0, "anchored")
+    _, free = drift(0.0, "free")
+    assert held < 0.5 * free, (held, free)
+    assert card.metrics["fine_tune"]["anchor"] == 30.0 and "L2-SP" in card.training
+
+
 def test_early_layers_get_a_lower_rate():
     groups = param_groups(UNet3D(1, 3, (4, 8)), 1e-3, 0.1)
     assert [g["lr"] for g in groups] == [pytest.approx(1e-4), 1e-3]

@@ -51,6 +51,10 @@ __all__ = ["finetune", "trainable_model", "dice_per_class", "fine_tuned_name",
 
 log = logging.getLogger(__name__)
 
+#: Default L2-SP strength (``finetune(anchor=...)``): the pull of the weights
+#: back towards the base model's.
+ANCHOR = 0.1
+
 
 # ------------------------------------------------------------------ checks
 def trainable_model(model):
@@ -177,6 +181,7 @@ class _Run:
         self.resumed_from = 0
         self.head = None  # the output convolution, when classes were added
         self.fp32_retries = 0  # bf16 steps redone in float32 (in this process)
+        self.anchor = 0.0  # L2-SP strength towards the base weights
 
 
 def _val_dice(runner, windows, n_classes) -> float:
@@ -224,8 +229,10 @@ def _train(net, runner, sampler, run: _Run, progress, cancel, step, total, state
 
     from ..errors import Cancelled
     from .checkpoint import save_checkpoint
-    from .guard import param_groups
+    from .guard import anchor_penalty, base_weights, param_groups
 
+    # the base weights, taken before a checkpoint replaces them
+    anchors = base_weights(net, run.head) if run.anchor else None
     opt = torch.optim.AdamW(param_groups(net, run.lr, run.early_lr_factor, run.head),
                             lr=run.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(run.iterations, 1))
@@ -258,6 +265,8 @@ def _train(net, runner, sampler, run: _Run, progress, cancel, step, total, state
             ce = (F.cross_entropy(logits.float(), y, reduction="none") * w).sum() / w.sum()
         opt.zero_grad(set_to_none=True)
         loss = ce + soft_dice_loss(logits, y)
+        if anchors is not None:
+            loss = loss + run.anchor * anchor_penalty(anchors)
         loss.backward()
         return loss, logits.shape[1], _finite_step(net, loss)
 
@@ -353,7 +362,7 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
              corrected_weight: float | None = 3.0, guard: bool = True,
              early_lr_factor: float = 0.3, new_classes: dict | None = None,
              forgetting_cases="auto", replay_cases: int = 0, replay_fraction: float = 0.3,
-             report=None) -> Path:
+             anchor: float = ANCHOR, report=None) -> Path:
     """Fine-tune ``model`` on the corrected cases of an nnU-Net raw dataset folder.
 
     Parameters
@@ -414,6 +423,13 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
         not for corrections that redefine a class (the phantoms would teach the
         old definition back).
     replay_fraction : float
+    anchor : float
+        Strength of a pull of every weight back towards the base model's
+        (L2-SP: ``anchor * sum((w - w_base) ** 2)`` added to the loss;
+        :func:`~napari_medseg.training.guard.anchor_penalty`); the output
+        channels of new classes are free. 0 for none. The default,
+        :data:`ANCHOR`, cut the largest synthetic drop of the *adapt*
+        benchmark from 0.027 to 0.014 for the same spleen Dice.
     forgetting_cases : int or "auto"
         Held-out synthetic phantoms to measure forgetting on (Dice per class
         before / after, :func:`~napari_medseg.training.guard.synthetic_check`);
@@ -466,7 +482,7 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
                   iterations=iterations, lr=lr, patch=patch, val=val_fraction, seed=seed,
                   batch=batch_size, corrected_weight=corrected_weight, guard=guard,
                   early=early_lr_factor, new=new_classes, replay=replay_cases,
-                  replay_fraction=replay_fraction)
+                  replay_fraction=replay_fraction, **({"anchor": anchor} if anchor else {}))
     ckpt = checkpoint_dir(key, checkpoint_root) if checkpoint_every > 0 else None
     state = load_checkpoint(ckpt, key) if (resume and ckpt is not None) else None
     if resume and state is None:
@@ -529,6 +545,7 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
         from .guard import output_head
 
         run.head = output_head(net, train_card.n_classes)
+    run.anchor = float(anchor)
     losses, bf16 = _train(net, tuned.make_predictor(torch.device("cpu")), sampler, run,
                           progress, cancel, step, total, state)
     step += iterations
@@ -545,7 +562,7 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
             "filled_voxels": int(sum(n_filled)), "resumed_from": run.resumed_from,
             "synthetic": (synth_before, synth_after), "n_check": n_check,
             "replay_cases": len(replay), "replay_fraction": float(replay_fraction),
-            "float32_retries": run.fp32_retries,
+            "anchor": float(anchor), "float32_retries": run.fp32_retries,
             "skipped_steps": int(np.isnan(losses).sum())}
     new_card = _new_card(tuned.card, name, dataset_dir, items, sampler.cases, split,
                          train_idx, val_idx, iterations, lr, batch_size, patch, seed, losses,
@@ -605,6 +622,8 @@ def _opts_text(opts) -> str:
     if opts.get("replay_cases"):
         parts.append(f"{opts['replay_fraction']:.0%} of the windows from {opts['replay_cases']} "
                      "replayed synthetic phantoms (make_abdomen_ct vary=True, seeds from 700001)")
+    if opts.get("anchor"):
+        parts.append(f"weights pulled towards the base model's (L2-SP, {opts['anchor']:g})")
     if opts.get("early_lr_factor", 1.0) != 1.0:
         parts.append(f"first third of the layers at {opts['early_lr_factor']:g} x lr")
     if opts.get("new_classes"):
@@ -669,7 +688,7 @@ def _new_card(card, name, dataset_dir, items, cases, split, train_idx, val_idx, 
     opts = opts or {}
     ft = metrics["fine_tune"]
     for k in ("corrected_weight", "guard", "early_lr_factor", "filled_voxels", "resumed_from",
-              "replay_cases", "float32_retries", "skipped_steps"):
+              "replay_cases", "anchor", "float32_retries", "skipped_steps"):
         if k in opts:
             ft[k] = opts[k]
     if opts.get("new_classes"):
@@ -721,6 +740,9 @@ def add_cli_parser(sub, progress_bar=None) -> None:
                    "model's predictions)")
     f.add_argument("--early-lr-factor", type=float, default=0.3,
                    help="learning-rate factor of the first third of the layers")
+    f.add_argument("--anchor", type=float, default=ANCHOR,
+                   help="pull of the weights back towards the base model's (L2-SP; "
+                   "0: none)")
     f.add_argument("--replay", type=int, default=0, metavar="N",
                    help="replay N synthetic phantoms (abdominal CT models) against "
                    "forgetting, for corrections that adapt to a new appearance")
@@ -746,6 +768,7 @@ def cmd_finetune(args) -> int:
                         guard=not getattr(args, "no_guard", False),
                         early_lr_factor=getattr(args, "early_lr_factor", 0.3),
                         replay_cases=getattr(args, "replay", 0),
+                        anchor=getattr(args, "anchor", ANCHOR),
                         new_classes=_parse_new_classes(getattr(args, "add_class", [])))
     finally:
         if bar is not None:

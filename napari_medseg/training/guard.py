@@ -34,7 +34,8 @@ from ..errors import MedSegError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["supervised_classes", "fill_unsupervised", "param_groups", "output_head",
+__all__ = ["supervised_classes", "fill_unsupervised", "param_groups", "base_weights",
+           "anchor_penalty", "output_head",
            "add_output_classes", "synthetic_check", "synthetic_replay", "largest_drop"]
 
 
@@ -136,6 +137,42 @@ def param_groups(net, lr: float, early_lr_factor: float = 1.0, head=None,
         groups.append({"params": [p for p in head.parameters() if p.requires_grad],
                        "lr": lr * float(head_lr_factor), "name": "new head"})
     return groups
+
+
+def base_weights(net, head=None) -> list:
+    """``(parameter, copy of its current value)`` pairs for :func:`anchor_penalty`.
+
+    Parameters
+    ----------
+    net : torch.nn.Module
+        The network about to be fine-tuned (its weights are the anchor).
+    head : torch.nn.Module, optional
+        The output convolution that got new classes: left free.
+    """
+    skip = {id(p) for p in head.parameters()} if head is not None else set()
+    return [(p, p.detach().clone()) for p in net.parameters()
+            if p.requires_grad and id(p) not in skip]
+
+
+def anchor_penalty(pairs):
+    """L2-SP penalty ``sum((w - w_base) ** 2)`` over :func:`base_weights` pairs.
+
+    Fine-tuning with it added to the loss keeps the weights near the base
+    model's where the new data does not pull them away (Li et al., "Explicit
+    inductive bias for transfer learning with convolutional networks", ICML
+    2018), which limits forgetting of what the corrections do not show.
+
+    Examples
+    --------
+    >>> import torch
+    >>> w = torch.nn.Parameter(torch.zeros(3))
+    >>> pairs = base_weights(torch.nn.ParameterList([w]))
+    >>> with torch.no_grad():
+    ...     _ = w.add_(1.0)
+    >>> float(anchor_penalty(pairs))
+    3.0
+    """
+    return sum(((p - p0) ** 2).sum() for p, p0 in pairs)
 
 
 def output_head(net, n_classes: int):
