@@ -74,6 +74,42 @@ def test_abdomen_deterministic_and_seeded():
     assert not np.array_equal(v1, v2)
 
 
+def test_abdomen_contrast_phases_keep_the_anatomy():
+    livers, gaps = [], []
+    for seed in range(1, 9):
+        plain_img, plain = make_abdomen_ct(seed=seed, vary=True, **SMALL_CT)
+        img, lab = make_abdomen_ct(seed=seed, vary=True, phases=True, **SMALL_CT)
+        np.testing.assert_array_equal(lab.data, plain.data)  # the phase draws its own stream
+        liver = float(np.median(img.data[lab.data == 1]))
+        livers.append(liver)
+        gaps.append(float(np.median(img.data[lab.data == 2])) - liver)
+    # non-contrast (~55 HU) to portal-venous (~118 HU) livers; spleens darker and brighter
+    assert min(livers) < 80 < max(livers)
+    assert min(gaps) < 0 < max(gaps)
+    # without vary the option changes nothing
+    a = make_abdomen_ct(seed=3, phases=True, **SMALL_CT)[0].data
+    np.testing.assert_array_equal(a, make_abdomen_ct(seed=3, **SMALL_CT)[0].data)
+
+
+def test_vary_spleens_are_crescents_of_adult_size(monkeypatch):
+    import napari_medseg.core.phantom.abdomen as abdomen
+
+    def spleen(seed):
+        lab = make_abdomen_ct(seed=seed, vary=True, shape=(64, 160, 160),
+                              spacing=(2.5, 1.5, 1.5))[1].data
+        return lab == 2
+
+    def to_centre_mm(mask):  # in-plane distance of the centroid to the grid's centre
+        return float(np.hypot(*(np.argwhere(mask)[:, 1:].mean(0) - 80))) * 1.5
+
+    bent = {s: spleen(s) for s in range(1, 5)}
+    monkeypatch.setattr(abdomen, "_SPLEEN_BEND", (0.0, 0.0))
+    for s, mask in bent.items():
+        assert 40 < mask.sum() * 2.5 * 1.5 * 1.5 / 1000 < 700  # mL
+        # the ends bend towards the hilum, so the crescent sits nearer the middle
+        assert to_centre_mm(mask) < to_centre_mm(spleen(s)) - 1.0
+
+
 def test_abdomen_noise_level():
     img, lab = make_abdomen_ct(seed=0)
     d = img.data

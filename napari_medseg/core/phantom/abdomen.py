@@ -28,6 +28,12 @@ _HU = {
     "stomach": 15.0, "table": 250.0,
 }
 
+#: Range of the spleen's size factor per axis when ``vary``.
+_SPLEEN_SCALE = (0.8, 1.5)
+#: Range of the spleen's crescent bend when ``vary`` (0: an ellipsoid; the
+#: canonical anatomy keeps the ellipsoid).
+_SPLEEN_BEND = (0.3, 0.9)
+
 
 class _Jitter:
     """Random perturbations that are zero unless ``vary`` (same draws either way)."""
@@ -45,7 +51,7 @@ class _Jitter:
 
 
 def make_abdomen_ct(seed: int = 0, shape=(64, 128, 128), spacing=(2.5, 1.5, 1.5),
-                    vary: bool = False) -> tuple[Volume, Volume]:
+                    vary: bool = False, phases: bool = False) -> tuple[Volume, Volume]:
     """A synthetic upper-abdomen CT and its organ labels.
 
     Parameters
@@ -61,6 +67,12 @@ def make_abdomen_ct(seed: int = 0, shape=(64, 128, 128), spacing=(2.5, 1.5, 1.5)
         Randomise organ sizes, positions, rotations, HU contrast, noise and
         partial-volume blur (for training data). False gives one canonical
         anatomy.
+    phases : bool
+        With ``vary``, also draw the contrast phase (from its own random
+        stream, so the anatomy of a seed is unchanged): from a non-contrast
+        scan (liver ~55 HU, blood ~40 HU) to a portal-venous one (liver
+        ~115 HU), the spleen 20 HU darker to 40 HU brighter than the liver.
+        Without it every scan is portal-venous (liver 100 +- 6 HU).
 
     Returns
     -------
@@ -88,6 +100,14 @@ def make_abdomen_ct(seed: int = 0, shape=(64, 128, 128), spacing=(2.5, 1.5, 1.5)
     # scans, darker in others
     hu["spleen"] = hu["liver"] + extra.uniform(-25.0, 35.0, _HU["spleen"] - _HU["liver"])
     enhance = jit.uniform(0.7, 1.3, 1.0)
+    if vary and phases:
+        # contrast phase: 0 is a non-contrast scan, 1 a strongly enhanced one
+        phase = _Jitter(np.random.default_rng([int(seed), 3]), True)
+        hu["liver"] = phase.uniform(55.0, 118.0, 0.0) + phase.normal(4.0)
+        hu["spleen"] = hu["liver"] + phase.uniform(-20.0, 40.0, 0.0)
+        hu["muscle"] = 50.0 + phase.normal(7.0)
+        hu["bowel"] = hu["muscle"] - 20.0 + phase.normal(8.0)
+        enhance = phase.uniform(0.0, 1.4, 0.0)
     for k in ("cortex", "medulla", "aorta", "ivc", "vessel"):
         hu[k] = 40.0 + (hu[k] - 40.0) * enhance
     hu["lesion"] = min(hu["lesion"], hu["liver"] - 30.0)
@@ -99,7 +119,7 @@ def make_abdomen_ct(seed: int = 0, shape=(64, 128, 128), spacing=(2.5, 1.5, 1.5)
     _vessels(grid, img, hu, spine, cavity)
     _stomach(grid, img, rng, jit, hu, cavity)
     _kidneys(grid, img, lab, rng, jit, hu, spine, cavity)
-    _spleen(grid, img, lab, rng, jit, hu, cavity)
+    _spleen(grid, img, lab, rng, jit, hu, cavity, extra)
     liver = _liver(grid, img, lab, rng, jit, hu, cavity)
     _lesions(grid, img, lab, rng, jit, hu, liver)
 
@@ -266,15 +286,21 @@ def _kidneys(grid, img, lab, rng, jit, hu, spine, cavity):
         _paint(img, lab, sl, kidney, value, label)
 
 
-def _spleen(grid, img, lab, rng, jit, hu, cavity):
+def _spleen(grid, img, lab, rng, jit, hu, cavity, extra):
     """Spleen, posterior on the patient's left, upper abdomen (label 2)."""
     hx, hy, hz = grid.half
-    # An adult spleen is about 12 x 7 x 4 cm (150-250 mL, a tenth of the liver): a
-    # thick crescent inside the ribs, not a sliver cut off by the body wall.
+    # An adult spleen is about 12 x 7 x 4 cm (150-250 mL, a tenth of the liver, and
+    # up to several times that when enlarged): a thick crescent against the ribs,
+    # not a sliver cut off by the body wall.
     c = (-0.47 * hx + jit.normal(3.0), -0.20 * hy + jit.normal(3.0), 0.30 * hz + jit.normal(4.0))
-    axes = tuple(a * jit.uniform(0.8, 1.25, 1.0) for a in (0.16 * hx, 0.30 * hy, 0.34 * hz))
+    axes = tuple(a * jit.uniform(*_SPLEEN_SCALE, 1.0) for a in (0.16 * hx, 0.30 * hy, 0.34 * hz))
     rot = _rotation(45.0 + jit.normal(10.0), rx=jit.normal(5.0))
-    sl, r, _ = _blob(grid, c, axes, rot, _Waves(rng, 5, 1.2), 0.12)
+    sl, r, (u, v, w) = _blob(grid, c, axes, rot, _Waves(rng, 5, 1.2), 0.12)
+    # a crescent: the ends bend towards the hilum (local +u points medially and
+    # forwards), which the stomach and the kidney press in
+    bend = np.float32(extra.uniform(*_SPLEEN_BEND, 0.0))
+    if bend:
+        r = r - np.sqrt(u * u + v * v + w * w) + np.sqrt((u - bend * v * v) ** 2 + v * v + w * w)
     _paint(img, lab, sl, (r < 1) & cavity[sl] & (lab[sl] == 0), hu["spleen"], 2)
 
 
