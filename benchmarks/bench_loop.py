@@ -83,6 +83,7 @@ def _finetune(base, ds, out, name, a, iterations, **kw):
 
     t0 = time.perf_counter()
     kw.setdefault("lr", a.lr)
+    kw.setdefault("anchor", a.anchor)
     path = finetune(base, ds, out_dir=out, name=name, iterations=iterations,
                     val_fraction=0, seed=a.seed, forgetting_cases=0, checkpoint_every=0,
                     batch_size=a.batch_size, **kw)
@@ -293,6 +294,8 @@ def main(argv=None) -> int:
                    choices=["adapt", "newclass", "ordering"])
     p.add_argument("--lr", type=float, default=3e-4, help="fine-tuning lr (adapt, ordering)")
     p.add_argument("--newclass-lr", type=float, default=1e-3)
+    p.add_argument("--anchor", type=float, default=None,
+                   help="L2-SP pull towards the base weights (default: finetune's, 0.1)")
     p.add_argument("--adapt-replay", type=int, default=4,
                    help="synthetic phantoms replayed against forgetting in adapt")
     p.add_argument("--batch-size", type=int, default=2)
@@ -316,6 +319,10 @@ def main(argv=None) -> int:
                    "short keeps the scenarios it finished)")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
+    if a.anchor is None:
+        from napari_medseg.training.finetune import ANCHOR
+
+        a.anchor = ANCHOR
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING)
     if a.threads:
         import torch
