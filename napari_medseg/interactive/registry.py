@@ -186,8 +186,8 @@ _BUILTIN = (
                    "(napari_medseg.training.train_click_model)",
         measured_on="60 objects of the shared real CT, MR and PET scans (references: "
                     "TotalSegmentator output for the abdominal CT, manual otherwise): Dice "
-                    "0.66 after 5 clicks, 0.74 after a 2D box and 5 clicks (0.67 / 0.74 on "
-                    "the 20 objects of images never seen in training); 7 % of clicks "
+                    "0.70 after 5 clicks, 0.75 after a 2D box and 5 clicks (0.67 / 0.75 on "
+                    "the 20 objects of images never seen in training); 8 % of clicks "
                     "lowered Dice (9 % after a box) (benchmarks/bench_interactive.py "
                     "--real; docs/models.md)"),
         prompts=("clicks", "boxes"), path="file", path_optional=True),
