@@ -284,18 +284,24 @@ def test_nninteractive_adapter_explains_missing_model(tmp_path):
 REAL = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "realdata"
 
 
-@pytest.mark.skipif(not (REAL / "ct_abdomen_dicom").is_dir(),
-                    reason="the shared real scans (../shared/realdata) are not here")
-def test_default_engine_three_clicks_on_a_real_liver():
-    import napari_medseg.interactive as interactive
+@pytest.fixture(scope="module")
+def real_ct():
+    """The shared real abdominal CT: ``(HU array, spacing, reference label ids)``."""
+    if not (REAL / "ct_abdomen_dicom").is_dir():
+        pytest.skip("the shared real scans (../shared/realdata) are not here")
     from napari_medseg.io import read_volume
 
     img = read_volume(REAL / "ct_abdomen_dicom")
     ref = read_volume(REAL / "ct_abdomen_dicom_labels.nii.gz")
-    liver = np.asarray(ref.data) == 5
+    return np.asarray(img.data, np.float32), img.spacing, np.asarray(ref.data)
+
+
+def test_default_engine_three_clicks_on_a_real_liver(real_ct):
+    import napari_medseg.interactive as interactive
+
+    image, spacing, ref = real_ct
     engine = make_engine(getattr(interactive, "DEFAULT_ENGINE", "click model"))
-    run = simulate_clicks(engine, np.asarray(img.data, np.float32), img.spacing, liver,
-                          n_clicks=3, rule="largest")
+    run = simulate_clicks(engine, image, spacing, ref == 5, n_clicks=3, rule="largest")
     assert run.dice[-1] >= 0.8, run.dice
 
 
@@ -354,23 +360,16 @@ def test_training_takes_pseudo_objects_on_real_images(tmp_path):
     assert summary["steps"] == 3 and isinstance(load_click_net(out), ClickNet)
 
 
-@pytest.mark.skipif(not (REAL / "ct_abdomen_dicom").is_dir(),
-                    reason="the shared real scans (../shared/realdata) are not here")
-def test_click_model_honours_a_click_its_refinement_left_out():
+def test_click_model_honours_a_click_its_refinement_left_out(real_ct):
     # the real stomach: gas, fluid and wall. The network answers the click on
     # its wall, then leaves out the fluid under the next click; without the
     # engine's fallback the simulated user clicked the same voxel four times
-    from napari_medseg.io import read_volume
-
-    img = read_volume(REAL / "ct_abdomen_dicom")
-    ref = read_volume(REAL / "ct_abdomen_dicom_labels.nii.gz")
-    stomach = np.asarray(ref.data) == 6
+    image, spacing, ref = real_ct
     engine = ClickModelEngine()
-    run = simulate_clicks(engine, np.asarray(img.data, np.float32), img.spacing, stomach,
-                          n_clicks=4, rule="largest")
+    run = simulate_clicks(engine, image, spacing, ref == 6, n_clicks=4, rule="largest")
     clicks = [tuple(p) for p in run.prompts.positive]
     assert len(set(clicks)) == len(clicks), clicks
-    mask = engine.predict(np.asarray(img.data, np.float32), img.spacing, run.prompts)
+    mask = engine.predict(image, spacing, run.prompts)
     for p in run.prompts.positive:
         assert mask[tuple(np.round(p).astype(int))], p
     assert run.dice[-1] > 0.3, run.dice
