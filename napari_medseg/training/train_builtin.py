@@ -11,7 +11,7 @@ the model grid (2.5 x 1.5 x 1.5 mm). The phantom's anatomy scales with its field
 of view, so each case draws its own grid (:func:`case_shape`: 64-104 slices of
 128-240 voxels, a 190 mm child-sized to a 360 mm adult-sized abdomen, whose
 liver then holds 0.2-1.5 L and whose spleen, a crescent against the ribs,
-30-500 mL as in real adults), and
+15-260 mL, up to about 430 mL on the largest grid), and
 0-60 voxels of air are added on each side in-plane, as in a scan whose field of
 view is wider than the patient. One case in four is
 generated at half that spacing and averaged down, so the network also sees the
