@@ -288,14 +288,16 @@ def _approve(wl, case_id, refs: Path) -> None:
 
 # -------------------------------------------------------------------- main
 def main(argv=None) -> int:
+    from napari_medseg.training.finetune import ANCHOR
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--scenarios", nargs="+", default=["adapt", "newclass", "ordering"],
                    choices=["adapt", "newclass", "ordering"])
     p.add_argument("--lr", type=float, default=3e-4, help="fine-tuning lr (adapt, ordering)")
     p.add_argument("--newclass-lr", type=float, default=1e-3)
-    p.add_argument("--anchor", type=float, default=None,
-                   help="L2-SP pull towards the base weights (default: finetune's, 0.1)")
+    p.add_argument("--anchor", type=float, default=ANCHOR,
+                   help="L2-SP pull towards the base weights (default: finetune's)")
     p.add_argument("--adapt-replay", type=int, default=4,
                    help="synthetic phantoms replayed against forgetting in adapt")
     p.add_argument("--batch-size", type=int, default=2)
@@ -319,10 +321,6 @@ def main(argv=None) -> int:
                    "short keeps the scenarios it finished)")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
-    if a.anchor is None:
-        from napari_medseg.training.finetune import ANCHOR
-
-        a.anchor = ANCHOR
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING)
     if a.threads:
         import torch

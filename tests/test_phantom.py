@@ -77,7 +77,7 @@ def test_abdomen_deterministic_and_seeded():
 def test_abdomen_contrast_phases_keep_the_anatomy():
     livers, gaps = [], []
     for seed in range(1, 9):
-        plain_img, plain = make_abdomen_ct(seed=seed, vary=True, **SMALL_CT)
+        _, plain = make_abdomen_ct(seed=seed, vary=True, **SMALL_CT)
         img, lab = make_abdomen_ct(seed=seed, vary=True, phases=True, **SMALL_CT)
         np.testing.assert_array_equal(lab.data, plain.data)  # the phase draws its own stream
         liver = float(np.median(img.data[lab.data == 1]))

@@ -124,8 +124,7 @@ def param_groups(net, lr: float, early_lr_factor: float = 1.0, head=None,
     list of dict
         One group when the factor is 1 and there is no ``head``.
     """
-    skip = {id(p) for p in head.parameters()} if head is not None else set()
-    params = [p for p in net.parameters() if p.requires_grad and id(p) not in skip]
+    params = _body_parameters(net, head)
     groups = []
     if early_lr_factor == 1.0 or len(params) < 3:
         groups.append({"params": params, "lr": lr})
@@ -139,6 +138,12 @@ def param_groups(net, lr: float, early_lr_factor: float = 1.0, head=None,
     return groups
 
 
+def _body_parameters(net, head=None) -> list:
+    """The trainable parameters of ``net`` outside ``head`` (a grown output convolution)."""
+    skip = {id(p) for p in head.parameters()} if head is not None else set()
+    return [p for p in net.parameters() if p.requires_grad and id(p) not in skip]
+
+
 def base_weights(net, head=None) -> list:
     """``(parameter, copy of its current value)`` pairs for :func:`anchor_penalty`.
 
@@ -149,9 +154,7 @@ def base_weights(net, head=None) -> list:
     head : torch.nn.Module, optional
         The output convolution that got new classes: left free.
     """
-    skip = {id(p) for p in head.parameters()} if head is not None else set()
-    return [(p, p.detach().clone()) for p in net.parameters()
-            if p.requires_grad and id(p) not in skip]
+    return [(p, p.detach().clone()) for p in _body_parameters(net, head)]
 
 
 def anchor_penalty(pairs):
