@@ -59,7 +59,9 @@ def test_streamed_run_equals_in_memory_run(model, tmp_path, frame):
     assert np.allclose(got.affine, vol.affine)
     labels = np.asarray(got.data)
     assert labels.shape == vol.shape3
-    assert (labels > 0).mean() > 0.02
+    # enough labelled voxels (of the 96 mm doll-sized phantom) for the comparison to mean
+    # something
+    assert (labels > 0).sum() > 2000
     np.testing.assert_array_equal(labels, np.asarray(ref.labels.data))
     assert info["windows"] > 0 and not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
