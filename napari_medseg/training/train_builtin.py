@@ -6,8 +6,7 @@ One command, deterministic seeds for a given device and thread count::
         --out napari_medseg/models/builtin/abdomen-ct-small [--device cuda --workers 16]
 
 (The shipped weights were trained with ``--device cuda --workers 16`` on a GPU;
-the same command on a CPU trains the same recipe, in about an hour and a half on
-two cores.)
+the same command on a CPU trains the same recipe, in some 5 h on two cores.)
 
 Training cases come from :func:`napari_medseg.core.phantom.make_abdomen_ct` with
 ``vary=True`` (random anatomy size and position, contrast, noise and blur), on
