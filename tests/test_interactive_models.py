@@ -166,6 +166,21 @@ def test_training_script_writes_loadable_weights(tmp_path):
     assert again["steps"] == 5 and again["seconds"] < summary["seconds"] + 60
 
 
+def test_training_averages_examples_into_one_step(tmp_path):
+    import torch
+
+    from napari_medseg.training.train_click_model import train
+
+    out = tmp_path / "w.pt"
+    first = train(out, steps=1, width=4, n_phantoms=1, cache=tmp_path / "pool.npz", seed=3)
+    before = {k: v.clone() for k, v in load_click_net(out).state_dict().items()}
+    summary = train(out, steps=2, width=4, n_phantoms=1, cache=tmp_path / "pool.npz",
+                    init=out, accumulate=3, seed=4)
+    assert first["examples"] == 1 and summary["steps"] == 2 and summary["examples"] == 6
+    after = load_click_net(out).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
 def test_inside_cubes_see_mostly_the_object():
     from napari_medseg.training.train_click_model import _deep_click, _inside_cube
 

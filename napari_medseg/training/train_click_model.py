@@ -353,7 +353,7 @@ def train(out=WEIGHTS, minutes: float | None = None, width: int = 16, n_phantoms
           synth_share: float = 0.6, bf16: bool | None = None,
           centre_share: float = 0.5, stop_after: int | None = None,
           real_dir: Path | None = None, real_share: float = 0.0,
-          inside_share: float = 0.0) -> dict:
+          inside_share: float = 0.0, accumulate: int = 1) -> dict:
     """Train and save the click network; return a summary dict.
 
     Parameters
@@ -392,6 +392,8 @@ def train(out=WEIGHTS, minutes: float | None = None, width: int = 16, n_phantoms
     inside_share : float
         Share of the 3D phantom and pseudo-object examples whose first-click
         cube lies inside the object (:func:`_inside_cube`).
+    accumulate : int
+        Examples whose gradients (each clipped) are averaged into one step.
     """
     global _BF16
     from ..core.policy import bf16_supported
@@ -430,6 +432,7 @@ def train(out=WEIGHTS, minutes: float | None = None, width: int = 16, n_phantoms
     t1 = time.perf_counter()
     deadline = None if minutes is None else t1 + 60 * minutes
     start_step, skipped, fp32_retries = step, 0, 0
+    acc, n_acc, acc_loss, examples = None, 0, 0.0, 0
     last = steps if stop_after is None else min(steps, int(stop_after))
     while step < last and (deadline is None or step == start_step
                             or time.perf_counter() < deadline):
@@ -464,6 +467,20 @@ def train(out=WEIGHTS, minutes: float | None = None, width: int = 16, n_phantoms
             log.warning("skipped a step with a non-finite loss or gradient (%d so far), "
                         "example %s", skipped, tuple(x.shape))
             continue
+        if accumulate > 1:  # average the clipped gradients of ``accumulate`` examples
+            grads = [q.grad.detach().clone() if q.grad is not None else None
+                     for q in net.parameters()]
+            acc = grads if acc is None else [a if g is None else (g if a is None else a + g)
+                                             for a, g in zip(acc, grads)]
+            n_acc += 1
+            acc_loss += float(loss.detach())
+            if n_acc < accumulate:
+                continue
+            for q, a in zip(net.parameters(), acc):
+                q.grad = None if a is None else a / n_acc
+            loss = torch.tensor(acc_loss / n_acc)
+            acc, n_acc, acc_loss = None, 0, 0.0
+        examples += max(1, accumulate)
         opt.step()
         losses.append(float(loss.detach()))
         step += 1
@@ -477,7 +494,8 @@ def train(out=WEIGHTS, minutes: float | None = None, width: int = 16, n_phantoms
     _save(net, out)
     if ckpt is not None:
         _save_checkpoint(ckpt, net, opt, step, rng, losses)
-    summary = {"steps": step, "skipped": skipped, "fp32_retries": fp32_retries,
+    summary = {"steps": step, "examples": examples, "skipped": skipped,
+               "fp32_retries": fp32_retries,
                "final_loss": float(np.mean(losses[-100:])) if losses else None,
                "seconds": time.perf_counter() - t0, "out": str(out)}
     log.info("saved %s", summary)
@@ -519,6 +537,8 @@ def main(argv=None) -> None:
                          "pseudo-objects (training/pseudo_objects.py)")
     ap.add_argument("--real-share", type=float, default=0.0,
                     help="share of examples that are pseudo-objects on real images")
+    ap.add_argument("--accumulate", type=int, default=1,
+                    help="examples averaged into one optimisation step")
     ap.add_argument("--inside-share", type=float, default=0.0,
                     help="share of 3D phantom / pseudo-object examples whose first-click "
                          "cube lies inside the object")
@@ -534,7 +554,7 @@ def main(argv=None) -> None:
           synth_share=args.synth_share, centre_share=args.centre_share,
           stop_after=args.stop_after,
           real_dir=Path(args.real_dir) if args.real_dir else None, real_share=args.real_share,
-          inside_share=args.inside_share)
+          inside_share=args.inside_share, accumulate=args.accumulate)
 
 
 if __name__ == "__main__":
