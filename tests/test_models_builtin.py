@@ -80,3 +80,29 @@ def test_training_cases_vary_in_size_and_thin_slabs_pad_with_zeros():
     _thin_slab(x, y, 16)
     assert x[0, :8].eq(0).all() and x[0, 8:24].eq(1).all() and x[0, 24:].eq(0).all()
     assert y[:8].eq(0).all() and y[8:24].eq(1).all()
+
+
+def test_training_cases_do_not_depend_on_workers_and_a_time_limit_ends_each_phase(tmp_path,
+                                                                                   caplog):
+    import logging
+
+    from napari_medseg.core.phantom import make_abdomen_ct
+    from napari_medseg.models import load_model
+    from napari_medseg.training.train_builtin import (PATCH, TARGET_SPACING, _cached_cases,
+                                                      make_card, train)
+
+    probe, _ = make_abdomen_ct(seed=0, shape=PATCH, spacing=TARGET_SPACING)
+    card = make_card(dict(ABDOMEN_LABELS), probe.orientation_code())
+    one = _cached_cases(3, card, None, workers=1)
+    two = _cached_cases(3, card, tmp_path / "cases.npz", workers=2)
+    for (x1, y1), (x2, y2) in zip(one, two):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+    out = tmp_path / "pkg"
+    with caplog.at_level(logging.WARNING, logger="napari_medseg.training.train_builtin"):
+        train(out, n_cases=3, iters=100_000, finetune_iters=100_000, focus_iters=100_000,
+              batch=2, cache=tmp_path / "cases.npz", time_limit=0.05)
+    stopped = [r.getMessage() for r in caplog.records if "time limit" in r.getMessage()]
+    assert [m.split()[:2] for m in stopped] == [["phase", "1"], ["phase", "2"], ["phase", "3"]]
+    model = load_model(out)  # the early-stopped run is still a loadable package
+    assert model.card.version and (out / "model.pt").is_file()

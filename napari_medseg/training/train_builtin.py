@@ -243,7 +243,7 @@ def _phase(net, data, n_classes, iters, lr, batch, seed, schedule, fg_fraction, 
                                                     pct_start=0.05)
     else:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters)
-    use_bf16 = device.type == "cuda" or _use_bf16()
+    use_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else _use_bf16()
     ce_weight = None
     if class_weights:
         ce_weight = torch.ones(int(n_classes))
