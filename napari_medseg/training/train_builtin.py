@@ -243,7 +243,7 @@ def _phase(net, data, n_classes, iters, lr, batch, seed, schedule, fg_fraction, 
                                                     pct_start=0.05)
     else:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters)
-    use_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else _use_bf16()
+    use_bf16 = _use_bf16(device)
     ce_weight = None
     if class_weights:
         ce_weight = torch.ones(int(n_classes))
@@ -295,7 +295,14 @@ def _thin_slab(x: torch.Tensor, y: torch.Tensor, n: int) -> None:
     y[start + n:] = 0
 
 
-def _use_bf16() -> bool:
+def _use_bf16(device="cpu") -> bool:
+    """Whether training on ``device`` runs under bf16 autocast: on a GPU where it has
+    bf16 (:func:`~napari_medseg.core.policy.bf16_supported`); on a CPU with AVX512 or
+    native bf16 (the rule the shipped CPU-trained versions used)."""
+    if torch.device(device).type != "cpu":
+        from ..core.policy import bf16_supported
+
+        return bf16_supported(device)
     return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") or \
         "avx512_bf16" in _cpu_flags()
 
@@ -356,7 +363,6 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
     out.mkdir(parents=True, exist_ok=True)
     if resume is not None:
         net.load_state_dict(load_weights(Path(resume).read_bytes(), str(resume)))
-        net.to(device)
         log.info("phase 1 and 2 weights from %s", resume)
     else:
         if init is None:
@@ -365,7 +371,6 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
             _save_weights(net, out / "phase1.pt")
         else:
             net.load_state_dict(load_weights(Path(init).read_bytes(), str(init)))
-            net.to(device)
             log.info("phase 1 weights from %s", init)
         if finetune_iters:
             minutes += _phase(net, data, card.n_classes, finetune_iters, finetune_lr, batch,
@@ -385,7 +390,7 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
         f"cut to a slab of {SLAB_SLICES[0]}-{SLAB_SLICES[1]} slices between zeros, as a thin "
         f"scan is padded at inference. Batches of {batch} random {PATCH} windows, "
         f"cross-entropy + soft Dice, AdamW, "
-        f"{'bf16 autocast, ' if _use_bf16() or device != 'cpu' else ''}"
+        f"{'bf16 autocast, ' if _use_bf16(device) else ''}"
         f"{'CPU' if device == 'cpu' else 'a GPU (' + str(device) + ')'}. "
         f"Phase 1: {iters} steps, one-cycle lr {lr}, half the windows centred on a "
         f"foreground class (seed {seed}); phase 2: {finetune_iters} steps, cosine lr from "
