@@ -55,6 +55,7 @@ from ..models.card import ModelCard
 from ..models.networks import UNet3D, count_parameters
 from .losses import soft_dice_loss
 from .metrics import dice_per_class
+from .train_builtin import _use_bf16  # the same CPU rule as the shipped model
 
 __all__ = ["train", "evaluate_synthetic", "make_card", "sample_window", "HELD_OUT_SEEDS",
            "dice_per_class"]
@@ -242,14 +243,6 @@ def _init_from(net, path: Path) -> None:
         n_copied += 1
     net.load_state_dict(own)
     log.info("initialised %d of %d tensors from %s", n_copied, len(own), path)
-
-
-def _use_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
-    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") or "avx512_bf16" in flags
 
 
 def _save(obj, path: Path) -> None:
