@@ -284,7 +284,9 @@ def test_bf16_run_keeps_export_slices_in_float16_and_agrees_with_fp32(tmp_path):
 
 
 def test_lean_unet_gives_the_networks_own_outputs(tmp_path):
-    """The plain U-Net run by LeanUNet: bit-identical outputs, fp32 and bf16."""
+    """The plain U-Net run by LeanUNet: bit-identical outputs in fp32 and, with the
+    concatenations kept, in bf16; the split concatenations (bf16's default) agree to
+    bf16 rounding."""
     from napari_medseg.core.inference import _cpu_fast_path
     from napari_medseg.models.nnunet_native import LeanUNet
 
@@ -293,15 +295,61 @@ def test_lean_unet_gives_the_networks_own_outputs(tmp_path):
     model = load_model(folder)
     net = model.native_network("cpu")
     assert isinstance(net, LeanUNet) and net.network is model.network
+    assert net.split_concat == "auto"
     x = torch.from_numpy(_ct((8, 16, 16), seed=7)[None, None] / 500.0)
     with torch.inference_mode():
-        assert torch.equal(net(x), model.network(x))
+        assert torch.equal(net(x), model.network(x))  # fp32: "auto" does not split
         with _cpu_fast_path(net, torch.device("cpu"), torch.bfloat16), \
                 torch.autocast("cpu", torch.bfloat16):
             xc = x.contiguous(memory_format=torch.channels_last_3d)
-            assert torch.equal(net(xc), model.network(xc))
+            ref = model.network(xc)
+            net.split_concat = False
+            assert torch.equal(net(xc), ref)
+            net.split_concat = "auto"
+            got = net(xc)
+    assert got.dtype == ref.dtype == torch.bfloat16
+    assert got.is_contiguous(memory_format=torch.channels_last_3d)
+    err = (got.float() - ref.float()).abs().max()
+    assert 0 < err <= 0.03 * ref.float().abs().max()  # split, so not bit-identical
     model.network.decoder.deep_supervision = True
     assert not LeanUNet.fits(model.network)  # deep supervision: the stock forward
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_split_concatenation_gives_the_concatenated_convolution(tmp_path, monkeypatch, fused):
+    """conv(cat(up, skip)) as two convolutions added (oneDNN's fused add, or a plain
+    add): fp32 logits within 1e-4 relative of the stock network's, the same labels."""
+    import napari_medseg.models.nnunet_native as nn_
+
+    folder = make_result_folder(tmp_path, "Dataset509_Split", ["a", "b", "c"],
+                                spacing=(1.0, 1.0, 1.0), patch=(8, 16, 16), seed=17,
+                                features=(4, 8, 16))
+    model = load_model(folder)
+    net = nn_.LeanUNet(model.network, split_concat=True)
+    calls = []
+    orig = nn_._concat_conv
+    monkeypatch.setattr(nn_, "_concat_conv", lambda *a: calls.append(1) or orig(*a))
+    monkeypatch.setattr(nn_, "_FUSED_ADD", {} if fused else {torch.float32: False})
+    x = torch.from_numpy(_ct((8, 16, 16), seed=9)[None, None] / 500.0)
+    x = torch.cat([x, x.flip(2)])  # two windows in a batch
+    with torch.inference_mode():
+        ref = model.network(x)
+        got = net(x)
+        got2 = net(x)  # the fused op after its one-time check
+    assert len(calls) == 2 * len(model.network.decoder.stages)  # every decoder stage split
+    if fused and torch.backends.mkldnn.is_available():
+        assert nn_._FUSED_ADD == {torch.float32: True}
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
+    assert ((got2 - ref).abs().max() / ref.abs().max()).item() < 1e-4
+    assert torch.equal(got.argmax(1), ref.argmax(1))
+    # a wrong split (the two inputs' weights swapped) is caught by the same check
+    conv = model.network.decoder.stages[-1].convs[0].conv
+    with torch.no_grad():
+        c = conv.weight.shape[1] // 2
+        conv.weight.copy_(torch.cat([conv.weight[:, c:], conv.weight[:, :c]], 1))
+    with torch.inference_mode():
+        bad = nn_.LeanUNet(model.network, split_concat=False)(x)
+    assert ((bad - ref).abs().max() / ref.abs().max()).item() > 1e-3
 
 
 def test_cancel_stops_native_run(tmp_path):
