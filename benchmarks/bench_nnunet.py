@@ -36,6 +36,13 @@ Figures (per network, and the headline ones for ``trained``):
   size) through the ``total-fast`` task of a TotalSegmentator weights folder
   holding the 3 mm 117-class random-weight network, from reading the file to
   writing the labels file (model loading included; goal <= 30 s on 2 cores).
+
+Importing ``napari_medseg`` sets ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's CPU
+allocator then backs large blocks with transparent huge pages; see
+``napari_medseg._ask_for_huge_pages``), so our worker runs with it. nnU-Net's
+worker runs as nnU-Net does by default, without it (``THP_MEM_ALLOC_ENABLE=0``,
+although it imports a helper from ``napari_medseg``); ``--nnunet-thp`` gives it
+the same setting. Each worker reports its setting as ``thp``.
 """
 
 from __future__ import annotations
@@ -304,11 +311,13 @@ def worker(args):
     seconds, cpu_seconds = time.perf_counter() - t0, _cpu() - c0
     np.save(args.save, np.asarray(labels, np.uint8))
     print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss_gib": _rss_gib(),
-                      "baseline_rss_gib": base, "amp": amp}))
+                      "baseline_rss_gib": base, "amp": amp,
+                      "thp": os.environ.get("THP_MEM_ALLOC_ENABLE")}))
 
 
 # --------------------------------------------------------------------------- driver
 THREADS = None
+NNUNET_THP = False
 
 
 def _spawn(kind, **kw):
@@ -317,7 +326,10 @@ def _spawn(kind, **kw):
         cmd += ["--threads", str(THREADS)]
     for k, v in kw.items():
         cmd += [f"--{k}", str(v)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if kind == "nnunet":  # as nnU-Net runs unless asked (see the module notes)
+        env["THP_MEM_ALLOC_ENABLE"] = "1" if NNUNET_THP else "0"
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{kind} worker failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -372,14 +384,18 @@ def main():
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads in each worker (default: torch's own); on a busy "
                          "machine 1 avoids OpenMP threads spinning against other processes")
+    ap.add_argument("--nnunet-thp", action="store_true",
+                    help="let nnU-Net's worker use transparent huge pages too "
+                         "(THP_MEM_ALLOC_ENABLE=1, as importing napari_medseg sets for ours)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     for k in ("folder", "input", "spacing", "save"):
         ap.add_argument(f"--{k}", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
-    global THREADS
+    global THREADS, NNUNET_THP
     THREADS = args.threads
+    NNUNET_THP = args.nnunet_thp
     if THREADS:  # the training of the phantom model runs in this process
         import torch
 
@@ -398,6 +414,7 @@ def main():
     result = {"size": args.size, "threads": args.threads, "volume": list(cfg["volume"]),
               "volume_spacing": CT_SPACING,
               "step": 0.5, "mirroring": False, "cpu_threads": os.cpu_count(),
+              "nnunet_thp": NNUNET_THP,
               "note": ("reduced sizes (not the issue's 256 x 256 x 200 / 512 x 512 x 300)"
                        if args.size != "full" else "the issue's sizes"),
               "networks": {}}
