@@ -106,3 +106,33 @@ def test_training_cases_do_not_depend_on_workers_and_a_time_limit_ends_each_phas
     assert [m.split()[:2] for m in stopped] == [["phase", "1"], ["phase", "2"], ["phase", "3"]]
     model = load_model(out)  # the early-stopped run is still a loadable package
     assert model.card.version and (out / "model.pt").is_file()
+
+
+def test_window_augmentations_keep_the_window_and_move_image_and_labels_together():
+    import torch
+
+    from napari_medseg.training.train_builtin import WINDOW, _appearance, _deform
+
+    torch.manual_seed(3)
+    y = torch.zeros(2, 32, 64, 64, dtype=torch.long)
+    y[:, 8:24, 16:48, 16:40] = 2
+    y[:, 8:24, 16:48, 40:48] = 1
+    hu = torch.full(y.shape, 40.0)
+    hu[y == 1], hu[y == 2] = 100.0, 150.0
+    hu[:, :, :8] = -1000.0  # air, clipped by the window
+    x = ((hu.clamp(*WINDOW) - WINDOW[0]) / (WINDOW[1] - WINDOW[0]))[:, None]
+    got = _appearance(x.clone(), y, 3)
+    assert got.shape == x.shape and got.min() >= 0 and got.max() <= 1
+    assert torch.equal(got[:, :, :, :8], x[:, :, :, :8])  # clipped voxels stay as they were
+    change = (got - x)[:, 0, :, 8:]
+    assert change.abs().mean() > 1e-3 and change.std() < 40.0 / (WINDOW[1] - WINDOW[0])
+    # image and labels are warped by one field: each class keeps its intensity
+    xw, yw = _deform(x, y)
+    assert xw.shape == x.shape and yw.shape == y.shape and yw.dtype == torch.long
+    assert set(yw.unique().tolist()) <= {0, 1, 2} and not torch.equal(yw, y)
+    for c, v in ((1, 100.0), (2, 150.0)):
+        inner = (yw == c) & (torch.nn.functional.max_pool3d(
+            (yw != c).float()[:, None], 3, 1, 1)[:, 0] == 0)
+        assert inner.sum() > 500
+        expect = (v - WINDOW[0]) / (WINDOW[1] - WINDOW[0])
+        assert torch.allclose(xw[:, 0][inner], torch.tensor(expect), atol=1e-4)

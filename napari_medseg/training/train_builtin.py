@@ -80,6 +80,17 @@ SLAB_SLICES = (8, 24)
 #: (``make_abdomen_ct(phases=True)``). Off: a run with it lost spleen Dice on both
 #: real scans and on the phantoms (docs/models.md).
 PHASES = False
+#: Per-window appearance augmentation (``--texture``), drawn on the training device:
+#: each class (background included) gets a smooth random texture of up to
+#: TEXTURE_HU in amplitude, and spatially correlated noise (white noise blurred by a
+#: Gaussian of NOISE_SIGMA voxels, as reconstruction kernels correlate it) of up to
+#: NOISE_HU standard deviation is added where the window does not clip the image.
+TEXTURE_HU = 15.0
+NOISE_HU = 20.0
+NOISE_SIGMA = (0.0, 1.5)
+#: Per-window smooth random deformation (``--deform``): displacements of up to
+#: DEFORM_VOX voxels (z, y, x), drawn on a 4 x 5 x 5 control grid and interpolated.
+DEFORM_VOX = (1.5, 4.0, 4.0)
 #: Predicted volumes (mL) outside these ranges are reported as implausible.
 PLAUSIBLE_ML = {"liver": [100, 5000], "spleen": [5, 2500], "kidney_left": [10, 600],
                 "kidney_right": [10, 600], "lesion": [0, 3000]}
@@ -226,13 +237,15 @@ def _cached_cases(n_cases: int, card: ModelCard, cache: Path | None, workers: in
 
 
 def _phase(net, data, n_classes, iters, lr, batch, seed, schedule, fg_fraction, log_every, name,
-           class_weights=None, device="cpu", deadline=None):
+           class_weights=None, device="cpu", deadline=None, texture=False, deform=False):
     """One training phase with its own seeds; ``schedule`` is ``"onecycle"`` or ``"cosine"``.
 
     ``class_weights`` (``{class id: weight}``) weighs the cross-entropy and the
     choice of the class a window is centred on; None weighs all classes alike.
     ``device`` is where the network trains (the windows are cut on the CPU);
     ``deadline`` (``time.time()`` seconds) ends the phase early, with a warning.
+    ``deform`` and ``texture`` add the random deformation (:func:`_deform`) and the
+    texture and correlated-noise augmentation (:func:`_appearance`) to each window.
     """
     device = torch.device(device)
     torch.manual_seed(seed)
@@ -268,8 +281,13 @@ def _phase(net, data, n_classes, iters, lr, batch, seed, schedule, fg_fraction, 
         for b in range(len(x)):
             if rng.random() < SLAB_SHARE:
                 _thin_slab(x[b], y[b], int(rng.integers(SLAB_SLICES[0], SLAB_SLICES[1] + 1)))
-        x = x * float(rng.uniform(0.9, 1.1)) + float(rng.normal(0, 0.05))
+        gain, offset = float(rng.uniform(0.9, 1.1)), float(rng.normal(0, 0.05))
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if deform:
+            x, y = _deform(x, y)
+        if texture:
+            x = _appearance(x, y, int(n_classes))
+        x = x * gain + offset
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             logits = net(x)
         loss = F.cross_entropy(logits.float(), y, weight=ce_weight) + soft_dice_loss(logits, y)
@@ -293,6 +311,62 @@ def _thin_slab(x: torch.Tensor, y: torch.Tensor, n: int) -> None:
     x[:, start + n:] = 0.0
     y[:start] = 0
     y[start + n:] = 0
+
+
+def _gaussian_blur(t: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Blur ``t`` ``(B, 1, Z, Y, X)`` by a Gaussian of ``sigma`` voxels along each axis."""
+    r = max(1, int(round(3 * sigma)))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, device=t.device, dtype=t.dtype) / sigma) ** 2)
+    k = k / k.sum()
+    for axis in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = k.numel()
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
+        t = F.conv3d(F.pad(t, pad, mode="replicate"), k.view(shape))
+    return t
+
+
+def _appearance(x: torch.Tensor, y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Texture and correlated-noise augmentation of normalised windows (:data:`TEXTURE_HU`).
+
+    ``x`` ``(B, 1, Z, Y, X)`` in [0, 1] (the card's CT window), ``y`` ``(B, Z, Y, X)``
+    class ids; returns the augmented ``x``, clipped to [0, 1] again. Draws from
+    torch's generator on ``x``'s device.
+    """
+    per_hu = 1.0 / (WINDOW[1] - WINDOW[0])
+    b, dev = x.shape[0], x.device
+    inside = ((x > 0) & (x < 1)).to(x.dtype)  # voxels the window does not clip
+    amp = torch.rand(b, n_classes, 1, 1, 1, device=dev) * (TEXTURE_HU * per_hu)
+    coarse = torch.randn(b, n_classes, 4, 6, 6, device=dev) * amp
+    fields = F.interpolate(coarse, size=tuple(x.shape[2:]), mode="trilinear",
+                           align_corners=False)
+    texture = fields.gather(1, y[:, None])
+    noise = torch.randn_like(x)
+    sigma = float(torch.empty(()).uniform_(*NOISE_SIGMA))
+    if sigma > 0.3:
+        noise = _gaussian_blur(noise, sigma)
+        noise = noise / noise.std().clamp_min(1e-6)
+    std = torch.rand(b, 1, 1, 1, 1, device=dev) * (NOISE_HU * per_hu)
+    return (x + (texture + noise * std) * inside).clamp_(0.0, 1.0)
+
+
+def _deform(x: torch.Tensor, y: torch.Tensor) -> tuple:
+    """Warp windows ``x`` ``(B, 1, Z, Y, X)`` (linear) and ``y`` ``(B, Z, Y, X)`` (nearest)
+    by one smooth random displacement field each (:data:`DEFORM_VOX`)."""
+    b, dev = x.shape[0], x.device
+    size = tuple(x.shape[2:])
+    # grid_sample's last axis is (x, y, z) in [-1, 1]: one voxel is 2 / n
+    scale = torch.tensor([2.0 * DEFORM_VOX[2 - i] / size[2 - i] for i in range(3)], device=dev)
+    coarse = (torch.rand(b, 3, 4, 5, 5, device=dev) * 2 - 1) * scale.view(1, 3, 1, 1, 1)
+    disp = F.interpolate(coarse, size=size, mode="trilinear", align_corners=True)
+    axes = [torch.linspace(-1, 1, n, device=dev) for n in size]
+    zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
+    grid = torch.stack((xx, yy, zz), -1)[None] + disp.permute(0, 2, 3, 4, 1)
+    xw = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    yw = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="border",
+                       align_corners=True)[:, 0].long()
+    return xw, yw
 
 
 def _use_bf16(device="cpu") -> bool:
@@ -320,7 +394,8 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
           finetune_iters: int = 700, finetune_lr: float = 1e-3, init: Path | None = None,
           focus_iters: int = FOCUS_ITERS, focus_lr: float = FOCUS_LR,
           resume: Path | None = None, device: str = "cpu", workers: int = 1,
-          time_limit: float | None = None) -> Path:
+          time_limit: float | None = None, texture: bool = False,
+          deform: bool = False) -> Path:
     """Generate data, train, save ``model.pt`` + ``card.yaml`` in ``out``; return ``out``.
 
     Three phases: ``iters`` steps with a one-cycle schedule (seed ``seed``), then
@@ -333,7 +408,9 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
     the network there (``"cuda"`` on a GPU machine), ``workers`` generates the cases
     in that many processes, and ``time_limit`` (minutes, from the start of the
     first phase) ends the run early: each phase gets its share in proportion to its
-    steps and logs where it stopped.
+    steps and logs where it stopped. ``texture`` and ``deform`` add the per-window
+    texture and correlated-noise augmentation and the random deformation in every
+    phase (:func:`_appearance`, :func:`_deform`).
     """
     from ..core.phantom import ABDOMEN_LABELS, make_abdomen_ct
     from ..models.loaders import load_weights
@@ -354,10 +431,11 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
     start = time.time()
 
     def run(k):
-        if time_limit is None:
-            return {"device": device}
-        share = sum(todo[:k + 1]) / max(sum(todo), 1)
-        return {"device": device, "deadline": start + 60 * float(time_limit) * share}
+        kw = {"device": device, "texture": texture, "deform": deform}
+        if time_limit is not None:
+            share = sum(todo[:k + 1]) / max(sum(todo), 1)
+            kw["deadline"] = start + 60 * float(time_limit) * share
+        return kw
 
     minutes = 0.0
     out.mkdir(parents=True, exist_ok=True)
@@ -389,6 +467,7 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
         f"fourth at half that spacing and averaged down). {SLAB_SHARE:.0%} of the windows are "
         f"cut to a slab of {SLAB_SLICES[0]}-{SLAB_SLICES[1]} slices between zeros, as a thin "
         f"scan is padded at inference. Batches of {batch} random {PATCH} windows, "
+        f"{_augment_text(texture, deform)}"
         f"cross-entropy + soft Dice, AdamW, "
         f"{'bf16 autocast, ' if _use_bf16(device) else ''}"
         f"{'CPU' if device == 'cpu' else 'a GPU (' + str(device) + ')'}. "
@@ -399,10 +478,23 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
         f"centred on a class drawn with weights {focus} (others 1), the same weights in "
         f"the cross-entropy (seed {seed + 2}). "
         f"{minutes:.1f} min of training in this run. Reproduce: python -m "
-        "napari_medseg.training.train_builtin --out <folder> [--device cuda --workers 16].")
+        "napari_medseg.training.train_builtin --out <folder> [--device cuda --workers 16]"
+        f"{' --texture' if texture else ''}{' --deform' if deform else ''}.")
     card.save(out / "card.yaml")
     log.info("saved %s after %.1f min", out, minutes)
     return out
+
+
+def _augment_text(texture: bool, deform: bool) -> str:
+    """The card's words for the per-window augmentation of a run."""
+    parts = []
+    if deform:
+        parts.append(f"a smooth random deformation of up to {DEFORM_VOX} voxels")
+    if texture:
+        parts.append(f"a smooth random texture of up to {TEXTURE_HU:g} HU per class and "
+                     f"noise of up to {NOISE_HU:g} HU standard deviation, correlated over "
+                     f"{NOISE_SIGMA[0]:g}-{NOISE_SIGMA[1]:g} voxels")
+    return ("each window gets " + " and ".join(parts) + "; ") if parts else ""
 
 
 def _cpu_flags() -> str:
@@ -489,6 +581,10 @@ def main(argv=None) -> int:
                    help="processes that generate the training cases")
     p.add_argument("--time-limit", type=float, default=None,
                    help="minutes of training after which each phase stops early")
+    p.add_argument("--texture", action="store_true",
+                   help="per-window random texture per class and correlated noise")
+    p.add_argument("--deform", action="store_true",
+                   help="per-window smooth random deformation of image and labels")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -498,7 +594,8 @@ def main(argv=None) -> int:
         train(a.out, a.cases, a.iters, a.batch, a.lr, a.seed, cache=a.cache,
               finetune_iters=a.finetune_iters, finetune_lr=a.finetune_lr, init=a.init,
               focus_iters=a.focus_iters, focus_lr=a.focus_lr, resume=a.resume,
-              device=a.device, workers=a.workers, time_limit=a.time_limit)
+              device=a.device, workers=a.workers, time_limit=a.time_limit,
+              texture=a.texture, deform=a.deform)
     if a.no_eval:
         return 0
     try:
