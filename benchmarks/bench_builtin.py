@@ -96,7 +96,8 @@ def measure_real(model_name: str, threads: int) -> tuple[dict, dict]:
         img = read_volume(c["image"])
         ref = np.asarray(read_volume(c["labels"], is_label=True).data)
         t = time.perf_counter()
-        pred = np.asarray(model.predict(img, device="cpu").labels.data)
+        # as napari-medseg predict and the Segment widget run it
+        pred = np.asarray(model.predict(img, device="cpu", crop_to_body=True).labels.data)
         seconds[c["case"]] = round(time.perf_counter() - t, 2)
         if pred.shape != ref.shape:
             raise SystemExit(f"{c['case']}: prediction {pred.shape} and reference "

@@ -18,7 +18,8 @@ writes both into the package's ``card.yaml`` as ``metrics.synthetic`` and
   annotation): liver, spleen, stomach, pancreas, aorta, inferior vena cava.
 * ``spleen_ct/ct.nii.gz`` against ``spleen_ct/labels.nii.gz`` (manual spleen).
 
-Only the classes the model has and the reference labels are scored. Prints
+The model runs as ``napari-medseg predict`` and the Segment widget run it (with
+``crop_to_body``). Only the classes the model has and the reference labels are scored. Prints
 ``{case: {class: Dice}}``; the folder missing prints ``{}`` and exits 0.
 """
 
@@ -55,8 +56,12 @@ def real_cases(root: Path = REALDATA) -> list[dict]:
     return out
 
 
-def real_dice(model, root: Path = REALDATA, cases=None) -> dict:
-    """``{case: {class name: Dice}}`` of ``model`` (a loaded Model) on the real scans."""
+def real_dice(model, root: Path = REALDATA, cases=None, crop_to_body: bool = True) -> dict:
+    """``{case: {class name: Dice}}`` of ``model`` (a loaded Model) on the real scans.
+
+    ``crop_to_body`` runs the model as ``napari-medseg predict`` and the Segment
+    widget do (the air around the body is left out, labels there are 0).
+    """
     from napari_medseg.io import read_volume
 
     names = {n: c for c, n in model.card.label_names.items()}
@@ -65,7 +70,7 @@ def real_dice(model, root: Path = REALDATA, cases=None) -> dict:
         img = read_volume(case["image"], lazy=False)
         ref = np.asarray(read_volume(case["labels"], lazy=False).data)
         ref = np.rint(ref).astype(np.int64)
-        pred = np.asarray(model.predict(img).labels.data)
+        pred = np.asarray(model.predict(img, crop_to_body=crop_to_body).labels.data)
         if pred.shape != ref.shape:
             raise RuntimeError(f"{case['case']}: prediction {pred.shape} vs reference "
                                f"{ref.shape}")
@@ -100,7 +105,8 @@ def card_metrics(synthetic: dict | None, real: dict, n_synthetic: int) -> dict:
 NOTES = {
     "ct_abdomen_dicom": "upper-abdomen portal-venous DICOM CT of ../shared/realdata (20 "
                         "slices, 0.98 x 0.98 x 2 mm); kidneys and lesions are not in the "
-                        "reference. Measured by python benchmarks/eval_real_builtin.py",
+                        "reference. Run as napari-medseg predict runs it (the air around the "
+                        "body left out). Measured by python benchmarks/eval_real_builtin.py",
     "spleen_ct": "Medical Segmentation Decathlon spleen crop of ../shared/realdata (164 x 166 "
                  "x 26, 0.8 x 0.8 x 5 mm); only the spleen is labelled",
 }

@@ -1,6 +1,8 @@
-"""The shipped abdomen-ct-small model on phantoms it was not trained on."""
+"""The shipped abdomen-ct-small model on phantoms it was not trained on, and on a real CT."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,3 +138,27 @@ def test_window_augmentations_keep_the_window_and_move_image_and_labels_together
         assert inner.sum() > 500
         expect = (v - WINDOW[0]) / (WINDOW[1] - WINDOW[0])
         assert torch.allclose(xw[:, 0][inner], torch.tensor(expect), atol=1e-4)
+
+
+REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+
+
+@pytest.mark.skipif(not (REALDATA / "ct_abdomen_dicom").is_dir(),
+                    reason="shared real scans not present")
+def test_builtin_finds_the_real_liver_as_the_command_line_runs_it(model):
+    from napari_medseg.core.stats import body_mask
+    from napari_medseg.io import read_volume
+
+    img = read_volume(REALDATA / "ct_abdomen_dicom", lazy=False)
+    ref = np.rint(np.asarray(read_volume(REALDATA / "ct_abdomen_dicom_labels.nii.gz",
+                                         lazy=False).data)).astype(int)
+    pred = model.predict(img, device="cpu", crop_to_body=True)
+    got = np.asarray(pred.labels.data)
+    assert got.shape == ref.shape and np.allclose(pred.labels.affine, img.affine)
+    assert pred.info["body_crop"] is not None  # the air above the patient is left out
+    liver = model.card.label_names
+    liver = next(c for c, n in liver.items() if n == "liver")
+    a, b = got == liver, ref == 5  # TotalSegmentator's liver id
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.9
+    body = body_mask(np.asarray(img.data), modality="CT")
+    assert (got[~body] > 0).sum() <= 0.01 * (got > 0).sum()  # organs lie in the body
