@@ -322,7 +322,8 @@ def run_case(model_ref, case: Case, out: str, options: dict) -> dict:
                                 overlap=options.get("overlap", 0.5),
                                 tta=options.get("tta", False), fast=options.get("fast", False),
                                 memory_limit=options.get("memory_limit"),
-                                uncertainty=options.get("uncertainty"))
+                                uncertainty=options.get("uncertainty"),
+                                crop_to_body=True)  # as predict: CT models skip the air
             caught.extend((pred.info or {}).get("warnings") or [])
             if pred.uncertainty is not None:  # before the labels, which mark the case done
                 import numpy as np

@@ -193,3 +193,21 @@ def test_dicom_series_folders_are_cases(tmp_path):
     assert [c.case_id for c in cases] == ["series_a"]
     # a folder that is itself a series is one case
     assert [c.case_id for c in collect_cases(root / "series_a")] == ["series_a"]
+
+
+def test_batch_runs_ct_models_on_the_body_box_like_predict(tmp_path):
+    from napari_medseg.cli import main as cli_main
+    from napari_medseg.core.phantom import make_abdomen_ct
+    from napari_medseg.io import read_volume, write_volume
+
+    img, _ = make_abdomen_ct(seed=5, shape=(24, 64, 64), spacing=(2.5, 1.5, 1.5))
+    a = np.pad(np.asarray(img.data, np.float32), ((0, 0), (40, 40), (40, 40)),
+               constant_values=-1000.0)  # a field of view far wider than the body
+    src = tmp_path / "wide.nii.gz"
+    write_volume(src, img.with_data(a.astype(np.int16)))
+    res = run_batch([src], MODEL, tmp_path / "out", progress=False)
+    assert res.counts == {"done": 1}
+    assert cli_main(["predict", str(src), "-m", MODEL, "-o", str(tmp_path / "p.nii.gz")]) == 0
+    got = np.asarray(read_volume(tmp_path / "out" / "wide.nii.gz").data)
+    want = np.asarray(read_volume(tmp_path / "p.nii.gz").data)
+    assert (want > 0).sum() > 100 and np.array_equal(got, want)
