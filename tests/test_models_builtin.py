@@ -162,3 +162,22 @@ def test_builtin_finds_the_real_liver_as_the_command_line_runs_it(model):
     assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.9
     body = body_mask(np.asarray(img.data), modality="CT")
     assert (got[~body] > 0).sum() <= 0.01 * (got > 0).sum()  # organs lie in the body
+
+
+def test_class_shift_moves_each_organ_alone_and_lesions_with_their_liver():
+    import torch
+
+    from napari_medseg.training.train_builtin import WINDOW, _class_shift
+
+    y = torch.zeros(16, 8, 8, 8, dtype=torch.long)
+    y[:, 1:3], y[:, 3:5], y[:, 5] = 1, 2, 5
+    x = torch.full((16, 1, 8, 8, 8), 0.5)
+    x[:, :, 7] = 0.0  # clipped air
+    torch.manual_seed(0)
+    got = _class_shift(x.clone(), y, 6, 30.0)[:, 0]
+    hu = (got - 0.5) * (WINDOW[1] - WINDOW[0])
+    assert torch.equal(got[:, 7], x[:, 0, 7]) and torch.allclose(hu[:, 0], torch.tensor(0.0))
+    liver, spleen, lesion = hu[:, 1, 0, 0], hu[:, 3, 0, 0], hu[:, 5, 0, 0]
+    assert hu[:, :7].abs().max() <= 30.0 + 1e-3 and liver.std() > 5 and spleen.std() > 5
+    assert torch.allclose(lesion, liver) and not torch.allclose(spleen, liver)
+    assert torch.allclose(hu[:, 1:3], liver.view(-1, 1, 1, 1).expand(-1, 2, 8, 8))

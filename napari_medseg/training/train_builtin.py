@@ -88,6 +88,10 @@ PHASES = False
 TEXTURE_HU = 15.0
 NOISE_HU = 20.0
 NOISE_SIGMA = (0.0, 1.5)
+#: Per-window organ intensity shift (``--class-shift HU``): each organ class moves by its
+#: own uniform draw in [-HU, HU], as organs differ between contrast phases and
+#: patients; lesions move with the liver they lie in (:data:`SHIFT_WITH`).
+SHIFT_WITH = {5: 1}
 #: Per-window smooth random deformation (``--deform``): displacements of up to
 #: DEFORM_VOX voxels (z, y, x), drawn on a 4 x 5 x 5 control grid and interpolated.
 DEFORM_VOX = (1.5, 4.0, 4.0)
@@ -237,7 +241,8 @@ def _cached_cases(n_cases: int, card: ModelCard, cache: Path | None, workers: in
 
 
 def _phase(net, data, n_classes, iters, lr, batch, seed, schedule, fg_fraction, log_every, name,
-           class_weights=None, device="cpu", deadline=None, texture=False, deform=False):
+           class_weights=None, device="cpu", deadline=None, texture=False, deform=False,
+           class_shift=0.0):
     """One training phase with its own seeds; ``schedule`` is ``"onecycle"`` or ``"cosine"``.
 
     ``class_weights`` (``{class id: weight}``) weighs the cross-entropy and the
@@ -245,7 +250,8 @@ def _phase(net, data, n_classes, iters, lr, batch, seed, schedule, fg_fraction, 
     ``device`` is where the network trains (the windows are cut on the CPU);
     ``deadline`` (``time.time()`` seconds) ends the phase early, with a warning.
     ``deform`` and ``texture`` add the random deformation (:func:`_deform`) and the
-    texture and correlated-noise augmentation (:func:`_appearance`) to each window.
+    texture and correlated-noise augmentation (:func:`_appearance`) to each window;
+    ``class_shift`` (HU) moves each organ's intensity (:func:`_class_shift`).
     """
     device = torch.device(device)
     torch.manual_seed(seed)
@@ -285,6 +291,8 @@ def _phase(net, data, n_classes, iters, lr, batch, seed, schedule, fg_fraction, 
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if deform:
             x, y = _deform(x, y)
+        if class_shift:
+            x = _class_shift(x, y, int(n_classes), float(class_shift))
         if texture:
             x = _appearance(x, y, int(n_classes))
         x = x * gain + offset
@@ -351,6 +359,21 @@ def _appearance(x: torch.Tensor, y: torch.Tensor, n_classes: int) -> torch.Tenso
     return (x + (texture + noise * std) * inside).clamp_(0.0, 1.0)
 
 
+def _class_shift(x: torch.Tensor, y: torch.Tensor, n_classes: int, hu: float) -> torch.Tensor:
+    """Move each foreground class of normalised windows ``x`` ``(B, 1, Z, Y, X)`` by its
+    own random offset in [-``hu``, ``hu``] HU (background stays; :data:`SHIFT_WITH`
+    classes take their host's offset); clipped voxels are left alone."""
+    b, dev = x.shape[0], x.device
+    shift = (torch.rand(b, n_classes, device=dev) * 2 - 1) * (hu / (WINDOW[1] - WINDOW[0]))
+    shift[:, 0] = 0.0
+    for c, host in SHIFT_WITH.items():
+        if c < n_classes:
+            shift[:, c] = shift[:, host]
+    per_voxel = shift[torch.arange(b, device=dev).view(b, 1, 1, 1), y][:, None]
+    inside = ((x > 0) & (x < 1)).to(x.dtype)
+    return (x + per_voxel * inside).clamp_(0.0, 1.0)
+
+
 def _deform(x: torch.Tensor, y: torch.Tensor) -> tuple:
     """Warp windows ``x`` ``(B, 1, Z, Y, X)`` (linear) and ``y`` ``(B, Z, Y, X)`` (nearest)
     by one smooth random displacement field each (:data:`DEFORM_VOX`)."""
@@ -395,7 +418,7 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
           focus_iters: int = FOCUS_ITERS, focus_lr: float = FOCUS_LR,
           resume: Path | None = None, device: str = "cpu", workers: int = 1,
           time_limit: float | None = None, texture: bool = False,
-          deform: bool = False) -> Path:
+          deform: bool = False, class_shift: float = 0.0) -> Path:
     """Generate data, train, save ``model.pt`` + ``card.yaml`` in ``out``; return ``out``.
 
     Three phases: ``iters`` steps with a one-cycle schedule (seed ``seed``), then
@@ -410,7 +433,8 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
     first phase) ends the run early: each phase gets its share in proportion to its
     steps and logs where it stopped. ``texture`` and ``deform`` add the per-window
     texture and correlated-noise augmentation and the random deformation in every
-    phase (:func:`_appearance`, :func:`_deform`).
+    phase (:func:`_appearance`, :func:`_deform`); ``class_shift`` (HU) moves each organ's
+    intensity by its own random offset in every phase (:func:`_class_shift`).
     """
     from ..core.phantom import ABDOMEN_LABELS, make_abdomen_ct
     from ..models.loaders import load_weights
@@ -431,7 +455,8 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
     start = time.time()
 
     def run(k):
-        kw = {"device": device, "texture": texture, "deform": deform}
+        kw = {"device": device, "texture": texture, "deform": deform,
+              "class_shift": class_shift}
         if time_limit is not None:
             share = sum(todo[:k + 1]) / max(sum(todo), 1)
             kw["deadline"] = start + 60 * float(time_limit) * share
@@ -467,7 +492,7 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
         f"fourth at half that spacing and averaged down). {SLAB_SHARE:.0%} of the windows are "
         f"cut to a slab of {SLAB_SLICES[0]}-{SLAB_SLICES[1]} slices between zeros, as a thin "
         f"scan is padded at inference. Batches of {batch} random {PATCH} windows, "
-        f"{_augment_text(texture, deform)}"
+        f"{_augment_text(texture, deform, class_shift)}"
         f"cross-entropy + soft Dice, AdamW, "
         f"{'bf16 autocast, ' if _use_bf16(device) else ''}"
         f"{'CPU' if device == 'cpu' else 'a GPU (' + str(device) + ')'}. "
@@ -479,15 +504,18 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
         f"the cross-entropy (seed {seed + 2}). "
         f"{minutes:.1f} min of training in this run. Reproduce: python -m "
         "napari_medseg.training.train_builtin --out <folder> [--device cuda --workers 16]"
-        f"{' --texture' if texture else ''}{' --deform' if deform else ''}.")
+        f"{' --texture' if texture else ''}{' --deform' if deform else ''}"
+        f"{f' --class-shift {class_shift:g}' if class_shift else ''}.")
     card.save(out / "card.yaml")
     log.info("saved %s after %.1f min", out, minutes)
     return out
 
 
-def _augment_text(texture: bool, deform: bool) -> str:
+def _augment_text(texture: bool, deform: bool, class_shift: float = 0.0) -> str:
     """The card's words for the per-window augmentation of a run."""
     parts = []
+    if class_shift:
+        parts.append(f"a random intensity offset of up to {class_shift:g} HU per organ")
     if deform:
         parts.append(f"a smooth random deformation of up to {DEFORM_VOX} voxels")
     if texture:
@@ -585,6 +613,8 @@ def main(argv=None) -> int:
                    help="per-window random texture per class and correlated noise")
     p.add_argument("--deform", action="store_true",
                    help="per-window smooth random deformation of image and labels")
+    p.add_argument("--class-shift", type=float, default=0.0, metavar="HU",
+                   help="per-window random intensity offset of each organ, up to HU")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -595,7 +625,7 @@ def main(argv=None) -> int:
               finetune_iters=a.finetune_iters, finetune_lr=a.finetune_lr, init=a.init,
               focus_iters=a.focus_iters, focus_lr=a.focus_lr, resume=a.resume,
               device=a.device, workers=a.workers, time_limit=a.time_limit,
-              texture=a.texture, deform=a.deform)
+              texture=a.texture, deform=a.deform, class_shift=a.class_shift)
     if a.no_eval:
         return 0
     try:
