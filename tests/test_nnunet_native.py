@@ -243,6 +243,10 @@ def test_oblique_volume_through_predict_matches_reference_backend(tmp_path):
     seen = []
     pred = model.predict(vol, device="cpu", progress=lambda d, t: seen.append((d, t)))
     assert pred.info["backend"] == "native" and seen and seen[-1][0] == seen[-1][1]
+    # the oblique volume's array and spacing, as predict hands them over: logits within
+    # 1e-4 relative of nnUNetPredictor's, labels equal away from near-ties
+    ours = _compare(model, np.asarray(vol.data)[None], vol.spacing)
+    np.testing.assert_array_equal(ours.labels, pred.labels.data)
     assert pred.labels.shape3 == vol.shape3 and np.allclose(pred.labels.affine, vol.affine)
     ref_logits, ref_labels, props = _reference(folder, np.asarray(vol.data)[None], vol.spacing)
     top2 = np.sort(ref_logits, axis=0)[-2:]
@@ -350,6 +354,28 @@ def test_split_concatenation_gives_the_concatenated_convolution(tmp_path, monkey
     with torch.inference_mode():
         bad = nn_.LeanUNet(model.network, split_concat=False)(x)
     assert ((bad - ref).abs().max() / ref.abs().max()).item() > 1e-3
+
+
+def test_no_mirroring_trainer_never_mirrors(tmp_path):
+    """A ``NoMirroring`` trainer's folder runs unmirrored even with TTA asked for (and
+    even if its checkpoint lists mirror axes); a plain trainer's folder mirrors."""
+    x = _ct((13, 21, 18), seed=8)[None]
+    spacing = (1.0, 1.0, 1.0)
+    runs = {}
+    for trainer in ("nnUNetTrainerNoMirroring", "nnUNetTrainer"):
+        folder = make_result_folder(tmp_path / trainer, "Dataset510_Mirror", ["a", "b", "c"],
+                                    spacing=spacing, patch=(8, 16, 16), seed=19,
+                                    trainer=trainer, mirror_axes=(0, 1, 2))
+        model = load_model(folder)
+        model.amp = "off"
+        runs[trainer] = (model, [model.run_array(x, spacing, device="cpu", tta=tta,
+                                                 keep_logits=True) for tta in (False, True)])
+    model, (plain, tta) = runs["nnUNetTrainerNoMirroring"]
+    assert model.mirror_axes_nn is None
+    np.testing.assert_array_equal(tta.logits, plain.logits)
+    model, (plain, tta) = runs["nnUNetTrainer"]
+    assert model.mirror_axes_nn == (0, 1, 2)
+    assert np.abs(tta.logits - plain.logits).max() > 1e-3  # mirroring changes the logits
 
 
 def test_cancel_stops_native_run(tmp_path):

@@ -89,6 +89,46 @@ def test_other_dataset_folders_are_offered(tmp_path, monkeypatch):
     assert "licence" in task.license  # not claimed Apache-2.0 for a task it does not know
 
 
+def test_total_mr_two_parts_discovered_merged_and_run(tmp_path, monkeypatch):
+    """``total_mr``: its two 1.5 mm part folders (the newer 730 + 731 preferred to
+    850 + 851 when both are there) offered as one task, classes numbered in part order."""
+    from _tiny_totalseg import make_result_folder
+
+    results = tmp_path / "nnunet" / "results"
+    parts = {730: ("Dataset730_TotalSegmentatorMRI_part1_organs_495subj",
+                   ["spleen", "kidney_right", "liver"]),
+             731: ("Dataset731_TotalSegmentatorMRI_part2_muscles_495subj",
+                   ["femur_left", "brain"]),
+             850: ("Dataset850_TotalSegMRI_part1_organs_1088subj", ["spleen", "liver"]),
+             851: ("Dataset851_TotalSegMRI_part2_muscles_1088subj", ["brain"])}
+    for tid, (dname, names) in parts.items():
+        make_result_folder(results, dname, names, spacing=(1.5, 1.5, 1.5), patch=(16, 16, 16),
+                           trainer="nnUNetTrainerNoMirroring", seed=tid, mirror_axes=None,
+                           normalization="ZScoreNormalization", channel="MRI")
+    monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path))
+    tasks = {t.name: t for t in discover()}
+    mr = tasks["total_mr"]
+    assert mr.dataset_ids == [730, 731] and mr.spacing == 1.5 and mr.modality == "MR"
+    assert mr.classes == {1: "spleen", 2: "kidney_right", 3: "liver", 4: "femur_left",
+                          5: "brain"}
+    assert mr.part_maps == [{1: 1, 2: 2, 3: 3}, {1: 4, 2: 5}]
+    # the older pair is not claimed by total_mr, so it is offered under its folder names
+    assert {"totalseg-Dataset850_TotalSegMRI_part1_organs_1088subj",
+            "totalseg-Dataset851_TotalSegMRI_part2_muscles_1088subj"} <= set(tasks)
+    model = load_model("total_mr")
+    for p in model.parts:
+        p.amp = "off"
+    assert model.parts_for(["brain"]) == [1]
+    vol = Volume(_ct((13, 22, 19), seed=6) / 4.0 + 300.0,
+                 make_affine((2.0, 1.4, 1.3), (0, 0, 0), np.eye(3)), modality="MR")
+    labels, info = model.run(vol, device="cpu")
+    assert labels.shape == vol.shape3 and info["parts_run"] == 2
+    assert set(np.unique(labels).tolist()) <= set(range(6))
+    sub, info = model.run(vol, device="cpu", roi_subset=["brain"])
+    assert info["parts_run"] == 1 and set(np.unique(sub).tolist()) <= {0, 5}
+
+
 def _totalseg_reference(home, vol, part_ids):
     """TotalSegmentator's steps with nibabel and nnUNetPredictor (fp32 sums)."""
     import nibabel as nib
