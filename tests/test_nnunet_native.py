@@ -46,9 +46,9 @@ def _fp32_class():
     return Fp32Predictor
 
 
-def _fp32_predictor(folder, tta, folds):
+def _fp32_predictor(folder, tta, folds, step=0.5):
     Fp32Predictor = _fp32_class()
-    p = Fp32Predictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta,
+    p = Fp32Predictor(tile_step_size=step, use_gaussian=True, use_mirroring=tta,
                       perform_everything_on_device=False, device=torch.device("cpu"),
                       verbose=False, verbose_preprocessing=False, allow_tqdm=False)
     # nnU-Net's own initialisation from the folder, minus its search through every
@@ -73,13 +73,13 @@ def _fp32_predictor(folder, tta, folds):
     return p
 
 
-def _reference(folder, x, spacing, tta=False, folds=(0,)):
+def _reference(folder, x, spacing, tta=False, folds=(0,), step=0.5):
     """nnUNetPredictor's resampled logits (cropped, transposed frame) and its labels."""
     from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
     from nnunetv2.inference.export_prediction import \
         convert_predicted_logits_to_segmentation_with_correct_shape
 
-    p = _fp32_predictor(folder, tta, folds)
+    p = _fp32_predictor(folder, tta, folds, step)
     pm, cm = p.plans_manager, p.configuration_manager
     ppa = PreprocessAdapterFromNpy([x], [None], [{"spacing": list(spacing)}], [None], pm,
                                    p.dataset_json, cm, num_threads_in_multithreaded=1,
