@@ -210,4 +210,7 @@ def test_batch_runs_ct_models_on_the_body_box_like_predict(tmp_path):
     assert cli_main(["predict", str(src), "-m", MODEL, "-o", str(tmp_path / "p.nii.gz")]) == 0
     got = np.asarray(read_volume(tmp_path / "out" / "wide.nii.gz").data)
     want = np.asarray(read_volume(tmp_path / "p.nii.gz").data)
-    assert (want > 0).sum() > 100 and np.array_equal(got, want)
+    # the same run up to bf16 near-ties (other processes, other thread counts); on the
+    # whole image instead of the body box, 1446 of these 2314 voxels differ
+    diff = int((got != want).sum())
+    assert (want > 0).sum() > 100 and diff <= 0.02 * (want > 0).sum(), diff
