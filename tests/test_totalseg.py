@@ -3,9 +3,11 @@
 The folders are built in TotalSegmentator's exact layout with tiny random-weight
 networks (``_tiny_totalseg``). The reference for the merge follows
 TotalSegmentator's own steps with nibabel and ``nnUNetPredictor``: closest
-canonical orientation, ``ndimage.zoom(order=3)`` to 1.5 mm cast to int32, each
-part through nnU-Net (step 0.8, fp32 sums), the parts merged by class name in
-part order, labels zoomed back with order 0 and the orientation undone.
+canonical orientation, ``ndimage.zoom(order=1, mode="nearest")`` to 1.5 mm cast
+to int32, each part through nnU-Net (step 0.8, fp32 sums), the parts merged by
+class name in part order, labels zoomed back with order 0 and the orientation
+undone. Where the ``totalsegmentator`` package is installed, ``total-fast`` is
+also compared with TotalSegmentator's own ``python_api.totalsegmentator``.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from napari_medseg.errors import MedSegError  # noqa: E402
 from napari_medseg.models import list_models, load_model  # noqa: E402
 from napari_medseg.models.totalseg import discover, weights_dir  # noqa: E402
 
-from _tiny_totalseg import TOTALSEG_PARTS, make_totalseg_home  # noqa: E402
+from _tiny_totalseg import TOTALSEG_MR_PARTS, TOTALSEG_PARTS, make_totalseg_home  # noqa: E402
 from test_nnunet_native import _ct, _reference  # noqa: E402
 
 ALL_NAMES = [n for _, _, names in TOTALSEG_PARTS.values() for n in names]
+MR_NAMES = TOTALSEG_MR_PARTS[0] + TOTALSEG_MR_PARTS[1]
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +68,17 @@ def test_discovery_cards_and_class_names(ts_env):
     assert card.target_spacing == (1.5, 1.5, 1.5) and card.orientation == "RAS"
     assert card.license.startswith("Apache-2.0")
     assert card.extra["dataset_ids"] == [291, 292, 293, 294, 295]
-    assert card.extra["class_map"] == "dataset.json" and card.extra["step"] == 0.8
+    # the same names either way (the folders carry TotalSegmentator's own class lists)
+    from napari_medseg.models.totalseg import _package_maps
+
+    source = "totalsegmentator package" if _package_maps() is not None else "dataset.json"
+    assert card.extra["class_map"] == source and card.extra["step"] == 0.8
     assert "TotalSegmentator" in card.training
     fast = infos["total-fast"].card
     assert fast.label_names == card.label_names and fast.target_spacing == (3.0, 3.0, 3.0)
     mr = infos["total_mr-fast"].card
-    assert mr.channels[0]["modality"] == "MR" and mr.label_names == {1: "spleen", 2: "liver",
-                                                                      3: "brain"}
+    assert mr.channels[0]["modality"] == "MR"
+    assert mr.label_names == {i + 1: n for i, n in enumerate(MR_NAMES)}
 
 
 def test_other_dataset_folders_are_offered(tmp_path, monkeypatch):
@@ -96,9 +103,9 @@ def test_total_mr_two_parts_discovered_merged_and_run(tmp_path, monkeypatch):
 
     results = tmp_path / "nnunet" / "results"
     parts = {730: ("Dataset730_TotalSegmentatorMRI_part1_organs_495subj",
-                   ["spleen", "kidney_right", "liver"]),
+                   TOTALSEG_MR_PARTS[0]),
              731: ("Dataset731_TotalSegmentatorMRI_part2_muscles_495subj",
-                   ["femur_left", "brain"]),
+                   TOTALSEG_MR_PARTS[1]),
              850: ("Dataset850_TotalSegMRI_part1_organs_1088subj", ["spleen", "liver"]),
              851: ("Dataset851_TotalSegMRI_part2_muscles_1088subj", ["brain"])}
     for tid, (dname, names) in parts.items():
@@ -110,9 +117,10 @@ def test_total_mr_two_parts_discovered_merged_and_run(tmp_path, monkeypatch):
     tasks = {t.name: t for t in discover()}
     mr = tasks["total_mr"]
     assert mr.dataset_ids == [730, 731] and mr.spacing == 1.5 and mr.modality == "MR"
-    assert mr.classes == {1: "spleen", 2: "kidney_right", 3: "liver", 4: "femur_left",
-                          5: "brain"}
-    assert mr.part_maps == [{1: 1, 2: 2, 3: 3}, {1: 4, 2: 5}]
+    n0, n = len(TOTALSEG_MR_PARTS[0]), len(MR_NAMES)
+    assert mr.classes == {i + 1: name for i, name in enumerate(MR_NAMES)}
+    assert mr.part_maps == [{k: k for k in range(1, n0 + 1)},
+                            {k: n0 + k for k in range(1, n - n0 + 1)}]
     # the older pair is not claimed by total_mr, so it is offered under its folder names
     assert {"totalseg-Dataset850_TotalSegMRI_part1_organs_1088subj",
             "totalseg-Dataset851_TotalSegMRI_part2_muscles_1088subj"} <= set(tasks)
@@ -124,9 +132,9 @@ def test_total_mr_two_parts_discovered_merged_and_run(tmp_path, monkeypatch):
                  make_affine((2.0, 1.4, 1.3), (0, 0, 0), np.eye(3)), modality="MR")
     labels, info = model.run(vol, device="cpu")
     assert labels.shape == vol.shape3 and info["parts_run"] == 2
-    assert set(np.unique(labels).tolist()) <= set(range(6))
+    assert set(np.unique(labels).tolist()) <= set(range(n + 1))
     sub, info = model.run(vol, device="cpu", roi_subset=["brain"])
-    assert info["parts_run"] == 1 and set(np.unique(sub).tolist()) <= {0, 5}
+    assert info["parts_run"] == 1 and set(np.unique(sub).tolist()) <= {0, n}
 
 
 def _totalseg_reference(home, vol, part_ids):
@@ -144,7 +152,7 @@ def _totalseg_reference(home, vol, part_ids):
     can = nib.as_closest_canonical(img)
     zooms = np.array(can.header.get_zooms()[:3], float)
     zoom = zooms / 1.5
-    rsp = ndimage.zoom(can.get_fdata(), zoom, order=3).astype(np.int32)
+    rsp = ndimage.zoom(can.get_fdata(), zoom, order=1, mode="nearest").astype(np.int32)
     x = rsp.transpose(2, 1, 0).astype(np.float32)[None]  # SimpleITK's (z, y, x)
     spacing = [float(np.float32(s)) for s in (zooms / zoom)[::-1]]
     name_to_id = {n: i + 1 for i, n in enumerate(ALL_NAMES)}
@@ -164,7 +172,8 @@ def _totalseg_reference(home, vol, part_ids):
             merged[seg == j] = name_to_id[n]
     out = []
     for a in (merged, clear):
-        back = ndimage.zoom(a, np.array(can.shape) / np.array(a.shape), order=0)
+        back = ndimage.zoom(a, np.array(can.shape) / np.array(a.shape), order=0,
+                            mode="nearest")
         a = nib.Nifti1Image(back, can.affine).as_reoriented(
             ornt_transform(axcodes2ornt("RAS"), io_orientation(img.affine)))
         out.append(np.asarray(a.dataobj).transpose(2, 1, 0))
@@ -176,24 +185,28 @@ def _totalseg_reference(home, vol, part_ids):
     ((20, 9, 31), (1.7, 0.33, 0.5), np.float32),
     ((30, 40, 50), (0.8 / 3, 0.8 / 3, 0.5), np.int16),
     ((8, 8, 8), (1.0, 1.0, 1.0), np.float32),
-    ((13, 22, 19), (1.42, 1.27, 1.62), np.float32),  # zooming back hits scipy's cval
+    ((13, 22, 19), (1.42, 1.27, 1.62), np.float32),  # zooming back falls outside: clamped
 ])
-def test_resampling_steps_equal_scipy_zoom_as_totalsegmentator_calls_it(shape, zoom, dtype):
-    """The leaner order-3 and order-0 zooms give scipy's voxels exactly."""
+@pytest.mark.parametrize("order", [1, 3])
+def test_resampling_steps_equal_scipy_zoom_as_totalsegmentator_calls_it(shape, zoom, dtype,
+                                                                         order):
+    """The image and label zooms give the voxels of TotalSegmentator's ``change_spacing``
+    (``ndimage.zoom(img.get_fdata(), zoom, order, mode="nearest")``)."""
     from scipy import ndimage
 
-    from napari_medseg.models.totalseg import _nearest_zoom_xyz, _spline_zoom_xyz
+    from napari_medseg.models.totalseg import _nearest_zoom_xyz, _zoom_xyz
 
     rng = np.random.default_rng(sum(shape))
     a = rng.normal(0, 300, shape).astype(dtype)
-    ref = ndimage.zoom(a.transpose(2, 1, 0).astype(np.float64), zoom, order=3) \
-        .astype(np.int32).transpose(2, 1, 0)
-    got = _spline_zoom_xyz(a, zoom, np.int32)
+    ref = ndimage.zoom(a.transpose(2, 1, 0).astype(np.float64), zoom, order=order,
+                       mode="nearest").astype(np.int32).transpose(2, 1, 0)
+    got = _zoom_xyz(a, zoom, order, np.int32)
     assert got.dtype == np.int32 and got.flags.c_contiguous
     np.testing.assert_array_equal(got, ref)
     lab = rng.integers(0, 118, ref.shape).astype(np.uint8)
     back = np.array(shape[::-1], float) / np.array(ref.shape[::-1], float)
-    ref0 = ndimage.zoom(lab.transpose(2, 1, 0), back, order=0).transpose(2, 1, 0)
+    ref0 = ndimage.zoom(lab.transpose(2, 1, 0), back, order=0, mode="nearest") \
+        .transpose(2, 1, 0)
     got0 = _nearest_zoom_xyz(lab, back)
     assert got0.shape == shape
     np.testing.assert_array_equal(got0, ref0)
@@ -220,7 +233,7 @@ def test_total_five_part_merge_matches_totalsegmentator_steps(ts_env):
     part_of = {i + 1: k for i, k in enumerate(n for n, (_, _, names) in TOTALSEG_PARTS.items()
                                               for _ in names)}
     assert len({part_of[c] for c in present}) >= 3
-    assert pred.labels.label_names[5] == "sacrum"
+    assert pred.labels.label_names[5] == "liver" and pred.labels.label_names[25] == "sacrum"
 
 
 def test_roi_subset_runs_only_the_needed_parts(ts_env):

@@ -27,12 +27,16 @@ TotalSegmentator's own numbering).
 
 Each run follows TotalSegmentator's steps before and after nnU-Net: reorient
 to the closest canonical (RAS) axes (``nibabel.as_closest_canonical``),
-resample to the task's spacing with ``scipy.ndimage.zoom(order=3)`` and cast
-to int32, run the nnU-Net model(s) (here: the native engine of
+resample to the task's spacing with ``scipy.ndimage.zoom(order=1,
+mode="nearest")`` (its ``resampling_order``, :attr:`TotalSegModel.resampling_order`)
+and cast to int32 (not when the voxel sizes already equal the task's spacing),
+run the nnU-Net model(s) (here: the native engine of
 :mod:`napari_medseg.models.nnunet_native`, windows at TotalSegmentator's step:
 0.8 for the 1.5 mm ``total`` parts, 0.5 otherwise, no mirroring), merge, zoom
-the labels back with order 0 to the canonical input shape and undo the
-reorientation. Not reproduced: TotalSegmentator's split of very large images
+the labels back with order 0 (``mode="nearest"``) to the canonical input shape
+and undo the reorientation. These steps are those of TotalSegmentator v2.18.0,
+checked against its own ``python_api.totalsegmentator`` in
+``tests/test_totalseg.py`` when the package is installed. Not reproduced: TotalSegmentator's split of very large images
 (> 512 x 512 x 900 voxels after resampling) into three overlapping z-blocks (a
 memory measure it needs and the engine does not), the rough 6 mm crop it runs
 first for ``roi_subset`` and for organ-cropped tasks, and its post-processing
@@ -336,20 +340,15 @@ def _undo_canonical(labels_zyx: np.ndarray, ornt) -> np.ndarray:
     return np.ascontiguousarray(xyz.transpose(2, 1, 0))
 
 
-def _spline_zoom_xyz(a_zyx, zoom_xyz, dtype):
-    """``ndimage.zoom(a_xyz.astype(float64), zoom_xyz, order=3).astype(dtype)``, the same numbers.
+def _zoom_xyz(a_zyx, zoom_xyz, order, dtype):
+    """TotalSegmentator's image resampling on the ``(x, y, z)`` view of a ``(Z, Y, X)`` array.
 
-    TotalSegmentator's resampling of the image, on the ``(x, y, z)`` view of a
-    ``(Z, Y, X)`` array, with the same voxels as that call.
-
-    scipy's ``zoom`` makes a float64 copy of the input, then filters the ``(x, y,
-    z)`` view along x, y and z into another float64 array the size of the input
-    (the spline coefficients) and evaluates the spline at the new grid. Here the
-    filter reads the input as it is (any dtype: every value is converted to
-    float64 exactly, line by line) and runs along the same axes in the same order
-    on the contiguous array, and the evaluation is scipy's own on the
-    coefficients (``prefilter=False``): one float64 volume instead of two (a
-    512 x 512 x 300 CT: 0.59 GiB less).
+    The same voxels as its ``resampling.change_spacing`` (v2.18.0):
+    ``ndimage.zoom(img.get_fdata(), zoom_xyz, order=order, mode="nearest")``
+    cast with ``astype(dtype)``. For order 0 and 1 (its default) scipy reads
+    the input as it is, converting each value to float64 exactly, so the float64
+    copy of the whole volume that ``get_fdata`` makes is skipped; higher orders
+    (spline prefilter) are called on the float64 copy, as TotalSegmentator does.
 
     Parameters
     ----------
@@ -357,44 +356,36 @@ def _spline_zoom_xyz(a_zyx, zoom_xyz, dtype):
         ``(Z, Y, X)`` image, any real dtype.
     zoom_xyz : sequence of 3 float
         Zoom factors along x, y, z, as given to ``scipy.ndimage.zoom``.
+    order : int
+        Spline order (TotalSegmentator's ``resampling_order``, default 1).
     dtype : numpy dtype
         Output dtype (cast as ``astype`` does: int32 truncates toward zero).
     """
     from scipy import ndimage
 
-    a = np.asarray(a_zyx)
-    zoom_xyz = [float(z) for z in zoom_xyz]
-    if all(z == 1 for z in zoom_xyz):  # scipy returns the input itself
-        return np.ascontiguousarray(a.astype(np.float64).astype(dtype))
-    coef = np.empty(a.shape, np.float64)
-    for i, axis in enumerate((2, 1, 0)):  # x, y, z: the order scipy filters the xyz view
-        ndimage.spline_filter1d(a if i == 0 else coef, 3, axis=axis, output=coef,
-                                mode="constant")
-    out = ndimage.zoom(coef.transpose(2, 1, 0), zoom_xyz, order=3, mode="constant",
-                       prefilter=False, output=np.float64)
-    del coef
+    a = np.asarray(a_zyx).transpose(2, 1, 0)
+    if order > 1:
+        a = a.astype(np.float64)
+    out = ndimage.zoom(a, [float(z) for z in zoom_xyz], order=int(order), mode="nearest",
+                       output=np.float64)
     return np.ascontiguousarray(out.transpose(2, 1, 0).astype(dtype))
 
 
 def _nearest_zoom_xyz(a_zyx, zoom_xyz):
-    """``ndimage.zoom(a_xyz, zoom_xyz, order=0)`` on the ``(x, y, z)`` view, by indexing each axis.
+    """``ndimage.zoom(a_xyz, zoom_xyz, order=0, mode="nearest")`` on the ``(x, y, z)`` view.
 
-    Order-0 zoom picks, along each axis, the source index that scipy computes for
-    that axis alone (its coordinates, and whether they fall outside, are per
-    axis), so the 1D zoom of ``1..n`` gives the indices and the volume is gathered
-    axis by axis,
-    without evaluating every output voxel (512 x 512 x 300 labels: about 4x faster).
+    TotalSegmentator's resampling of the labels back to the input shape. Order-0
+    zoom picks, along each axis, the source index that scipy computes for that
+    axis alone (with ``mode="nearest"`` a coordinate that falls outside by
+    rounding is clamped to the edge), so the 1D zoom of ``0..n-1`` gives the
+    indices and the volume is gathered axis by axis, without evaluating every
+    output voxel (512 x 512 x 300 labels: about 4x faster).
     """
     from scipy import ndimage
 
     a = np.asarray(a_zyx)
-    # the 1D zoom of 1..n: the source index + 1, or scipy's cval 0 where a coordinate
-    # falls outside (it can, by rounding, at the last voxel); index 0 of the padded
-    # array is that 0
-    idx = [ndimage.zoom(np.arange(1, n + 1, dtype=np.float64), float(z), order=0)
-           .astype(np.intp) for n, z in zip(a.shape[::-1], zoom_xyz)]  # x, y, z
-    ix, iy, iz = idx
-    a = np.pad(a, ((1, 0), (1, 0), (1, 0)))
+    ix, iy, iz = [ndimage.zoom(np.arange(n, dtype=np.float64), float(z), order=0, mode="nearest")
+                  .astype(np.intp) for n, z in zip(a.shape[::-1], zoom_xyz)]  # x, y, z
     out = np.take(a, iz, axis=0)
     out = np.take(out, iy, axis=1)
     return np.ascontiguousarray(np.take(out, ix, axis=2))
@@ -417,6 +408,9 @@ class TotalSegModel(Model):
         self.parts = [load_nnunet(f, folds=[0], backend=backend) for f in task.folders]
         self.step = task.step
         self.roi_subset = None
+        #: TotalSegmentator's ``resampling_order`` for the image (its default, 1, since the
+        #: versions that added the option; earlier versions used 3)
+        self.resampling_order = 1
 
     @property
     def backend(self) -> str:
@@ -454,10 +448,13 @@ class TotalSegModel(Model):
         data = np.asarray(vol.data if vol.data.ndim == 3 else vol.data[0])
         can, aff, ornt = _canonical(data, vol.affine)
         shape_can = can.shape
-        spacing_xyz = np.linalg.norm(aff[:3, :3], axis=0)
-        if self.task.spacing:
+        # TotalSegmentator takes the voxel sizes from the NIfTI header (float32)
+        spacing_xyz = np.linalg.norm(aff[:3, :3], axis=0).astype(np.float32).astype(np.float64)
+        resample = bool(self.task.spacing) and not np.array_equal(
+            spacing_xyz, [self.task.spacing] * 3)  # equal: left as it is, not cast
+        if resample:
             zoom = spacing_xyz / self.task.spacing
-            img = _spline_zoom_xyz(can, zoom, dtype=np.int32)
+            img = _zoom_xyz(can, zoom, self.resampling_order, dtype=np.int32)
             spacing_xyz = spacing_xyz / zoom
         else:
             img = can
@@ -501,7 +498,7 @@ class TotalSegModel(Model):
         if roi:
             keep = [k for k, v in self.task.classes.items() if v in set(roi)]
             merged *= np.isin(merged, keep).astype(merged.dtype)
-        if self.task.spacing:
+        if resample:
             zoom_back = np.array(shape_can[::-1], float) / np.array(merged.shape[::-1], float)
             merged = _nearest_zoom_xyz(merged, zoom_back)
         if merged.shape != shape_can:  # pragma: no cover - zoom rounding guard
