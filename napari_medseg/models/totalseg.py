@@ -36,11 +36,11 @@ run the nnU-Net model(s) (here: the native engine of
 the labels back with order 0 (``mode="nearest"``) to the canonical input shape
 and undo the reorientation. These steps are those of TotalSegmentator v2.18.0,
 checked against its own ``python_api.totalsegmentator`` in
-``tests/test_totalseg.py`` when the package is installed. Not reproduced: TotalSegmentator's split of very large images
-(> 512 x 512 x 900 voxels after resampling) into three overlapping z-blocks (a
-memory measure it needs and the engine does not), the rough 6 mm crop it runs
-first for ``roi_subset`` and for organ-cropped tasks, and its post-processing
-of the ``body`` task.
+``tests/test_totalseg.py`` when the package is installed. Not reproduced:
+TotalSegmentator's split of very large images (> 512 x 512 x 900 voxels after
+resampling) into three overlapping z-blocks (a memory measure it needs and the
+engine does not), the rough 6 mm crop it runs first for ``roi_subset`` and for
+organ-cropped tasks, and its post-processing of the ``body`` task.
 """
 
 from __future__ import annotations
@@ -408,8 +408,8 @@ class TotalSegModel(Model):
         self.parts = [load_nnunet(f, folds=[0], backend=backend) for f in task.folders]
         self.step = task.step
         self.roi_subset = None
-        #: TotalSegmentator's ``resampling_order`` for the image (its default, 1, since the
-        #: versions that added the option; earlier versions used 3)
+        #: TotalSegmentator's ``resampling_order`` for the image (its default is 1; other
+        #: orders are called as TotalSegmentator 2.18 calls them, with ``mode="nearest"``)
         self.resampling_order = 1
 
     @property
