@@ -292,16 +292,19 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect_ex", guarded)
 
 
-def test_total_fast_equals_totalsegmentator_itself(tmp_path, monkeypatch, no_network):
-    """``total-fast`` through our engine against TotalSegmentator's own ``python_api``.
+@pytest.mark.parametrize("task", ["total-fast", "total"])
+def test_totalseg_equals_totalsegmentator_itself(task, tmp_path, monkeypatch, no_network):
+    """``total-fast`` and ``total`` through our engine against TotalSegmentator's ``python_api``.
 
-    Both read the same weights folder (random 117-class 3 mm network) and the
-    same oblique, axis-flipped 1.5 mm CT, fully offline. TotalSegmentator runs
-    nnUNetPredictor, which sums the window logits in a float16 buffer; ours runs
-    in fp32. Labels must be equal wherever the fp32 top two logits differ by
-    more than twice the float16 buffer's own error at that voxel (measured here
-    with nnUNetPredictor on TotalSegmentator's resampled image), i.e. wherever
-    that rounding cannot swap them.
+    Both read the same weights folder (random-weight 117-class 3 mm network, or
+    the five 1.5 mm parts) and the same oblique, axis-flipped CT (1.5 mm for
+    ``total-fast``, 2.4 x 1.9 x 2.1 mm for ``total``), fully offline.
+    TotalSegmentator runs nnUNetPredictor, which sums the window logits in a
+    float16 buffer; ours runs in fp32. Labels must be equal wherever, in every
+    part, the fp32 top two logits differ by more than twice the float16 buffer's
+    own error at that voxel (measured here with nnUNetPredictor on
+    TotalSegmentator's resampled image), i.e. wherever that rounding cannot
+    swap them.
     """
     pytest.importorskip("totalsegmentator")
     import inspect
@@ -310,6 +313,8 @@ def test_total_fast_equals_totalsegmentator_itself(tmp_path, monkeypatch, no_net
     import nibabel as nib
     import totalsegmentator.nnunet as ts_nnunet
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.training.nnUNetTrainer.variants.data_augmentation import \
+        nnUNetTrainerNoMirroring as nomirror
     from nnunetv2.training.nnUNetTrainer.variants.training_length import \
         nnUNetTrainer_Xepochs_NoMirroring as xepochs
     from totalsegmentator.alignment import undo_canonical
@@ -325,7 +330,8 @@ def test_total_fast_equals_totalsegmentator_itself(tmp_path, monkeypatch, no_net
         pytest.skip("this TotalSegmentator has no resampling_order option")
     order = order.default
     assert ALL_NAMES == [class_map["total"][k] for k in sorted(class_map["total"])]
-    home = make_totalseg_home(tmp_path / "ts_home", parts=False)
+    fast = task == "total-fast"
+    home = make_totalseg_home(tmp_path / "ts_home", parts=not fast, fast=fast)
     # TotalSegmentator's own switches: no usage statistics, disclaimer already shown
     # (a licence number is only checked online when one is passed; none is)
     (home / "config.json").write_text(json.dumps({
@@ -337,48 +343,63 @@ def test_total_fast_equals_totalsegmentator_itself(tmp_path, monkeypatch, no_net
         monkeypatch.setenv(k, str(home / "nnunet" / "results"))
     # nnU-Net's search through every trainer module imports optional packages (timm,
     # torchvision) that may be broken; TotalSegmentator's own trainer table gives it
-    # nnU-Net's class directly
+    # nnU-Net's classes directly
     monkeypatch.setitem(ts_nnunet.custom_trainers, "nnUNetTrainer_4000epochs_NoMirroring",
                         xepochs.nnUNetTrainer_4000epochs_NoMirroring)
+    monkeypatch.setitem(ts_nnunet.custom_trainers, "nnUNetTrainerNoMirroring",
+                        nomirror.nnUNetTrainerNoMirroring)
 
     th = np.deg2rad(12)
     rot = np.array([[-np.cos(th), 0, np.sin(th)], [0, -1, 0], [np.sin(th), 0, np.cos(th)]])
-    affine = make_affine((1.5, 1.5, 1.5), (-20, 15, 40), rot)
-    data = np.round(test_nnunet_native._ct((24, 40, 36), seed=4)).astype(np.int16)
+    shape, zooms = ((24, 40, 36), (1.5, 1.5, 1.5)) if fast else ((13, 22, 19), (2.4, 1.9, 2.1))
+    affine = make_affine(zooms, (-20, 15, 40), rot)
+    data = np.round(test_nnunet_native._ct(shape, seed=4)).astype(np.int16)
     img = nib.Nifti1Image(data.transpose(2, 1, 0), affine)
 
-    out = totalsegmentator(img, None, task="total", fast=True, device="cpu", quiet=True,
+    out = totalsegmentator(img, None, task="total", fast=fast, device="cpu", quiet=True,
                            ml=True, nr_thr_resamp=1, nr_thr_saving=1)
     theirs = np.asarray(out.dataobj).transpose(2, 1, 0)
 
-    model = load_model("total-fast")
-    model.parts[0].amp = "off"
+    model = load_model(task)
+    for p in model.parts:
+        p.amp = "off"
     model.resampling_order = order
     ours = model.predict(Volume(data, affine, modality="CT"), device="cpu").labels.data
     assert ours.shape == theirs.shape == data.shape
 
-    # near-ties: fp32 logits and nnUNetPredictor's float16-buffer logits on
+    # near-ties: fp32 logits and nnUNetPredictor's float16-buffer logits of each part on
     # TotalSegmentator's own resampled image, carried back as it carries labels
     can = nib.as_closest_canonical(img)
-    rsp = change_spacing(can, 3.0, order=order, dtype=np.int32)
+    target = 3.0 if fast else 1.5
+    rsp = change_spacing(can, target, order=order, dtype=np.int32)
     x = np.asarray(rsp.dataobj).transpose(2, 1, 0).astype(np.float32)[None]
     spacing = [float(s) for s in rsp.header.get_zooms()[::-1]]
-    folder = next((home / "nnunet" / "results" /
-                   "Dataset297_TotalSegmentator_total_3mm_1559subj").iterdir())
-    l32, seg32, _ = test_nnunet_native._reference(folder, x, spacing)
-    monkeypatch.setattr(test_nnunet_native, "_fp32_class", lambda: nnUNetPredictor)
-    l16, _, _ = test_nnunet_native._reference(folder, x, spacing)
-    top2 = np.sort(l32, axis=0)[-2:]
-    clear = (top2[1] - top2[0]) > 2 * np.abs(l16 - l32).max(axis=0)
+    results = home / "nnunet" / "results"
+    parts = [("Dataset297_TotalSegmentator_total_3mm_1559subj", ALL_NAMES)] if fast else \
+        [(dname, names) for _, dname, names in TOTALSEG_PARTS.values()]
+    merged32 = np.zeros(x.shape[1:], np.uint8)
+    clear = np.ones(x.shape[1:], bool)
+    for dname, names in parts:
+        folder = next((results / dname).iterdir())
+        step = 0.5 if fast else 0.8
+        with monkeypatch.context() as m:
+            l32, seg32, _ = test_nnunet_native._reference(folder, x, spacing, step=step)
+            m.setattr(test_nnunet_native, "_fp32_class", lambda: nnUNetPredictor)
+            l16, _, _ = test_nnunet_native._reference(folder, x, spacing, step=step)
+        top2 = np.sort(l32, axis=0)[-2:]
+        clear &= (top2[1] - top2[0]) > 2 * np.abs(l16 - l32).max(axis=0)
+        for j, n in enumerate(names, start=1):
+            merged32[seg32 == j] = ALL_NAMES.index(n) + 1
 
     def back(a):
         a = nib.Nifti1Image(a.transpose(2, 1, 0).astype(np.uint8), rsp.affine)
-        a = change_spacing(a, 3.0, can.shape, order=0, dtype=np.uint8, force_affine=can.affine)
+        a = change_spacing(a, target, can.shape, order=0, dtype=np.uint8,
+                           force_affine=can.affine)
         return np.asarray(undo_canonical(a, img).dataobj).transpose(2, 1, 0)
 
     clear = back(clear).astype(bool)
     np.testing.assert_array_equal(ours[clear], theirs[clear])
     assert clear.mean() > 0.98, clear.mean()
     assert (ours == theirs).mean() > 0.99, (ours == theirs).mean()
-    np.testing.assert_array_equal(ours, back(seg32))  # ours is the fp32 run, voxel for voxel
+    np.testing.assert_array_equal(ours, back(merged32))  # ours is the fp32 run, voxel for voxel
     assert len(np.unique(theirs)) > 10
