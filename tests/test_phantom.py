@@ -91,6 +91,26 @@ def test_abdomen_contrast_phases_keep_the_anatomy():
     np.testing.assert_array_equal(a, make_abdomen_ct(seed=3, **SMALL_CT)[0].data)
 
 
+def test_spleen_contrast_sets_the_spleen_against_the_liver_and_nothing_else():
+    from napari_medseg.core.phantom.abdomen import SPLEEN_CONTRAST
+
+    for seed in (2, 5):
+        img, lab = make_abdomen_ct(seed=seed, vary=True, **SMALL_CT)
+        same, _ = make_abdomen_ct(seed=seed, vary=True, spleen_contrast=SPLEEN_CONTRAST,
+                                  **SMALL_CT)
+        np.testing.assert_array_equal(img.data, same.data)  # the default is that range
+        dark, dlab = make_abdomen_ct(seed=seed, vary=True, spleen_contrast=(-45, -40),
+                                     **SMALL_CT)
+        np.testing.assert_array_equal(dlab.data, lab.data)
+        a, b, y = np.asarray(img.data), np.asarray(dark.data), np.asarray(lab.data)
+        gap = float(np.median(b[y == 2]) - np.median(b[y == 1]))
+        assert -47 < gap < -36, gap
+        # voxels away from the spleen are unchanged
+        far = np.ones(y.shape, bool)
+        far[max(0, np.argwhere(y == 2)[:, 0].min() - 3):np.argwhere(y == 2)[:, 0].max() + 4] = False
+        np.testing.assert_array_equal(a[far], b[far])
+
+
 def test_vary_spleens_are_crescents_of_adult_size(monkeypatch):
     import napari_medseg.core.phantom.abdomen as abdomen
 

@@ -160,20 +160,28 @@ def case_shape(i: int) -> tuple:
                  for lo, hi in zip(CASE_SHAPE, CASE_SHAPE_MAX))
 
 
-def make_case(i: int, card: ModelCard):
-    """Training case ``i``: ``(x (Z, Y, X) float32, y (Z, Y, X) uint8)`` on the model grid."""
+def make_case(i: int, card: ModelCard, spleen_contrast=None):
+    """Training case ``i``: ``(x (Z, Y, X) float32, y (Z, Y, X) uint8)`` on the model grid.
+
+    ``spleen_contrast`` (``(lo, hi)`` HU, spleen minus liver) overrides the phantom's
+    :data:`~napari_medseg.core.phantom.abdomen.SPLEEN_CONTRAST`.
+    """
     from ..core.phantom import make_abdomen_ct
+    from ..core.phantom.abdomen import SPLEEN_CONTRAST
+
+    contrast = tuple(spleen_contrast or SPLEEN_CONTRAST)
 
     seed = 1 + int(i)
     shape = case_shape(i)
     if i % 4 != 3:
         img, lab = make_abdomen_ct(seed=seed, shape=shape, spacing=TARGET_SPACING,
-                                   vary=True, phases=PHASES)
+                                   vary=True, phases=PHASES, spleen_contrast=contrast)
         y = np.asarray(lab.data, dtype=np.uint8)
     else:
         fine = tuple(s / 2 for s in TARGET_SPACING)
         img, lab = make_abdomen_ct(seed=seed, shape=tuple(2 * n for n in shape),
-                                   spacing=fine, vary=True, phases=PHASES)
+                                   spacing=fine, vary=True, phases=PHASES,
+                                   spleen_contrast=contrast)
         img, y = _downsample(img, lab)
     # Air around the body, as in a scan whose field of view is wider than the
     # patient: 0-90 mm on each side in-plane, so windows of air alone are seen.
@@ -214,7 +222,8 @@ def _case_job(args):
     return make_case(*args)
 
 
-def _cached_cases(n_cases: int, card: ModelCard, cache: Path | None, workers: int = 1):
+def _cached_cases(n_cases: int, card: ModelCard, cache: Path | None, workers: int = 1,
+                  spleen_contrast=None):
     """Generate the training cases (in ``workers`` processes), or reuse them from
     ``cache`` (an ``.npz``). Each case depends only on its index, so the cases are
     the same for any number of workers."""
@@ -227,9 +236,10 @@ def _cached_cases(n_cases: int, card: ModelCard, cache: Path | None, workers: in
         import multiprocessing as mp
 
         with mp.get_context("fork").Pool(workers) as pool:
-            data = pool.map(_case_job, [(i, card) for i in range(n_cases)], chunksize=1)
+            data = pool.map(_case_job, [(i, card, spleen_contrast) for i in range(n_cases)],
+                            chunksize=1)
     else:
-        data = [make_case(i, card) for i in range(n_cases)]
+        data = [make_case(i, card, spleen_contrast) for i in range(n_cases)]
     if cache is not None:
         arrays = {f"x{i}": d[0] for i, d in enumerate(data)}
         arrays.update({f"y{i}": d[1] for i, d in enumerate(data)})
@@ -418,7 +428,7 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
           focus_iters: int = FOCUS_ITERS, focus_lr: float = FOCUS_LR,
           resume: Path | None = None, device: str = "cpu", workers: int = 1,
           time_limit: float | None = None, texture: bool = False,
-          deform: bool = False, class_shift: float = 0.0) -> Path:
+          deform: bool = False, class_shift: float = 0.0, spleen_contrast=None) -> Path:
     """Generate data, train, save ``model.pt`` + ``card.yaml`` in ``out``; return ``out``.
 
     Three phases: ``iters`` steps with a one-cycle schedule (seed ``seed``), then
@@ -434,7 +444,8 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
     steps and logs where it stopped. ``texture`` and ``deform`` add the per-window
     texture and correlated-noise augmentation and the random deformation in every
     phase (:func:`_appearance`, :func:`_deform`); ``class_shift`` (HU) moves each organ's
-    intensity by its own random offset in every phase (:func:`_class_shift`).
+    intensity by its own random offset in every phase (:func:`_class_shift`);
+    ``spleen_contrast`` (``(lo, hi)`` HU) is the phantoms' spleen-minus-liver range.
     """
     from ..core.phantom import ABDOMEN_LABELS, make_abdomen_ct
     from ..models.loaders import load_weights
@@ -442,7 +453,7 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
     probe, _ = make_abdomen_ct(seed=0, shape=PATCH, spacing=TARGET_SPACING)
     card = make_card(dict(ABDOMEN_LABELS), probe.orientation_code())
     t0 = time.time()
-    data = _cached_cases(n_cases, card, cache, workers)
+    data = _cached_cases(n_cases, card, cache, workers, spleen_contrast)
     counts = sum(np.bincount(d[1].ravel(), minlength=card.n_classes) for d in data)
     log.info("generated %d cases in %.0f s; class voxels %s", n_cases, time.time() - t0,
              counts.tolist())
@@ -489,7 +500,8 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
         f"1..{n_cases}; generated on the {TARGET_SPACING} mm model grid with a field of view "
         f"drawn per case from {CASE_SHAPE} to {CASE_SHAPE_MAX} voxels, a child- to an "
         f"adult-sized abdomen, with 0-60 voxels of air added on each side in-plane; every "
-        f"fourth at half that spacing and averaged down). {SLAB_SHARE:.0%} of the windows are "
+        f"fourth at half that spacing and averaged down"
+        f"{_contrast_text(spleen_contrast)}). {SLAB_SHARE:.0%} of the windows are "
         f"cut to a slab of {SLAB_SLICES[0]}-{SLAB_SLICES[1]} slices between zeros, as a thin "
         f"scan is padded at inference. Batches of {batch} random {PATCH} windows, "
         f"{_augment_text(texture, deform, class_shift)}"
@@ -509,6 +521,14 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
     card.save(out / "card.yaml")
     log.info("saved %s after %.1f min", out, minutes)
     return out
+
+
+def _contrast_text(spleen_contrast) -> str:
+    """The card's words for a spleen contrast range other than the phantom's default."""
+    if not spleen_contrast:
+        return ""
+    lo, hi = (float(v) for v in spleen_contrast)
+    return f"; the spleen {-lo:g} HU darker to {hi:g} HU brighter than the liver"
 
 
 def _augment_text(texture: bool, deform: bool, class_shift: float = 0.0) -> str:
@@ -613,6 +633,9 @@ def main(argv=None) -> int:
                    help="per-window random texture per class and correlated noise")
     p.add_argument("--deform", action="store_true",
                    help="per-window smooth random deformation of image and labels")
+    p.add_argument("--spleen-contrast", type=float, nargs=2, default=None,
+                   metavar=("LO", "HI"), help="spleen minus liver HU range of the phantoms "
+                   "(default: the phantom's SPLEEN_CONTRAST); use a new --cache")
     p.add_argument("--class-shift", type=float, default=0.0, metavar="HU",
                    help="per-window random intensity offset of each organ, up to HU")
     a = p.parse_args(argv)
@@ -625,7 +648,8 @@ def main(argv=None) -> int:
               finetune_iters=a.finetune_iters, finetune_lr=a.finetune_lr, init=a.init,
               focus_iters=a.focus_iters, focus_lr=a.focus_lr, resume=a.resume,
               device=a.device, workers=a.workers, time_limit=a.time_limit,
-              texture=a.texture, deform=a.deform, class_shift=a.class_shift)
+              texture=a.texture, deform=a.deform, class_shift=a.class_shift,
+              spleen_contrast=a.spleen_contrast)
     if a.no_eval:
         return 0
     try:

@@ -28,6 +28,8 @@ _HU = {
     "stomach": 15.0, "table": 250.0,
 }
 
+#: Spleen HU minus liver HU when ``vary`` (uniform), unless ``spleen_contrast`` says otherwise.
+SPLEEN_CONTRAST = (-25.0, 35.0)
 #: Range of the spleen's size factor per axis when ``vary``.
 _SPLEEN_SCALE = (0.8, 1.5)
 #: Range of the spleen's crescent bend when ``vary`` (0: an ellipsoid; the
@@ -51,7 +53,8 @@ class _Jitter:
 
 
 def make_abdomen_ct(seed: int = 0, shape=(64, 128, 128), spacing=(2.5, 1.5, 1.5),
-                    vary: bool = False, phases: bool = False) -> tuple[Volume, Volume]:
+                    vary: bool = False, phases: bool = False,
+                    spleen_contrast=SPLEEN_CONTRAST) -> tuple[Volume, Volume]:
     """A synthetic upper-abdomen CT and its organ labels.
 
     Parameters
@@ -73,6 +76,10 @@ def make_abdomen_ct(seed: int = 0, shape=(64, 128, 128), spacing=(2.5, 1.5, 1.5)
         scan (liver ~55 HU, blood ~40 HU) to a portal-venous one (liver
         ~115 HU), the spleen 20 HU darker to 40 HU brighter than the liver.
         Without it every scan is portal-venous (liver 100 +- 6 HU).
+    spleen_contrast : tuple of 2 float
+        With ``vary`` (and without ``phases``), the spleen is drawn this many HU
+        darker / brighter than the liver (uniform; the same draw of the seed's
+        stream, so the rest of the anatomy does not change).
 
     Returns
     -------
@@ -98,7 +105,9 @@ def make_abdomen_ct(seed: int = 0, shape=(64, 128, 128), spacing=(2.5, 1.5, 1.5)
     extra = _Jitter(np.random.default_rng([int(seed), 2]), vary)
     # the spleen is brighter than the liver in arterial and many portal-venous
     # scans, darker in others
-    hu["spleen"] = hu["liver"] + extra.uniform(-25.0, 35.0, _HU["spleen"] - _HU["liver"])
+    lo, hi = (float(v) for v in spleen_contrast)
+    hu["spleen"] = hu["liver"] + lo + (hi - lo) * extra.uniform(
+        0.0, 1.0, (_HU["spleen"] - _HU["liver"] - lo) / (hi - lo))
     enhance = jit.uniform(0.7, 1.3, 1.0)
     if vary and phases:
         # contrast phase: 0 is a non-contrast scan, 1 a strongly enhanced one
