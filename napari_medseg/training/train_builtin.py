@@ -508,19 +508,31 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
         f"cross-entropy + soft Dice, AdamW, "
         f"{'bf16 autocast, ' if _use_bf16(device) else ''}"
         f"{'CPU' if device == 'cpu' else 'a GPU (' + str(device) + ')'}. "
-        f"Phase 1: {iters} steps, one-cycle lr {lr}, half the windows centred on a "
-        f"foreground class (seed {seed}); phase 2: {finetune_iters} steps, cosine lr from "
-        f"{finetune_lr}, three quarters centred on a class (seed {seed + 1}); phase 3: "
+        f"{_start_text(init, resume, iters, lr, seed, finetune_iters, finetune_lr)}phase 3: "
         f"{focus_iters} steps, cosine lr from {focus_lr}, {FOCUS_FG:.0%} of the windows "
         f"centred on a class drawn with weights {focus} (others 1), the same weights in "
         f"the cross-entropy (seed {seed + 2}). "
         f"{minutes:.1f} min of training in this run. Reproduce: python -m "
         "napari_medseg.training.train_builtin --out <folder> [--device cuda --workers 16]"
         f"{' --texture' if texture else ''}{' --deform' if deform else ''}"
-        f"{f' --class-shift {class_shift:g}' if class_shift else ''}.")
+        f"{f' --class-shift {class_shift:g}' if class_shift else ''}"
+        f"{' --spleen-contrast %g %g' % tuple(spleen_contrast) if spleen_contrast else ''}"
+        f"{' --resume <weights> (see above)' if resume else ''}"
+        f"{' --init <weights> (see above)' if init and not resume else ''}.")
     card.save(out / "card.yaml")
     log.info("saved %s after %.1f min", out, minutes)
     return out
+
+
+def _start_text(init, resume, iters, lr, seed, finetune_iters, finetune_lr) -> str:
+    """The card's words for phases 1 and 2 of a run, or for the weights it started from."""
+    if resume is not None:
+        return f"Phases 1 and 2 not run: the run starts from the weights {Path(resume).name}; "
+    one = (f"Phase 1 not run: the weights {Path(init).name}; " if init is not None else
+           f"Phase 1: {iters} steps, one-cycle lr {lr}, half the windows centred on a "
+           f"foreground class (seed {seed}); ")
+    return (one + f"phase 2: {finetune_iters} steps, cosine lr from {finetune_lr}, three "
+            f"quarters centred on a class (seed {seed + 1}); ")
 
 
 def _contrast_text(spleen_contrast) -> str:
