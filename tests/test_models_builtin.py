@@ -181,3 +181,21 @@ def test_class_shift_moves_each_organ_alone_and_lesions_with_their_liver():
     assert hu[:, :7].abs().max() <= 30.0 + 1e-3 and liver.std() > 5 and spleen.std() > 5
     assert torch.allclose(lesion, liver) and not torch.allclose(spleen, liver)
     assert torch.allclose(hu[:, 1:3], liver.view(-1, 1, 1, 1).expand(-1, 2, 8, 8))
+
+
+def test_case_cache_is_reused_only_for_the_same_spleen_contrast(tmp_path):
+    from napari_medseg.core.phantom import make_abdomen_ct
+    from napari_medseg.training.train_builtin import (PATCH, TARGET_SPACING, _cached_cases,
+                                                      make_card)
+
+    probe, _ = make_abdomen_ct(seed=0, shape=PATCH, spacing=TARGET_SPACING)
+    card = make_card(dict(ABDOMEN_LABELS), probe.orientation_code())
+    cache = tmp_path / "cases.npz"
+    (x0, y0), = _cached_cases(1, card, cache)
+    (xd, yd), = _cached_cases(1, card, cache, spleen_contrast=(-45.0, -40.0))
+    np.testing.assert_array_equal(yd, y0)
+    assert xd[y0 == 2].mean() < x0[y0 == 2].mean()  # regenerated, not the cached cases
+    with np.load(cache) as z:
+        assert list(z["spleen_contrast"]) == [-45.0, -40.0]
+    (xr, _), = _cached_cases(1, card, cache, spleen_contrast=(-45.0, -40.0))
+    np.testing.assert_array_equal(xr, xd)  # the same contrast reuses the file

@@ -225,11 +225,18 @@ def _case_job(args):
 def _cached_cases(n_cases: int, card: ModelCard, cache: Path | None, workers: int = 1,
                   spleen_contrast=None):
     """Generate the training cases (in ``workers`` processes), or reuse them from
-    ``cache`` (an ``.npz``). Each case depends only on its index, so the cases are
+    ``cache`` (an ``.npz``, reused only when it holds ``n_cases`` cases made with the
+    same ``spleen_contrast``). Each case depends only on its index, so the cases are
     the same for any number of workers."""
+    from ..core.phantom.abdomen import SPLEEN_CONTRAST
+
+    contrast = np.asarray(spleen_contrast or SPLEEN_CONTRAST, dtype=np.float64)
     if cache is not None and Path(cache).is_file():
         with np.load(cache) as z:
-            if f"x{n_cases - 1}" in z and f"x{n_cases}" not in z:
+            made = z["spleen_contrast"] if "spleen_contrast" in z else SPLEEN_CONTRAST
+            if not np.array_equal(np.asarray(made, np.float64), contrast):
+                log.info("%s holds cases with another spleen contrast; generating anew", cache)
+            elif f"x{n_cases - 1}" in z and f"x{n_cases}" not in z:
                 log.info("reusing %d cases from %s", n_cases, cache)
                 return [(z[f"x{i}"], z[f"y{i}"]) for i in range(n_cases)]
     if workers > 1:
@@ -243,7 +250,7 @@ def _cached_cases(n_cases: int, card: ModelCard, cache: Path | None, workers: in
     if cache is not None:
         arrays = {f"x{i}": d[0] for i, d in enumerate(data)}
         arrays.update({f"y{i}": d[1] for i, d in enumerate(data)})
-        np.savez(cache, **arrays)
+        np.savez(cache, spleen_contrast=contrast, **arrays)
     return data
 
 
@@ -647,7 +654,7 @@ def main(argv=None) -> int:
                    help="per-window smooth random deformation of image and labels")
     p.add_argument("--spleen-contrast", type=float, nargs=2, default=None,
                    metavar=("LO", "HI"), help="spleen minus liver HU range of the phantoms "
-                   "(default: the phantom's SPLEEN_CONTRAST); use a new --cache")
+                   "(default: the phantom's SPLEEN_CONTRAST)")
     p.add_argument("--class-shift", type=float, default=0.0, metavar="HU",
                    help="per-window random intensity offset of each organ, up to HU")
     a = p.parse_args(argv)

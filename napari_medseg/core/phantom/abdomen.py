@@ -106,8 +106,7 @@ def make_abdomen_ct(seed: int = 0, shape=(64, 128, 128), spacing=(2.5, 1.5, 1.5)
     # the spleen is brighter than the liver in arterial and many portal-venous
     # scans, darker in others
     lo, hi = (float(v) for v in spleen_contrast)
-    hu["spleen"] = hu["liver"] + lo + (hi - lo) * extra.uniform(
-        0.0, 1.0, (_HU["spleen"] - _HU["liver"] - lo) / (hi - lo))
+    hu["spleen"] = hu["liver"] + extra.uniform(lo, hi, _HU["spleen"] - _HU["liver"])
     enhance = jit.uniform(0.7, 1.3, 1.0)
     if vary and phases:
         # contrast phase: 0 is a non-contrast scan, 1 a strongly enhanced one
