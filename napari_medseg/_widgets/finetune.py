@@ -72,6 +72,11 @@ class FinetuneWidget(QWidget):
         self.lr.setValue(3e-4)
         self.name_edit = QLineEdit()
         self.name_edit.setPlaceholderText("automatic (<model>-ft-<date>)")
+        self.add_classes_check = QCheckBox("Add the dataset's new classes")
+        self.add_classes_check.setChecked(True)
+        self.add_classes_check.setToolTip(
+            "Classes in the dataset's dataset.json that the model does not have (a "
+            "structure you labelled that it never predicted) become new outputs")
         self.resume_check = QCheckBox("Resume a cancelled run (same settings)")
         self.resume_check.setToolTip("Continue from the checkpoint a cancelled run with the "
                                      "same model, dataset and settings left")
@@ -90,6 +95,7 @@ class FinetuneWidget(QWidget):
         form.addRow("Iterations", self.iterations)
         form.addRow("Learning rate", self.lr)
         form.addRow("New name", self.name_edit)
+        form.addRow("", self.add_classes_check)
         form.addRow("", self.resume_check)
         lay = QVBoxLayout(self)
         lay.addLayout(form)
@@ -145,6 +151,7 @@ class FinetuneWidget(QWidget):
             if not folder:
                 raise MedSegError("choose the nnU-Net dataset folder holding your "
                                   "corrected cases")
+            new = self._new_classes(model, folder) if self.add_classes_check.isChecked() else {}
         except MedSegError as exc:
             self.status.setText(notify_exception(exc, "Fine-tune"))
             return None
@@ -153,15 +160,30 @@ class FinetuneWidget(QWidget):
         kwargs = dict(iterations=self.iterations.value(), lr=self.lr.value(),
                       name=self.name_edit.text().strip() or None,
                       resume=self.resume_check.isChecked(), report=self.plot.report)
+        if new:
+            kwargs["new_classes"] = new
         self.plot.clear()
         kwargs.update(options)
         self.run_button.setEnabled(False)
-        self.status.setText(f"fine-tuning {model}…")
+        added = ("; adding " + ", ".join(f"{k} {v}" for k, v in new.items())) if new else ""
+        self.status.setText(f"fine-tuning {model}{added}…")
         self.job = Job(finetune, model, folder, on_done=self._done, bar=self.bar,
                        what="Fine-tune", on_finish=lambda: self.run_button.setEnabled(True),
                        on_error=lambda exc: self.status.setText(str(exc) or "cancelled"),
                        **kwargs)
         return self.job.start()
+
+    @staticmethod
+    def _new_classes(model: str, folder: str) -> dict:
+        """The dataset's classes that ``model`` lacks ({} when the folder has no
+        dataset.json yet: fine-tuning then says what is missing)."""
+        from ..models import list_models
+        from ..training.data import dataset_new_classes
+
+        cards = [i.card for i in list_models() if i.name == model]
+        if not cards or not (Path(folder).expanduser() / "dataset.json").is_file():
+            return {}
+        return dataset_new_classes(folder, cards[0])
 
     def _done(self, path) -> None:
         self.last_path = Path(path)

@@ -29,7 +29,8 @@ from ..core.volume import Volume
 from ..errors import MedSegError, check_cancel
 from ..models.card import ModelCard
 
-__all__ = ["DatasetCase", "TrainingCase", "list_dataset", "load_case", "PatchSampler"]
+__all__ = ["DatasetCase", "TrainingCase", "list_dataset", "dataset_new_classes", "load_case",
+           "PatchSampler"]
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,55 @@ def list_dataset(dataset_dir, card: ModelCard, new_classes=None) -> list[Dataset
         raise MedSegError(f"no training cases (labelsTr/*{ending}); add corrected cases "
                           "with Export > Add as training case first", where)
     return cases
+
+
+def dataset_new_classes(dataset_dir, card: ModelCard) -> dict[int, str]:
+    """Classes of a dataset's ``dataset.json`` that the model does not have.
+
+    They are what a fine-tuning run must add (``finetune(new_classes=...)``)
+    for the dataset to fit the model: a class the annotator labelled that the
+    model never predicted.
+
+    Parameters
+    ----------
+    dataset_dir : str or Path
+        An nnU-Net v2 raw dataset folder.
+    card : ModelCard
+
+    Returns
+    -------
+    dict[int, str]
+        ``{id: name}``, sorted by id; empty when every class is the model's.
+
+    Raises
+    ------
+    MedSegError
+        No readable ``dataset.json``, or new ids that do not follow the model's
+        classes (``n_classes``, ``n_classes + 1``, ...), which an output layer
+        cannot grow into.
+    """
+    root = Path(dataset_dir).expanduser()
+    meta_path = root / "dataset.json"
+    if not meta_path.is_file():
+        raise MedSegError("no dataset.json: not an nnU-Net raw dataset folder; choose the "
+                          "DatasetXXX_Name folder that holds imagesTr/ and labelsTr/",
+                          str(root))
+    labels = _read_json(meta_path).get("labels") or {}
+    have = set(card.label_names) | {0}
+    new = {}
+    for name, cid in labels.items():
+        if isinstance(cid, (list, tuple)):
+            continue  # region-based labels: list_dataset says why they cannot be used
+        if int(cid) not in have:
+            new[int(cid)] = str(name)
+    new = dict(sorted(new.items()))
+    k = card.n_classes
+    if new and list(new) != list(range(k, k + len(new))):
+        raise MedSegError(
+            f"the dataset's classes {sorted(new)} are not in model {card.name}, and new "
+            f"classes must take the ids right after the model's ({k}, {k + 1}, ...); "
+            "renumber them in dataset.json and the label files", str(root))
+    return new
 
 
 def _check_classes(labels: dict, card: ModelCard, where: str, new_classes=None) -> None:
