@@ -270,3 +270,71 @@ def test_a_non_finite_step_never_reaches_the_weights(tiny, tmp_path, monkeypatch
     clean = finetune(tiny, ds, out_dir=tmp_path / "c", name="clean", iterations=6,
                      patch_size=PATCH, val_fraction=0, seed=1, forgetting_cases=0, lr=1e-3)
     assert load_model(clean).card.metrics["fine_tune"]["skipped_steps"] == 0
+
+
+def test_dataset_new_classes(tiny, tmp_path):
+    from napari_medseg.errors import MedSegError
+    from napari_medseg.training.data import dataset_new_classes
+
+    card = load_model(tiny).card
+    plain = _dataset(tmp_path / "Dataset506_Plain", seeds=(1,), ledger=False)
+    assert dataset_new_classes(plain, card) == {}
+    cyst = _dataset(tmp_path / "Dataset507_Cyst", seeds=(1,), ledger=False, extra=(6, "cyst"))
+    assert dataset_new_classes(cyst, card) == {6: "cyst"}
+    meta = json.loads((cyst / "dataset.json").read_text())
+    meta["labels"]["cyst"] = 8  # a gap after the model's classes
+    (cyst / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(MedSegError, match="ids right after"):
+        dataset_new_classes(cyst, card)
+    with pytest.raises(MedSegError, match="dataset.json"):
+        dataset_new_classes(tmp_path / "missing", card)
+
+
+def test_widget_adds_the_dataset_new_classes(make_napari_viewer, qtbot, tiny, tmp_path):
+    """A class the annotator labelled that the model lacks: the Fine-tune dock adds it
+    (unticked, the run stops with the message that names the class)."""
+    import shutil
+
+    from napari_medseg.paths import user_models_dir
+
+    name = load_model(tiny).card.name
+    user_models_dir().mkdir(parents=True, exist_ok=True)
+    shutil.copytree(tiny, user_models_dir() / name)
+    ds = _dataset(tmp_path / "Dataset508_Cyst", seeds=(7, 8), ledger=False, extra=(6, "cyst"))
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Fine-tune")
+    widget.refresh_models()
+    widget.model_box.setCurrentText(name)
+    widget.dataset_edit.setText(str(ds))
+    widget.iterations.setValue(2)
+    widget.name_edit.setText("tiny-cyst")
+
+    widget.add_classes_check.setChecked(False)
+    job = widget.run(patch_size=PATCH, val_fraction=0, forgetting_cases=0)
+    qtbot.waitUntil(lambda: not job.running and widget.run_button.isEnabled(), timeout=60_000)
+    qtbot.waitUntil(lambda: "cyst" in widget.status.text(), timeout=10_000)
+    assert job.result is None
+
+    widget.add_classes_check.setChecked(True)
+    job = widget.run(patch_size=PATCH, val_fraction=0, forgetting_cases=0)
+    assert "adding 6 cyst" in widget.status.text()
+    qtbot.waitUntil(lambda: widget.last_path is not None, timeout=120_000)
+    assert job.error is None, job.error
+    assert load_model(widget.last_path).card.label_names[6] == "cyst"
+
+
+def test_guard_defaults_for_new_classes(tiny):
+    """Adding a class to an abdominal CT model replays phantoms and frees the weights;
+    anything else keeps the weight-space guard; explicit settings win."""
+    from napari_medseg.models.card import ModelCard
+    from napari_medseg.training.finetune import (ANCHOR, EARLY_LR_FACTOR, NEW_CLASS_REPLAY,
+                                                 _auto_guard)
+
+    card = load_model(tiny).card
+    assert _auto_guard(card, {6: "cyst"}, None, None, "auto") == (0.0, 1.0, NEW_CLASS_REPLAY)
+    assert _auto_guard(card, {}, None, None, "auto") == (ANCHOR, EARLY_LR_FACTOR, 0)
+    assert _auto_guard(card, {6: "cyst"}, None, None, 0) == (ANCHOR, EARLY_LR_FACTOR, 0)
+    assert _auto_guard(card, {6: "cyst"}, 0.5, 0.2, 2) == (0.5, 0.2, 2)
+    mr = ModelCard.from_dict({**card.to_dict(), "channels": [{"name": "T1",
+                                                               "modality": "MR"}]}, "mr")
+    assert _auto_guard(mr, {6: "cyst"}, None, None, "auto") == (ANCHOR, EARLY_LR_FACTOR, 0)

@@ -55,6 +55,33 @@ log = logging.getLogger(__name__)
 #: back towards the base model's.
 ANCHOR = 0.1
 
+#: Default learning-rate factor of the first third of the layers.
+EARLY_LR_FACTOR = 0.3
+
+#: Synthetic phantoms replayed by default when classes are added to an abdominal CT
+#: model: the guard then comes from data, and the weights are left free
+#: (``anchor=0``, ``early_lr_factor=1``), which a new structure needs. On the
+#: sarcoma cases of ``benchmarks/bench_loop.py`` (k = 7, 2000 iterations) the
+#: weight-space guard (L2-SP 0.1, early layers at 0.3 x lr) with replay gave a
+#: tumour Dice of 0.19 (largest old-class drop on phantoms 0.04), the free weights
+#: with replay 0.38 (0.03); the free weights without replay forgot every old class.
+NEW_CLASS_REPLAY = 4
+
+
+def _auto_guard(card, new_classes, anchor, early_lr_factor, replay_cases):
+    """Resolve ``None`` / ``"auto"`` guard settings: (anchor, early factor, replay)."""
+    from .guard import _phantom_names
+
+    replayable = bool(_phantom_names(card))
+    free = bool(new_classes) and replayable
+    if replay_cases is None or replay_cases == "auto":
+        replay_cases = NEW_CLASS_REPLAY if free else 0
+    if anchor is None:
+        anchor = 0.0 if free and replay_cases else ANCHOR
+    if early_lr_factor is None:
+        early_lr_factor = 1.0 if free and replay_cases else EARLY_LR_FACTOR
+    return float(anchor), float(early_lr_factor), int(replay_cases)
+
 
 # ------------------------------------------------------------------ checks
 def trainable_model(model):
@@ -360,9 +387,9 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
              batch_size: int = 2, progress=None, cancel=None, *, resume: bool = False,
              checkpoint_every: int = 50, checkpoint_root=None,
              corrected_weight: float | None = 3.0, guard: bool = True,
-             early_lr_factor: float = 0.3, new_classes: dict | None = None,
-             forgetting_cases="auto", replay_cases: int = 0, replay_fraction: float = 0.3,
-             anchor: float = ANCHOR, report=None) -> Path:
+             early_lr_factor: float | None = None, new_classes: dict | None = None,
+             forgetting_cases="auto", replay_cases="auto", replay_fraction: float = 0.3,
+             anchor: float | None = None, report=None) -> Path:
     """Fine-tune ``model`` on the corrected cases of an nnU-Net raw dataset folder.
 
     Parameters
@@ -410,26 +437,30 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
         base model's own prediction as their target
         (:func:`~napari_medseg.training.guard.fill_unsupervised`; from the
         ledger's prediction, or one base-model run per case without a ledger).
-    early_lr_factor : float
-        Learning-rate factor of the first third of the parameter tensors.
+    early_lr_factor : float, optional
+        Learning-rate factor of the first third of the parameter tensors
+        (default :data:`EARLY_LR_FACTOR`; 1 when classes are added to an
+        abdominal CT model, whose old classes replay then keeps).
     new_classes : dict[int, str], optional
         Classes to add (ids right after the model's): the output layer grows
         (:func:`~napari_medseg.training.guard.add_output_classes`).
-    replay_cases : int
+    replay_cases : int or "auto"
         Synthetic phantoms with their full labels replayed against forgetting
         (:func:`~napari_medseg.training.guard.synthetic_replay`; abdominal CT
         models only), drawn for a ``replay_fraction`` share of the windows. For
         corrections that adapt the model to a new appearance (scanner, contrast);
         not for corrections that redefine a class (the phantoms would teach the
-        old definition back).
+        old definition back). ``"auto"``: :data:`NEW_CLASS_REPLAY` when
+        ``new_classes`` are added to an abdominal CT model, else none.
     replay_fraction : float
-    anchor : float
+    anchor : float, optional
         Strength of a pull of every weight back towards the base model's
         (L2-SP: ``anchor * sum((w - w_base) ** 2)`` added to the loss;
         :func:`~napari_medseg.training.guard.anchor_penalty`); the output
         channels of new classes are free. 0 for none. The default,
         :data:`ANCHOR`, cut the largest synthetic drop of the *adapt*
-        benchmark from 0.027 to 0.014 for the same spleen Dice.
+        benchmark from 0.027 to 0.014 for the same spleen Dice. With new classes
+        and replay (above) the default is 0: the pull held a new structure back.
     forgetting_cases : int or "auto"
         Held-out synthetic phantoms to measure forgetting on (Dice per class
         before / after, :func:`~napari_medseg.training.guard.synthetic_check`);
@@ -464,6 +495,8 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
     card = base.card
     dataset_dir = Path(dataset_dir).expanduser()
     new_classes = {int(k): str(v) for k, v in (new_classes or {}).items()}
+    anchor, early_lr_factor, replay_cases = _auto_guard(card, new_classes, anchor,
+                                                        early_lr_factor, replay_cases)
     net = copy.deepcopy(base.network).cpu()
     train_card = add_output_classes(net, card, new_classes) if new_classes else card
     items = list_dataset(dataset_dir, card, new_classes)
@@ -738,14 +771,16 @@ def add_cli_parser(sub, progress_bar=None) -> None:
     f.add_argument("--no-guard", action="store_true",
                    help="train unlabelled classes as background (no replay of the base "
                    "model's predictions)")
-    f.add_argument("--early-lr-factor", type=float, default=0.3,
-                   help="learning-rate factor of the first third of the layers")
-    f.add_argument("--anchor", type=float, default=ANCHOR,
-                   help="pull of the weights back towards the base model's (L2-SP; "
-                   "0: none)")
-    f.add_argument("--replay", type=int, default=0, metavar="N",
+    f.add_argument("--early-lr-factor", type=float, default=None,
+                   help=f"learning-rate factor of the first third of the layers (default "
+                   f"{EARLY_LR_FACTOR}; 1 when --add-class replays phantoms)")
+    f.add_argument("--anchor", type=float, default=None,
+                   help=f"pull of the weights back towards the base model's (L2-SP; 0: "
+                   f"none; default {ANCHOR}, 0 when --add-class replays phantoms)")
+    f.add_argument("--replay", type=int, default=None, metavar="N",
                    help="replay N synthetic phantoms (abdominal CT models) against "
-                   "forgetting, for corrections that adapt to a new appearance")
+                   "forgetting, for corrections that adapt to a new appearance (default "
+                   f"0; {NEW_CLASS_REPLAY} with --add-class)")
     f.add_argument("--add-class", nargs=2, action="append", metavar=("ID", "NAME"),
                    default=[], help="add a class the model does not have (repeatable)")
     f.set_defaults(func=cmd_finetune, progress_bar=progress_bar)
@@ -766,9 +801,9 @@ def cmd_finetune(args) -> int:
                         checkpoint_every=getattr(args, "checkpoint_every", 50),
                         corrected_weight=getattr(args, "corrected_weight", 3.0),
                         guard=not getattr(args, "no_guard", False),
-                        early_lr_factor=getattr(args, "early_lr_factor", 0.3),
-                        replay_cases=getattr(args, "replay", 0),
-                        anchor=getattr(args, "anchor", ANCHOR),
+                        early_lr_factor=getattr(args, "early_lr_factor", None),
+                        replay_cases=getattr(args, "replay", None),
+                        anchor=getattr(args, "anchor", None),
                         new_classes=_parse_new_classes(getattr(args, "add_class", [])))
     finally:
         if bar is not None:
