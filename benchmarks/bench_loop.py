@@ -18,7 +18,13 @@ synthetic phantoms for 30 % of the windows):
   (``sarcoma/STS_00k/CT_mask.nii.gz``, new id 6) learned from the corrected CT
   cases STS_001..STS_00k, starting from the built-in model each time, evaluated
   on STS_008..STS_010: ``newclass_dice_after_1`` / ``_3`` / ``_7``, and
-  ``newclass_minutes_7`` (wall time of the k = 7 fine-tune, this machine).
+  ``newclass_minutes_7`` (wall time of the k = 7 fine-tune, this machine). Each
+  case is the base model's prediction corrected into the reference (the ledger
+  holds the prediction, as a worklist approval records it: the organs it labels
+  in a thigh are erased); ``--no-newclass-ledger`` exports the masks alone.
+  finetune's defaults for added classes apply (4 replayed phantoms, free
+  weights); ``newclass_forgetting_k`` is the largest Dice drop of an old class
+  on the held-out phantoms of *adapt*.
 * **ordering** -- 12 abdomen phantoms in a shifted domain (non-contrast: organs
   40 HU darker; twice the default 14 HU noise, by adding 24 HU Gaussian noise),
   put in a :class:`napari_medseg.worklist.Worklist`, predicted with an entropy
@@ -86,7 +92,8 @@ def _finetune(base, ds, out, name, a, iterations, **kw):
 
     t0 = time.perf_counter()
     kw.setdefault("lr", a.lr)
-    kw.setdefault("anchor", a.anchor)
+    if a.anchor is not None:
+        kw.setdefault("anchor", a.anchor)
     path = finetune(base, ds, out_dir=out, name=name, iterations=iterations,
                     val_fraction=0, seed=a.seed, forgetting_cases=0, checkpoint_every=0,
                     batch_size=a.batch_size, **kw)
@@ -148,6 +155,7 @@ def scenario_adapt(a, tmp: Path) -> dict:
 
 # ---------------------------------------------------------------- newclass
 def scenario_newclass(a, tmp: Path) -> dict:
+    from napari_medseg.core.ledger import CorrectionLedger
     from napari_medseg.io import read_volume
     from napari_medseg.io.export import export_training_case
     from napari_medseg.models import load_model
@@ -158,6 +166,7 @@ def scenario_newclass(a, tmp: Path) -> dict:
         return {"newclass_skipped": f"{root} lacks STS_001..STS_010"}
     base = load_model(MODEL)
     new_id = base.card.n_classes
+    names = {**base.card.label_names, new_id: "sarcoma"}
 
     def load(c):
         img = read_volume(root / c / "CT_image.nii.gz", lazy=False)
@@ -165,24 +174,55 @@ def scenario_newclass(a, tmp: Path) -> dict:
         return img, m
 
     test = [load(c) for c in cases[7:10]]
+    seeds = list(range(300001, 300001 + a.synthetic_cases))
+    shape = tuple(a.synthetic_shape)
+    synth_before = _synthetic_dice(base, seeds, shape)
+    # the simulated annotator corrects the base model's prediction into the reference:
+    # the organs it labels in a thigh are erased, the tumour painted (the ledger keeps
+    # the prediction, as the worklist's approval does)
+    preds = {}
     out = {}
     for k in a.newclass_k:
         ds = tmp / f"newclass{k}" / "Dataset602_Sarcoma"
         for c in cases[:k]:
             img, m = load(c)
-            names = {**base.card.label_names, new_id: "sarcoma"}
+            if c not in preds:
+                preds[c] = _predict(base, img)
+            ledger = (CorrectionLedger(preds[c], img.spacing, base.card.label_names)
+                      if a.newclass_ledger else None)
             export_training_case([img], img.like_labels(m.astype(np.uint8) * new_id, names),
-                                 ds)
+                                 ds, ledger=ledger)
         tuned, secs = _finetune(base, ds, tmp / f"newclass{k}" / "models", f"sarcoma{k}", a,
                                 a.newclass_iterations, new_classes={new_id: "sarcoma"},
-                                lr=a.newclass_lr)
+                                lr=a.newclass_lr, **_newclass_options(a))
         scores = [_dice(_predict(tuned, img) == new_id, m) for img, m in test]
         out[f"newclass_dice_after_{k}"] = round(float(np.mean(scores)), 4)
         out[f"newclass_dice_per_case_{k}"] = [round(s, 4) for s in scores]
         out[f"newclass_minutes_{k}"] = round(secs / 60, 2)
+        after = _synthetic_dice(tuned, seeds, shape)
+        drops = {n: round(synth_before[n] - after.get(n, 0.0), 4) for n in synth_before}
+        out[f"newclass_forgetting_{k}"] = round(max([0.0] + list(drops.values())), 4)
+        out[f"newclass_forgetting_per_class_{k}"] = drops
+    out["newclass_synthetic_dice_before"] = synth_before
     out["newclass_iterations"] = a.newclass_iterations
-    out["newclass_setup"] = "train STS_001..STS_00k (CT + GTV mask); eval STS_008..STS_010"
+    out["newclass_options"] = {"lr": a.newclass_lr, "ledger": bool(a.newclass_ledger),
+                               **_newclass_options(a)}
+    out["newclass_setup"] = ("train STS_001..STS_00k (CT + GTV mask, "
+                             + ("the base prediction corrected into it" if a.newclass_ledger
+                                else "no ledger: other classes from the base model")
+                             + f"); eval STS_008..STS_010; forgetting: largest Dice drop of "
+                             f"an old class on {len(seeds)} phantoms {shape}")
     return out
+
+
+def _newclass_options(a) -> dict:
+    """finetune() settings the flags override (the rest are its defaults)."""
+    opts = {}
+    for key in ("anchor", "early_lr_factor", "replay_cases"):
+        value = getattr(a, f"newclass_{key}")
+        if value is not None:
+            opts[key] = value
+    return opts
 
 
 # ---------------------------------------------------------------- ordering
@@ -299,8 +339,9 @@ def main(argv=None) -> int:
                    choices=["adapt", "newclass", "ordering"])
     p.add_argument("--lr", type=float, default=3e-4, help="fine-tuning lr (adapt, ordering)")
     p.add_argument("--newclass-lr", type=float, default=1e-3)
-    p.add_argument("--anchor", type=float, default=ANCHOR,
-                   help="L2-SP pull towards the base weights (default: finetune's)")
+    p.add_argument("--anchor", type=float, default=None,
+                   help=f"L2-SP pull towards the base weights in adapt and ordering "
+                   f"(default: finetune's, {ANCHOR})")
     p.add_argument("--adapt-replay", type=int, default=4,
                    help="synthetic phantoms replayed against forgetting in adapt")
     p.add_argument("--batch-size", type=int, default=2)
@@ -313,7 +354,14 @@ def main(argv=None) -> int:
     p.add_argument("--synthetic-cases", type=int, default=4)
     p.add_argument("--synthetic-shape", type=int, nargs=3, default=(64, 128, 128))
     p.add_argument("--newclass-k", type=int, nargs="+", default=[1, 3, 7])
-    p.add_argument("--newclass-iterations", type=int, default=200)
+    p.add_argument("--newclass-iterations", type=int, default=2000)
+    p.add_argument("--newclass-anchor", type=float, default=None,
+                   help="L2-SP strength in newclass (default: finetune's for new classes)")
+    p.add_argument("--newclass-early-lr-factor", type=float, default=None)
+    p.add_argument("--newclass-replay-cases", type=int, default=None)
+    p.add_argument("--no-newclass-ledger", dest="newclass_ledger", action="store_false",
+                   help="export the sarcoma cases without the base prediction in a ledger "
+                   "(labels drawn from scratch: other classes kept as the base predicts)")
     p.add_argument("--ordering-cases", type=int, default=12)
     p.add_argument("--ordering-eval", type=int, default=4)
     p.add_argument("--ordering-k", type=int, default=5)
