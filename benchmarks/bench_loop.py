@@ -218,7 +218,7 @@ def scenario_newclass(a, tmp: Path) -> dict:
 def _newclass_options(a) -> dict:
     """finetune() settings the flags override (the rest are its defaults)."""
     opts = {}
-    for key in ("anchor", "early_lr_factor", "replay_cases"):
+    for key in ("anchor", "early_lr_factor", "replay_cases", "replay_fraction"):
         value = getattr(a, f"newclass_{key}")
         if value is not None:
             opts[key] = value
@@ -359,6 +359,7 @@ def main(argv=None) -> int:
                    help="L2-SP strength in newclass (default: finetune's for new classes)")
     p.add_argument("--newclass-early-lr-factor", type=float, default=None)
     p.add_argument("--newclass-replay-cases", type=int, default=None)
+    p.add_argument("--newclass-replay-fraction", type=float, default=None)
     p.add_argument("--no-newclass-ledger", dest="newclass_ledger", action="store_false",
                    help="export the sarcoma cases without the base prediction in a ledger "
                    "(labels drawn from scratch: other classes kept as the base predicts)")

@@ -306,6 +306,7 @@ def test_widget_adds_the_dataset_new_classes(make_napari_viewer, qtbot, tiny, tm
     widget.refresh_models()
     widget.model_box.setCurrentText(name)
     widget.dataset_edit.setText(str(ds))
+    assert "New in this dataset: 6 cyst" in widget.classes_note.text()
     widget.iterations.setValue(2)
     widget.name_edit.setText("tiny-cyst")
 
