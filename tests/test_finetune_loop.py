@@ -321,7 +321,11 @@ def test_widget_adds_the_dataset_new_classes(make_napari_viewer, qtbot, tiny, tm
     assert "adding 6 cyst" in widget.status.text()
     qtbot.waitUntil(lambda: widget.last_path is not None, timeout=120_000)
     assert job.error is None, job.error
-    assert load_model(widget.last_path).card.label_names[6] == "cyst"
+    card = load_model(widget.last_path).card
+    assert card.label_names[6] == "cyst"
+    # adding a class to an abdominal CT model: phantoms replayed, weights left free
+    ft = card.metrics["fine_tune"]
+    assert ft["replay_cases"] == 4 and ft["anchor"] == 0.0 and ft["early_lr_factor"] == 1.0
 
 
 def test_guard_defaults_for_new_classes(tiny):
