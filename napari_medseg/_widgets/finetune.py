@@ -51,6 +51,7 @@ class FinetuneWidget(QWidget):
         self.viewer = napari_viewer
         self.job: Job | None = None
         self.last_path: Path | None = None
+        self._cards: dict = {}  # the listed models' cards, by name
 
         self.model_box = QComboBox()
         self.model_box.setToolTip("Models with trainable weights (state_dict packages)")
@@ -118,11 +119,13 @@ class FinetuneWidget(QWidget):
         try:
             from ..models import list_models
 
-            names = [i.name for i in list_models()
-                     if i.card.format == "state_dict" and i.card.network]
+            cards = {i.name: i.card for i in list_models()
+                     if i.card.format == "state_dict" and i.card.network}
         except Exception as exc:  # noqa: BLE001 - a broken registry must not kill the widget
             notify_exception(exc, "Listing models")
-            names = []
+            cards = {}
+        self._cards = cards  # before the list changes: its signal reads them
+        names = list(cards)
         self.model_box.clear()
         self.model_box.addItems(names)
         if current in names:
@@ -178,17 +181,15 @@ class FinetuneWidget(QWidget):
                        **kwargs)
         return self.job.start()
 
-    @staticmethod
-    def _new_classes(model: str, folder: str) -> dict:
+    def _new_classes(self, model: str, folder: str) -> dict:
         """The dataset's classes that ``model`` lacks ({} when the folder has no
         dataset.json yet: fine-tuning then says what is missing)."""
-        from ..models import list_models
         from ..training.data import dataset_new_classes
 
-        cards = [i.card for i in list_models() if i.name == model]
-        if not cards or not (Path(folder).expanduser() / "dataset.json").is_file():
+        card = self._cards.get(model)
+        if card is None or not (Path(folder).expanduser() / "dataset.json").is_file():
             return {}
-        return dataset_new_classes(folder, cards[0])
+        return dataset_new_classes(folder, card)
 
     def _show_new_classes(self, *_):
         """Name the dataset's classes the model lacks, with the settings they need."""
