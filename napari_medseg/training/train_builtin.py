@@ -361,7 +361,6 @@ def _appearance(x: torch.Tensor, y: torch.Tensor, n_classes: int) -> torch.Tenso
     """
     per_hu = 1.0 / (WINDOW[1] - WINDOW[0])
     b, dev = x.shape[0], x.device
-    inside = ((x > 0) & (x < 1)).to(x.dtype)  # voxels the window does not clip
     amp = torch.rand(b, n_classes, 1, 1, 1, device=dev) * (TEXTURE_HU * per_hu)
     coarse = torch.randn(b, n_classes, 4, 6, 6, device=dev) * amp
     fields = F.interpolate(coarse, size=tuple(x.shape[2:]), mode="trilinear",
@@ -373,7 +372,7 @@ def _appearance(x: torch.Tensor, y: torch.Tensor, n_classes: int) -> torch.Tenso
         noise = _gaussian_blur(noise, sigma)
         noise = noise / noise.std().clamp_min(1e-6)
     std = torch.rand(b, 1, 1, 1, 1, device=dev) * (NOISE_HU * per_hu)
-    return (x + (texture + noise * std) * inside).clamp_(0.0, 1.0)
+    return _add_unclipped(x, texture + noise * std)
 
 
 def _class_shift(x: torch.Tensor, y: torch.Tensor, n_classes: int, hu: float) -> torch.Tensor:
@@ -387,8 +386,13 @@ def _class_shift(x: torch.Tensor, y: torch.Tensor, n_classes: int, hu: float) ->
         if c < n_classes:
             shift[:, c] = shift[:, host]
     per_voxel = shift[torch.arange(b, device=dev).view(b, 1, 1, 1), y][:, None]
+    return _add_unclipped(x, per_voxel)
+
+
+def _add_unclipped(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``x + delta`` on the voxels the window does not clip (0 < x < 1), kept in [0, 1]."""
     inside = ((x > 0) & (x < 1)).to(x.dtype)
-    return (x + per_voxel * inside).clamp_(0.0, 1.0)
+    return (x + delta * inside).clamp_(0.0, 1.0)
 
 
 def _deform(x: torch.Tensor, y: torch.Tensor) -> tuple:
