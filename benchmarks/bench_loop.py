@@ -180,15 +180,16 @@ def scenario_newclass(a, tmp: Path) -> dict:
     # the simulated annotator corrects the base model's prediction into the reference:
     # the organs it labels in a thigh are erased, the tumour painted (the ledger keeps
     # the prediction, as the worklist's approval does)
-    preds = {}
+    train = {}  # case: (image, mask, base prediction), read and predicted once for every k
     out = {}
     for k in a.newclass_k:
         ds = tmp / f"newclass{k}" / "Dataset602_Sarcoma"
         for c in cases[:k]:
-            img, m = load(c)
-            if c not in preds:
-                preds[c] = _predict(base, img)
-            ledger = (CorrectionLedger(preds[c], img.spacing, base.card.label_names)
+            if c not in train:
+                img, m = load(c)
+                train[c] = (img, m, _predict(base, img))
+            img, m, pred = train[c]
+            ledger = (CorrectionLedger(pred, img.spacing, base.card.label_names)
                       if a.newclass_ledger else None)
             export_training_case([img], img.like_labels(m.astype(np.uint8) * new_id, names),
                                  ds, ledger=ledger)
