@@ -419,3 +419,30 @@ def test_nninteractive_adapter_flood_is_bounded(tmp_path):
     r = [int(Bounds().edge_mm // v) for v in SPACING]
     band = ndi.binary_dilation(m, np.ones([2 * v + 1 for v in r], bool))
     assert m2.sum() <= band.sum()
+
+
+@pytest.mark.parametrize("seed_mm", [4.0, None])
+def test_a_positive_click_the_engine_ignores_still_marks_its_region(seed_mm):
+    # a ball and, apart from it, a thin tube of the same intensity in noisy background
+    shape = (24, 64, 64)
+    rng = np.random.default_rng(3)
+    image = rng.normal(0, 5, shape).astype(np.float32)
+    ball = _ball(shape, (12, 32, 20), 6)
+    tube = np.zeros(shape, bool)
+    tube[:, 30:32, 48:50] = True
+    image[ball | tube] += 100
+    eng = _Scripted([ball, ball])  # answers the second click as if it were not there
+    eng.bounds = Bounds(seed_mm=seed_mm)
+    m1 = eng.predict(image, SPACING, Prompts(positive=[[12, 32, 20]]))
+    click = [12, 30, 48]
+    m2 = eng.predict(image, SPACING, Prompts(positive=[[12, 32, 20], click]), )
+    assert (m2 & ball).sum() == ball.sum() == m1.sum()
+    if seed_mm is None:
+        assert not m2[tuple(click)]
+        return
+    added = m2 & ~ball
+    assert m2[tuple(click)]
+    assert (added & tube).sum() >= 8  # along the tube, within 4 mm of the click
+    assert not (added & ~tube).any()  # nothing of the background
+    z = np.nonzero(added.any(axis=(1, 2)))[0]
+    assert z.min() >= 12 - 2 and z.max() <= 12 + 2  # 4 mm at 2 mm slices

@@ -36,6 +36,12 @@ previous result alone (no engine internals, no image statistics):
    missed part can add that part. It keeps a further click from undoing
    what was right far from it, in the manner of FocalClick's local
    refinement.
+5. **A positive click is never ignored** (``seed_mm``, needs the image). When
+   the result leaves out the voxel of the click just added (or of a first
+   click), the voxels of the click's intensity (within three times the
+   local noise) connected to it within ``seed_mm`` are added. Without it an
+   engine that cannot see a thin part (a ventricle's horn) answers the same
+   click the same way, and the user's next click lands on the same spot.
 
 Without rule 4, boundary refinements within ``edge_mm`` are never touched,
 so an engine that is right is left alone; the rules only cut what no single
@@ -50,7 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["Bounds", "Previous", "bound_result", "added_click"]
+__all__ = ["Bounds", "Previous", "bound_result", "added_click", "like_around"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,9 @@ class Bounds:
         itself: a click just off the edge fixes the edge there, a click deep
         in a missed or spilled part fixes a part of that size. Everything
         beyond is the previous result. None: no such limit.
+    seed_mm : float or None
+        Rule 5: radius (mm) of the region of like intensity added around a
+        positive click the result left out. None: the click may stay out.
     """
 
     max_radius_mm: float = 150.0
@@ -93,6 +102,7 @@ class Bounds:
     edge_mm: float = 3.0
     keep: float = 0.5
     local: float | None = None
+    seed_mm: float | None = 4.0
 
 
 @dataclass
@@ -494,4 +504,47 @@ def bound_result(mask, region, shape, spacing, prompts, bounds: Bounds = Bounds(
     # on the engine's own region (widened to the domain where that reaches out)
     out = tuple(slice(min(r.start, d.start), max(r.stop, d.stop))
                 for r, d in zip(region, domain))
+    click = prev.point if prev is not None and prev.positive else \
+        (prompts.positive[-1] if prev is None and len(prompts.positive) else None)
+    if bounds.seed_mm and image is not None and click is not None:
+        v = _voxel(click, domain)
+        if v is not None and not new[v]:
+            seed, s_region = like_around(image, click, spacing, bounds.seed_mm, flat_axis)
+            out = tuple(slice(min(a.start, b.start), max(a.stop, b.stop))
+                        for a, b in zip(out, s_region))
+            return _paste(new, domain, out) | _paste(seed, s_region, out), out
     return _paste(new, domain, out), out
+
+
+def like_around(image, point, spacing, radius_mm: float, flat_axis=None
+                ) -> tuple[np.ndarray, tuple]:
+    """Rule 5: the voxels within ``radius_mm`` of ``point`` whose intensity
+    is the point's (the median of its voxel and their face neighbours, within
+    three times the noise measured there) and that connect to it;
+    ``(mask, region)``. In 2D mode (``flat_axis``), on the point's slice only."""
+    c = np.round(np.asarray(point, float)).astype(int)
+    sp = np.asarray(spacing, float)
+    r = np.maximum(np.ceil(radius_mm / sp).astype(int), 1)
+    if flat_axis is not None:
+        r[flat_axis] = 0
+    lo = np.clip(c - r, 0, image.shape)
+    hi = np.clip(c + r + 1, 0, image.shape)
+    region = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    vals = np.asarray(image[region], np.float32)
+    size = [1 if a == flat_axis else 3 for a in range(3)]
+    noise = 1.4826 * float(np.median(np.abs(vals - ndi.median_filter(vals, size=size))))
+    span = float(np.percentile(vals, 95) - np.percentile(vals, 5))
+    tol = max(3.0 * noise, 0.05 * span, 1e-6)
+    centre = tuple(c - lo)
+    cross = [vals[centre]]  # the voxel and its face neighbours: a thin part's own value
+    for a in range(3):
+        for d in (-1, 1):
+            n = list(centre)
+            n[a] += d
+            if 0 <= n[a] < vals.shape[a]:
+                cross.append(vals[tuple(n)])
+    like = np.abs(vals - float(np.median(cross))) <= tol
+    like &= _dist_to_points(region, [point], spacing) <= radius_mm
+    like[centre] = True
+    lab, _ = ndi.label(like)
+    return lab == lab[centre], region
