@@ -446,3 +446,17 @@ def test_a_positive_click_the_engine_ignores_still_marks_its_region(seed_mm):
     assert not (added & ~tube).any()  # nothing of the background
     z = np.nonzero(added.any(axis=(1, 2)))[0]
     assert z.min() >= 12 - 2 and z.max() <= 12 + 2  # 4 mm at 2 mm slices
+
+
+def test_a_negative_click_adds_nothing_even_along_the_edge():
+    shape = (24, 64, 64)
+    image = np.zeros(shape, np.float32)
+    first = _ball(shape, (12, 32, 32), 8)
+    # the answer to the negative click: the edge widened all round, a cap removed
+    answer = ndi.binary_dilation(first, iterations=2)
+    answer[:, :, 36:] = False
+    eng = _Scripted([first, answer])
+    eng.predict(image, SPACING, Prompts(positive=[[12, 32, 32]]))
+    m = eng.predict(image, SPACING, Prompts(positive=[[12, 32, 32]], negative=[[12, 32, 38]]))
+    assert not (m & ~first).any()
+    assert m.sum() == (first & answer).sum()

@@ -22,8 +22,10 @@ previous result alone (no engine internals, no image statistics):
    ``min_reach_mm`` from the click. What it
    removes farther than ``edge_mm`` from the new mask's edge (a part of the
    object given up) is restored.
-3. **A negative click removes near itself.** What it adds farther than
-   ``edge_mm`` from the previous mask is dropped; when the result lost every
+3. **A negative click removes near itself** and adds nothing: what its
+   answer adds to the previous mask is dropped, even along its edge (a
+   network's answer to a negative click sometimes widened the whole
+   boundary); when the result lost every
    positive prompt the previous one held or kept less than ``keep`` of it (it
    emptied or collapsed), the part of the previous mask nearer the positive
    prompts than the new negative click is kept: what the mask held for two
@@ -43,9 +45,9 @@ previous result alone (no engine internals, no image statistics):
    engine that cannot see a thin part (a ventricle's horn) answers the same
    click the same way, and the user's next click lands on the same spot.
 
-Without rule 4, boundary refinements within ``edge_mm`` are never touched,
-so an engine that is right is left alone; the rules only cut what no single
-click can mean.
+Without rule 4, a positive click's boundary refinements within ``edge_mm`` are
+never touched, so an engine that is right is left alone; the rules only cut
+what no single click can mean.
 All coordinates are array indices ``(z, y, x)``; distances are in mm.
 """
 
@@ -401,14 +403,15 @@ def _value_at(image, point) -> float:
 
 def _negative_step(new, old, point, prompts, spacing, domain, bounds: Bounds,
                    image=None, stable=None) -> np.ndarray:
-    """Rule 3 on ``domain``: a negative click (at ``point``) removes near itself.
+    """Rule 3 on ``domain``: a negative click (at ``point``) removes near itself
+    and adds nothing.
 
     ``stable``: the part of ``old`` the click before kept too; it is kept
     back on its side of the click whatever its intensity (a heterogeneous
     object), what the click before added only when its intensity is the
     object's.
     """
-    out = new & (old | _within(old, spacing, bounds.edge_mm))
+    out = new & old
     pos = _positive_points(prompts)
     if not len(pos) or not len(prompts.negative):
         return out
