@@ -28,7 +28,9 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
+    QCompleter,
     QLabel,
+    QLineEdit,
     QMessageBox,
     QPushButton,
     QSpinBox,
@@ -124,6 +126,19 @@ class SegmentWidget(QWidget):
         form.addRow(self.card_label)
         self.channels_form = QFormLayout()
         form.addRow(self.channels_form)
+        # nnU-Net result folders and TotalSegmentator tasks: pipeline and class subset
+        self.backend_box = QComboBox()
+        self.backend_box.addItems(["native", "nnunetv2"])
+        self.backend_box.setToolTip("native: this plugin's engine; nnunetv2: nnU-Net's own "
+                                    "predictor (the reference path, needs nnunetv2)")
+        self.backend_row = _row("Pipeline", self.backend_box)
+        form.addRow(self.backend_row)
+        self.subset_edit = QLineEdit()
+        self.subset_edit.setPlaceholderText("all classes (or e.g. liver, spleen, aorta)")
+        self.subset_edit.setToolTip("Run only the part models that hold these classes and "
+                                    "keep only them (names separated by commas or spaces)")
+        self.subset_row = _row("Classes", self.subset_edit)
+        form.addRow(self.subset_row)
         self.device_box = QComboBox()
         for dev, ok in available_devices().items():
             self.device_box.addItem(dev)
@@ -242,6 +257,40 @@ class SegmentWidget(QWidget):
                                 "<i>No model available.</i>")
         self.card_label.setToolTip(self.card.training if self.card is not None else "")
         self._build_channel_boxes()
+        backend, subset = self.model_features()
+        self.backend_row.setVisible(backend)
+        self.subset_row.setVisible(subset)
+        names = sorted(self.card.label_names.values()) if subset else []
+        completer = QCompleter(names, self.subset_edit)
+        completer.setCaseSensitivity(Qt.CaseSensitivity.CaseInsensitive)
+        self.subset_edit.setCompleter(completer)
+
+    def model_features(self) -> tuple[bool, bool]:
+        """Whether the selected model has a choice of pipeline (nnU-Net result
+        folders, TotalSegmentator tasks) and a class subset (TotalSegmentator)."""
+        entry = self._models.get(self.model_box.currentText())
+        if entry is None:
+            return False, False
+        if hasattr(entry, "predict"):  # a loaded model
+            return hasattr(entry, "backend"), hasattr(entry, "parts_for")
+        card = getattr(entry, "card", None)
+        totalseg = getattr(entry, "source", "") == "totalseg"
+        return totalseg or getattr(card, "format", "") == "nnunet", totalseg
+
+    def roi_subset(self) -> list[str] | None:
+        """The class names typed in "Classes" (None: all), checked against the card."""
+        if self.card is None:
+            return None
+        names = [n for n in self.subset_edit.text().replace(",", " ").split() if n]
+        if not names:
+            return None
+        known = set(self.card.label_names.values())
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise MedSegError(f"model '{self.card.name}' has no class "
+                              f"{', '.join(map(repr, unknown))}; type class names as the "
+                              "model card lists them (e.g. liver, kidney_left)")
+        return names
 
     # ---------------------------------------------------------------- images
     def _card_channels(self) -> list[dict]:
@@ -429,6 +478,11 @@ class SegmentWidget(QWidget):
                        tta=self.tta.isChecked(), fast=self.fast.isChecked(), region=region,
                        uncertainty="entropy" if self.uncertainty.isChecked() else None,
                        crop_to_body=region is None)  # CT models skip the air around
+        backend, subset = self.model_features()
+        if backend or subset:
+            options["model_options"] = {
+                "backend": self.backend_box.currentText() if backend else None,
+                "roi_subset": self.roi_subset() if subset else None}
         return {"model_name": name, "image": image.name, "volumes": volumes,
                 "options": options, "region": region, "mode": mode, "target": target}
 
@@ -542,3 +596,13 @@ class SegmentWidget(QWidget):
         store_prediction(layer, new_pred, request["card"])
         log.info("re-ran %s: %d voxels changed (%s)", target, changed, request["mode"])
         return layer
+
+
+def _row(label: str, control) -> QWidget:
+    """``label`` and ``control`` side by side in one widget (a form row that can hide)."""
+    w = QWidget()
+    lay = QHBoxLayout(w)
+    lay.setContentsMargins(0, 0, 0, 0)
+    lay.addWidget(QLabel(label))
+    lay.addWidget(control, 1)
+    return w

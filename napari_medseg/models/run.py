@@ -110,7 +110,7 @@ def cancel_inside_forward(model, cancel):
 
 
 def run_model(model, volumes, *, name: str = "", progress=None, cancel=None, warn=None,
-              **options):
+              model_options: dict | None = None, **options):
     """Load ``model`` if needed and predict on ``volumes`` (labels on the input grid).
 
     Parameters
@@ -129,6 +129,10 @@ def run_model(model, volumes, *, name: str = "", progress=None, cancel=None, war
         before the run, predicted volumes after it
         (:mod:`napari_medseg.models.checks`). All of them are also in
         ``prediction.info["warnings"]``.
+    model_options : dict, optional
+        ``backend`` and ``roi_subset`` for :func:`set_model_options`, set on the
+        model before this run (a subset left from an earlier run is cleared
+        first); None leaves the model as it is (the command line sets them itself).
     **options
         Passed to ``model.predict`` (device, overlap, tta, fast, region, uncertainty).
 
@@ -149,6 +153,10 @@ def run_model(model, volumes, *, name: str = "", progress=None, cancel=None, war
             from . import load_model
 
             model = load_model(model)
+        if model_options is not None:
+            if hasattr(model, "parts_for"):
+                model.roi_subset = None
+            set_model_options(model, **model_options)
         check_cancel(cancel)
         found = _checked(check_input, model.card, volumes, warn=warn)
         with cancel_inside_forward(model, cancel):
