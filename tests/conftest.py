@@ -22,6 +22,23 @@ def rng():
     return np.random.default_rng(0)
 
 
+@pytest.fixture(scope="session")
+def totalseg_home(tmp_path_factory):
+    """TotalSegmentator's weights folder with tiny random-weight part models
+    (``_tiny_totalseg``; needs nnunetv2)."""
+    from _tiny_totalseg import make_totalseg_home
+
+    return make_totalseg_home(tmp_path_factory.mktemp("totalseg_home"))
+
+
+@pytest.fixture
+def totalseg_env(totalseg_home, monkeypatch):
+    """``TOTALSEG_HOME_DIR`` pointing at :func:`totalseg_home` (what the registry reads)."""
+    monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(totalseg_home))
+    return totalseg_home
+
+
 def write_tiny_abdomen_model(folder, spacing, patch, **card_fields):
     """A small random-weight U-Net package for abdominal CT (fast to fine-tune) in ``folder``.
 

@@ -16,22 +16,10 @@ from napari_medseg.core.volume import Volume, make_affine  # noqa: E402
 from napari_medseg.io import read_volume, write_volume  # noqa: E402
 from napari_medseg.models import load_model  # noqa: E402
 
-from _tiny_totalseg import TOTALSEG_PARTS, make_totalseg_home  # noqa: E402
+from _tiny_totalseg import TOTALSEG_PARTS  # noqa: E402
 from test_nnunet_native import _ct  # noqa: E402
 
 ALL_NAMES = [n for _, _, names in TOTALSEG_PARTS.values() for n in names]
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return make_totalseg_home(tmp_path_factory.mktemp("totalseg_home"))
-
-
-@pytest.fixture
-def ts_env(home, monkeypatch):
-    monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
-    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(home))
-    return home
 
 
 @pytest.fixture
@@ -41,7 +29,7 @@ def ct_file(tmp_path):
     return write_volume(tmp_path / "ct.nii.gz", vol)
 
 
-def test_predict_roi_subset_runs_only_those_classes(ts_env, ct_file, tmp_path, capsys):
+def test_predict_roi_subset_runs_only_those_classes(totalseg_env, ct_file, tmp_path, capsys):
     out = tmp_path / "roi.nii.gz"
     rc = main(["predict", str(ct_file), "-m", "total", "-o", str(out), "--device", "cpu",
                "--roi-subset", "liver", "aorta"])
@@ -58,7 +46,7 @@ def test_predict_roi_subset_runs_only_those_classes(ts_env, ct_file, tmp_path, c
     np.testing.assert_array_equal(got, ref)
 
 
-def test_predict_reference_backend(ts_env, ct_file, tmp_path, capsys):
+def test_predict_reference_backend(totalseg_env, ct_file, tmp_path, capsys):
     out_ref, out_nat = tmp_path / "ref.nii.gz", tmp_path / "nat.nii.gz"
     assert main(["predict", str(ct_file), "-m", "total-fast", "-o", str(out_ref),
                  "--device", "cpu", "--backend", "nnunetv2"]) == 0
@@ -75,7 +63,7 @@ def test_predict_reference_backend(ts_env, ct_file, tmp_path, capsys):
     (["-m", "abdomen-ct-small", "--roi-subset", "liver"], "TotalSegmentator tasks only"),
     (["-m", "abdomen-ct-small", "--backend", "nnunetv2"], "drop --backend"),
 ])
-def test_options_a_model_does_not_have_are_one_error_line(ts_env, ct_file, tmp_path, capsys,
+def test_options_a_model_does_not_have_are_one_error_line(totalseg_env, ct_file, tmp_path, capsys,
                                                           args, expect):
     out = tmp_path / "x.nii.gz"
     rc = main(["predict", str(ct_file), "-o", str(out), "--device", "cpu", *args])
@@ -84,7 +72,7 @@ def test_options_a_model_does_not_have_are_one_error_line(ts_env, ct_file, tmp_p
     assert not out.exists()
 
 
-def test_batch_roi_subset(ts_env, ct_file, tmp_path, capsys):
+def test_batch_roi_subset(totalseg_env, ct_file, tmp_path, capsys):
     outdir = tmp_path / "out"
     rc = main(["batch", str(ct_file), "-m", "total", "-o", str(outdir), "--roi-subset",
                "liver"])

@@ -15,21 +15,14 @@ from napari_medseg.core.volume import Volume, make_affine  # noqa: E402
 from napari_medseg.io import read_volume, write_volume  # noqa: E402
 from napari_medseg.models import load_model  # noqa: E402
 
-from _tiny_totalseg import TOTALSEG_PARTS, make_totalseg_home  # noqa: E402
+from _tiny_totalseg import TOTALSEG_PARTS  # noqa: E402
 from test_nnunet_native import _ct  # noqa: E402
 
 ALL_NAMES = [n for _, _, names in TOTALSEG_PARTS.values() for n in names]
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return make_totalseg_home(tmp_path_factory.mktemp("totalseg_home"))
-
-
 @pytest.fixture
-def docked(home, monkeypatch, tmp_path, make_napari_viewer):
-    monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
-    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(home))
+def docked(totalseg_env, tmp_path, make_napari_viewer):
     vol = Volume(_ct((14, 24, 20), seed=3), make_affine((2.5, 1.8, 2.0), (-10, 5, 20)),
                  modality="CT")
     path = write_volume(tmp_path / "ct.nii.gz", vol)
