@@ -17,6 +17,8 @@ from napari_medseg.io.export import export_dicom_seg  # noqa: E402
 from napari_medseg.io.export.rtstruct import export_rtstruct  # noqa: E402
 from test_export_dicomseg import _write_series  # noqa: E402
 
+from _realdata import REAL  # noqa: E402
+
 AXIAL = (1, 0, 0, 0, 1, 0)
 NAMES = {1: "liver", 3: "spleen"}
 COLORS = {1: (1.0, 0.0, 0.0), 3: (0.0, 0.0, 1.0)}
@@ -205,9 +207,6 @@ def test_export_widget_writes_rtstruct(series, tmp_path, make_napari_viewer, qtb
     [back] = read_rtstruct(tmp_path / "rt.dcm", reference=img)
     np.testing.assert_array_equal(back.data, labels.data)
     assert back.label_names == NAMES
-
-
-REAL = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "realdata"
 
 
 @pytest.mark.skipif(not (REAL / "ct_abdomen_dicom").is_dir(), reason="real data not present")

@@ -9,7 +9,6 @@ hold on a real scan.
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +21,8 @@ from napari_medseg.interactive.bounds import Bounds, added_click, bound_result
 from napari_medseg.interactive.classical import ClassicalEngine
 from napari_medseg.interactive.simulate import box_around, dice, next_click, simulate_clicks
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+from _realdata import REAL
+
 SPACING = (2.0, 1.0, 1.0)
 
 

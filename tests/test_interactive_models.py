@@ -18,6 +18,8 @@ from napari_medseg.interactive.click_model import (ARCH, IN_CHANNELS, WEIGHTS, C
                                                    load_click_net)
 from napari_medseg.interactive.simulate import simulate_clicks
 
+from _realdata import REAL
+
 
 @pytest.fixture(scope="module")
 def phantom():
@@ -294,9 +296,6 @@ def test_nninteractive_adapter_explains_missing_model(tmp_path):
     eng = make_engine("nnInteractive", tmp_path)
     with pytest.raises(MedSegError, match="nnInteractive"):
         eng.session
-
-
-REAL = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "realdata"
 
 
 @pytest.fixture(scope="module")

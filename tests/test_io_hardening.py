@@ -21,8 +21,9 @@ from napari_medseg.core.volume import Volume, make_affine
 from napari_medseg.errors import MedSegError
 from napari_medseg.io import geometry, read_volume, write_labels, write_volume
 
+from _realdata import REAL
+
 AFF = make_affine((2.0, 1.0, 1.0))
-REAL = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 
 
 def _one_line_error(path, lazy=True):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ from napari_medseg.core.modality import detect_modality, normalize_modality
 from napari_medseg.core.phantom import make_abdomen_ct, make_head_mr
 from napari_medseg.core.volume import Volume
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+from _realdata import REAL
 
 
 def test_names_normalise():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -11,6 +9,8 @@ from napari_medseg.core.phantom import ABDOMEN_LABELS, make_abdomen_ct
 from napari_medseg.models import list_models, load_model
 from napari_medseg.models.registry import BUILTIN_DIR
 from napari_medseg.training.train_builtin import HELD_OUT_SEEDS, dice_per_class
+
+from _realdata import REAL as REALDATA
 
 ORGANS = ("liver", "kidney_left", "kidney_right")
 # The spleen is the hardest class of the phantom (small, close in HU to the liver,
@@ -138,9 +138,6 @@ def test_window_augmentations_keep_the_window_and_move_image_and_labels_together
         assert inner.sum() > 500
         expect = (v - WINDOW[0]) / (WINDOW[1] - WINDOW[0])
         assert torch.allclose(xw[:, 0][inner], torch.tensor(expect), atol=1e-4)
-
-
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 
 
 @pytest.mark.skipif(not (REALDATA / "ct_abdomen_dicom").is_dir(),

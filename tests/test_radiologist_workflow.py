@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+from _realdata import REAL
+
 pytestmark = pytest.mark.skipif(not (REAL / "ct_abdomen_dicom").is_dir(),
                                 reason="real data not present")
 

@@ -3,7 +3,6 @@ predicted volumes against plausible ranges; shown on the CLI and in the widget."
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +15,8 @@ from napari_medseg.models.card import ModelCard, read_card
 from napari_medseg.models.checks import check_input, check_prediction, model_fits_modality
 from napari_medseg.models.registry import BUILTIN_DIR
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+from _realdata import REAL
+
 MODEL = "abdomen-ct-small"
 
 
