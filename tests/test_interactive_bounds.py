@@ -460,3 +460,20 @@ def test_a_negative_click_adds_nothing_even_along_the_edge():
     m = eng.predict(image, SPACING, Prompts(positive=[[12, 32, 32]], negative=[[12, 32, 38]]))
     assert not (m & ~first).any()
     assert m.sum() == (first & answer).sum()
+
+
+def test_an_ignored_click_in_2d_marks_its_slice_only():
+    shape = (24, 64, 64)
+    rng = np.random.default_rng(4)
+    image = rng.normal(0, 5, shape).astype(np.float32)
+    ball = _ball(shape, (12, 32, 20), 6)
+    tube = np.zeros(shape, bool)
+    tube[:, 30:32, 48:50] = True
+    image[ball | tube] += 100
+    eng = _Scripted([ball[12:13], ball[12:13]])  # the slice's answers, the click ignored
+    kw = dict(mode="2d", axis=0, index=12)
+    eng.predict(image, SPACING, Prompts(positive=[[12, 32, 20]], **kw))
+    m = eng.predict(image, SPACING, Prompts(positive=[[12, 32, 20], [12, 30, 48]], **kw))
+    assert m[12, 30, 48] and (m[12] & tube[12]).sum() == 4  # the tube's cross-section
+    assert not np.delete(m, 12, axis=0).any()
+    assert not (m & ~(ball | tube)).any()
