@@ -477,3 +477,26 @@ def test_an_ignored_click_in_2d_marks_its_slice_only():
     assert m[12, 30, 48] and (m[12] & tube[12]).sum() == 4  # the tube's cross-section
     assert not np.delete(m, 12, axis=0).any()
     assert not (m & ~(ball | tube)).any()
+
+
+@pytest.mark.parametrize("like", [0.3, None])
+def test_rule_6_keeps_a_positive_click_to_the_objects_intensities(like):
+    # an organ (100) touching a brighter neighbour (300); the answer to a click in
+    # the organ's missed part takes the neighbour too
+    shape = (24, 64, 64)
+    rng = np.random.default_rng(5)
+    image = rng.normal(0, 5, shape).astype(np.float32)
+    organ = np.zeros(shape, bool)
+    organ[6:18, 16:48, 10:40] = True
+    neighbour = np.zeros(shape, bool)
+    neighbour[6:18, 16:48, 40:54] = True
+    image[organ] += 100
+    image[neighbour] += 300
+    first = organ.copy()
+    first[:, :, 30:] = False
+    eng = _Scripted([first, organ | neighbour])
+    eng.bounds = Bounds(like=like)
+    eng.predict(image, SPACING, Prompts(positive=[[12, 32, 20]]))
+    m = eng.predict(image, SPACING, Prompts(positive=[[12, 32, 20], [12, 32, 35]]))
+    assert (m & organ).sum() >= 0.995 * organ.sum()  # all but a few noise tails
+    assert (m & neighbour).any() == (like is None)
