@@ -44,14 +44,13 @@ previous result alone (no engine internals, no image statistics):
    local noise) connected to it within ``seed_mm`` are added. Without it an
    engine that cannot see a thin part (a ventricle's horn) answers the same
    click the same way, and the user's next click lands on the same spot.
-6. **A positive click adds what looks like the object** (``like``, off by
-   default, needs the image). What the click adds lies within the
+6. **A positive click adds what looks like the object** (``like``, on for the
+   click model, needs the image). What the click adds lies within the
    intensity range of the previous mask (its 2nd to 98th percentile, widened
    to the click's own intensity) plus ``like`` times that range on each side;
    the rest of the addition is dropped. A network asked to grow a large organ
    sometimes takes its neighbours of other intensity too (click-model weights
-   of phase 10 added 293k voxels outside the real liver at its third click;
-   docs/models.md has why it is not on for the shipped weights).
+   of phase 10 added 293k voxels outside the real liver at its third click).
 
 Without rule 4, a positive click's boundary refinements within ``edge_mm`` are
 never touched, so an engine that is right is left alone; the rules only cut

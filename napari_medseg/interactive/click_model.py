@@ -25,8 +25,9 @@ pseudo-objects made from the images alone of a few openly licensed real
 scans (:mod:`napari_medseg.training.pseudo_objects`), with boxes and clicks
 simulated RITM style (later clicks at the centre of its own largest error). The
 training commands are in :mod:`napari_medseg.training.train_click_model` and
-docs/models.md. The weights ship in the package (``click_model.pt``: a plain
-state dict read with ``weights_only=True``, tagged with :data:`ARCH`).
+docs/models.md. Two sets of weights ship in the package (``click_model.pt``
+and ``click_model_inside.pt``: plain state dicts read with ``weights_only=True``,
+tagged with :data:`ARCH`); the default engine averages their logits.
 """
 
 from __future__ import annotations
@@ -47,10 +48,13 @@ from .base import Engine, Prompts, Region
 log = logging.getLogger(__name__)
 
 __all__ = ["ClickNet", "ClickModelEngine", "click_channels", "load_click_net", "WEIGHTS",
-           "CLICK_SIGMA", "ARCH"]
+           "SHIPPED", "CLICK_SIGMA", "ARCH"]
 
-#: The weights shipped with the package.
+#: The weights shipped with the package (training phase 8, see docs/models.md).
 WEIGHTS = Path(__file__).with_name("click_model.pt")
+#: The default engine averages the logits of these weights: phase 8 and phase 10
+#: (phase 8 trained on with first-click cubes inside the object).
+SHIPPED = (WEIGHTS, Path(__file__).with_name("click_model_inside.pt"))
 #: Standard deviation (grid voxels) of the Gaussian blob drawn for each click.
 CLICK_SIGMA = 2.0
 #: Architecture tag stored in the weights; other tags are refused.
@@ -316,8 +320,9 @@ class ClickModelEngine(Engine):
 
     Parameters
     ----------
-    weights : path, optional
-        A state dict saved by the training script; the shipped one by default.
+    weights : path or sequence of paths, optional
+        State dicts saved by the training script; several are an ensemble (their
+        logits averaged). Default: the shipped pair :data:`SHIPPED`.
     budget : int
         Most grid voxels of a 3D update (:data:`~.click_roi.BUDGET_3D`).
     max_grow : int
@@ -347,15 +352,20 @@ class ClickModelEngine(Engine):
     name = "click model"
     #: The network sees the previous mask and corrects it as a whole (RITM), so
     #: a click may grow an under-segmented first answer many times over; reach
-    #: and share are bounded as for every engine, and a click changes the mask
-    #: only near itself (rule 4 of :mod:`.bounds`).
+    #: and share are bounded as for every engine, a click changes the mask only
+    #: near itself (rule 4 of :mod:`.bounds`) and a positive click adds only
+    #: what lies in the object's intensity range (rule 6).
     bounds = None
 
     def __init__(self, weights=None, budget: int = roi.BUDGET_3D, max_grow: int = 2,
                  flips_3d=((), (0, 1, 2)), amp: str = "auto",
                  first_roi_mm: float = roi.FIRST_ROI_MM):
         super().__init__()
-        self.weights = Path(weights) if weights is not None else WEIGHTS
+        if weights is None:
+            weights = SHIPPED
+        if isinstance(weights, (str, Path)):
+            weights = (weights,)
+        self.weights = tuple(Path(w) for w in weights)
         self.budget = int(budget)
         self.max_grow = int(max_grow)
         self.flips_3d = tuple(tuple(f) for f in flips_3d)
@@ -363,16 +373,17 @@ class ClickModelEngine(Engine):
         self.first_roi_mm = float(first_roi_mm)
         from .bounds import Bounds
 
-        self.bounds = Bounds(growth=20.0, local=5.0)
-        self._net: ClickNet | None = None
+        self.bounds = Bounds(growth=20.0, local=5.0, like=0.3)
+        self._nets: list[ClickNet] | None = None
         self._last = None  # (key, positive, negative, boxes, mask, region)
         self._grid = None  # (key, lo, hi, grid shape, resampled crop)
 
     @property
-    def net(self) -> ClickNet:
-        if self._net is None:
-            self._net = load_click_net(self.weights)
-        return self._net
+    def nets(self) -> list[ClickNet]:
+        """The networks (loaded on first use); their logits are averaged."""
+        if self._nets is None:
+            self._nets = [load_click_net(w) for w in self.weights]
+        return self._nets
 
     def _previous(self, key, prompts: Prompts):
         """The cached ``(mask, region, same)`` when ``prompts`` extend the cached ones."""
@@ -426,8 +437,9 @@ class ClickModelEngine(Engine):
         x = torch.from_numpy(click_channels(crop_g, pos_g, neg_g, prev_g, box_g))[None]
         with torch.inference_mode(), torch.autocast("cpu", dtype=dtype or torch.bfloat16,
                                                     enabled=dtype is not None):
-            out = mirror_tta(self.net, x, (), [tuple(a + 2 for a in f) for f in flips])
-        return out.float()[0, 0].numpy()
+            axes = [tuple(a + 2 for a in f) for f in flips]
+            out = sum(mirror_tta(net, x, (), axes).float() for net in self.nets)
+        return (out / len(self.nets))[0, 0].numpy()
 
     @staticmethod
     def _boxes_to_grid(boxes, lo, hi, grid) -> np.ndarray:

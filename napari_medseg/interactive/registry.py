@@ -174,21 +174,21 @@ def _with_path(module: str, cls: str):
 _BUILTIN = (
     EngineInfo("classical", _classical, EngineCard(
         trained_on="no training: seeded, edge-aware region growing (no weights)",
-        measured_on="60 objects of the shared real CT, MR and PET scans: Dice 0.54 after "
-                    "5 clicks, 0.63 after a 2D box and 5 clicks (benchmarks/"
+        measured_on="60 objects of the shared real CT, MR and PET scans: Dice 0.56 after "
+                    "5 clicks, 0.65 after a 2D box and 5 clicks (benchmarks/"
                     "bench_interactive.py --real); 0.89 on 9 synthetic phantom objects")),
     EngineInfo("click model", _click_model, EngineCard(
         trained_on="domain-randomised synthetic volumes, the CT / MR phantoms and "
                    "pseudo-objects (supervoxels, never the reference labels) on the images "
                    "of TotalSegmentator's test CT (Apache-2.0), sarcoma cases STS_001-005 "
                    "in CT / MR / PET (TCIA Soft-tissue-Sarcoma via the IBSI, CC BY 3.0; "
-                   "Vallieres et al. 2015) and voxelmorph's T1 MR (Apache-2.0) "
-                   "(napari_medseg.training.train_click_model)",
+                   "Vallieres et al. 2015) and voxelmorph's T1 MR (Apache-2.0); two weight "
+                   "sets averaged (napari_medseg.training.train_click_model)",
         measured_on="60 objects of the shared real CT, MR and PET scans (references: "
                     "TotalSegmentator output for the abdominal CT, manual otherwise): Dice "
-                    "0.70 after 5 clicks, 0.75 after a 2D box and 5 clicks (0.67 / 0.75 on "
-                    "the 20 objects of images never seen in training); 8 % of clicks "
-                    "lowered Dice (9 % after a box) (benchmarks/bench_interactive.py "
+                    "0.72 after 5 clicks, 0.76 after a 2D box and 5 clicks (0.70 / 0.75 on "
+                    "the 20 objects of images never seen in training); 6 % of clicks "
+                    "lowered Dice (10 % after a box) (benchmarks/bench_interactive.py "
                     "--real; docs/models.md)"),
         prompts=("clicks", "boxes"), path="file", path_optional=True),
     EngineInfo("Segment Anything", _with_path(".sam", "SamEngine"), EngineCard(
