@@ -421,21 +421,26 @@ def test_nninteractive_adapter_flood_is_bounded(tmp_path):
     assert m2.sum() <= band.sum()
 
 
-@pytest.mark.parametrize("seed_mm", [4.0, None])
-def test_a_positive_click_the_engine_ignores_still_marks_its_region(seed_mm):
-    # a ball and, apart from it, a thin tube of the same intensity in noisy background
+def _ball_and_tube(seed):
+    """A noisy image with a ball and, apart from it, a thin tube of the same intensity."""
     shape = (24, 64, 64)
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng(seed)
     image = rng.normal(0, 5, shape).astype(np.float32)
     ball = _ball(shape, (12, 32, 20), 6)
     tube = np.zeros(shape, bool)
     tube[:, 30:32, 48:50] = True
     image[ball | tube] += 100
+    return image, ball, tube
+
+
+@pytest.mark.parametrize("seed_mm", [4.0, None])
+def test_a_positive_click_the_engine_ignores_still_marks_its_region(seed_mm):
+    image, ball, tube = _ball_and_tube(3)
     eng = _Scripted([ball, ball])  # answers the second click as if it were not there
     eng.bounds = Bounds(seed_mm=seed_mm)
     m1 = eng.predict(image, SPACING, Prompts(positive=[[12, 32, 20]]))
     click = [12, 30, 48]
-    m2 = eng.predict(image, SPACING, Prompts(positive=[[12, 32, 20], click]), )
+    m2 = eng.predict(image, SPACING, Prompts(positive=[[12, 32, 20], click]))
     assert (m2 & ball).sum() == ball.sum() == m1.sum()
     if seed_mm is None:
         assert not m2[tuple(click)]
@@ -463,13 +468,7 @@ def test_a_negative_click_adds_nothing_even_along_the_edge():
 
 
 def test_an_ignored_click_in_2d_marks_its_slice_only():
-    shape = (24, 64, 64)
-    rng = np.random.default_rng(4)
-    image = rng.normal(0, 5, shape).astype(np.float32)
-    ball = _ball(shape, (12, 32, 20), 6)
-    tube = np.zeros(shape, bool)
-    tube[:, 30:32, 48:50] = True
-    image[ball | tube] += 100
+    image, ball, tube = _ball_and_tube(4)
     eng = _Scripted([ball[12:13], ball[12:13]])  # the slice's answers, the click ignored
     kw = dict(mode="2d", axis=0, index=12)
     eng.predict(image, SPACING, Prompts(positive=[[12, 32, 20]], **kw))

@@ -24,11 +24,11 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QCompleter,
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
-    QCompleter,
     QLabel,
     QLineEdit,
     QMessageBox,
