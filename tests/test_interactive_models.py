@@ -28,13 +28,17 @@ def phantom():
 
 
 def test_shipped_click_weights_are_small_plain_and_tagged():
-    assert WEIGHTS.is_file() and WEIGHTS.stat().st_size < 20e6
-    state = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
-    assert all(isinstance(v, torch.Tensor) for v in state.values())
-    assert bytes(state["_arch"].tolist()).decode() == ARCH
-    net = load_click_net()
-    out = net(torch.zeros(1, IN_CHANNELS, 8, 16, 16))
-    assert out.shape == (1, 1, 8, 16, 16)
+    from napari_medseg.interactive.click_model import SHIPPED
+
+    assert sum(p.stat().st_size for p in {WEIGHTS, *SHIPPED}) < 20e6
+    for path in (WEIGHTS, *SHIPPED):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        assert all(isinstance(v, torch.Tensor) for v in state.values())
+        assert bytes(state["_arch"].tolist()).decode() == ARCH
+        net = load_click_net(path)
+        out = net(torch.zeros(1, IN_CHANNELS, 8, 16, 16))
+        assert out.shape == (1, 1, 8, 16, 16)
+    assert [n.width for n in ClickModelEngine().nets] == [16, 24]
 
 
 def test_old_or_foreign_click_weights_are_refused(tmp_path):

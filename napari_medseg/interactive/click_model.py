@@ -25,9 +25,10 @@ pseudo-objects made from the images alone of a few openly licensed real
 scans (:mod:`napari_medseg.training.pseudo_objects`), with boxes and clicks
 simulated RITM style (later clicks at the centre of its own largest error). The
 training commands are in :mod:`napari_medseg.training.train_click_model` and
-docs/models.md. Two sets of weights ship in the package (``click_model.pt``
-and ``click_model_inside.pt``: plain state dicts read with ``weights_only=True``,
-tagged with :data:`ARCH`); the default engine averages their logits.
+docs/models.md. Three sets of weights ship in the package (``click_model.pt``,
+``click_model_inside.pt`` and ``click_model_wide.pt``: plain state dicts read
+with ``weights_only=True``, tagged with :data:`ARCH`); the default engine
+averages the logits of the last two (:data:`SHIPPED`).
 """
 
 from __future__ import annotations
@@ -50,11 +51,13 @@ log = logging.getLogger(__name__)
 __all__ = ["ClickNet", "ClickModelEngine", "click_channels", "load_click_net", "WEIGHTS",
            "SHIPPED", "CLICK_SIGMA", "ARCH"]
 
-#: The weights shipped with the package (training phase 8, see docs/models.md).
+#: The width-16 weights of training phase 8 (see docs/models.md), the start of phase 10.
 WEIGHTS = Path(__file__).with_name("click_model.pt")
-#: The default engine averages the logits of these weights: phase 8 and phase 10
-#: (phase 8 trained on with first-click cubes inside the object).
-SHIPPED = (WEIGHTS, Path(__file__).with_name("click_model_inside.pt"))
+#: The default engine averages the logits of these weights: phase 10 (phase 8
+#: trained on with first-click cubes inside the object) and a width-24 network
+#: trained in one run of 23,000 examples (docs/models.md, "Width 24").
+SHIPPED = (Path(__file__).with_name("click_model_inside.pt"),
+           Path(__file__).with_name("click_model_wide.pt"))
 #: Standard deviation (grid voxels) of the Gaussian blob drawn for each click.
 CLICK_SIGMA = 2.0
 #: Architecture tag stored in the weights; other tags are refused.

@@ -182,13 +182,13 @@ _BUILTIN = (
                    "pseudo-objects (supervoxels, never the reference labels) on the images "
                    "of TotalSegmentator's test CT (Apache-2.0), sarcoma cases STS_001-005 "
                    "in CT / MR / PET (TCIA Soft-tissue-Sarcoma via the IBSI, CC BY 3.0; "
-                   "Vallieres et al. 2015) and voxelmorph's T1 MR (Apache-2.0); two weight "
-                   "sets averaged (napari_medseg.training.train_click_model)",
+                   "Vallieres et al. 2015) and voxelmorph's T1 MR (Apache-2.0); two networks "
+                   "averaged (napari_medseg.training.train_click_model)",
         measured_on="60 objects of the shared real CT, MR and PET scans (references: "
                     "TotalSegmentator output for the abdominal CT, manual otherwise): Dice "
-                    "0.72 after 5 clicks, 0.76 after a 2D box and 5 clicks (0.70 / 0.75 on "
-                    "the 20 objects of images never seen in training); 6 % of clicks "
-                    "lowered Dice (10 % after a box) (benchmarks/bench_interactive.py "
+                    "0.73 after 5 clicks, 0.77 after a 2D box and 5 clicks (0.72 / 0.78 on "
+                    "the 20 objects of images never seen in training); 7 % of clicks "
+                    "lowered Dice (8 % after a box) (benchmarks/bench_interactive.py "
                     "--real; docs/models.md)"),
         prompts=("clicks", "boxes"), path="file", path_optional=True),
     EngineInfo("Segment Anything", _with_path(".sam", "SamEngine"), EngineCard(
