@@ -57,7 +57,7 @@ from .._napari.prediction import (
 from ..core.policy import available_devices, check_inputs
 from ..errors import MedSegError
 from ..models.run import run_model
-from ._common import Job, JobBar, notify_exception
+from ._common import Job, JobBar, notify_exception, row as side_by_side
 from ._layout import tabify_when_docked
 from .class_panel import ClassPanel
 from .segment_run import card_html, segment_volumes
@@ -131,13 +131,13 @@ class SegmentWidget(QWidget):
         self.backend_box.addItems(["native", "nnunetv2"])
         self.backend_box.setToolTip("native: this plugin's engine; nnunetv2: nnU-Net's own "
                                     "predictor (the reference path, needs nnunetv2)")
-        self.backend_row = _row("Pipeline", self.backend_box)
+        self.backend_row = side_by_side(QLabel("Pipeline"), self.backend_box)
         form.addRow(self.backend_row)
         self.subset_edit = QLineEdit()
         self.subset_edit.setPlaceholderText("all classes (or e.g. liver, spleen, aorta)")
         self.subset_edit.setToolTip("Run only the part models that hold these classes and "
                                     "keep only them (names separated by commas or spaces)")
-        self.subset_row = _row("Classes", self.subset_edit)
+        self.subset_row = side_by_side(QLabel("Classes"), self.subset_edit)
         form.addRow(self.subset_row)
         self.device_box = QComboBox()
         for dev, ok in available_devices().items():
@@ -596,13 +596,3 @@ class SegmentWidget(QWidget):
         store_prediction(layer, new_pred, request["card"])
         log.info("re-ran %s: %d voxels changed (%s)", target, changed, request["mode"])
         return layer
-
-
-def _row(label: str, control) -> QWidget:
-    """``label`` and ``control`` side by side in one widget (a form row that can hide)."""
-    w = QWidget()
-    lay = QHBoxLayout(w)
-    lay.setContentsMargins(0, 0, 0, 0)
-    lay.addWidget(QLabel(label))
-    lay.addWidget(control, 1)
-    return w
