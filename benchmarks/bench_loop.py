@@ -94,6 +94,7 @@ def _finetune(base, ds, out, name, a, iterations, **kw):
     kw.setdefault("lr", a.lr)
     if a.anchor is not None:
         kw.setdefault("anchor", a.anchor)
+    kw.setdefault("augment", a.augment)
     path = finetune(base, ds, out_dir=out, name=name, iterations=iterations,
                     val_fraction=0, seed=a.seed, forgetting_cases=0, checkpoint_every=0,
                     batch_size=a.batch_size, **kw)
@@ -345,6 +346,9 @@ def main(argv=None) -> int:
                    f"(default: finetune's, {ANCHOR})")
     p.add_argument("--adapt-replay", type=int, default=4,
                    help="synthetic phantoms replayed against forgetting in adapt")
+    p.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="fine-tune without finetune()'s default zoom, rotation and intensity "
+                   "augmentation")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave)")

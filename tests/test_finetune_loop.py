@@ -15,7 +15,7 @@ from napari_medseg.errors import Cancelled
 from napari_medseg.io.export import export_training_case
 from napari_medseg.models import load_model
 from napari_medseg.models.networks import UNet3D
-from napari_medseg.training.data import PatchSampler, TrainingCase
+from napari_medseg.training.data import Augment, PatchSampler, TrainingCase
 from napari_medseg.training.finetune import finetune
 from napari_medseg.training.guard import (add_output_classes, fill_unsupervised, largest_drop,
                                           param_groups, supervised_classes)
@@ -118,6 +118,51 @@ def test_corrected_voxels_weighted_in_the_windows():
     assert wb.shape == yb.shape and set(np.unique(wb)) == {1.0, 4.0}
     assert (wb[:, :4] == 4).all() and (wb[:, 4:] == 1).all()
     assert len(PatchSampler([case], (8, 8, 8)).sample(1)) == 2  # unchanged without weights
+
+
+def test_augmented_windows_keep_image_labels_and_weights_together():
+    # a ball whose image is its label: zoom and rotation must move all three alike
+    z, y, x = np.ogrid[:24, :48, :48]
+    ball = (z - 12) ** 2 / 36 + (y - 24) ** 2 / 144 + (x - 20) ** 2 / 100 <= 1
+    case = TrainingCase("c", ball[None].astype(np.float32) * 100, ball.astype(np.uint8),
+                        corrected_mask=ball.copy())
+    spatial = Augment(p_spatial=1.0, p_noise=0, p_blur=0, p_brightness=0, p_contrast=0,
+                      p_gamma=0)
+    rng = np.random.default_rng(3)
+    moved = 0
+    for _ in range(20):
+        xw, yw, cw = spatial.window(case, (4, 8, 8), (16, 32, 32), rng)
+        assert xw.shape == (1, 16, 32, 32) and yw.shape == cw.shape == (16, 32, 32)
+        assert set(np.unique(yw)) <= {0, 1}
+        assert (cw == (yw == 1)).all()  # the corrected mask follows the labels exactly
+        inside = xw[0] > 50
+        assert (inside != (yw == 1)).mean() < 0.02  # the image follows them too
+        moved += int(not np.array_equal(yw, ball[4:20, 8:40, 8:40]))
+    assert moved >= 18  # zoom and rotation changed the windows
+    # without augmentation the window is the plain crop
+    plain = PatchSampler([case], (16, 32, 32), mirror_axes=(), fg_fraction=0, seed=0)
+    xb, yb = plain.sample(4)
+    assert set(np.unique(xb)) <= {0.0, 100.0}
+
+
+def test_intensity_augmentation_changes_values_not_shapes():
+    x = np.random.default_rng(0).normal(size=(2, 8, 16, 16)).astype(np.float32)
+    aug = Augment(p_noise=1, p_blur=1, p_brightness=1, p_contrast=1, p_gamma=1)
+    out = aug.intensity(x, np.random.default_rng(1))
+    assert out.shape == x.shape and out.dtype == np.float32 and np.isfinite(out).all()
+    assert not np.allclose(out, x)
+    assert np.array_equal(x, np.random.default_rng(0).normal(size=x.shape).astype(np.float32))
+    none = Augment(p_noise=0, p_blur=0, p_brightness=0, p_contrast=0, p_gamma=0)
+    assert np.array_equal(none.intensity(x, np.random.default_rng(1)), x)
+
+
+def test_finetune_records_augmentation(tiny, tmp_path):
+    ds = _dataset(tmp_path / "Dataset504_Aug", seeds=(7,))
+    path = finetune(tiny, ds, out_dir=tmp_path / "m", name="aug", iterations=2,
+                    patch_size=PATCH, val_fraction=0, forgetting_cases=0, augment=True)
+    card = load_model(path).card
+    assert card.metrics["fine_tune"]["augment"] is True
+    assert "intensity augmentation" in card.training
 
 
 def test_replay_share_of_the_windows():

@@ -82,6 +82,12 @@ class FinetuneWidget(QWidget):
         self.classes_note.setWordWrap(True)
         self.dataset_edit.textChanged.connect(self._show_new_classes)
         self.model_box.currentTextChanged.connect(self._show_new_classes)
+        self.augment_check = QCheckBox("Augment (zoom, rotation, intensity)")
+        self.augment_check.setChecked(True)
+        self.augment_check.setToolTip(
+            "Draw each training window with nnU-Net's random zoom, small rotation and "
+            "intensity changes, so that a few corrected cases teach more than their own "
+            "appearance")
         self.resume_check = QCheckBox("Resume a cancelled run (same settings)")
         self.resume_check.setToolTip("Continue from the checkpoint a cancelled run with the "
                                      "same model, dataset and settings left")
@@ -102,6 +108,7 @@ class FinetuneWidget(QWidget):
         form.addRow("New name", self.name_edit)
         form.addRow("", self.add_classes_check)
         form.addRow("", self.classes_note)
+        form.addRow("", self.augment_check)
         form.addRow("", self.resume_check)
         lay = QVBoxLayout(self)
         lay.addLayout(form)
@@ -167,6 +174,7 @@ class FinetuneWidget(QWidget):
 
         kwargs = dict(iterations=self.iterations.value(), lr=self.lr.value(),
                       name=self.name_edit.text().strip() or None,
+                      augment=self.augment_check.isChecked(),
                       resume=self.resume_check.isChecked(), report=self.plot.report)
         if new:
             kwargs["new_classes"] = new

@@ -10,7 +10,9 @@ resampled by nearest neighbour.
 
 :class:`PatchSampler` draws random training windows from those cases, a share
 of them centred on a foreground class (oversampling of small structures), with
-mirror flips along the axes the card allows. When the exporter saved the
+mirror flips along the axes the card allows and, with ``augment``, the
+scaling, in-plane rotation and intensity changes nnU-Net draws per window
+(:class:`Augment`). When the exporter saved the
 correction ledger beside a case (``ledger/{case}/``: the model's original
 prediction), a share of the windows is centred on the voxels the user
 corrected, so training concentrates on what the model got wrong.
@@ -30,7 +32,7 @@ from ..errors import MedSegError, check_cancel
 from ..models.card import ModelCard
 
 __all__ = ["DatasetCase", "TrainingCase", "list_dataset", "dataset_new_classes", "load_case",
-           "PatchSampler"]
+           "PatchSampler", "Augment"]
 
 log = logging.getLogger(__name__)
 
@@ -359,6 +361,78 @@ def _pad_to(x: np.ndarray, y: np.ndarray, patch) -> tuple[np.ndarray, np.ndarray
     return x, np.pad(y, pad)
 
 
+@dataclass(frozen=True)
+class Augment:
+    """Per-window augmentation in the manner of nnU-Net's defaults.
+
+    A few corrected cases are all a fine-tune sees, so each window is drawn
+    with a random zoom and in-plane rotation (about the slice axis, as the
+    model grid may be anisotropic) and random intensity changes on the
+    normalised image: Gaussian noise, blur, brightness, contrast and gamma.
+    Probabilities and ranges follow nnU-Net v2's defaults, the rotation kept
+    to a small angle because scans come in a standard orientation.
+    """
+
+    p_spatial: float = 0.2
+    zoom: tuple = (0.7, 1.4)
+    rotate_deg: float = 15.0
+    p_noise: float = 0.1
+    noise_var: tuple = (0.0, 0.1)
+    p_blur: float = 0.2
+    blur_sigma: tuple = (0.5, 1.0)
+    p_brightness: float = 0.15
+    brightness: tuple = (0.75, 1.25)
+    p_contrast: float = 0.15
+    contrast: tuple = (0.75, 1.25)
+    p_gamma: float = 0.3
+    gamma: tuple = (0.7, 1.5)
+
+    def window(self, case, corner, patch, rng):
+        """``(x, y, w)`` of the window at ``corner``, zoomed and rotated about
+        its centre one time in ``1 / p_spatial`` (``w``: the corrected mask's
+        window or None)."""
+        win = tuple(slice(c, c + p) for c, p in zip(corner, patch))
+        cm = case.corrected_mask
+        if rng.random() >= self.p_spatial:
+            return case.x[(slice(None),) + win], case.y[win], None if cm is None else cm[win]
+        from scipy import ndimage as ndi
+
+        zoom = float(np.exp(rng.uniform(*np.log(self.zoom))))
+        a = np.deg2rad(rng.uniform(-self.rotate_deg, self.rotate_deg))
+        rot = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+        m = rot / zoom  # output voxel -> input voxel, about the window's centre
+        half = (np.asarray(patch, float) - 1) / 2
+        offset = np.asarray(corner, float) + half - m @ half
+        kw = dict(matrix=m, offset=offset, output_shape=tuple(patch), mode="constant")
+        x = np.stack([ndi.affine_transform(c, order=1, cval=float(c.min()), **kw)
+                      for c in case.x])
+        y = ndi.affine_transform(case.y, order=0, cval=0, **kw)
+        w = None if cm is None else ndi.affine_transform(cm.astype(np.uint8), order=0,
+                                                          cval=0, **kw).astype(bool)
+        return x, y, w
+
+    def intensity(self, x, rng):
+        """Noise, blur, brightness, contrast and gamma on one window's channels."""
+        from scipy import ndimage as ndi
+
+        x = np.array(x, np.float32)
+        for c in x:
+            if rng.random() < self.p_noise:
+                c += rng.normal(0.0, np.sqrt(rng.uniform(*self.noise_var)), c.shape)
+            if rng.random() < self.p_blur:
+                c[...] = ndi.gaussian_filter(c, rng.uniform(*self.blur_sigma))
+            if rng.random() < self.p_brightness:
+                c *= rng.uniform(*self.brightness)
+            if rng.random() < self.p_contrast:
+                lo, hi, mean = c.min(), c.max(), c.mean()
+                c[...] = np.clip((c - mean) * rng.uniform(*self.contrast) + mean, lo, hi)
+            if rng.random() < self.p_gamma:
+                lo, hi = float(c.min()), float(c.max())
+                if hi > lo:
+                    c[...] = ((c - lo) / (hi - lo)) ** rng.uniform(*self.gamma) * (hi - lo) + lo
+        return x
+
+
 class PatchSampler:
     """Random training windows with foreground oversampling and mirror flips.
 
@@ -379,12 +453,15 @@ class PatchSampler:
     replay : list of TrainingCase
         Cases replayed against forgetting (e.g. synthetic cases the base model
         was trained on), drawn for a ``replay_fraction`` share of the windows.
+    augment : Augment, optional
+        Zoom, rotation and intensity changes per window (replayed windows too).
     """
 
     def __init__(self, cases, patch_size, mirror_axes=(0, 1, 2), fg_fraction: float = 0.5,
                  corrected_fraction: float = 0.25, seed: int = 0, replay=(),
-                 replay_fraction: float = 0.0):
+                 replay_fraction: float = 0.0, augment: Augment | None = None):
         self.cases = list(cases)
+        self.augment = augment
         self.replay = list(replay)
         self.replay_fraction = float(replay_fraction) if self.replay else 0.0
         self.patch = tuple(int(p) for p in patch_size)
@@ -420,15 +497,19 @@ class PatchSampler:
                 case = self.replay[int(self.rng.integers(len(self.replay)))]
             else:
                 case = self.cases[int(self.rng.integers(len(self.cases)))]
-            z0, y0, x0 = self._corner(case)
-            win = (slice(z0, z0 + self.patch[0]), slice(y0, y0 + self.patch[1]),
-                   slice(x0, x0 + self.patch[2]))
-            x, y = case.x[(slice(None),) + win], case.y[win]
+            corner = self._corner(case)
+            if self.augment is not None:
+                x, y, cm = self.augment.window(case, corner, self.patch, self.rng)
+                x = self.augment.intensity(x, self.rng)
+            else:
+                win = tuple(slice(c, c + p) for c, p in zip(corner, self.patch))
+                x, y = case.x[(slice(None),) + win], case.y[win]
+                cm = None if case.corrected_mask is None else case.corrected_mask[win]
             w = None
             if corrected_weight is not None:
                 w = np.ones(y.shape, np.float32)
-                if case.corrected_mask is not None:
-                    w[case.corrected_mask[win]] = float(corrected_weight)
+                if cm is not None:
+                    w[cm] = float(corrected_weight)
             for a in self.mirror_axes:
                 if self.rng.random() < 0.5:
                     x, y = np.flip(x, axis=a + 1), np.flip(y, axis=a)

@@ -41,7 +41,7 @@ import numpy as np
 
 from ..errors import MedSegError, check_cancel
 from ..models.card import ModelCard
-from .data import PatchSampler, list_dataset, load_cases
+from .data import Augment, PatchSampler, list_dataset, load_cases
 from .guard import largest_drop
 from .losses import soft_dice_loss
 from .metrics import dice_per_class
@@ -389,7 +389,7 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
              corrected_weight: float | None = 3.0, guard: bool = True,
              early_lr_factor: float | None = None, new_classes: dict | None = None,
              forgetting_cases="auto", replay_cases="auto", replay_fraction: float = 0.3,
-             anchor: float | None = None, report=None) -> Path:
+             anchor: float | None = None, augment: bool = True, report=None) -> Path:
     """Fine-tune ``model`` on the corrected cases of an nnU-Net raw dataset folder.
 
     Parameters
@@ -461,6 +461,10 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
         :data:`ANCHOR`, cut the largest synthetic drop of the *adapt*
         benchmark from 0.027 to 0.014 for the same spleen Dice. With new classes
         and replay (above) the default is 0: the pull held a new structure back.
+    augment : bool
+        Draw each window with nnU-Net's zoom, in-plane rotation and intensity
+        augmentation (:class:`~napari_medseg.training.data.Augment`), on top
+        of the card's mirror flips.
     forgetting_cases : int or "auto"
         Held-out synthetic phantoms to measure forgetting on (Dice per class
         before / after, :func:`~napari_medseg.training.guard.synthetic_check`);
@@ -515,7 +519,8 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
                   iterations=iterations, lr=lr, patch=patch, val=val_fraction, seed=seed,
                   batch=batch_size, corrected_weight=corrected_weight, guard=guard,
                   early=early_lr_factor, new=new_classes, replay=replay_cases,
-                  replay_fraction=replay_fraction, **({"anchor": anchor} if anchor else {}))
+                  replay_fraction=replay_fraction, **({"anchor": anchor} if anchor else {}),
+                  **({"augment": True} if augment else {}))
     ckpt = checkpoint_dir(key, checkpoint_root) if checkpoint_every > 0 else None
     state = load_checkpoint(ckpt, key) if (resume and ckpt is not None) else None
     if resume and state is None:
@@ -563,7 +568,8 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
         replay = synthetic_replay(card, train_card, patch, n_replay, scratch, cancel=cancel)
     step += n_replay
     sampler = PatchSampler(cases, patch, card.mirror_axes, seed=seed, replay=replay,
-                           replay_fraction=replay_fraction)
+                           replay_fraction=replay_fraction,
+                           augment=Augment() if augment else None)
     val_windows = _val_windows(val_cases, patch) if report is not None else None
     del val_cases
     split = _split_classes(sampler.cases, train_card.postprocessing.get("largest_component")
@@ -595,7 +601,8 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
             "filled_voxels": int(sum(n_filled)), "resumed_from": run.resumed_from,
             "synthetic": (synth_before, synth_after), "n_check": n_check,
             "replay_cases": len(replay), "replay_fraction": float(replay_fraction),
-            "anchor": float(anchor), "float32_retries": run.fp32_retries,
+            "anchor": float(anchor), "augment": bool(augment),
+            "float32_retries": run.fp32_retries,
             "skipped_steps": int(np.isnan(losses).sum())}
     new_card = _new_card(tuned.card, name, dataset_dir, items, sampler.cases, split,
                          train_idx, val_idx, iterations, lr, batch_size, patch, seed, losses,
@@ -655,6 +662,8 @@ def _opts_text(opts) -> str:
     if opts.get("replay_cases"):
         parts.append(f"{opts['replay_fraction']:.0%} of the windows from {opts['replay_cases']} "
                      "replayed synthetic phantoms (make_abdomen_ct vary=True, seeds from 700001)")
+    if opts.get("augment"):
+        parts.append("nnU-Net's zoom, in-plane rotation and intensity augmentation")
     if opts.get("anchor"):
         parts.append(f"weights pulled towards the base model's (L2-SP, {opts['anchor']:g})")
     if opts.get("early_lr_factor", 1.0) != 1.0:
@@ -721,7 +730,7 @@ def _new_card(card, name, dataset_dir, items, cases, split, train_idx, val_idx, 
     opts = opts or {}
     ft = metrics["fine_tune"]
     for k in ("corrected_weight", "guard", "early_lr_factor", "filled_voxels", "resumed_from",
-              "replay_cases", "anchor", "float32_retries", "skipped_steps"):
+              "replay_cases", "anchor", "augment", "float32_retries", "skipped_steps"):
         if k in opts:
             ft[k] = opts[k]
     if opts.get("new_classes"):
@@ -781,6 +790,9 @@ def add_cli_parser(sub, progress_bar=None) -> None:
                    help="replay N synthetic phantoms (abdominal CT models) against "
                    "forgetting, for corrections that adapt to a new appearance (default "
                    f"0; {NEW_CLASS_REPLAY} with --add-class)")
+    f.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="train on the windows as they are (default: nnU-Net's random zoom, "
+                   "rotation and intensity changes per window)")
     f.add_argument("--add-class", nargs=2, action="append", metavar=("ID", "NAME"),
                    default=[], help="add a class the model does not have (repeatable)")
     f.set_defaults(func=cmd_finetune, progress_bar=progress_bar)
@@ -804,6 +816,7 @@ def cmd_finetune(args) -> int:
                         early_lr_factor=getattr(args, "early_lr_factor", None),
                         replay_cases=getattr(args, "replay", None),
                         anchor=getattr(args, "anchor", None),
+                        augment=getattr(args, "augment", True),
                         new_classes=_parse_new_classes(getattr(args, "add_class", [])))
     finally:
         if bar is not None:
