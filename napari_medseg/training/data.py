@@ -361,6 +361,13 @@ def _pad_to(x: np.ndarray, y: np.ndarray, patch) -> tuple[np.ndarray, np.ndarray
     return x, np.pad(y, pad)
 
 
+def _crop(case, corner, patch):
+    """``(x, y, corrected mask or None)`` of ``case`` in the window at ``corner``."""
+    win = tuple(slice(c, c + p) for c, p in zip(corner, patch))
+    cm = case.corrected_mask
+    return case.x[(slice(None),) + win], case.y[win], None if cm is None else cm[win]
+
+
 @dataclass(frozen=True)
 class Augment:
     """Per-window augmentation in the manner of nnU-Net's defaults.
@@ -391,10 +398,8 @@ class Augment:
         """``(x, y, w)`` of the window at ``corner``, zoomed and rotated about
         its centre one time in ``1 / p_spatial`` (``w``: the corrected mask's
         window or None)."""
-        win = tuple(slice(c, c + p) for c, p in zip(corner, patch))
-        cm = case.corrected_mask
         if rng.random() >= self.p_spatial:
-            return case.x[(slice(None),) + win], case.y[win], None if cm is None else cm[win]
+            return _crop(case, corner, patch)
         from scipy import ndimage as ndi
 
         zoom = float(np.exp(rng.uniform(*np.log(self.zoom))))
@@ -407,6 +412,7 @@ class Augment:
         x = np.stack([ndi.affine_transform(c, order=1, cval=float(c.min()), **kw)
                       for c in case.x])
         y = ndi.affine_transform(case.y, order=0, cval=0, **kw)
+        cm = case.corrected_mask
         w = None if cm is None else ndi.affine_transform(cm.astype(np.uint8), order=0,
                                                           cval=0, **kw).astype(bool)
         return x, y, w
@@ -502,9 +508,7 @@ class PatchSampler:
                 x, y, cm = self.augment.window(case, corner, self.patch, self.rng)
                 x = self.augment.intensity(x, self.rng)
             else:
-                win = tuple(slice(c, c + p) for c, p in zip(corner, self.patch))
-                x, y = case.x[(slice(None),) + win], case.y[win]
-                cm = None if case.corrected_mask is None else case.corrected_mask[win]
+                x, y, cm = _crop(case, corner, self.patch)
             w = None
             if corrected_weight is not None:
                 w = np.ones(y.shape, np.float32)
