@@ -46,6 +46,8 @@ def test_live_plot_cancel_and_resume(make_napari_viewer, qtbot, tmp_path):
     w.dataset_edit.setText(str(ds))
     w.iterations.setValue(40)
     w.name_edit.setText("tiny-live-ft")
+    assert w.augment_check.isChecked()  # on by default, as in finetune()
+    w.augment_check.setChecked(False)  # the box reaches finetune(): the card says so below
     opts = dict(patch_size=PATCH, val_fraction=0.5, forgetting_cases=0, checkpoint_every=5)
 
     job = w.run(**opts)
@@ -74,3 +76,4 @@ def test_live_plot_cancel_and_resume(make_napari_viewer, qtbot, tmp_path):
     assert all(0.0 <= d <= 1.0 for d in w.plot.val_dice)
     assert not list((user_dir() / "finetune-checkpoints").glob("*/state.json"))
     assert np.isfinite(card.metrics["fine_tune"]["loss_last"])
+    assert card.metrics["fine_tune"]["augment"] is False
