@@ -196,3 +196,33 @@ def test_case_cache_is_reused_only_for_the_same_spleen_contrast(tmp_path):
         assert list(z["spleen_contrast"]) == [-45.0, -40.0]
     (xr, _), = _cached_cases(1, card, cache, spleen_contrast=(-45.0, -40.0))
     np.testing.assert_array_equal(xr, xd)  # the same contrast reuses the file
+
+
+def test_head_feet_flips_move_image_and_labels_together_and_allow_z_tta(tmp_path):
+    import torch
+
+    from napari_medseg.models import load_model
+    from napari_medseg.training.train_builtin import _flip_z, train
+
+    x = torch.arange(4 * 6 * 2 * 2, dtype=torch.float32).reshape(4, 1, 6, 2, 2)
+    y = (x[:, 0] % 5).long()
+    x0, y0 = x.clone(), y.clone()
+    flips = _flip_z(x, y, np.random.default_rng(0))
+    assert flips.any() and not flips.all()
+    for b, f in enumerate(flips):
+        want = x0[b].flip(1) if f else x0[b]
+        torch.testing.assert_close(x[b], want)
+        assert torch.equal(y[b], (x[b, 0] % 5).long())  # the labels followed the image
+    many = np.concatenate([_flip_z(x.clone(), y.clone(), np.random.default_rng(s))
+                           for s in range(50)])
+    assert 0.35 < many.mean() < 0.65
+
+    out = tmp_path / "pkg"
+    train(out, n_cases=2, iters=2, finetune_iters=1, focus_iters=1, batch=2, mirror_z=True)
+    model = load_model(out)
+    assert model.card.mirror_axes == (0,) or list(model.card.mirror_axes) == [0]
+    assert "--mirror-z" in model.card.training and "head-feet flip" in model.card.training
+    from napari_medseg.core.phantom import make_abdomen_ct
+    img, _ = make_abdomen_ct(seed=0, shape=(32, 64, 64), spacing=(2.5, 1.5, 1.5))
+    pred = model.predict(img, tta=True)
+    assert pred.labels.data.shape == img.data.shape

@@ -102,8 +102,9 @@ COLORS = {1: [0.86, 0.33, 0.24], 2: [0.55, 0.25, 0.65], 3: [0.95, 0.75, 0.2],
           4: [0.2, 0.7, 0.35], 5: [0.1, 0.6, 0.95]}
 
 
-def make_card(names: dict, orientation: str | None) -> ModelCard:
-    """The card of the built-in model (metrics filled in after evaluation)."""
+def make_card(names: dict, orientation: str | None, mirror_z: bool = False) -> ModelCard:
+    """The card of the built-in model (metrics filled in after evaluation); ``mirror_z``:
+    trained with head-feet flips, so mirror test-time augmentation along z is allowed."""
     k = max(names) + 1
     return ModelCard(
         name=NAME, version="2.2.0",
@@ -118,7 +119,8 @@ def make_card(names: dict, orientation: str | None) -> ModelCard:
         format="state_dict", weights="model.pt",
         network={"class": "UNet3D",
                  "kwargs": {"in_channels": 1, "out_channels": k, "features": list(FEATURES)}},
-        mirror_axes=(),  # trained without flips (and left/right classes): no mirror TTA
+        # left/right classes: never mirrored across x; along z only when trained so
+        mirror_axes=(0,) if mirror_z else (),
         postprocessing={"largest_component": [1, 2, 3, 4]},  # organs come in one piece
         body_region="abdomen",
         plausible_ml=dict(PLAUSIBLE_ML),
@@ -259,7 +261,7 @@ def _cached_cases(n_cases: int, card: ModelCard, cache: Path | None, workers: in
 
 def _phase(net, data, n_classes, iters, lr, batch, seed, schedule, fg_fraction, log_every, name,
            class_weights=None, device="cpu", deadline=None, texture=False, deform=False,
-           class_shift=0.0):
+           class_shift=0.0, mirror_z=False):
     """One training phase with its own seeds; ``schedule`` is ``"onecycle"`` or ``"cosine"``.
 
     ``class_weights`` (``{class id: weight}``) weighs the cross-entropy and the
@@ -268,7 +270,8 @@ def _phase(net, data, n_classes, iters, lr, batch, seed, schedule, fg_fraction, 
     ``deadline`` (``time.time()`` seconds) ends the phase early, with a warning.
     ``deform`` and ``texture`` add the random deformation (:func:`_deform`) and the
     texture and correlated-noise augmentation (:func:`_appearance`) to each window;
-    ``class_shift`` (HU) moves each organ's intensity (:func:`_class_shift`).
+    ``class_shift`` (HU) moves each organ's intensity (:func:`_class_shift`);
+    ``mirror_z`` flips half the windows head to feet.
     """
     device = torch.device(device)
     torch.manual_seed(seed)
@@ -304,6 +307,8 @@ def _phase(net, data, n_classes, iters, lr, batch, seed, schedule, fg_fraction, 
         for b in range(len(x)):
             if rng.random() < SLAB_SHARE:
                 _thin_slab(x[b], y[b], int(rng.integers(SLAB_SLICES[0], SLAB_SLICES[1] + 1)))
+        if mirror_z:
+            _flip_z(x, y, rng)
         gain, offset = float(rng.uniform(0.9, 1.1)), float(rng.normal(0, 0.05))
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if deform:
@@ -325,6 +330,17 @@ def _phase(net, data, n_classes, iters, lr, batch, seed, schedule, fg_fraction, 
             log.info("%s iter %d/%d loss %.4f (%.0f s)", name, it + 1, iters, run,
                      time.time() - t0)
     return (time.time() - t0) / 60
+
+
+def _flip_z(x: torch.Tensor, y: torch.Tensor, rng) -> np.ndarray:
+    """Flip each window of ``x`` ``(B, 1, Z, Y, X)`` and ``y`` ``(B, Z, Y, X)`` head to feet
+    with probability 1/2 (in place); returns which were flipped."""
+    flip = rng.random(len(x)) < 0.5
+    idx = torch.from_numpy(np.flatnonzero(flip))
+    if len(idx):
+        x[idx] = x[idx].flip(2)
+        y[idx] = y[idx].flip(1)
+    return flip
 
 
 def _thin_slab(x: torch.Tensor, y: torch.Tensor, n: int) -> None:
@@ -439,7 +455,8 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
           focus_iters: int = FOCUS_ITERS, focus_lr: float = FOCUS_LR,
           resume: Path | None = None, device: str = "cpu", workers: int = 1,
           time_limit: float | None = None, texture: bool = False,
-          deform: bool = False, class_shift: float = 0.0, spleen_contrast=None) -> Path:
+          deform: bool = False, class_shift: float = 0.0, spleen_contrast=None,
+          mirror_z: bool = False) -> Path:
     """Generate data, train, save ``model.pt`` + ``card.yaml`` in ``out``; return ``out``.
 
     Three phases: ``iters`` steps with a one-cycle schedule (seed ``seed``), then
@@ -456,13 +473,15 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
     texture and correlated-noise augmentation and the random deformation in every
     phase (:func:`_appearance`, :func:`_deform`); ``class_shift`` (HU) moves each organ's
     intensity by its own random offset in every phase (:func:`_class_shift`);
-    ``spleen_contrast`` (``(lo, hi)`` HU) is the phantoms' spleen-minus-liver range.
+    ``spleen_contrast`` (``(lo, hi)`` HU) is the phantoms' spleen-minus-liver range;
+    ``mirror_z`` flips half the windows head to feet in every phase, and the card then
+    allows mirror test-time augmentation along z.
     """
     from ..core.phantom import ABDOMEN_LABELS, make_abdomen_ct
     from ..models.loaders import load_weights
 
     probe, _ = make_abdomen_ct(seed=0, shape=PATCH, spacing=TARGET_SPACING)
-    card = make_card(dict(ABDOMEN_LABELS), probe.orientation_code())
+    card = make_card(dict(ABDOMEN_LABELS), probe.orientation_code(), mirror_z)
     t0 = time.time()
     data = _cached_cases(n_cases, card, cache, workers, spleen_contrast)
     counts = sum(np.bincount(d[1].ravel(), minlength=card.n_classes) for d in data)
@@ -478,7 +497,7 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
 
     def run(k):
         kw = {"device": device, "texture": texture, "deform": deform,
-              "class_shift": class_shift}
+              "class_shift": class_shift, "mirror_z": mirror_z}
         if time_limit is not None:
             share = sum(todo[:k + 1]) / max(sum(todo), 1)
             kw["deadline"] = start + 60 * float(time_limit) * share
@@ -515,7 +534,7 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
         f"{_contrast_text(spleen_contrast)}). {SLAB_SHARE:.0%} of the windows are "
         f"cut to a slab of {SLAB_SLICES[0]}-{SLAB_SLICES[1]} slices between zeros, as a thin "
         f"scan is padded at inference. Batches of {batch} random {PATCH} windows, "
-        f"{_augment_text(texture, deform, class_shift)}"
+        f"{_augment_text(texture, deform, class_shift, mirror_z)}"
         f"cross-entropy + soft Dice, AdamW, "
         f"{'bf16 autocast, ' if _use_bf16(device) else ''}"
         f"{'CPU' if device == 'cpu' else 'a GPU (' + str(device) + ')'}. "
@@ -527,6 +546,7 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
         "napari_medseg.training.train_builtin --out <folder> [--device cuda --workers 16]"
         f"{' --texture' if texture else ''}{' --deform' if deform else ''}"
         f"{f' --class-shift {class_shift:g}' if class_shift else ''}"
+        f"{' --mirror-z' if mirror_z else ''}"
         f"{' --spleen-contrast %g %g' % tuple(spleen_contrast) if spleen_contrast else ''}"
         f"{' --resume <weights> (see above)' if resume else ''}"
         f"{' --init <weights> (see above)' if init and not resume else ''}.")
@@ -554,9 +574,12 @@ def _contrast_text(spleen_contrast) -> str:
     return f"; the spleen {-lo:g} HU darker to {hi:g} HU brighter than the liver"
 
 
-def _augment_text(texture: bool, deform: bool, class_shift: float = 0.0) -> str:
+def _augment_text(texture: bool, deform: bool, class_shift: float = 0.0,
+                  mirror_z: bool = False) -> str:
     """The card's words for the per-window augmentation of a run."""
     parts = []
+    if mirror_z:
+        parts.append("a head-feet flip half the time")
     if class_shift:
         parts.append(f"a random intensity offset of up to {class_shift:g} HU per organ")
     if deform:
@@ -661,6 +684,9 @@ def main(argv=None) -> int:
                    "(default: the phantom's SPLEEN_CONTRAST)")
     p.add_argument("--class-shift", type=float, default=0.0, metavar="HU",
                    help="per-window random intensity offset of each organ, up to HU")
+    p.add_argument("--mirror-z", action="store_true",
+                   help="flip half the windows head to feet (the card then allows mirror "
+                   "test-time augmentation along z)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -672,7 +698,7 @@ def main(argv=None) -> int:
               focus_iters=a.focus_iters, focus_lr=a.focus_lr, resume=a.resume,
               device=a.device, workers=a.workers, time_limit=a.time_limit,
               texture=a.texture, deform=a.deform, class_shift=a.class_shift,
-              spleen_contrast=a.spleen_contrast)
+              spleen_contrast=a.spleen_contrast, mirror_z=a.mirror_z)
     if a.no_eval:
         return 0
     try:
