@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,11 @@ class TrainingCase:
     n_corrected: int = 0
     corrected_mask: np.ndarray | None = None
     supervised: list = field(default_factory=list)
+
+    @cached_property
+    def channel_min(self) -> tuple:
+        """Each channel's minimum (the fill value outside the case), computed once."""
+        return tuple(float(c.min()) for c in self.x)
 
 
 def _read_json(path: Path) -> dict:
@@ -409,8 +415,8 @@ class Augment:
         half = (np.asarray(patch, float) - 1) / 2
         offset = np.asarray(corner, float) + half - m @ half
         kw = dict(matrix=m, offset=offset, output_shape=tuple(patch), mode="constant")
-        x = np.stack([ndi.affine_transform(c, order=1, cval=float(c.min()), **kw)
-                      for c in case.x])
+        x = np.stack([ndi.affine_transform(c, order=1, cval=lo, **kw)
+                      for c, lo in zip(case.x, case.channel_min)])
         y = ndi.affine_transform(case.y, order=0, cval=0, **kw)
         cm = case.corrected_mask
         w = None if cm is None else ndi.affine_transform(cm.astype(np.uint8), order=0,
