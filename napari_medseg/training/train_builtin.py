@@ -107,7 +107,7 @@ def make_card(names: dict, orientation: str | None, mirror_z: bool = False) -> M
     trained with head-feet flips, so mirror test-time augmentation along z is allowed."""
     k = max(names) + 1
     return ModelCard(
-        name=NAME, version="2.2.0",
+        name=NAME, version="2.3.0",
         task="abdominal CT: liver, spleen, kidneys and liver lesions",
         license="BSD-3-Clause",
         channels=[{"name": "CT", "modality": "CT"}],
