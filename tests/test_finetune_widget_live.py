@@ -46,6 +46,11 @@ def test_live_plot_cancel_and_resume(make_napari_viewer, qtbot, tmp_path):
     w.dataset_edit.setText(str(ds))
     w.iterations.setValue(40)
     w.name_edit.setText("tiny-live-ft")
+    from napari_medseg._widgets._plot import EMPTY_TEXT
+
+    # before a run: a readable empty frame, not matplotlib's -0.04..0.04 default
+    assert w.plot.ax.get_xlim() == (0, 100) and w.plot.ax.get_ylim() == (0, 1)
+    assert [t.get_text() for t in w.plot.ax.texts] == [EMPTY_TEXT]
     assert w.augment_check.isChecked()  # on by default, as in finetune()
     w.augment_check.setChecked(False)  # the box reaches finetune(): the card says so below
     opts = dict(patch_size=PATCH, val_fraction=0.5, forgetting_cases=0, checkpoint_every=5)
@@ -61,6 +66,7 @@ def test_live_plot_cancel_and_resume(make_napari_viewer, qtbot, tmp_path):
     assert len(ckpts) == 1
     stopped = len(w.plot.losses)
     assert stopped >= 8 and w.plot.ax.lines  # the loss is drawn
+    assert not w.plot.ax.texts  # and the empty-frame hint is gone
 
     w.resume_check.setChecked(True)
     job = w.run(**opts)

@@ -15,6 +15,8 @@ from qtpy.QtWidgets import QVBoxLayout, QWidget
 
 __all__ = ["LivePlot"]
 
+EMPTY_TEXT = "loss and validation Dice appear here during a run"
+
 
 class _Relay(QObject):
     reported = Signal(object)
@@ -78,7 +80,13 @@ class LivePlot(QWidget):
         self.ax.set_ylabel("loss", fontsize=7, color="tab:orange")
         self.ax2.plot(self.val_steps, self.val_dice, "o-", color="tab:blue", ms=3, lw=1)
         self.ax2.set_ylim(0, 1)
+        self.ax2.yaxis.set_label_position("right")  # clear() moves a twin's label left
         self.ax2.set_ylabel("val Dice", fontsize=7, color="tab:blue")
         for ax in (self.ax, self.ax2):
             ax.tick_params(labelsize=6)
+        if not self.steps and not self.val_steps:  # before a run: a frame, not -0.04..0.04
+            self.ax.set_xlim(0, 100)
+            self.ax.set_ylim(0, 1)
+            self.ax.text(0.5, 0.5, EMPTY_TEXT, transform=self.ax.transAxes, ha="center",
+                         va="center", fontsize=7, color="gray")
         self.canvas.draw_idle()
