@@ -134,7 +134,7 @@ def test_free_heap_pages_are_handed_back_on_glibc():
 
 
 @pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("shape", [(2, 5, 6, 7, 8), (1, 3, 9, 10)])
+@pytest.mark.parametrize("shape", [(2, 5, 6, 7, 8), (1, 5, 6, 7, 8), (1, 3, 9, 10)])
 def test_group_norm_stand_in_equals_instance_norm(affine, shape):
     from napari_medseg.core.inference import _GroupNormAsInstanceNorm
 
@@ -146,6 +146,12 @@ def test_group_norm_stand_in_equals_instance_norm(affine, shape):
             norm.bias.uniform_(-1.0, 1.0)
     x = torch.randn(shape) * 4 + 3
     torch.testing.assert_close(_GroupNormAsInstanceNorm(norm)(x), norm(x), rtol=1e-4, atol=1e-4)
+    if len(shape) == 5:  # bf16 channels-last, as the CPU fast path runs it
+        xc = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
+        with torch.inference_mode():
+            got = _GroupNormAsInstanceNorm(norm)(xc)
+        assert got.is_contiguous(memory_format=torch.channels_last_3d)
+        torch.testing.assert_close(got.float(), norm(xc.float()), rtol=0.05, atol=0.05)
 
 
 class _Recorder(torch.nn.Module):

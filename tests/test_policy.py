@@ -125,6 +125,17 @@ def test_keep_largest_components():
     out = policy.keep_largest_components(lab.copy(), [1])
     assert int((out == 1).sum()) == 9 and int((out == 2).sum()) == 2
     assert policy.largest_component(np.zeros((2, 2, 2), bool)).sum() == 0
+    # two classes, each cleaned inside its own box; an absent class id is skipped
+    many = np.zeros((6, 20, 20), np.int16)
+    many[1:5, 2:8, 2:8] = 3
+    many[5, 12, 12] = 3  # a stray piece of class 3 inside the box of class 4
+    many[1:4, 10:18, 10:18] = 4
+    many[5, 0, 19] = 4
+    cleaned = policy.keep_largest_components(many.copy(), [3, 4, 9])
+    expect = many.copy()
+    expect[5, 12, 12] = 0
+    expect[5, 0, 19] = 0
+    np.testing.assert_array_equal(cleaned, expect)
     diag = np.zeros((2, 2, 2), bool)
     diag[0, 0, 0] = diag[1, 1, 1] = True
     assert policy.largest_component(diag, connectivity=3).sum() == 2

@@ -350,10 +350,21 @@ def keep_largest_components(labels: np.ndarray, class_ids) -> np.ndarray:
     ids = list(class_ids or [])
     if not ids:
         return labels
+    from scipy import ndimage
+
     labels = np.array(labels, copy=True) if not labels.flags.writeable else labels
+    if labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
+        boxes = [tuple(slice(None) for _ in labels.shape)] * max(int(c) for c in ids)
+    else:
+        # each class is labelled inside its own bounding box (one pass finds them all),
+        # not over the whole volume: an organ fills a small share of a CT's box
+        boxes = ndimage.find_objects(labels, max_label=max(int(c) for c in ids))
     for cid in ids:
-        mask = labels == cid
-        if not mask.any():
+        box = boxes[int(cid) - 1] if 0 < int(cid) <= len(boxes) else None
+        if box is None:
             continue
-        labels[mask & ~largest_component(mask)] = 0
+        sub = labels[box]
+        mask = sub == cid
+        if mask.any():
+            sub[mask & ~largest_component(mask)] = 0
     return labels
