@@ -73,11 +73,27 @@ def mirror_tta(predictor: Callable, axes) -> Callable:
         of them is used (``2 ** len(axes)`` passes).
     """
     dims = [2 + int(a) for a in axes]
+    if isinstance(predictor, torch.nn.Module):
+        # a module, so the engine's CPU fast path (channels-last, fast norms) reaches the
+        # network inside: as a plain function it ran every mirror at the slow defaults
+        return _MirrorTTA(predictor, dims)
 
     def run(x):
         return _mirror_tta(predictor, x, dims).float()
 
     return run
+
+
+class _MirrorTTA(torch.nn.Module):
+    """``predictor`` averaged over the mirror images of its input (see :func:`mirror_tta`)."""
+
+    def __init__(self, predictor: torch.nn.Module, dims):
+        super().__init__()
+        self.predictor = predictor
+        self.dims = list(dims)
+
+    def forward(self, x):
+        return _mirror_tta(self.predictor, x, self.dims).float()
 
 
 class Model:
@@ -109,7 +125,7 @@ class Model:
         """Return a callable ``(B, C, *patch) -> (B, K, *patch)`` logits on ``device``."""
         raise NotImplementedError
 
-    def predict(self, volumes, device="auto", overlap=0.5, tta=False, fast=False, region=None,
+    def predict(self, volumes, device="auto", overlap=0.5, tta=None, fast=False, region=None,
                 uncertainty=None, progress=None, cancel=None, memory_limit=None,
                 crop_to_body=False) -> Prediction:
         """Segment ``volumes`` and return labels on the input's voxel grid.
@@ -124,8 +140,9 @@ class Model:
             ``"auto"`` (CUDA, MPS, CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         overlap : float
             Window overlap in [0, 1).
-        tta : bool
-            Mirror test-time augmentation (only along the card's ``mirror_axes``).
+        tta : bool, optional
+            Mirror test-time augmentation (only along the card's ``mirror_axes``);
+            ``None``: the card's ``default_tta``.
         fast : bool
             Quick preview: overlap at most 0.25 and no test-time augmentation
             (an uncertainty of ``"tta"`` becomes ``"entropy"``).
@@ -165,6 +182,7 @@ class Model:
         t0 = time.perf_counter()
         vols = self._check_inputs(volumes)
         ref = vols[0]
+        tta = bool(self.card.default_tta) if tta is None else bool(tta)
         if fast:
             overlap = min(float(overlap), 0.25)
             tta = False
