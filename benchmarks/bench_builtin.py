@@ -2,7 +2,7 @@
 """Speed of the whole ``napari-medseg predict`` and Dice on the shared real scans.
 
     python benchmarks/bench_builtin.py [--json] [-m MODEL] [--skip-speed] [--skip-real]
-                                       [--threads 2]
+                                       [--threads 2] [--tta | --no-tta]
 
 Two figures, each said where it was measured:
 
@@ -23,6 +23,9 @@ Two figures, each said where it was measured:
     ``spleen_ct`` against its manual spleen label. Model classes are matched to
     reference ids by name (``ivc`` = ``inferior_vena_cava``); classes the
     reference lacks are left out.
+
+Both run mirror test-time augmentation as the model card's ``default_tta`` says
+(``tta`` in the output), unless ``--tta`` / ``--no-tta`` overrides it.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ def class_pairs(model_names: dict, ref_names: dict) -> list[tuple[str, int, int]
     return [(n, i, ref[_canon(n)]) for i, n in model_names.items() if _canon(n) in ref]
 
 
-def measure_real(model_name: str, threads: int) -> tuple[dict, dict]:
+def measure_real(model_name: str, threads: int, tta=None) -> tuple[dict, dict]:
     """``({case: {class: Dice}}, {case: seconds})`` on the shared real scans."""
     import torch
 
@@ -97,7 +100,8 @@ def measure_real(model_name: str, threads: int) -> tuple[dict, dict]:
         ref = np.asarray(read_volume(c["labels"], is_label=True).data)
         t = time.perf_counter()
         # as napari-medseg predict and the Segment widget run it
-        pred = np.asarray(model.predict(img, device="cpu", crop_to_body=True).labels.data)
+        pred = np.asarray(model.predict(img, device="cpu", crop_to_body=True,
+                                        tta=tta).labels.data)
         seconds[c["case"]] = round(time.perf_counter() - t, 2)
         if pred.shape != ref.shape:
             raise SystemExit(f"{c['case']}: prediction {pred.shape} and reference "
@@ -131,7 +135,7 @@ def make_speed_ct(path: Path, seed: int = 0) -> None:
     write_volume(path, vol, overwrite=True)
 
 
-def measure_speed(model_name: str, threads: int) -> dict:
+def measure_speed(model_name: str, threads: int, tta=None) -> dict:
     """Time ``napari-medseg predict`` as a subprocess on the synthetic 512 x 512 x 300 CT."""
     with tempfile.TemporaryDirectory(prefix="medseg-bench-") as tmp:
         src, out = Path(tmp) / "ct_512x512x300.nii.gz", Path(tmp) / "seg.nii.gz"
@@ -141,6 +145,8 @@ def measure_speed(model_name: str, threads: int) -> dict:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         cmd = [sys.executable, "-m", "napari_medseg.cli", "predict", str(src), "-m",
                model_name, "-o", str(out), "--device", "cpu", "--overwrite"]
+        if tta is not None:
+            cmd.append("--tta" if tta else "--no-tta")
         t = time.perf_counter()
         r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -169,14 +175,20 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-real", action="store_true")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="mirror test-time augmentation on / off (default: the card's)")
     args = p.parse_args(argv)
-    out = {"model": args.model, "threads": args.threads, "speed_goal_seconds": 30.0}
+    from napari_medseg.models import load_model
+
+    tta = load_model(args.model).card.default_tta if args.tta is None else args.tta
+    out = {"model": args.model, "threads": args.threads, "speed_goal_seconds": 30.0,
+           "tta": bool(tta)}
     if not args.skip_speed:
-        out.update(measure_speed(args.model, args.threads))
+        out.update(measure_speed(args.model, args.threads, args.tta))
         out["speed_ok"] = out["builtin_seconds_512x512x300"] <= 30.0
     if not args.skip_real:
         if real_cases():
-            out["real_dice"], out["real_seconds"] = measure_real(args.model, args.threads)
+            out["real_dice"], out["real_seconds"] = measure_real(args.model, args.threads, args.tta)
             out["real_references"] = {c["case"]: c["reference"] for c in real_cases()}
         else:
             out["real_dice"] = None

@@ -56,11 +56,13 @@ def real_cases(root: Path = REALDATA) -> list[dict]:
     return out
 
 
-def real_dice(model, root: Path = REALDATA, cases=None, crop_to_body: bool = True) -> dict:
+def real_dice(model, root: Path = REALDATA, cases=None, crop_to_body: bool = True,
+              tta=None) -> dict:
     """``{case: {class name: Dice}}`` of ``model`` (a loaded Model) on the real scans.
 
     ``crop_to_body`` runs the model as ``napari-medseg predict`` and the Segment
-    widget do (the air around the body is left out, labels there are 0).
+    widget do (the air around the body is left out, labels there are 0). ``tta``
+    is :meth:`Model.predict`'s (``None``: the card's default).
     """
     from napari_medseg.io import read_volume
 
@@ -70,7 +72,8 @@ def real_dice(model, root: Path = REALDATA, cases=None, crop_to_body: bool = Tru
         img = read_volume(case["image"], lazy=False)
         ref = np.asarray(read_volume(case["labels"], lazy=False).data)
         ref = np.rint(ref).astype(np.int64)
-        pred = np.asarray(model.predict(img, crop_to_body=crop_to_body).labels.data)
+        pred = np.asarray(model.predict(img, crop_to_body=crop_to_body,
+                                        tta=tta).labels.data)
         if pred.shape != ref.shape:
             raise RuntimeError(f"{case['case']}: prediction {pred.shape} vs reference "
                                f"{ref.shape}")
@@ -122,6 +125,8 @@ def main(argv=None) -> int:
     p.add_argument("--write-card", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="mirror test-time augmentation on / off (default: the card's)")
     a = p.parse_args(argv)
     import tempfile
 
@@ -137,7 +142,7 @@ def main(argv=None) -> int:
         if a.weights is not None:
             path = train_builtin.write_package(a.weights, Path(tmp) / "pkg")
         model = load_model(path)
-        res = real_dice(model)
+        res = real_dice(model, tta=a.tta)
         syn = None
         if a.synthetic:
             syn = train_builtin.evaluate_synthetic(

@@ -320,7 +320,7 @@ def run_case(model_ref, case: Case, out: str, options: dict) -> dict:
             _, pred = run_model(model, vols, name=case.paths[0],
                                 device=options.get("device", "cpu"),
                                 overlap=options.get("overlap", 0.5),
-                                tta=options.get("tta", False), fast=options.get("fast", False),
+                                tta=options.get("tta"), fast=options.get("fast", False),
                                 memory_limit=options.get("memory_limit"),
                                 uncertainty=options.get("uncertainty"),
                                 crop_to_body=True)  # as predict: CT models skip the air
@@ -455,7 +455,7 @@ def _client(scheduler, client):
 
 # ------------------------------------------------------------------ driver
 def run_batch(inputs, model, outdir, *, workers=1, scheduler=None, client=None,
-              device="cpu", overlap=0.5, tta=False, fast=False, suffix=".nii.gz",
+              device="cpu", overlap=0.5, tta=None, fast=False, suffix=".nii.gz",
               retries=1, memory_limit=None, progress=True, backend=None,
               roi_subset=None, uncertainty=None) -> BatchResult:
     """Segment every case of ``inputs`` with ``model`` into ``outdir``.
@@ -475,7 +475,8 @@ def run_batch(inputs, model, outdir, *, workers=1, scheduler=None, client=None,
     client : distributed.Client, optional
         A connected Dask client (wins over ``scheduler``).
     device, overlap, tta, fast :
-        As for :meth:`napari_medseg.models.Model.predict`.
+        As for :meth:`napari_medseg.models.Model.predict` (``tta=None``: the card's
+        ``default_tta``).
     suffix : str
         Output format by extension (``.nii.gz``, ``.nrrd``, ``.mha``...).
     retries : int
@@ -504,7 +505,7 @@ def run_batch(inputs, model, outdir, *, workers=1, scheduler=None, client=None,
     if not suffix.startswith("."):
         suffix = "." + suffix
     jobs = [(c, outdir / f"{c.case_id}{suffix}") for c in cases]
-    options = {"device": device, "overlap": float(overlap), "tta": bool(tta),
+    options = {"device": device, "overlap": float(overlap), "tta": None if tta is None else bool(tta),
                "fast": bool(fast), "memory_limit": memory_limit, "backend": backend,
                "roi_subset": list(roi_subset) if roi_subset else None,
                "uncertainty": uncertainty}
@@ -581,6 +582,8 @@ def _write_summary(outdir: Path, rows, model, seconds):
 # ------------------------------------------------------------------ CLI
 def add_cli_parser(sub) -> None:
     """Add the ``batch`` subcommand to the ``napari-medseg`` argument parser."""
+    import argparse
+
     b = sub.add_parser("batch", help="segment many volumes (local processes or a Dask cluster)")
     b.add_argument("inputs", nargs="+", help="files, folders, glob patterns or CSV lists")
     b.add_argument("-m", "--model", required=True, help="model name or path")
@@ -589,7 +592,8 @@ def add_cli_parser(sub) -> None:
     b.add_argument("--scheduler", help="Dask scheduler address, e.g. tcp://host:8786")
     b.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps")
     b.add_argument("--overlap", type=float, default=0.5, help="window overlap in [0, 1)")
-    b.add_argument("--tta", action="store_true", help="mirror test-time augmentation")
+    b.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="mirror test-time augmentation on / off (default: the model card's)")
     b.add_argument("--fast", action="store_true", help="quick mode (less overlap, no TTA)")
     b.add_argument("--suffix", default=".nii.gz", help="output format by extension")
     b.add_argument("--retries", type=int, default=1, help="extra tries for a failed case")

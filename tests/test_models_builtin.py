@@ -224,5 +224,31 @@ def test_head_feet_flips_move_image_and_labels_together_and_allow_z_tta(tmp_path
     assert "--mirror-z" in model.card.training and "head-feet flip" in model.card.training
     from napari_medseg.core.phantom import make_abdomen_ct
     img, _ = make_abdomen_ct(seed=0, shape=(32, 64, 64), spacing=(2.5, 1.5, 1.5))
-    pred = model.predict(img, tta=True)
-    assert pred.labels.data.shape == img.data.shape
+    assert model.card.default_tta is True  # trained for it: mirrored unless turned off
+    pred = model.predict(img)
+    assert pred.labels.data.shape == img.data.shape and pred.info["tta"] is True
+    assert model.predict(img, tta=False).info["tta"] is False
+
+
+def test_default_tta_is_validated_and_read_by_predict_and_the_cli():
+    from napari_medseg.cli import build_parser
+    from napari_medseg.errors import MedSegError
+    from napari_medseg.models import load_model
+    from napari_medseg.models.card import ModelCard
+
+    card = load_model("abdomen-ct-small").card
+    assert card.default_tta is True and tuple(card.mirror_axes) == (0,)
+    again = ModelCard.from_dict(card.to_dict())
+    assert again.default_tta is True
+    d = card.to_dict()
+    with pytest.raises(MedSegError, match="default_tta"):
+        ModelCard.from_dict(dict(d, default_tta="yes"))
+    with pytest.raises(MedSegError, match="mirror_axes"):
+        ModelCard.from_dict(dict(d, mirror_axes=[]))
+    assert ModelCard.from_dict({k: v for k, v in d.items() if k != "default_tta"}) \
+        .default_tta is False  # older cards: off
+    p = build_parser()
+    base = ["predict", "ct.nii.gz", "-m", "abdomen-ct-small", "-o", "seg.nii.gz"]
+    assert p.parse_args(base).tta is None
+    assert p.parse_args(base + ["--tta"]).tta is True
+    assert p.parse_args(base + ["--no-tta"]).tta is False

@@ -416,6 +416,9 @@ def test_viewer_stays_responsive_during_a_run(make_napari_viewer, qtbot):
     widget.model_box.setCurrentText(MODEL)
     assert widget.model_box.currentText() == MODEL
     widget.device_box.setCurrentText("cpu")
+    # the card asks for test-time augmentation: ticked as the model is chosen
+    assert widget.tta.isChecked() is widget.card.default_tta
+    assert widget.tta.isEnabled() is bool(widget.card.mirror_axes)
     widget.tta.setChecked(True)
     widget.uncertainty.setChecked(True)
     ticks = []

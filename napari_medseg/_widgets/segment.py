@@ -256,6 +256,7 @@ class SegmentWidget(QWidget):
         self.card_label.setText(card_html(self.card) if self.card else
                                 "<i>No model available.</i>")
         self.card_label.setToolTip(self.card.training if self.card is not None else "")
+        self._set_tta_from_card()
         self._build_channel_boxes()
         backend, subset = self.model_features()
         self.backend_row.setVisible(backend)
@@ -264,6 +265,21 @@ class SegmentWidget(QWidget):
         completer = QCompleter(names, self.subset_edit)
         completer.setCaseSensitivity(Qt.CaseSensitivity.CaseInsensitive)
         self.subset_edit.setCompleter(completer)
+
+    def _set_tta_from_card(self) -> None:
+        """Tick test-time augmentation as the card advises; off where it cannot mirror."""
+        card, box = self.card, getattr(self, "tta", None)
+        if box is None:
+            return
+        axes = tuple(card.mirror_axes) if card is not None else ()
+        box.setChecked(bool(card is not None and card.default_tta))
+        box.setEnabled(bool(axes))
+        box.setToolTip(
+            "Mirror test-time augmentation: average the model over mirrored inputs "
+            f"(axes {', '.join('zyx'[a] for a in axes)}; about {2 ** len(axes)} x the time)"
+            + ("; on by default for this model, whose real-scan figures were measured "
+               "with it" if card is not None and card.default_tta else "")
+            if axes else "This model's card allows no mirroring")
 
     def model_features(self) -> tuple[bool, bool]:
         """Whether the selected model has a choice of pipeline (nnU-Net result

@@ -101,6 +101,10 @@ class ModelCard:
         Spatial axes (0=z, 1=y, 2=x of the model grid) along which mirror
         test-time augmentation is valid; models with left/right classes use
         ``(0, 1)``.
+    default_tta : bool
+        Run mirror test-time augmentation unless the caller turns it off (as
+        nnU-Net mirrors by default): for models whose real-scan figures were
+        measured with it. Needs ``mirror_axes``.
     postprocessing : dict
         Applied to the labels on the input grid:
         ``{"largest_component": [class ids]}`` keeps only the largest
@@ -125,6 +129,7 @@ class ModelCard:
     weights: str | None = None
     network: dict | None = None
     mirror_axes: tuple = (0, 1, 2)
+    default_tta: bool = False
     postprocessing: dict = field(default_factory=dict)
     body_region: str = "any"
     plausible_ml: dict = field(default_factory=dict)
@@ -187,6 +192,10 @@ class ModelCard:
         if any(a not in (0, 1, 2) for a in axes):
             bad("'mirror_axes' must hold axes 0, 1, 2")
         self.mirror_axes = axes
+        if not isinstance(self.default_tta, bool):
+            bad("'default_tta' must be true or false")
+        if self.default_tta and not axes:
+            bad("'default_tta' needs 'mirror_axes' to mirror along")
         post = dict(self.postprocessing or {})
         if set(post) - {"largest_component"}:
             bad(f"unknown postprocessing steps {sorted(set(post) - {'largest_component'})}")

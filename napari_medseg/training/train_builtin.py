@@ -104,10 +104,11 @@ COLORS = {1: [0.86, 0.33, 0.24], 2: [0.55, 0.25, 0.65], 3: [0.95, 0.75, 0.2],
 
 def make_card(names: dict, orientation: str | None, mirror_z: bool = False) -> ModelCard:
     """The card of the built-in model (metrics filled in after evaluation); ``mirror_z``:
-    trained with head-feet flips, so mirror test-time augmentation along z is allowed."""
+    trained with head-feet flips, so mirror test-time augmentation along z is allowed and
+    on by default."""
     k = max(names) + 1
     return ModelCard(
-        name=NAME, version="2.3.0",
+        name=NAME, version="2.3.1",
         task="abdominal CT: liver, spleen, kidneys and liver lesions",
         license="BSD-3-Clause",
         channels=[{"name": "CT", "modality": "CT"}],
@@ -121,6 +122,7 @@ def make_card(names: dict, orientation: str | None, mirror_z: bool = False) -> M
                  "kwargs": {"in_channels": 1, "out_channels": k, "features": list(FEATURES)}},
         # left/right classes: never mirrored across x; along z only when trained so
         mirror_axes=(0,) if mirror_z else (),
+        default_tta=bool(mirror_z),  # its real-scan figures are measured with the z mirror
         postprocessing={"largest_component": [1, 2, 3, 4]},  # organs come in one piece
         body_region="abdomen",
         plausible_ml=dict(PLAUSIBLE_ML),
