@@ -256,7 +256,7 @@ def restore_labels_to(labels, info, write, slab: int = 64, cancel=None) -> None:
               np.ascontiguousarray(sub.transpose(inv)))
 
 
-def predict_to_zarr(model, volumes, out, device="auto", overlap=0.5, tta=False, fast=False,
+def predict_to_zarr(model, volumes, out, device="auto", overlap=0.5, tta=None, fast=False,
                     progress=None, cancel=None, memory_limit=None, overwrite=False,
                     chunks=(64, 128, 128), slab_rows=None):
     """Segment a (lazy) volume and write the labels to an OME-Zarr label store.
@@ -304,6 +304,7 @@ def predict_to_zarr(model, volumes, out, device="auto", overlap=0.5, tta=False, 
     vols = model._check_inputs(volumes)
     ref = vols[0]
     card = model.card
+    tta = bool(card.default_tta) if tta is None else bool(tta)
     if fast:
         overlap, tta = min(float(overlap), 0.25), False
     dev = pick_device(device)
