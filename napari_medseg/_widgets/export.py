@@ -18,7 +18,7 @@ import numpy as np
 from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout,
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout,
                             QLabel, QLineEdit, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
 from .._napari.boundary import ledger_of, volume_from_layer, volume_to_layer_data, watch_viewer
@@ -26,7 +26,7 @@ from .._napari.layer_roles import is_prompt_layer
 from ..core.volume import Volume, same_grid
 from ..errors import MedSegError
 from ..io.autosave import AutoSaver, Snapshot, find_recovery, image_key
-from ._common import Job, JobBar, notify_exception, show_info
+from ._common import Job, JobBar, notify_exception, row, show_info
 from ._layout import tabify_when_docked
 
 log = logging.getLogger(__name__)
@@ -37,15 +37,6 @@ __all__ = ["ExportWidget", "FORMATS"]
 FORMATS = {"NIfTI (.nii.gz)": ".nii.gz", "NRRD (.nrrd)": ".nrrd",
            "Slicer segmentation (.seg.nrrd)": ".seg.nrrd", "TIFF (.tif)": ".tif",
            "DICOM SEG (.dcm)": ".dcm", "DICOM RTSTRUCT (.dcm)": ".dcm"}
-
-
-def _row(*widgets) -> QWidget:
-    w = QWidget()
-    lay = QHBoxLayout(w)
-    lay.setContentsMargins(0, 0, 0, 0)
-    for x in widgets:
-        lay.addWidget(x)
-    return w
 
 
 def _write_labels_job(path, vol, image, overwrite, rtstruct=False, progress=None,
@@ -150,13 +141,13 @@ class ExportWidget(QWidget):
         form.addRow("Labels", self.labels_combo)
         form.addRow("Image", self.image_combo)
         form.addRow("Format", self.format_combo)
-        form.addRow("File", _row(self.path_edit, browse))
+        form.addRow("File", row(self.path_edit, browse))
         form.addRow("", self.overwrite)
-        form.addRow("", _row(self.export_button, self.csv_button))
-        form.addRow("", _row(self.surface_button, self.mesh_combo, self.frame_combo,
+        form.addRow("", row(self.export_button, self.csv_button))
+        form.addRow("", row(self.surface_button, self.mesh_combo, self.frame_combo,
                              self.smooth_check))
         form.addRow("Dataset", self.dataset_edit)
-        form.addRow("", _row(self.case_button, self.finetune_button))
+        form.addRow("", row(self.case_button, self.finetune_button))
         form.addRow("Autosave every", self.autosave_spin)
         lay = QVBoxLayout(self)
         lay.addLayout(form)
