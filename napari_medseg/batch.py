@@ -505,8 +505,9 @@ def run_batch(inputs, model, outdir, *, workers=1, scheduler=None, client=None,
     if not suffix.startswith("."):
         suffix = "." + suffix
     jobs = [(c, outdir / f"{c.case_id}{suffix}") for c in cases]
-    options = {"device": device, "overlap": float(overlap), "tta": None if tta is None else bool(tta),
-               "fast": bool(fast), "memory_limit": memory_limit, "backend": backend,
+    options = {"device": device, "overlap": float(overlap),
+               "tta": None if tta is None else bool(tta), "fast": bool(fast),
+               "memory_limit": memory_limit, "backend": backend,
                "roi_subset": list(roi_subset) if roi_subset else None,
                "uncertainty": uncertainty}
     local = client is None and scheduler is None
