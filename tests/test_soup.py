@@ -63,10 +63,17 @@ def test_soup_refuses_mismatched_or_unsafe_packages(tmp_path, capsys):
             return (print, ("ran",))
 
     torch.save({"x": Boom()}, evil / "model.pt")
-    with pytest.raises(MedSegError, match="damaged or is not a tensor-only"):
+    with pytest.raises(MedSegError, match="refused to load: the weights file contains pickled"):
         make_soup([a, evil], tmp_path / "s3")
     assert "ran" not in capsys.readouterr().out
-    assert not (tmp_path / "s1").exists() and not (tmp_path / "s3").exists()
+    # weights named outside the package folder are refused, as for any package
+    out_pkg, _ = _package(tmp_path / "outside", 4)
+    card = ModelCard.load(out_pkg / "card.yaml")
+    card.weights = "../a/model.pt"
+    card.save(out_pkg / "card.yaml")
+    with pytest.raises(MedSegError, match="points outside the model package"):
+        make_soup([a, out_pkg], tmp_path / "s4")
+    assert not any((tmp_path / n).exists() for n in ("s1", "s3", "s4"))
     # an existing output is kept unless --overwrite
     b, _ = _package(tmp_path / "b", 3)
     (tmp_path / "taken").mkdir()

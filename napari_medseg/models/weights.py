@@ -1,23 +1,28 @@
-"""Reading weights and checking package paths, shared by every model format.
+"""Reading weights, writing state_dict packages and checking package paths.
 
 Pickled weights are only ever read with ``weights_only=True``; TorchScript
 archives are loaded with ``torch.jit.load``; files a package names must resolve
 inside the package. :mod:`.loaders` and :mod:`.bundle` both use these (so
-neither imports the other for them).
+neither imports the other for them); fine-tuning and weight averaging write their
+packages with :func:`write_state_package`.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import pickle
+import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
-from ..errors import MedSegError
+from ..errors import MedSegError, check_cancel
 
-__all__ = ["load_weights", "is_torchscript", "load_torchscript", "inside_package"]
+__all__ = ["load_weights", "is_torchscript", "load_torchscript", "inside_package",
+           "write_state_package"]
 
 
 def load_weights(data, source: str) -> dict:
@@ -95,3 +100,32 @@ def inside_package(root, path) -> Path:
                           "points outside the model package (a symlink?); refused; copy the "
                           "file into the package", str(root))
     return path
+
+
+def write_state_package(card, state: dict, final, overwrite: bool = False,
+                        cancel=None) -> Path:
+    """Write ``state`` (tensors) and ``card`` as the package folder ``final``, atomically.
+
+    Both files go to a hidden folder beside ``final`` that is renamed into place
+    once whole; on any error or a cancel it is removed and ``final`` is untouched.
+    An existing ``final`` is a :class:`MedSegError` unless ``overwrite``; then it is
+    replaced only after the new package is complete.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
+    try:
+        torch.save({k: v.detach().cpu().clone() for k, v in state.items()},
+                   tmp / (card.weights or "model.pt"))
+        card.save(tmp / "card.yaml")
+        check_cancel(cancel)
+        if final.exists():
+            if not overwrite:
+                raise MedSegError(f"a model package named {final.name} already exists; "
+                                  "choose another name", str(final))
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

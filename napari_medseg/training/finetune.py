@@ -30,9 +30,7 @@ from __future__ import annotations
 import copy
 import datetime
 import logging
-import os
 import re
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -360,25 +358,11 @@ def _val_windows(cases, patch, n: int = 4, seed: int = 12345):
 
 
 def _write_package(card: ModelCard, net, folder: Path, cancel=None) -> Path:
-    """Write ``model.pt`` + ``card.yaml`` to a hidden temp folder, then rename it."""
-    import torch
+    """Write ``model.pt`` + ``card.yaml`` as ``folder/<card name>``, atomically."""
+    from ..models.weights import write_state_package
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{card.name}.", suffix=".part", dir=folder))
-    final = folder / card.name
-    try:
-        state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-        torch.save(state, tmp / (card.weights or "model.pt"))
-        card.save(tmp / "card.yaml")
-        check_cancel(cancel)
-        if final.exists():
-            raise MedSegError(f"a model package named {card.name} already exists; choose "
-                              "another name", str(final))
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return write_state_package(card, net.state_dict(), Path(folder) / card.name,
+                               cancel=cancel)
 
 
 # -------------------------------------------------------------------- main

@@ -13,18 +13,16 @@ figures are dropped, since they belonged to the first package: measure the soup
 again (``benchmarks/eval_real_builtin.py DIR --write-card``,
 ``napari_medseg.training.train_builtin.evaluate``).
 
-Weights are read with ``torch.load(weights_only=True)``: a package can only hold
-tensors. The package is written to a hidden folder beside ``DIR`` and renamed
-into place.
+Weights are read as every package is (:func:`~napari_medseg.models.weights.load_weights`:
+tensors only, from inside the package) and the soup is written as fine-tuned
+packages are (:func:`~napari_medseg.models.weights.write_state_package`: a hidden
+folder beside ``DIR``, renamed into place).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from ..errors import MedSegError
@@ -32,7 +30,7 @@ from ..models.card import ModelCard
 
 
 def _read(pkg: Path):
-    import torch
+    from ..models.weights import inside_package, load_weights
 
     card_path = pkg / "card.yaml"
     if not card_path.is_file():
@@ -41,14 +39,8 @@ def _read(pkg: Path):
     card = ModelCard.load(card_path)
     if card.format != "state_dict" or not card.weights:
         raise MedSegError(f"a soup needs state_dict packages, not {card.format!r}", str(pkg))
-    try:
-        state = torch.load(pkg / card.weights, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a corrupt or hostile file: one message
-        raise MedSegError(f"cannot read the weights ({exc}); the file is damaged or is not "
-                          "a tensor-only state dict", str(pkg / card.weights)) from exc
-    if not isinstance(state, dict):
-        raise MedSegError("the weights are not a state dict", str(pkg / card.weights))
-    return card, state
+    weights = inside_package(pkg, pkg / card.weights)
+    return card, load_weights(weights, str(weights))
 
 
 def average_states(states: list[dict], names: list[str]) -> dict:
@@ -76,7 +68,7 @@ def average_states(states: list[dict], names: list[str]) -> dict:
 
 def make_soup(packages, out, version: str | None = None, overwrite: bool = False) -> Path:
     """Write the uniform weight average of ``packages`` as a package at ``out``."""
-    import torch
+    from ..models.weights import write_state_package
 
     packages = [Path(p) for p in packages]
     if len(packages) < 2:
@@ -101,17 +93,7 @@ def make_soup(packages, out, version: str | None = None, overwrite: bool = False
                      f"{len(packages)} packages: {parts}. Made by python -m "
                      f"napari_medseg.training.soup --out <folder> "
                      + " ".join(f"<{p.name}>" for p in packages)).strip()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
-    try:
-        torch.save(state, tmp / card.weights)
-        card.save(tmp / "card.yaml")
-        if out.exists():  # overwrite: the old package goes only once the new one is whole
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_state_package(card, state, out, overwrite=overwrite)
     return out
 
 
