@@ -41,6 +41,31 @@ def make_head_ct(shape=(40, 176, 176), spacing=(4.0, 1.25, 1.25), seed=0) -> Vol
     return Volume(np.rint(img).astype(np.int16), aff, source="synthetic head CT")
 
 
+def make_thighs_ct(shape=(36, 220, 340), spacing=(5.0, 1.2, 1.2), seed=0,
+                   marrow_hu: float = -60.0) -> Volume:
+    """A synthetic CT of both thighs in HU: skin and fat around muscle, a femoral shaft
+    in each (a +1400 HU cortex around fatty marrow), a curved scanner table below, air
+    around; LPS-stored like DICOM."""
+    rng = np.random.default_rng(seed)
+    z, y, x = (np.arange(n, dtype=np.float32)[(...,) + (None,) * (2 - i)] * s -
+               (n - 1) * s / 2 for i, (n, s) in enumerate(zip(shape, spacing)))
+    img = np.full(shape, -1000.0, np.float32)
+    taper = 1.0 - 0.15 * (z + 90.0) / 180.0  # thinner towards the knee
+    for side in (-1.0, 1.0):
+        cx = side * 95.0
+        r = np.sqrt(((x - cx) / (75.0 * taper)) ** 2 + (y / (80.0 * taper)) ** 2)
+        img = np.where(r < 1.0, -100.0, img)          # subcutaneous fat, skin
+        img = np.where(r < 0.8, 50.0, img)            # muscle
+        d = np.sqrt((x - cx + side * 15.0) ** 2 + (y - 10.0) ** 2)  # femur, medial
+        img = np.where((d < 14.0) & (r < 1.0), 1400.0, img)
+        img = np.where((d < 8.0) & (r < 1.0), marrow_hu, img)
+    table = (np.abs(y - 110.0 - 0.002 * x ** 2) < 3.0) & (np.abs(x) < 160.0)
+    img = np.where(table & (img < -500), 200.0, img)
+    img = img + rng.normal(0, 10, shape).astype(np.float32)
+    aff = make_affine(spacing, (0.0, 0.0, 0.0), np.diag([-1.0, -1.0, 1.0]))
+    return Volume(np.rint(img).astype(np.int16), aff, source="synthetic thighs CT")
+
+
 @pytest.fixture(scope="module")
 def ct_card():
     return read_card(BUILTIN_DIR / MODEL / "card.yaml")
@@ -65,11 +90,47 @@ def test_abdominal_ct_is_not_a_head():
     assert detect_body_region(img).region != "head"
 
 
+def test_thighs_ct_is_a_limb_even_cropped_to_one_thigh():
+    legs = make_thighs_ct()
+    g = detect_body_region(legs)
+    assert g.region == "limb" and g.limb_fraction >= 0.9, g
+    # a crop around one thigh (as a sarcoma study keeps it) is cut by the field of view
+    one = Volume(np.asarray(legs.data)[:, 20:200, 170:330], legs.affine)
+    assert detect_body_region(one).region == "limb"
+    # bones filled with cancellous bone (as a vertebral body is) are no shafts
+    assert detect_body_region(make_thighs_ct(marrow_hu=250.0)).region != "limb"
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_adult_abdomen_with_arms_is_a_trunk_not_a_limb(seed):
+    img, _ = make_abdomen_ct(seed=seed, vary=True, shape=(104, 240, 240))
+    g = detect_body_region(img)
+    assert g.region == "trunk" and g.limb_fraction < 0.1, g
+
+
 # ------------------------------------------------------------- the CT model
 def test_ct_model_on_head_ct_warns_about_the_region(ct_card):
     assert ct_card.body_region == "abdomen"
     warns = check_input(ct_card, [make_head_ct()])
     assert len(warns) == 1 and "head" in warns[0] and "abdomen" in warns[0], warns
+
+
+def test_ct_model_on_thighs_ct_warns_about_the_region(ct_card):
+    warns = check_input(ct_card, [make_thighs_ct()])
+    assert len(warns) == 1 and "limb" in warns[0] and "abdomen" in warns[0], warns
+
+
+@pytest.mark.parametrize("case", ["STS_006", "STS_009"])
+def test_ct_model_on_real_thigh_sarcoma_ct_warns(ct_card, case):
+    path = REAL / "sarcoma" / case / "CT_image.nii.gz"
+    if not path.is_file():
+        pytest.skip("shared real data not present")
+    from napari_medseg.io import read_volume
+
+    vol = read_volume(path)
+    assert detect_body_region(vol).region == "limb"
+    warns = check_input(ct_card, [vol])
+    assert len(warns) == 1 and "limb" in warns[0], warns
 
 
 def test_ct_model_on_brain_mr_warns_about_the_modality(ct_card):

@@ -1,4 +1,4 @@
-"""Which part of the body a volume shows: a head, the trunk, or cannot tell.
+"""Which part of the body a volume shows: a head, a limb, the trunk, or cannot tell.
 
 :func:`detect_body_region` looks at up to 24 axial slices (perpendicular to the
 voxel axis closest to the patient's head-foot axis) and measures, per slice:
@@ -10,17 +10,28 @@ voxel axis closest to the patient's head-foot axis) and measures, per slice:
 * for CT, a **skull ring**: bone (> 300 HU) that closes around an interior of
   at least 20 cm\\ :sup:`2` (larger than a vertebral canal, about 2 cm\\ :sup:`2`),
   covering at least 30% of the body's cross-section and holding brain-range
-  tissue (median -10 to 90 HU).
+  tissue (median -10 to 90 HU);
+* for CT, **limb slices**: every sizeable piece of body (a quarter of the
+  largest piece's area or more; the scanner table is thinner) is under 22 cm
+  wide and one holds a **long-bone shaft**: a dense cortical ring (median over
+  700 HU) of 1.5-25 cm\\ :sup:`2` around a marrow cavity (a tenth of its area
+  or more, median under 150 HU), round rather than flat (not a rib, a
+  scapula or the pelvis). A thigh, a leg or an arm looks like that; an abdomen
+  has a single wide piece, and its vertebrae have a thin shell around
+  cancellous bone.
 
 The decision:
 
 * ``"head"``: CT with a skull ring in at least 30% of the body slices and a
   median width under 25 cm; MR whose body is not cut by the field of view in
   most slices and is under 22 cm wide (a head is 15-20 cm; a trunk 25-45 cm);
+* ``"limb"``: CT with limb slices in at least half of the body slices and no
+  skull ring (a thigh sarcoma is not an abdomen, though a crop of it is as
+  wide as one);
 * ``"trunk"``: a median width of at least 24 cm (cut or not: no head is that
   wide) and, for CT, skull rings in under 10% of the slices; chest, abdomen
   and pelvis are not told apart;
-* ``"unknown"``: anything else (crops smaller than a head, single limbs, PET,
+* ``"unknown"``: anything else (crops smaller than a head without a shaft, PET,
   too little body), so the checks built on it stay silent.
 
 Qt- and napari-free; numpy and scipy only. About 0.5 s for a 512 x 512 x 300 CT.
@@ -38,9 +49,12 @@ _MAX_SLICES = 24
 _BONE_HU, _BODY_HU = 300.0, -500.0
 _RING_MIN_CM2, _RING_MIN_FRACTION = 20.0, 0.3
 _BRAIN_HU = (-10.0, 90.0)
+_LIMB_MAX_WIDTH_MM, _LIMB_MIN_FRACTION = 220.0, 0.5
+_SHAFT_CM2, _CORTEX_HU, _MARROW_MAX_HU = (1.5, 25.0), 700.0, 150.0
 
 #: Card regions an image region is compatible with.
 _FITS = {"head": {"any", "head", "brain", "whole-body"},
+         "limb": {"any", "limb", "whole-body"},
          "trunk": {"any", "neck", "chest", "abdomen", "pelvis", "trunk", "whole-body"}}
 
 
@@ -51,11 +65,13 @@ class RegionGuess:
     Attributes
     ----------
     region : str
-        ``"head"``, ``"trunk"`` or ``"unknown"``.
+        ``"head"``, ``"limb"``, ``"trunk"`` or ``"unknown"``.
     reason : str
         The measurements behind it, in words.
     skull_fraction : float
         Fraction of body slices with a closed skull ring (CT; 0 otherwise).
+    limb_fraction : float
+        Fraction of body slices that look like limbs (CT; 0 otherwise).
     width_mm : float or None
         Median body width over the body slices, in mm.
     """
@@ -64,6 +80,7 @@ class RegionGuess:
     reason: str
     skull_fraction: float = 0.0
     width_mm: float | None = None
+    limb_fraction: float = 0.0
 
 
 def region_fits(image_region: str, card_region: str) -> bool:
@@ -85,23 +102,72 @@ def axial_axis(affine) -> int:
     return 2 - ijk
 
 
+def _width_mm(mask, spacing2d) -> float:
+    """The longer side (mm) of the bounding box of a 2D mask."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return float(max((rows[-1] - rows[0] + 1) * spacing2d[0],
+                     (cols[-1] - cols[0] + 1) * spacing2d[1]))
+
+
+def _has_shaft(img2d, piece, px_cm2) -> bool:
+    """True when ``piece`` holds a long-bone shaft (see the module notes)."""
+    from scipy import ndimage
+
+    bone = (img2d > _BONE_HU) & piece
+    lab, n = ndimage.label(bone)
+    if n == 0:
+        return False
+    boxes = ndimage.find_objects(lab)
+    for k, box in enumerate(boxes, start=1):
+        ring = lab[box] == k
+        h, w = ring.shape
+        if max(h, w) > 2.5 * min(h, w):  # a rib's arc or a flat bone
+            continue
+        filled = ndimage.binary_fill_holes(ring)
+        area = float(filled.sum()) * px_cm2
+        if not _SHAFT_CM2[0] <= area <= _SHAFT_CM2[1] or filled.sum() < 0.5 * h * w:
+            continue
+        marrow = filled & ~ring
+        if marrow.sum() < 0.1 * filled.sum():
+            continue
+        sub = img2d[box]
+        if (float(np.median(sub[ring])) >= _CORTEX_HU
+                and float(np.median(sub[marrow])) < _MARROW_MAX_HU):
+            return True
+    return False
+
+
+def _is_limb_slice(img2d, lab, sizes, spacing2d, px_cm2) -> bool:
+    """Every sizeable piece of body is limb-narrow, and one holds a long-bone shaft."""
+    from scipy import ndimage
+
+    big = np.flatnonzero(sizes >= 0.25 * sizes.max())
+    shaft = False
+    boxes = ndimage.find_objects(lab)
+    for k in big:
+        box = boxes[k - 1]
+        piece = lab[box] == k
+        if _width_mm(piece, spacing2d) >= _LIMB_MAX_WIDTH_MM:
+            return False
+        shaft = shaft or _has_shaft(img2d[box], ndimage.binary_fill_holes(piece), px_cm2)
+    return shaft
+
+
 def _slice_stats(img2d, spacing2d, modality, threshold):
-    """Per-slice measures: (has body, width mm, cut, skull ring)."""
+    """Per-slice measures: (width mm, cut, skull ring, limb), or None without a body."""
     from scipy import ndimage
 
     px_cm2 = spacing2d[0] * spacing2d[1] / 100.0
-    body = img2d > threshold
-    lab, n = ndimage.label(body)
+    pieces, n = ndimage.label(img2d > threshold)
     if n == 0:
         return None
-    sizes = np.bincount(lab.ravel())
-    sizes[0] = 0
-    body = ndimage.binary_fill_holes(lab == int(sizes.argmax()))
+    piece_sizes = np.bincount(pieces.ravel())
+    piece_sizes[0] = 0
+    body = ndimage.binary_fill_holes(pieces == int(piece_sizes.argmax()))
     area = float(body.sum()) * px_cm2
     if area < 10.0:
         return None
-    rows, cols = np.flatnonzero(body.any(1)), np.flatnonzero(body.any(0))
-    width = max((rows[-1] - rows[0] + 1) * spacing2d[0], (cols[-1] - cols[0] + 1) * spacing2d[1])
+    width = _width_mm(body, spacing2d)
     border = np.concatenate([body[0], body[-1], body[:, 0], body[:, -1]])
     cut = bool(border.mean() > 0.05)
     ring = False
@@ -117,11 +183,12 @@ def _slice_stats(img2d, spacing2d, modality, threshold):
             if inner >= _RING_MIN_CM2 and inner >= _RING_MIN_FRACTION * area:
                 med = float(np.median(img2d[lab == k]))
                 ring = _BRAIN_HU[0] <= med <= _BRAIN_HU[1]
-    return float(width), cut, ring
+    limb = modality == "CT" and _is_limb_slice(img2d, pieces, piece_sizes, spacing2d, px_cm2)
+    return float(width), cut, ring, limb
 
 
 def detect_body_region(volume, modality: str | None = None) -> RegionGuess:
-    """Guess whether ``volume`` shows a head or the trunk (see the module notes).
+    """Guess whether ``volume`` shows a head, a limb or the trunk (see the module notes).
 
     Parameters
     ----------
@@ -166,16 +233,20 @@ def detect_body_region(volume, modality: str | None = None) -> RegionGuess:
     widths = np.array([s[0] for s in stats])
     cut = float(np.mean([s[1] for s in stats]))
     skull = float(np.mean([s[2] for s in stats]))
+    limb = float(np.mean([s[3] for s in stats]))
     width = float(np.median(widths))
     facts = (f"median body width {width / 10:.1f} cm over {len(stats)} axial slices"
              f"{f', cut by the field of view in {100 * cut:.0f}%' if cut else ''}")
     if modality == "CT":
         facts += f", a closed bone ring around brain-range tissue in {100 * skull:.0f}%"
+        facts += f", a long-bone shaft in limb-narrow body in {100 * limb:.0f}%"
         if skull >= 0.3 and width < 250.0:
-            return RegionGuess("head", f"CT: {facts}: a skull", skull, width)
+            return RegionGuess("head", f"CT: {facts}: a skull", skull, width, limb)
+        if limb >= _LIMB_MIN_FRACTION and skull < 0.1:
+            return RegionGuess("limb", f"CT: {facts}: an arm or a leg", skull, width, limb)
         if width >= 240.0 and skull < 0.1:
-            return RegionGuess("trunk", f"CT: {facts}: wider than a head", skull, width)
-        return RegionGuess("unknown", f"CT: {facts}", skull, width)
+            return RegionGuess("trunk", f"CT: {facts}: wider than a head", skull, width, limb)
+        return RegionGuess("unknown", f"CT: {facts}", skull, width, limb)
     if width < 220.0 and cut < 0.5:
         return RegionGuess("head", f"MR: {facts}: head-sized", 0.0, width)
     if width >= 240.0:

@@ -14,16 +14,17 @@ Before a run, :func:`check_input` compares the images with the card:
   count as MR; ``unknown`` on either side never warns);
 * **body region**: the image's region
   (:func:`~napari_medseg.core.body_region.detect_body_region`: a skull ring,
-  the body's width) against the card's ``body_region`` (``any`` never warns;
-  an image whose region cannot be told never warns).
+  a long-bone shaft in a limb-narrow body, the body's width) against the
+  card's ``body_region`` (``any`` never warns; an image whose region cannot be
+  told never warns).
 
 After a run, :func:`check_prediction` compares each class's predicted volume
 (mL) with the card's ``plausible_ml`` ``{class: [low, high]}``: above ``high``
 always warns; below ``low`` only when the class lies wholly inside the image
 (an organ cut by the field of view may be small); an absent class never warns.
 
-Volume ranges alone do not catch a wrong input (794 mL of "liver" in a head is a
-plausible liver volume): the modality and region checks do.
+Volume ranges alone do not catch a wrong input (794 mL of "liver" in a head, or
+1.4 L in a thigh, is a plausible liver volume): the modality and region checks do.
 """
 
 from __future__ import annotations
