@@ -196,7 +196,8 @@ def scenario_newclass(a, tmp: Path) -> dict:
                                  ds, ledger=ledger)
         tuned, secs = _finetune(base, ds, tmp / f"newclass{k}" / "models", f"sarcoma{k}", a,
                                 a.newclass_iterations, new_classes={new_id: "sarcoma"},
-                                lr=a.newclass_lr, **_newclass_options(a))
+                                lr=a.newclass_lr, patch_size=a.newclass_patch,
+                                **_newclass_options(a))
         scores = [_dice(_predict(tuned, img) == new_id, m) for img, m in test]
         out[f"newclass_dice_after_{k}"] = round(float(np.mean(scores)), 4)
         out[f"newclass_dice_per_case_{k}"] = [round(s, 4) for s in scores]
@@ -208,6 +209,7 @@ def scenario_newclass(a, tmp: Path) -> dict:
     out["newclass_synthetic_dice_before"] = synth_before
     out["newclass_iterations"] = a.newclass_iterations
     out["newclass_options"] = {"lr": a.newclass_lr, "ledger": bool(a.newclass_ledger),
+                               "patch_size": a.newclass_patch,
                                **_newclass_options(a)}
     out["newclass_setup"] = ("train STS_001..STS_00k (CT + GTV mask, "
                              + ("the base prediction corrected into it" if a.newclass_ledger
@@ -360,6 +362,8 @@ def main(argv=None) -> int:
     p.add_argument("--synthetic-shape", type=int, nargs=3, default=(64, 128, 128))
     p.add_argument("--newclass-k", type=int, nargs="+", default=[1, 3, 7])
     p.add_argument("--newclass-iterations", type=int, default=2000)
+    p.add_argument("--newclass-patch", type=int, nargs=3, default=None,
+                   help="training window in newclass (default: the card's)")
     p.add_argument("--newclass-anchor", type=float, default=None,
                    help="L2-SP strength in newclass (default: finetune's for new classes)")
     p.add_argument("--newclass-early-lr-factor", type=float, default=None)
