@@ -101,6 +101,16 @@ def test_thighs_ct_is_a_limb_even_cropped_to_one_thigh():
     assert detect_body_region(make_thighs_ct(marrow_hu=250.0)).region != "limb"
 
 
+def test_scan_from_abdomen_to_thighs_is_not_a_limb(ct_card):
+    belly, _ = make_abdomen_ct(seed=1, vary=True, shape=(60, 240, 240))
+    legs = make_thighs_ct(shape=(90, 240, 240), spacing=belly.spacing)
+    both = Volume(np.concatenate([np.asarray(belly.data, np.float32),
+                                  np.asarray(legs.data, np.float32)]), belly.affine)
+    assert detect_body_region(legs).region == "limb"
+    assert detect_body_region(both).region != "limb"
+    assert not any("limb" in w for w in check_input(ct_card, [both]))
+
+
 @pytest.mark.parametrize("seed", [0, 3])
 def test_adult_abdomen_with_arms_is_a_trunk_not_a_limb(seed):
     img, _ = make_abdomen_ct(seed=seed, vary=True, shape=(104, 240, 240))

@@ -25,9 +25,10 @@ The decision:
 * ``"head"``: CT with a skull ring in at least 30% of the body slices and a
   median width under 25 cm; MR whose body is not cut by the field of view in
   most slices and is under 22 cm wide (a head is 15-20 cm; a trunk 25-45 cm);
-* ``"limb"``: CT with limb slices in at least half of the body slices and no
-  skull ring (a thigh sarcoma is not an abdomen, though a crop of it is as
-  wide as one);
+* ``"limb"``: CT with limb slices in at least half of the body slices, trunk-wide
+  slices (24 cm or more) in under a fifth (a scan from the chest to the knees
+  shows the trunk too) and no skull ring (a thigh sarcoma is not an abdomen,
+  though a crop of it is as wide as one);
 * ``"trunk"``: a median width of at least 24 cm (cut or not: no head is that
   wide) and, for CT, skull rings in under 10% of the slices; chest, abdomen
   and pelvis are not told apart;
@@ -49,7 +50,8 @@ _MAX_SLICES = 24
 _BONE_HU, _BODY_HU = 300.0, -500.0
 _RING_MIN_CM2, _RING_MIN_FRACTION = 20.0, 0.3
 _BRAIN_HU = (-10.0, 90.0)
-_LIMB_MAX_WIDTH_MM, _LIMB_MIN_FRACTION = 220.0, 0.5
+_LIMB_MAX_WIDTH_MM, _LIMB_MIN_FRACTION, _LIMB_MAX_TRUNK_FRACTION = 220.0, 0.5, 0.2
+_TRUNK_MIN_WIDTH_MM = 240.0
 _SHAFT_CM2, _CORTEX_HU, _MARROW_MAX_HU = (1.5, 25.0), 700.0, 150.0
 
 #: Card regions an image region is compatible with.
@@ -234,6 +236,7 @@ def detect_body_region(volume, modality: str | None = None) -> RegionGuess:
     cut = float(np.mean([s[1] for s in stats]))
     skull = float(np.mean([s[2] for s in stats]))
     limb = float(np.mean([s[3] for s in stats]))
+    wide = float(np.mean(widths >= _TRUNK_MIN_WIDTH_MM))
     width = float(np.median(widths))
     facts = (f"median body width {width / 10:.1f} cm over {len(stats)} axial slices"
              f"{f', cut by the field of view in {100 * cut:.0f}%' if cut else ''}")
@@ -242,9 +245,9 @@ def detect_body_region(volume, modality: str | None = None) -> RegionGuess:
         facts += f", a long-bone shaft in limb-narrow body in {100 * limb:.0f}%"
         if skull >= 0.3 and width < 250.0:
             return RegionGuess("head", f"CT: {facts}: a skull", skull, width, limb)
-        if limb >= _LIMB_MIN_FRACTION and skull < 0.1:
+        if limb >= _LIMB_MIN_FRACTION and skull < 0.1 and wide < _LIMB_MAX_TRUNK_FRACTION:
             return RegionGuess("limb", f"CT: {facts}: an arm or a leg", skull, width, limb)
-        if width >= 240.0 and skull < 0.1:
+        if width >= _TRUNK_MIN_WIDTH_MM and skull < 0.1:
             return RegionGuess("trunk", f"CT: {facts}: wider than a head", skull, width, limb)
         return RegionGuess("unknown", f"CT: {facts}", skull, width, limb)
     if width < 220.0 and cut < 0.5:
