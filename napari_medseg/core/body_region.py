@@ -72,10 +72,10 @@ class RegionGuess:
         The measurements behind it, in words.
     skull_fraction : float
         Fraction of body slices with a closed skull ring (CT; 0 otherwise).
-    limb_fraction : float
-        Fraction of body slices that look like limbs (CT; 0 otherwise).
     width_mm : float or None
         Median body width over the body slices, in mm.
+    limb_fraction : float
+        Fraction of body slices that look like limbs (CT; 0 otherwise).
     """
 
     region: str
@@ -252,7 +252,7 @@ def detect_body_region(volume, modality: str | None = None) -> RegionGuess:
         return RegionGuess("unknown", f"CT: {facts}", skull, width, limb)
     if width < 220.0 and cut < 0.5:
         return RegionGuess("head", f"MR: {facts}: head-sized", 0.0, width)
-    if width >= 240.0:
+    if width >= _TRUNK_MIN_WIDTH_MM:
         return RegionGuess("trunk", f"MR: {facts}: wider than a head", 0.0, width)
     return RegionGuess("unknown", f"MR: {facts}", 0.0, width)
 
