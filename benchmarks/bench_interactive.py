@@ -13,7 +13,11 @@ then 5 corrective clicks: 6 interactions).
 abdominal CT organs, bones and muscles, sarcomas in CT, MR and PET, BraTS
 tumours, aseg brain structures; see :data:`REAL_CASES`) with both protocols;
 there each next click goes to the deepest voxel of the largest connected error
-region (the CVPR 2025 interactive 3D challenge's rule). Prints JSON::
+region (the CVPR 2025 interactive 3D challenge's rule). For an engine that
+offers several region sizes for a first click (the click model; the widget's W
+key), ``real_dice_at_1_by_size`` is the Dice after the first click in each,
+and ``real_dice_at_1_best_size`` the mean over objects of the best of them (a
+user who steps through the sizes until the answer looks right). Prints JSON::
 
     python benchmarks/bench_interactive.py --json
     python benchmarks/bench_interactive.py --protocol box+clicks --engine classical
@@ -266,6 +270,28 @@ def _split(objects: dict, protocols) -> dict:
     return out
 
 
+def _first_click_sizes(engine, image, spacing, truth) -> list | None:
+    """Dice after the protocol's first click in each region size the engine
+    offers (the widget's W key), or None when it offers none."""
+    from napari_medseg.interactive import Prompts
+    from napari_medseg.interactive.simulate import dice, next_click
+
+    sizes = getattr(engine, "first_sizes_mm", ())
+    if len(sizes) < 2:
+        return None
+    click = next_click(np.zeros_like(truth), truth, spacing, rule="largest")[0]
+    keep = engine.first_size
+    out = []
+    try:
+        for k in range(len(sizes)):
+            engine.first_size = k
+            out.append(round(dice(engine.predict(image, spacing,
+                                                 Prompts(positive=[click])), truth), 4))
+    finally:
+        engine.first_size = keep
+    return out
+
+
 def bench_real(name: str, root, protocols, n_clicks: int = 5, path=None, groups=None,
                max_per_group: int = 0, latency=None, log=None) -> dict:
     """One engine on the objects of the real-scan folder ``root``.
@@ -323,6 +349,8 @@ def bench_real(name: str, root, protocols, n_clicks: int = 5, path=None, groups=
                     rec.setdefault("errors", {})[proto] = str(exc)
                 except Exception as exc:  # one object must not kill the run
                     rec.setdefault("errors", {})[proto] = repr(exc)
+            if "clicks" in protocols and "clicks" in rec:
+                rec["first_click_by_size"] = _first_click_sizes(engine, image, spacing, truth)
             if log:
                 log(f"{key}: " + json.dumps({k: v for k, v in rec.items() if k != "group"}))
     return summarise_real(name, objects, protocols, n_clicks, box_refused, engine, latency)
@@ -358,6 +386,14 @@ def summarise_real(name, objects, protocols, n_clicks, box_refused, engine, late
         out[f"real_{key}dsc_auc"] = st["auc"]
         out[f"real_{key}regressions"] = st["regressions"]
         out["objects_measured"] = max(out["objects_measured"], len(curves))
+    sized = [r["first_click_by_size"] for r in objects.values()
+             if r.get("first_click_by_size")]
+    if sized:  # one click, then W until the region size looks right
+        arr = np.array(sized)
+        mm = getattr(engine, "first_sizes_mm", ())
+        out["real_dice_at_1_by_size"] = {f"{m:g}mm": round(float(v), 4)
+                                         for m, v in zip(mm, arr.mean(0))}
+        out["real_dice_at_1_best_size"] = round(float(arr.max(1).mean()), 4)
     out["real_groups"] = {}
     for g, v in sorted(per_group.items()):
         d = {"n": len(v.get("clicks", v.get("box+clicks", [])))}

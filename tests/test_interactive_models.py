@@ -111,6 +111,40 @@ def test_click_model_segments_organs_and_refines(phantom):
     assert m.shape == image.shape and not m[15].any() and not m[17].any()
 
 
+def _deepest(mask):
+    from scipy import ndimage as ndi
+
+    d = ndi.distance_transform_edt(mask)
+    return np.array(np.unravel_index(np.argmax(d), mask.shape), float)
+
+
+def test_first_click_sizes_trade_large_organs_for_small_ones():
+    from napari_medseg.interactive import engine_info
+    from napari_medseg.interactive.simulate import dice
+
+    img, lab = make_abdomen_ct(seed=0, shape=(48, 128, 128), spacing=(2.5, 1.5, 1.5))
+    image, lab = np.asarray(img.data, np.float32), np.asarray(lab.data)
+    eng = make_engine("click model")
+    assert eng.first_size == 0 and eng.first_sizes_mm == engine_info("click model").first_sizes_mm
+    liver, kidney = lab == 1, lab == 3
+    scores = {}
+    for size in (0, 1):
+        eng.first_size = size
+        for name, truth in (("liver", liver), ("kidney", kidney)):
+            # the same prompts again: the cache must not answer for another size
+            m = eng.predict(image, img.spacing, Prompts(positive=[_deepest(truth)]))
+            scores[name, size] = dice(m, truth)
+    # the 64 mm cube takes a part of the 17 cm liver, the 128 mm one most of it;
+    # for the kidney the finest cube is the better one
+    assert scores["liver", 1] > scores["liver", 0] + 0.2, scores
+    assert scores["kidney", 0] > scores["kidney", 1] + 0.2, scores
+    # later clicks refine whatever the size; a bad size is refused
+    run = simulate_clicks(eng, image, img.spacing, liver, n_clicks=3)
+    assert min(run.dice) > 0.65, run.dice
+    with pytest.raises(ValueError, match="first_size"):
+        eng.first_size = 3
+
+
 def _scribble(shape):
     s = np.zeros(shape, np.uint8)
     s[16, 40:44, 30:34] = 1
@@ -321,6 +355,20 @@ def test_default_engine_three_clicks_on_a_real_liver(real_ct):
     engine = make_engine(getattr(interactive, "DEFAULT_ENGINE", "click model"))
     run = simulate_clicks(engine, image, spacing, ref == 5, n_clicks=3, rule="largest")
     assert run.dice[-1] >= 0.8, run.dice
+
+
+def test_a_wider_first_click_takes_a_real_liver_whole(real_ct):
+    from napari_medseg.interactive.simulate import dice, next_click
+
+    image, spacing, ref = real_ct
+    liver = ref == 5
+    eng = make_engine("click model")
+    # the benchmark's first click: the liver's deepest voxel in mm
+    click = Prompts(positive=[next_click(np.zeros_like(liver), liver, spacing, "largest")[0]])
+    small = dice(eng.predict(image, spacing, click), liver)
+    eng.first_size = 1
+    wide = dice(eng.predict(image, spacing, click), liver)
+    assert small < 0.3 and wide > 0.55, (small, wide)
 
 
 def _two_region_image(rng):

@@ -91,6 +91,41 @@ def test_c_key_on_a_prompt_layer_commits_one_undo_step(setup, qtbot):
     assert np.array_equal(target.data, before)
 
 
+def test_w_key_looks_at_a_first_click_in_a_wider_region(setup, qtbot):
+    from qtpy.QtCore import Qt
+
+    viewer, widget, target, lab = setup
+    assert widget.engine_combo.currentText() == "click model"
+    assert widget.size_combo.isEnabled() and widget.size_combo.count() == 3
+    assert widget.size_combo.currentIndex() == 0
+    kidney = lab.data == 3
+    pos = viewer.layers["positive"]
+    pos.add(_centre(kidney))
+    widget.wait()
+    preview = viewer.layers["interactive preview"]
+    small = preview.data > 0
+    assert small.any() and "W:" in widget.status.text(), widget.status.text()
+    viewer.layers.selection.active = pos
+    qtbot.keyClick(viewer.window._qt_viewer.canvas.native, Qt.Key_W)
+    assert widget.size_combo.currentIndex() == 1
+    widget.wait()
+    wide = preview.data > 0
+    engine = widget._engine()
+    assert engine.first_size == 1
+    # the wider region takes in more than the small kidney, from the same click
+    assert wide.sum() > small.sum() and not np.array_equal(wide, small)
+    for _ in range(2):  # after the widest, the finest again
+        widget.next_size()
+    assert widget.size_combo.currentIndex() == 0
+    widget.wait()
+    assert np.array_equal(preview.data > 0, small)
+    # an engine without sizes: the picker is off and W does nothing
+    widget.engine_combo.setCurrentText("classical")
+    assert not widget.size_combo.isEnabled()
+    widget.next_size()
+    assert widget.size_combo.currentIndex() == 0
+
+
 def test_new_prompt_replaces_stale_update_and_bad_input(setup, qtbot):
     viewer, widget, target, lab = setup
     pos = viewer.layers["positive"]

@@ -63,6 +63,12 @@ def commit_mask(target: Labels, mask: np.ndarray, region, value: int,
     return int(len(idx[0]))
 
 
+def _size_text(mm: float, i: int, n: int) -> str:
+    """The size picker's entry for a first-click region of ``mm``."""
+    hint = " (small objects)" if i == 0 else " (large organs)" if i == n - 1 else ""
+    return f"{mm:g} mm around it{hint}"
+
+
 class InteractiveWidget(QWidget):
     """Dock widget for prompt-based segmentation of one object at a time."""
 
@@ -107,6 +113,11 @@ class InteractiveWidget(QWidget):
         path_row.addWidget(browse)
         self.mode_combo = QComboBox()
         self.mode_combo.addItems([text for text, _ in MODE_TEXT])
+        self.size_combo = QComboBox()
+        self.size_combo.setToolTip(
+            "How much of the image a first click looks at. One click does not say how "
+            "big the object is: a small region keeps small objects whole, a wide one "
+            "takes a large organ whole. W steps to the next size.")
         self.label_spin = QSpinBox()
         self.label_spin.setRange(1, 65535)
         self.new_id_check = QCheckBox("new object id")
@@ -118,6 +129,7 @@ class InteractiveWidget(QWidget):
         form.addRow("engine", self.engine_combo)
         form.addRow("weights", path_row)
         form.addRow("mode", self.mode_combo)
+        form.addRow("first click sees", self.size_combo)
         form.addRow("label value", self.label_spin)
         form.addRow("", self.new_id_check)
         form.addRow("", self.overwrite_check)
@@ -139,6 +151,7 @@ class InteractiveWidget(QWidget):
         self.reset_button.clicked.connect(self.reset)
         self.engine_combo.currentTextChanged.connect(self._on_engine)
         self.mode_combo.currentTextChanged.connect(lambda _: self.schedule())
+        self.size_combo.currentIndexChanged.connect(lambda _: self.schedule())
         self._on_engine()
         self.path_edit.editingFinished.connect(self.schedule)
 
@@ -163,6 +176,13 @@ class InteractiveWidget(QWidget):
         if keep in modes:
             self.mode_combo.setCurrentText(keep)
         self.mode_combo.blockSignals(False)
+        sizes = info.first_sizes_mm
+        self.size_combo.blockSignals(True)
+        self.size_combo.clear()
+        self.size_combo.addItems([_size_text(mm, i, len(sizes)) for i, mm in enumerate(sizes)]
+                                 or ["the engine decides"])
+        self.size_combo.setEnabled(bool(sizes))
+        self.size_combo.blockSignals(False)
         self.engine_combo.setToolTip(
             f"{info.name}: uses {', '.join(info.prompts)}; "
             f"{' and '.join(m.upper() for m in info.modes)}\n"
@@ -236,6 +256,7 @@ class InteractiveWidget(QWidget):
             lyr = self._layer(key)
             lyr.bind_key("c", lambda _layer: self.commit(), overwrite=True)
             lyr.bind_key("Control-z", lambda _layer: self.undo_prompt(), overwrite=True)
+            lyr.bind_key("w", lambda _layer: self.next_size(), overwrite=True)
             self._watch_prompt(key, lyr)
             if key in ("positive", "negative", "boxes") and lyr not in self._connected:
                 lyr.events.data.connect(self.schedule)
@@ -314,6 +335,13 @@ class InteractiveWidget(QWidget):
             self._engines.popitem(last=False)
         return self._engines[key]
 
+    def next_size(self) -> None:
+        """Look at a first click in the next wider region (after the widest: the
+        finest again); the preview updates."""
+        n = self.size_combo.count()
+        if self.size_combo.isEnabled() and n > 1:
+            self.size_combo.setCurrentIndex((self.size_combo.currentIndex() + 1) % n)
+
     # -------------------------------------------------------------- update
     def schedule(self, event=None):
         """Re-run the engine soon (prompt changes arrive in bursts)."""
@@ -330,6 +358,8 @@ class InteractiveWidget(QWidget):
                 self._show(None)
                 return
             engine = self._engine()
+            if self.engine_info().first_sizes_mm:
+                engine.first_size = max(self.size_combo.currentIndex(), 0)
             vol = volume_from_layer(img, viewer=self.viewer)
         except MedSegError as exc:
             self.status.setText(str(exc))
@@ -364,7 +394,13 @@ class InteractiveWidget(QWidget):
             return
         mask, region = res
         self._show((mask, region, prompts))
-        self.status.setText(f"{int(mask.sum())} voxels; C commits, Reset clears")
+        text = f"{int(mask.sum())} voxels; C commits, Reset clears"
+        if self.size_combo.isEnabled() and len(prompts.positive) == 1 \
+                and not len(prompts.negative) and not len(prompts.boxes):
+            last = self.size_combo.currentIndex() == self.size_combo.count() - 1
+            text += ("; W: back to the smallest region" if last
+                     else "; W: look at the first click in a wider region")
+        self.status.setText(text)
 
     def _finished(self, gen):
         if gen == self._current:

@@ -70,6 +70,10 @@ class EngineInfo:
         nothing.
     path_optional : bool
         The path may be left empty (e.g. other weights than the shipped ones).
+    first_sizes_mm : tuple of float
+        Edges (mm) of the regions a first click can be seen in, finest first,
+        chosen through the engine's ``first_size`` attribute (an index);
+        empty for engines without that choice.
     """
 
     name: str
@@ -79,6 +83,7 @@ class EngineInfo:
     modes: tuple = MODES
     path: str | None = None
     path_optional: bool = False
+    first_sizes_mm: tuple = ()
     extra: dict = field(default_factory=dict)
 
     @property
@@ -190,7 +195,8 @@ _BUILTIN = (
                     "the 20 objects of images never seen in training); 7 % of clicks "
                     "lowered Dice (8 % after a box) (benchmarks/bench_interactive.py "
                     "--real; docs/models.md)"),
-        prompts=("clicks", "boxes"), path="file", path_optional=True),
+        prompts=("clicks", "boxes"), path="file", path_optional=True,
+        first_sizes_mm=(64.0, 128.0, 256.0)),
     EngineInfo("Segment Anything", _with_path(".sam", "SamEngine"), EngineCard(
         trained_on="the checkpoint's own data (SAM: SA-1B natural images; MedSAM: public "
                    "medical images); nothing trained here",
