@@ -145,6 +145,27 @@ def test_first_click_sizes_trade_large_organs_for_small_ones():
         eng.first_size = 3
 
 
+def test_channels_last_inference_matches_the_plain_networks(phantom):
+    image, spacing, lab = phantom
+    eng = ClickModelEngine(amp="off")
+    assert all(n.stem[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+               for n in eng.nets)
+    rng = np.random.default_rng(0)
+    crop = image[:16, :32, :32].astype(np.float32)
+    pos, neg = np.array([[8.0, 16, 16]]), np.zeros((0, 3))
+    prev = (rng.random(crop.shape) > 0.5).astype(np.float32)
+    got = eng._forward(crop, pos, neg, prev, np.zeros((0, 2, 3)), flips=((), (0, 1, 2)))
+    x = torch.from_numpy(click_channels(crop, pos, neg, prev, np.zeros((0, 2, 3))))[None]
+    with torch.inference_mode():
+        want = 0
+        for w in eng.weights:
+            net = load_click_net(w)
+            want = want + net(x) + torch.flip(net(torch.flip(x, (2, 3, 4))), (2, 3, 4))
+    want = (want / (2 * len(eng.weights)))[0, 0].numpy()
+    assert got.flags.c_contiguous and got.shape == crop.shape
+    assert np.allclose(got, want, atol=1e-3), float(np.abs(got - want).max())
+
+
 def _scribble(shape):
     s = np.zeros(shape, np.uint8)
     s[16, 40:44, 30:34] = 1

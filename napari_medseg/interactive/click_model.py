@@ -412,7 +412,10 @@ class ClickModelEngine(Engine):
     def nets(self) -> list[ClickNet]:
         """The networks (loaded on first use); their logits are averaged."""
         if self._nets is None:
-            self._nets = [load_click_net(w) for w in self.weights]
+            # channels-last 3D: the CPU's convolutions and the trilinear
+            # upsampling run about twice as fast on a 2D update's slab
+            self._nets = [load_click_net(w).to(memory_format=torch.channels_last_3d)
+                          for w in self.weights]
         return self._nets
 
     def _previous(self, key, prompts: Prompts):
@@ -467,11 +470,12 @@ class ClickModelEngine(Engine):
         device = torch.device("cpu")
         dtype = resolve_amp(self.amp, device)
         x = torch.from_numpy(click_channels(crop_g, pos_g, neg_g, prev_g, box_g))[None]
+        x = x.contiguous(memory_format=torch.channels_last_3d)
         with torch.inference_mode(), torch.autocast("cpu", dtype=dtype or torch.bfloat16,
                                                     enabled=dtype is not None):
             axes = [tuple(a + 2 for a in f) for f in flips]
             out = sum(mirror_tta(net, x, (), axes).float() for net in self.nets)
-        return (out / len(self.nets))[0, 0].numpy()
+        return (out / len(self.nets))[0, 0].contiguous().numpy()
 
     @staticmethod
     def _boxes_to_grid(boxes, lo, hi, grid) -> np.ndarray:
