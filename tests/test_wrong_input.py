@@ -66,6 +66,27 @@ def make_thighs_ct(shape=(36, 220, 340), spacing=(5.0, 1.2, 1.2), seed=0,
     return Volume(np.rint(img).astype(np.int16), aff, source="synthetic thighs CT")
 
 
+def make_thigh_mr(shape=(30, 200, 200), spacing=(5.0, 1.0, 1.0), seed=0,
+                  cortex_mm: float = 6.0) -> Volume:
+    """A synthetic T1 MR of one thigh, whole in the field of view (as in an extremity
+    coil): bright fat under the skin, muscle, a femur whose cortex gives no signal
+    around bright fatty marrow (``cortex_mm`` thick), air around."""
+    rng = np.random.default_rng(seed)
+    z, y, x = (np.arange(n, dtype=np.float32)[(...,) + (None,) * (2 - i)] * s -
+               (n - 1) * s / 2 for i, (n, s) in enumerate(zip(shape, spacing)))
+    img = np.zeros(shape, np.float32)
+    taper = 1.0 - 0.15 * (z + 75.0) / 150.0
+    r = np.sqrt((x / (75.0 * taper)) ** 2 + (y / (80.0 * taper)) ** 2)
+    img = np.where(r < 1.0, 900.0, img)  # subcutaneous fat
+    img = np.where(r < 0.85, 350.0, img)  # muscle
+    d = np.sqrt((x + 10.0) ** 2 + (y - 10.0) ** 2)
+    img = np.where(d < 14.0, 30.0, img)  # cortex: no signal
+    img = np.where(d < 14.0 - cortex_mm, 850.0, img)  # fatty marrow
+    img = np.abs(img + rng.normal(0, 20, shape)).astype(np.float32)
+    aff = make_affine(spacing, (0.0, 0.0, 0.0), np.diag([-1.0, -1.0, 1.0]))
+    return Volume(img, aff, source="synthetic thigh MR")
+
+
 @pytest.fixture(scope="module")
 def ct_card():
     return read_card(BUILTIN_DIR / MODEL / "card.yaml")
@@ -199,6 +220,36 @@ def test_brain_model_on_ct_warns():
     mr, _ = make_head_mr(seed=0)
     assert check_input(card, [mr]) == []  # a T1-like head MR fits
     assert not model_fits_modality(card, "CT") and model_fits_modality(card, "MR")
+
+
+def test_mr_of_a_whole_thigh_is_a_limb_not_a_head():
+    thigh = make_thigh_mr()
+    assert detect_modality(thigh).modality == "MR"
+    g = detect_body_region(thigh)
+    assert g.region == "limb" and g.limb_fraction >= 0.8, g  # as wide as a head, uncut
+    warns = check_input(brain_card(), [thigh])
+    assert any("looks like a limb" in w and "brain" in w for w in warns), warns
+    # a thin shell around marrow (a vertebral body) is not a long bone's cortex
+    assert detect_body_region(make_thigh_mr(cortex_mm=1.0)).region == "head"
+    for seed in range(4):  # heads stay heads
+        mr, _ = make_head_mr(seed=seed, vary=True)
+        assert detect_body_region(mr, "MR").region == "head"
+
+
+@pytest.mark.parametrize("case", ["STS_009"])
+def test_brain_model_on_real_thigh_mr_warns(case):
+    path = REAL / "sarcoma" / case / "MR_T1_image.nii.gz"
+    if not path.exists():
+        pytest.skip("the shared real scans (../shared/realdata) are not here")
+    from napari_medseg.io import read_volume
+
+    mr = read_volume(path)
+    assert detect_body_region(mr, "MR").region == "limb"
+    warns = check_input(brain_card(), [mr])
+    assert any("looks like a limb" in w for w in warns), warns
+    t1 = REAL / "brain_t1_aseg" / "t1.nii.gz"
+    if t1.exists():  # and the real brain stays a head
+        assert check_input(brain_card(), [read_volume(t1)]) == []
 
 
 def test_deepbet_card_warns_on_ct():

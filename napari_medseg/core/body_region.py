@@ -18,17 +18,22 @@ voxel axis closest to the patient's head-foot axis) and measures, per slice:
   or more, median under 150 HU), round rather than flat (not a rib, a
   scapula or the pelvis). A thigh, a leg or an arm looks like that; an abdomen
   has a single wide piece, and its vertebrae have a thin shell around
-  cancellous bone.
+  cancellous bone;
+* for MR, **limb slices** alike, the shaft being a cortex without signal
+  (under the body threshold) around marrow brighter than the piece's median
+  (fat, on T1 and T2), the cortex at least a quarter of the shaft's
+  cross-section (a femur's is over half; a vertebral body's shell is thin).
 
 The decision:
 
 * ``"head"``: CT with a skull ring in at least 30% of the body slices and a
   median width under 25 cm; MR whose body is not cut by the field of view in
   most slices and is under 22 cm wide (a head is 15-20 cm; a trunk 25-45 cm);
-* ``"limb"``: CT with limb slices in at least half of the body slices, trunk-wide
+* ``"limb"``: CT or MR with limb slices in at least half of the body slices, trunk-wide
   slices (24 cm or more) in under a fifth (a scan from the chest to the knees
-  shows the trunk too) and no skull ring (a thigh sarcoma is not an abdomen,
-  though a crop of it is as wide as one);
+  shows the trunk too) and, for CT, no skull ring (a thigh sarcoma is not an
+  abdomen, though a crop of it is as wide as one; in MR, a whole thigh is not
+  a head, though it is as wide as one);
 * ``"trunk"``: a median width of at least 24 cm (cut or not: no head is that
   wide) and, for CT, skull rings in under 10% of the slices; chest, abdomen
   and pelvis are not told apart;
@@ -53,6 +58,7 @@ _BRAIN_HU = (-10.0, 90.0)
 _LIMB_MAX_WIDTH_MM, _LIMB_MIN_FRACTION, _LIMB_MAX_TRUNK_FRACTION = 220.0, 0.5, 0.2
 _TRUNK_MIN_WIDTH_MM = 240.0
 _SHAFT_CM2, _CORTEX_HU, _MARROW_MAX_HU = (1.5, 25.0), 700.0, 150.0
+_MR_CORTEX_MIN_SHARE = 0.25
 
 #: Card regions an image region is compatible with.
 _FITS = {"head": {"any", "head", "brain", "whole-body"},
@@ -75,7 +81,7 @@ class RegionGuess:
     width_mm : float or None
         Median body width over the body slices, in mm.
     limb_fraction : float
-        Fraction of body slices that look like limbs (CT; 0 otherwise).
+        Fraction of body slices that look like limbs (CT and MR; 0 otherwise).
     """
 
     region: str
@@ -111,11 +117,16 @@ def _width_mm(mask, spacing2d) -> float:
                      (cols[-1] - cols[0] + 1) * spacing2d[1]))
 
 
-def _has_shaft(img2d, piece, px_cm2) -> bool:
-    """True when ``piece`` holds a long-bone shaft (see the module notes)."""
+def _has_shaft(img2d, piece, px_cm2, dark=None) -> bool:
+    """True when ``piece`` holds a long-bone shaft (see the module notes).
+
+    ``dark``: for MR, the intensity under which the cortex lies (it gives no
+    signal); the marrow must then be brighter than the piece's median (fat on
+    T1 and T2) and the cortex thick (a vertebra's shell is thin).
+    """
     from scipy import ndimage
 
-    bone = (img2d > _BONE_HU) & piece
+    bone = ((img2d > _BONE_HU) if dark is None else (img2d < dark)) & piece
     lab, n = ndimage.label(bone)
     if n == 0:
         return False
@@ -133,14 +144,20 @@ def _has_shaft(img2d, piece, px_cm2) -> bool:
         if marrow.sum() < 0.1 * filled.sum():
             continue
         sub = img2d[box]
+        if dark is not None:
+            if (ring.sum() >= _MR_CORTEX_MIN_SHARE * filled.sum()
+                    and float(np.median(sub[marrow])) > float(np.median(img2d[piece]))):
+                return True
+            continue
         if (float(np.median(sub[ring])) >= _CORTEX_HU
                 and float(np.median(sub[marrow])) < _MARROW_MAX_HU):
             return True
     return False
 
 
-def _is_limb_slice(img2d, lab, sizes, spacing2d, px_cm2) -> bool:
-    """Every sizeable piece of body is limb-narrow, and one holds a long-bone shaft."""
+def _is_limb_slice(img2d, lab, sizes, spacing2d, px_cm2, dark=None) -> bool:
+    """Every sizeable piece of body is limb-narrow, and one holds a long-bone shaft
+    (``dark``: MR, see :func:`_has_shaft`)."""
     from scipy import ndimage
 
     big = np.flatnonzero(sizes >= 0.25 * sizes.max())
@@ -151,7 +168,8 @@ def _is_limb_slice(img2d, lab, sizes, spacing2d, px_cm2) -> bool:
         piece = lab[box] == k
         if _width_mm(piece, spacing2d) >= _LIMB_MAX_WIDTH_MM:
             return False
-        shaft = shaft or _has_shaft(img2d[box], ndimage.binary_fill_holes(piece), px_cm2)
+        shaft = shaft or _has_shaft(img2d[box], ndimage.binary_fill_holes(piece), px_cm2,
+                                    dark)
     return shaft
 
 
@@ -185,7 +203,8 @@ def _slice_stats(img2d, spacing2d, modality, threshold):
             if inner >= _RING_MIN_CM2 and inner >= _RING_MIN_FRACTION * area:
                 med = float(np.median(img2d[lab == k]))
                 ring = _BRAIN_HU[0] <= med <= _BRAIN_HU[1]
-    limb = modality == "CT" and _is_limb_slice(img2d, pieces, piece_sizes, spacing2d, px_cm2)
+    limb = _is_limb_slice(img2d, pieces, piece_sizes, spacing2d, px_cm2,
+                          None if modality == "CT" else threshold)
     return float(width), cut, ring, limb
 
 
@@ -250,11 +269,14 @@ def detect_body_region(volume, modality: str | None = None) -> RegionGuess:
         if width >= _TRUNK_MIN_WIDTH_MM and skull < 0.1:
             return RegionGuess("trunk", f"CT: {facts}: wider than a head", skull, width, limb)
         return RegionGuess("unknown", f"CT: {facts}", skull, width, limb)
+    facts += f", a long-bone shaft in limb-narrow body in {100 * limb:.0f}%"
+    if limb >= _LIMB_MIN_FRACTION and wide < _LIMB_MAX_TRUNK_FRACTION:
+        return RegionGuess("limb", f"MR: {facts}: an arm or a leg", 0.0, width, limb)
     if width < 220.0 and cut < 0.5:
-        return RegionGuess("head", f"MR: {facts}: head-sized", 0.0, width)
+        return RegionGuess("head", f"MR: {facts}: head-sized", 0.0, width, limb)
     if width >= _TRUNK_MIN_WIDTH_MM:
-        return RegionGuess("trunk", f"MR: {facts}: wider than a head", 0.0, width)
-    return RegionGuess("unknown", f"MR: {facts}", 0.0, width)
+        return RegionGuess("trunk", f"MR: {facts}: wider than a head", 0.0, width, limb)
+    return RegionGuess("unknown", f"MR: {facts}", 0.0, width, limb)
 
 
 def body_box(data, threshold: float = _BODY_HU, step: int = 4, min_saving: float = 0.2):
