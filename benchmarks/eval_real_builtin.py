@@ -127,6 +127,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="mirror test-time augmentation on / off (default: the card's)")
+    p.add_argument("--patch", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                   help="sliding-window size on the model grid instead of the card's "
+                        "(how much the figures depend on the inference window)")
     a = p.parse_args(argv)
     import tempfile
 
@@ -142,6 +145,10 @@ def main(argv=None) -> int:
         if a.weights is not None:
             path = train_builtin.write_package(a.weights, Path(tmp) / "pkg")
         model = load_model(path)
+        if a.patch:
+            if a.write_card:
+                raise SystemExit("--write-card measures the card's own window: drop --patch")
+            model.card.patch_size = list(a.patch)
         res = real_dice(model, tta=a.tta)
         syn = None
         if a.synthetic:
