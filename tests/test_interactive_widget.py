@@ -119,6 +119,12 @@ def test_w_key_looks_at_a_first_click_in_a_wider_region(setup, qtbot):
     assert widget.size_combo.currentIndex() == 0
     widget.wait()
     assert np.array_equal(preview.data > 0, small)
+    # each object starts at the finest size: a commit (or Reset) goes back to it
+    widget.next_size()
+    widget.wait()
+    widget.label_spin.setValue(3)
+    assert widget.commit() > 0
+    assert widget.size_combo.currentIndex() == 0 and len(pos.data) == 0
     # an engine without sizes: the picker is off and W does nothing
     widget.engine_combo.setCurrentText("classical")
     assert not widget.size_combo.isEnabled()

@@ -19,7 +19,7 @@ from collections import OrderedDict
 import numpy as np
 from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import QSignalBlocker, QTimer
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout,
                             QLabel, QLineEdit, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
@@ -516,7 +516,8 @@ class InteractiveWidget(QWidget):
         return False
 
     def reset(self):
-        """Clear all prompts and the preview."""
+        """Clear all prompts and the preview; the next first click is seen in the
+        smallest region again."""
         self.__dict__.setdefault("_prompt_stack", []).clear()
         self._cancel.set()
         self._current = next(self._generation)
@@ -532,4 +533,6 @@ class InteractiveWidget(QWidget):
         if sc is not None:
             sc.data[:] = 0
             sc.refresh()
+        with QSignalBlocker(self.size_combo):  # each object starts at the finest size
+            self.size_combo.setCurrentIndex(0)
         self._show(None)
