@@ -141,16 +141,19 @@ def test_first_click_sizes_trade_large_organs_for_small_ones():
     # later clicks refine whatever the size; a bad size is refused
     run = simulate_clicks(eng, image, img.spacing, liver, n_clicks=3)
     assert min(run.dice) > 0.65, run.dice
-    # in 2D mode the size is the square around the click on its slice
-    c = _deepest(liver)
-    z = int(c[0])
+    # in 2D mode the size is the square around the click on its slice, with the
+    # same trade (bf16 and float32 agree on these to 0.003)
     flat = {}
-    for size in (0, 1):
-        eng.first_size = size
-        m = eng.predict(image, img.spacing, Prompts(positive=[c], mode="2d", index=z))
-        assert not np.delete(m, z, axis=0).any()
-        flat[size] = dice(m[z], liver[z])
-    assert flat[1] > flat[0], flat
+    for name, truth in (("liver", liver), ("kidney", kidney)):
+        c = _deepest(truth)
+        z = int(c[0])
+        for size in (0, 1):
+            eng.first_size = size
+            m = eng.predict(image, img.spacing, Prompts(positive=[c], mode="2d", index=z))
+            assert not np.delete(m, z, axis=0).any()
+            flat[name, size] = dice(m[z], truth[z])
+    assert flat["liver", 1] > flat["liver", 0] + 0.02, flat
+    assert flat["kidney", 0] > flat["kidney", 1] + 0.2, flat
     with pytest.raises(ValueError, match="first_size"):
         eng.first_size = 3
 
