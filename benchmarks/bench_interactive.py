@@ -270,9 +270,10 @@ def _split(objects: dict, protocols) -> dict:
     return out
 
 
-def _first_click_sizes(engine, image, spacing, truth) -> list | None:
+def _first_click_sizes(engine, image, spacing, truth, known: float) -> list | None:
     """Dice after the protocol's first click in each region size the engine
-    offers (the widget's W key), or None when it offers none."""
+    offers (the widget's W key), or None when it offers none; ``known`` is the
+    clicks protocol's own first Dice, at the engine's current size."""
     from napari_medseg.interactive import Prompts
     from napari_medseg.interactive.simulate import dice, next_click
 
@@ -284,6 +285,9 @@ def _first_click_sizes(engine, image, spacing, truth) -> list | None:
     out = []
     try:
         for k in range(len(sizes)):
+            if k == keep:
+                out.append(known)
+                continue
             engine.first_size = k
             out.append(round(dice(engine.predict(image, spacing,
                                                  Prompts(positive=[click])), truth), 4))
@@ -350,7 +354,8 @@ def bench_real(name: str, root, protocols, n_clicks: int = 5, path=None, groups=
                 except Exception as exc:  # one object must not kill the run
                     rec.setdefault("errors", {})[proto] = repr(exc)
             if "clicks" in protocols and "clicks" in rec:
-                rec["first_click_by_size"] = _first_click_sizes(engine, image, spacing, truth)
+                rec["first_click_by_size"] = _first_click_sizes(engine, image, spacing, truth,
+                                                                rec["clicks"][0])
             if log:
                 log(f"{key}: " + json.dumps({k: v for k, v in rec.items() if k != "group"}))
     return summarise_real(name, objects, protocols, n_clicks, box_refused, engine, latency)

@@ -130,6 +130,7 @@ def _has_shaft(img2d, piece, px_cm2, dark=None) -> bool:
     lab, n = ndimage.label(bone)
     if n == 0:
         return False
+    tissue = None if dark is None else float(np.median(img2d[piece]))
     boxes = ndimage.find_objects(lab)
     for k, box in enumerate(boxes, start=1):
         ring = lab[box] == k
@@ -146,7 +147,7 @@ def _has_shaft(img2d, piece, px_cm2, dark=None) -> bool:
         sub = img2d[box]
         if dark is not None:
             if (ring.sum() >= _MR_CORTEX_MIN_SHARE * filled.sum()
-                    and float(np.median(sub[marrow])) > float(np.median(img2d[piece]))):
+                    and float(np.median(sub[marrow])) > tissue):
                 return True
             continue
         if (float(np.median(sub[ring])) >= _CORTEX_HU
@@ -259,18 +260,20 @@ def detect_body_region(volume, modality: str | None = None) -> RegionGuess:
     width = float(np.median(widths))
     facts = (f"median body width {width / 10:.1f} cm over {len(stats)} axial slices"
              f"{f', cut by the field of view in {100 * cut:.0f}%' if cut else ''}")
+    shafts = f", a long-bone shaft in limb-narrow body in {100 * limb:.0f}%"
+    limb_like = limb >= _LIMB_MIN_FRACTION and wide < _LIMB_MAX_TRUNK_FRACTION
     if modality == "CT":
         facts += f", a closed bone ring around brain-range tissue in {100 * skull:.0f}%"
-        facts += f", a long-bone shaft in limb-narrow body in {100 * limb:.0f}%"
+        facts += shafts
         if skull >= 0.3 and width < 250.0:
             return RegionGuess("head", f"CT: {facts}: a skull", skull, width, limb)
-        if limb >= _LIMB_MIN_FRACTION and skull < 0.1 and wide < _LIMB_MAX_TRUNK_FRACTION:
+        if limb_like and skull < 0.1:
             return RegionGuess("limb", f"CT: {facts}: an arm or a leg", skull, width, limb)
         if width >= _TRUNK_MIN_WIDTH_MM and skull < 0.1:
             return RegionGuess("trunk", f"CT: {facts}: wider than a head", skull, width, limb)
         return RegionGuess("unknown", f"CT: {facts}", skull, width, limb)
-    facts += f", a long-bone shaft in limb-narrow body in {100 * limb:.0f}%"
-    if limb >= _LIMB_MIN_FRACTION and wide < _LIMB_MAX_TRUNK_FRACTION:
+    facts += shafts
+    if limb_like:
         return RegionGuess("limb", f"MR: {facts}: an arm or a leg", 0.0, width, limb)
     if width < 220.0 and cut < 0.5:
         return RegionGuess("head", f"MR: {facts}: head-sized", 0.0, width, limb)
