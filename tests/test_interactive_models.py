@@ -16,7 +16,7 @@ from napari_medseg.interactive import click_roi as roi
 from napari_medseg.interactive.click_model import (ARCH, IN_CHANNELS, WEIGHTS, ClickModelEngine,
                                                    ClickNet, box_map, click_channels,
                                                    load_click_net)
-from napari_medseg.interactive.simulate import simulate_clicks
+from napari_medseg.interactive.simulate import next_click, simulate_clicks
 
 from _realdata import REAL
 
@@ -112,10 +112,8 @@ def test_click_model_segments_organs_and_refines(phantom):
 
 
 def _deepest(mask):
-    from scipy import ndimage as ndi
-
-    d = ndi.distance_transform_edt(mask)
-    return np.array(np.unravel_index(np.argmax(d), mask.shape), float)
+    """The deepest voxel of ``mask``: a user's first click on it."""
+    return next_click(np.zeros_like(mask), mask)[0]
 
 
 def test_first_click_sizes_trade_large_organs_for_small_ones():
@@ -392,7 +390,7 @@ def test_default_engine_three_clicks_on_a_real_liver(real_ct):
 
 
 def test_a_wider_first_click_takes_a_real_liver_whole(real_ct):
-    from napari_medseg.interactive.simulate import dice, next_click
+    from napari_medseg.interactive.simulate import dice
 
     image, spacing, ref = real_ct
     liver = ref == 5
