@@ -230,6 +230,56 @@ def test_head_feet_flips_move_image_and_labels_together_and_allow_z_tta(tmp_path
     assert model.predict(img, tta=False).info["tta"] is False
 
 
+def test_crop_pad_zeroes_image_and_labels_outside_one_rectangle_and_windows_vary(tmp_path):
+    import torch
+
+    from napari_medseg.models import load_model
+    from napari_medseg.training.train_builtin import CROP_KEEP, VARY_WINDOW_YX, _crop_pad, train
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x = torch.rand(1, 6, 40, 50) + 0.1
+        y = torch.randint(1, 5, (6, 40, 50))
+        _crop_pad(x, y, rng)
+        kept = (x[0] != 0).numpy()
+        assert np.array_equal(kept, (y != 0).numpy())  # labels cut where the image is
+        assert (kept == kept[:1]).all()  # the same rectangle on every slice
+        rows, cols = np.flatnonzero(kept[0].any(1)), np.flatnonzero(kept[0].any(0))
+        assert kept[0][rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()  # one rectangle
+        for n, side in ((40, rows), (50, cols)):
+            assert CROP_KEEP[0] * n - 1 <= len(side) <= CROP_KEEP[1] * n + 1
+
+    from napari_medseg.models.networks import UNet3D
+    from napari_medseg.training.train_builtin import FEATURES, PATCH, _phase
+
+    class Recording(torch.nn.Module):  # the real network, with the shapes it was fed
+        def __init__(self):
+            super().__init__()
+            self.net, self.seen = UNet3D(1, 3, FEATURES), []
+
+        def forward(self, x):
+            self.seen.append(tuple(x.shape))
+            return self.net(x)
+
+    data = [(rng.random((40, 140, 140), dtype=np.float32),
+             rng.integers(0, 3, (40, 140, 140)).astype(np.uint8)) for _ in range(8)]
+    net = Recording()
+    _phase(net, data, 3, 12, 1e-3, 8, 0, "cosine", 0.5, 100, "t", vary_window=True)
+    sides = {s[-1] for s in net.seen}
+    assert len(sides) > 1 and sides <= set(VARY_WINDOW_YX)
+    for b, _, z, h, w in net.seen:  # about the voxels of 8 PATCH windows per step
+        assert z == PATCH[0] and h == w and 0.75 <= b * h * w / (8 * PATCH[1] * PATCH[2]) <= 1.2
+
+    out = tmp_path / "pkg"
+    train(out, n_cases=2, iters=2, finetune_iters=0, focus_iters=0, batch=2,
+          vary_window=True, crop_share=0.5)
+    card = load_model(out).card
+    assert "--vary-window --crop-pad 0.5" in card.training
+    assert "/".join(map(str, VARY_WINDOW_YX)) in card.training
+    assert tuple(card.patch_size) == (PATCH[0], 96, 96)  # the middle of the trained sizes
+    assert "cropped scan" in card.training
+
+
 def test_default_tta_is_validated_and_read_by_predict_and_the_cli():
     from napari_medseg.cli import build_parser
     from napari_medseg.errors import MedSegError

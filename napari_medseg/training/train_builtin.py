@@ -76,6 +76,18 @@ FOCUS_WEIGHTS = {2: 3.0, 3: 2.0, 4: 2.0}  # spleen and the kidneys, the classes 
 #: scan of 20 slices of 2 mm is 16 slices on the model grid).
 SLAB_SHARE = 0.2
 SLAB_SLICES = (8, 24)
+#: In-plane window sizes (voxels) of ``--vary-window``: each step draws one, and its
+#: batch shrinks so that a step sees about as many voxels as ``batch`` windows of
+#: :data:`PATCH`. The network normalises each window by its own statistics, so one
+#: trained on a single window size answers differently for other sizes.
+VARY_WINDOW_YX = (64, 96, 128)
+#: The card's inference window of a ``--vary-window`` run: the middle of the trained
+#: sizes, 144 mm in-plane (a 64-voxel window, 96 mm, is shorter than an adult spleen).
+VARY_CARD_PATCH = (PATCH[0], VARY_WINDOW_YX[1], VARY_WINDOW_YX[1])
+#: ``--crop-pad SHARE``: that share of the windows keeps a random in-plane rectangle of
+#: CROP_KEEP of each side and is zero outside, as inference pads a scan cut to a
+#: small field of view (a crop) up to the window.
+CROP_KEEP = (0.5, 0.95)
 #: Draw the contrast phase of each training case, non-contrast to portal-venous
 #: (``make_abdomen_ct(phases=True)``). Off: a run with it lost spleen Dice on both
 #: real scans and on the phantoms (docs/models.md).
@@ -102,19 +114,20 @@ COLORS = {1: [0.86, 0.33, 0.24], 2: [0.55, 0.25, 0.65], 3: [0.95, 0.75, 0.2],
           4: [0.2, 0.7, 0.35], 5: [0.1, 0.6, 0.95]}
 
 
-def make_card(names: dict, orientation: str | None, mirror_z: bool = False) -> ModelCard:
+def make_card(names: dict, orientation: str | None, mirror_z: bool = False,
+              patch=PATCH) -> ModelCard:
     """The card of the built-in model (metrics filled in after evaluation); ``mirror_z``:
     trained with head-feet flips, so mirror test-time augmentation along z is allowed and
-    on by default."""
+    on by default; ``patch``: the inference window."""
     k = max(names) + 1
     return ModelCard(
-        name=NAME, version="2.3.1",
+        name=NAME, version="2.4.0",
         task="abdominal CT: liver, spleen, kidneys and liver lesions",
         license="BSD-3-Clause",
         channels=[{"name": "CT", "modality": "CT"}],
         target_spacing=TARGET_SPACING, orientation=orientation,
         normalization=[{"kind": "ct", "window": WINDOW}],
-        patch_size=PATCH,
+        patch_size=tuple(patch),
         classes={i: {"name": n, "color": COLORS.get(i, [0.5, 0.5, 0.5])}
                  for i, n in names.items()},
         format="state_dict", weights="model.pt",
@@ -197,8 +210,9 @@ def make_case(i: int, card: ModelCard, spleen_contrast=None):
 
 
 def _crop_start(y: np.ndarray, rng, fg_fraction: float = 0.5,
-                class_weights: dict | None = None, index: dict | None = None) -> tuple:
-    """Corner of a random ``PATCH`` window, centred on a foreground class ``fg_fraction``
+                class_weights: dict | None = None, index: dict | None = None,
+                patch=PATCH) -> tuple:
+    """Corner of a random ``patch`` window, centred on a foreground class ``fg_fraction``
     of the time; the class is drawn uniformly, or in proportion to ``class_weights``
     (``{class id: weight}``, missing ids weigh 1). ``index`` (a dict kept per case)
     caches each class's voxel coordinates."""
@@ -218,8 +232,8 @@ def _crop_start(y: np.ndarray, rng, fg_fraction: float = 0.5,
             pts = index[pick]
             centre = pts[rng.integers(len(pts))]
             return tuple(int(np.clip(c - p // 2, 0, n - p))
-                         for c, p, n in zip(centre, PATCH, shape))
-    return tuple(int(rng.integers(0, n - p + 1)) for p, n in zip(PATCH, shape))
+                         for c, p, n in zip(centre, patch, shape))
+    return tuple(int(rng.integers(0, n - p + 1)) for p, n in zip(patch, shape))
 
 
 def _case_job(args):
@@ -263,7 +277,7 @@ def _cached_cases(n_cases: int, card: ModelCard, cache: Path | None, workers: in
 
 def _phase(net, data, n_classes, iters, lr, batch, seed, schedule, fg_fraction, log_every, name,
            class_weights=None, device="cpu", deadline=None, texture=False, deform=False,
-           class_shift=0.0, mirror_z=False):
+           class_shift=0.0, mirror_z=False, vary_window=False, crop_share=0.0):
     """One training phase with its own seeds; ``schedule`` is ``"onecycle"`` or ``"cosine"``.
 
     ``class_weights`` (``{class id: weight}``) weighs the cross-entropy and the
@@ -273,7 +287,9 @@ def _phase(net, data, n_classes, iters, lr, batch, seed, schedule, fg_fraction, 
     ``deform`` and ``texture`` add the random deformation (:func:`_deform`) and the
     texture and correlated-noise augmentation (:func:`_appearance`) to each window;
     ``class_shift`` (HU) moves each organ's intensity (:func:`_class_shift`);
-    ``mirror_z`` flips half the windows head to feet.
+    ``mirror_z`` flips half the windows head to feet; ``vary_window`` draws each step's
+    in-plane window size from :data:`VARY_WINDOW_YX` (batch scaled to keep the voxels);
+    ``crop_share`` of the windows are cut in-plane as a cropped scan (:func:`_crop_pad`).
     """
     device = torch.device(device)
     torch.manual_seed(seed)
@@ -299,16 +315,23 @@ def _phase(net, data, n_classes, iters, lr, batch, seed, schedule, fg_fraction, 
             log.warning("%s stopped by the time limit after %d of %d steps", name, it, iters)
             break
         xb, yb = [], []
-        for j in rng.choice(len(data), batch, replace=False):
+        patch, n_win = PATCH, batch
+        if vary_window:
+            side = int(VARY_WINDOW_YX[rng.integers(len(VARY_WINDOW_YX))])
+            patch = (PATCH[0], side, side)
+            n_win = max(1, int(round(batch * PATCH[1] * PATCH[2] / side ** 2)))
+        for j in rng.choice(len(data), n_win, replace=False):
             z0, y0, x0 = _crop_start(data[j][1], rng, fg_fraction, class_weights,
-                                     index.setdefault(int(j), {}))
-            win = (slice(z0, z0 + PATCH[0]), slice(y0, y0 + PATCH[1]), slice(x0, x0 + PATCH[2]))
+                                     index.setdefault(int(j), {}), patch)
+            win = (slice(z0, z0 + patch[0]), slice(y0, y0 + patch[1]), slice(x0, x0 + patch[2]))
             xb.append(torch.from_numpy(np.ascontiguousarray(data[j][0][win])))
             yb.append(torch.from_numpy(data[j][1][win].astype(np.int64)))
         x, y = torch.stack(xb)[:, None], torch.stack(yb)
         for b in range(len(x)):
             if rng.random() < SLAB_SHARE:
                 _thin_slab(x[b], y[b], int(rng.integers(SLAB_SLICES[0], SLAB_SLICES[1] + 1)))
+            if crop_share and rng.random() < crop_share:
+                _crop_pad(x[b], y[b], rng)
         if mirror_z:
             _flip_z(x, y, rng)
         gain, offset = float(rng.uniform(0.9, 1.1)), float(rng.normal(0, 0.05))
@@ -354,6 +377,22 @@ def _thin_slab(x: torch.Tensor, y: torch.Tensor, n: int) -> None:
     x[:, start + n:] = 0.0
     y[:start] = 0
     y[start + n:] = 0
+
+
+def _crop_pad(x: torch.Tensor, y: torch.Tensor, rng) -> None:
+    """Keep a random in-plane rectangle of a window, :data:`CROP_KEEP` of each side, and
+    zero the rest (in place), as inference pads a scan with a small field of view up to
+    the window (``x`` ``(1, Z, Y, X)`` normalised, ``y`` ``(Z, Y, X)``, background there)."""
+    keep = []
+    for n in x.shape[2:]:
+        k = max(1, int(round(n * rng.uniform(*CROP_KEEP))))
+        a = int(rng.integers(0, n - k + 1))
+        keep.append((a, a + k))
+    (ya, yb), (xa, xb) = keep
+    inside = torch.zeros(x.shape[2:], dtype=torch.bool)
+    inside[ya:yb, xa:xb] = True
+    x[:, :, ~inside] = 0.0
+    y[:, ~inside] = 0
 
 
 def _gaussian_blur(t: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -458,7 +497,8 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
           resume: Path | None = None, device: str = "cpu", workers: int = 1,
           time_limit: float | None = None, texture: bool = False,
           deform: bool = False, class_shift: float = 0.0, spleen_contrast=None,
-          mirror_z: bool = False) -> Path:
+          mirror_z: bool = False, vary_window: bool = False,
+          crop_share: float = 0.0) -> Path:
     """Generate data, train, save ``model.pt`` + ``card.yaml`` in ``out``; return ``out``.
 
     Three phases: ``iters`` steps with a one-cycle schedule (seed ``seed``), then
@@ -477,13 +517,16 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
     intensity by its own random offset in every phase (:func:`_class_shift`);
     ``spleen_contrast`` (``(lo, hi)`` HU) is the phantoms' spleen-minus-liver range;
     ``mirror_z`` flips half the windows head to feet in every phase, and the card then
-    allows mirror test-time augmentation along z.
+    allows mirror test-time augmentation along z. ``vary_window`` and ``crop_share``
+    (every phase) draw the in-plane window size per step and cut that share of the
+    windows as cropped scans (:func:`_phase`).
     """
     from ..core.phantom import ABDOMEN_LABELS, make_abdomen_ct
     from ..models.loaders import load_weights
 
     probe, _ = make_abdomen_ct(seed=0, shape=PATCH, spacing=TARGET_SPACING)
-    card = make_card(dict(ABDOMEN_LABELS), probe.orientation_code(), mirror_z)
+    card = make_card(dict(ABDOMEN_LABELS), probe.orientation_code(), mirror_z,
+                     VARY_CARD_PATCH if vary_window else PATCH)
     t0 = time.time()
     data = _cached_cases(n_cases, card, cache, workers, spleen_contrast)
     counts = sum(np.bincount(d[1].ravel(), minlength=card.n_classes) for d in data)
@@ -499,7 +542,8 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
 
     def run(k):
         kw = {"device": device, "texture": texture, "deform": deform,
-              "class_shift": class_shift, "mirror_z": mirror_z}
+              "class_shift": class_shift, "mirror_z": mirror_z,
+              "vary_window": vary_window, "crop_share": crop_share}
         if time_limit is not None:
             share = sum(todo[:k + 1]) / max(sum(todo), 1)
             kw["deadline"] = start + 60 * float(time_limit) * share
@@ -535,7 +579,8 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
         f"fourth at half that spacing and averaged down"
         f"{_contrast_text(spleen_contrast)}). {SLAB_SHARE:.0%} of the windows are "
         f"cut to a slab of {SLAB_SLICES[0]}-{SLAB_SLICES[1]} slices between zeros, as a thin "
-        f"scan is padded at inference. Batches of {batch} random {PATCH} windows, "
+        f"scan is padded at inference. "
+        f"{_window_text(batch, vary_window, crop_share)}"
         f"{_augment_text(texture, deform, class_shift, mirror_z)}"
         f"cross-entropy + soft Dice, AdamW, "
         f"{'bf16 autocast, ' if _use_bf16(device) else ''}"
@@ -549,6 +594,8 @@ def train(out: Path, n_cases: int = 384, iters: int = 3000, batch: int = 8, lr: 
         f"{' --texture' if texture else ''}{' --deform' if deform else ''}"
         f"{f' --class-shift {class_shift:g}' if class_shift else ''}"
         f"{' --mirror-z' if mirror_z else ''}"
+        f"{' --vary-window' if vary_window else ''}"
+        f"{f' --crop-pad {crop_share:g}' if crop_share else ''}"
         f"{' --spleen-contrast %g %g' % tuple(spleen_contrast) if spleen_contrast else ''}"
         f"{' --resume <weights> (see above)' if resume else ''}"
         f"{' --init <weights> (see above)' if init and not resume else ''}.")
@@ -566,6 +613,22 @@ def _start_text(init, resume, iters, lr, seed, finetune_iters, finetune_lr) -> s
            f"foreground class (seed {seed}); ")
     return (one + f"phase 2: {finetune_iters} steps, cosine lr from {finetune_lr}, three "
             f"quarters centred on a class (seed {seed + 1}); ")
+
+
+def _window_text(batch: int, vary_window: bool, crop_share: float) -> str:
+    """The card's words for the training windows of a run."""
+    if vary_window:
+        sides = "/".join(str(s) for s in VARY_WINDOW_YX)
+        text = (f"Each step draws its window, {PATCH[0]} slices of {sides} voxels in-plane, "
+                f"and takes as many random windows as hold about the voxels of {batch} "
+                f"{PATCH} windows (inference: {VARY_CARD_PATCH} windows); ")
+    else:
+        text = f"Batches of {batch} random {PATCH} windows; "
+    if crop_share:
+        text += (f"{crop_share:.0%} of the windows keep a random in-plane rectangle of "
+                 f"{CROP_KEEP[0]:g}-{CROP_KEEP[1]:g} of each side and are zero outside, "
+                 f"as a cropped scan is padded at inference; ")
+    return text
 
 
 def _contrast_text(spleen_contrast) -> str:
@@ -689,6 +752,11 @@ def main(argv=None) -> int:
     p.add_argument("--mirror-z", action="store_true",
                    help="flip half the windows head to feet (the card then allows mirror "
                    "test-time augmentation along z)")
+    p.add_argument("--vary-window", action="store_true",
+                   help="draw each step's in-plane window size from "
+                   f"{'/'.join(map(str, VARY_WINDOW_YX))} voxels")
+    p.add_argument("--crop-pad", type=float, default=0.0, metavar="SHARE",
+                   help="share of the windows cut in-plane and zero-padded as a cropped scan")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -700,7 +768,8 @@ def main(argv=None) -> int:
               focus_iters=a.focus_iters, focus_lr=a.focus_lr, resume=a.resume,
               device=a.device, workers=a.workers, time_limit=a.time_limit,
               texture=a.texture, deform=a.deform, class_shift=a.class_shift,
-              spleen_contrast=a.spleen_contrast, mirror_z=a.mirror_z)
+              spleen_contrast=a.spleen_contrast, mirror_z=a.mirror_z,
+              vary_window=a.vary_window, crop_share=a.crop_pad)
     if a.no_eval:
         return 0
     try:
