@@ -53,6 +53,8 @@ def test_new_layout_lists_real_first_and_round_trips(tmp_path):
     {"metrics": {"real": [{"scans": ["a"], "dice": {"liver": 0.9}}]}},  # no reference
     {"metrics": {"real": [{"scans": ["a"], "reference": "manual", "dice": {"liver": "x"}}]}},
     {"metrics": {"synthetic": [0.9]}},
+    {"train_patch_size": [32, 0, 64]},
+    {"train_patch_size": [32, 64]},
 ])
 def test_bad_new_fields_are_one_line_errors(bad):
     with pytest.raises(MedSegError) as err:

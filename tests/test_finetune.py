@@ -153,6 +153,26 @@ def test_explicit_name_and_no_validation(dataset, base_model, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["my-kidneys"]
 
 
+def test_default_window_is_the_cards_training_window(dataset, base_model, tmp_path):
+    src = tmp_path / "base"
+    shutil.copytree(base_model, src)
+    card = load_model(src).card
+    card.patch_size = tuple(2 * p for p in PATCH)  # runs a larger window than it trains on
+    card.train_patch_size = PATCH
+    card.save(src / "card.yaml")
+    path = finetune(str(src), dataset, out_dir=tmp_path / "out", iterations=2,
+                    val_fraction=0)
+    tuned = load_model(path).card
+    assert tuple(tuned.metrics["fine_tune"]["patch_size"]) == PATCH
+    assert f"random {list(PATCH)} windows" in tuned.training
+    assert tuned.train_patch_size == PATCH and tuned.patch_size == card.patch_size
+    card.train_patch_size = None  # without one, the inference window
+    card.save(src / "card.yaml")
+    path = finetune(str(src), dataset, out_dir=tmp_path / "out2", iterations=1,
+                    val_fraction=0)
+    assert tuple(load_model(path).card.metrics["fine_tune"]["patch_size"]) == card.patch_size
+
+
 def _copy(dataset, tmp_path):
     dst = tmp_path / "Dataset502_Copy"
     shutil.copytree(dataset, dst)

@@ -277,6 +277,7 @@ def test_crop_pad_zeroes_image_and_labels_outside_one_rectangle_and_windows_vary
     assert "--vary-window --crop-pad 0.5" in card.training
     assert "/".join(map(str, VARY_WINDOW_YX)) in card.training
     assert tuple(card.patch_size) == (PATCH[0], 96, 96)  # the middle of the trained sizes
+    assert tuple(card.train_patch_size) == PATCH  # fine-tuning keeps training's voxels
     assert "cropped scan" in card.training
 
 

@@ -76,6 +76,9 @@ class ModelCard:
         ``{"kind": "mr"}`` (percentile clip + z-score) or ``{"kind": "none"}``.
     patch_size : tuple of 3 int
         Sliding-window size ``(z, y, x)`` in voxels of the model grid.
+    train_patch_size : tuple of 3 int or None
+        Window fine-tuning trains on unless told otherwise (None: ``patch_size``);
+        for a model trained on windows of several sizes that runs a larger one.
     classes : dict
         ``{id: {"name": str, "color": [r, g, b]}}``; id 0 (background) omitted.
     training : str
@@ -122,6 +125,7 @@ class ModelCard:
     orientation: str | None = None
     normalization: list = field(default_factory=lambda: [{"kind": "none"}])
     patch_size: tuple = (64, 64, 64)
+    train_patch_size: tuple | None = None
     classes: dict = field(default_factory=dict)
     training: str = ""
     metrics: dict = field(default_factory=dict)
@@ -174,6 +178,10 @@ class ModelCard:
         self.patch_size = _triple(self.patch_size, int, "patch_size", bad)
         if any(p <= 0 for p in self.patch_size):
             bad("'patch_size' must be three positive integers")
+        if self.train_patch_size is not None:
+            self.train_patch_size = _triple(self.train_patch_size, int, "train_patch_size", bad)
+            if any(p <= 0 for p in self.train_patch_size):
+                bad("'train_patch_size' must be three positive integers")
         self.classes = _classes(self.classes, bad)
         if self.format not in FORMATS:
             bad(f"'format' {self.format!r} is not one of {FORMATS}")
@@ -242,7 +250,7 @@ class ModelCard:
     def to_dict(self) -> dict:
         """A JSON/YAML-safe dict (class ids as ints, tuples as lists)."""
         d = asdict(self)
-        for key in ("target_spacing", "patch_size", "mirror_axes"):
+        for key in ("target_spacing", "patch_size", "train_patch_size", "mirror_axes"):
             if d[key] is not None:
                 d[key] = list(d[key])
         d["classes"] = {int(k): {"name": v["name"], "color": list(v["color"])}

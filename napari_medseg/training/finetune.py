@@ -393,7 +393,8 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
     lr : float
         AdamW learning rate (cosine decay to 0).
     patch_size : tuple of 3 int, optional
-        Training window ``(z, y, x)`` on the model grid (default: the card's).
+        Training window ``(z, y, x)`` on the model grid (default: the card's
+        ``train_patch_size``, else its ``patch_size``).
         Must suit the network (e.g. divisible by 8 for the built-in U-Net).
     val_fraction : float
         Share of cases held out to measure Dice before and after (at least one
@@ -490,7 +491,7 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
     items = list_dataset(dataset_dir, card, new_classes)
     if iterations < 1:
         raise MedSegError("iterations must be at least 1")
-    patch = tuple(int(p) for p in (patch_size or card.patch_size))
+    patch = tuple(int(p) for p in (patch_size or card.train_patch_size or card.patch_size))
     if len(patch) != 3 or min(patch) < 1:
         raise MedSegError(f"patch size {patch_size} must be three positive integers (z, y, x)")
     folder = Path(out_dir).expanduser() if out_dir else user_models_dir()

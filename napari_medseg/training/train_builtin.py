@@ -128,6 +128,8 @@ def make_card(names: dict, orientation: str | None, mirror_z: bool = False,
         target_spacing=TARGET_SPACING, orientation=orientation,
         normalization=[{"kind": "ct", "window": WINDOW}],
         patch_size=tuple(patch),
+        # fine-tuning keeps the voxels per step of this training (and its time)
+        train_patch_size=None if tuple(patch) == PATCH else PATCH,
         classes={i: {"name": n, "color": COLORS.get(i, [0.5, 0.5, 0.5])}
                  for i, n in names.items()},
         format="state_dict", weights="model.pt",
