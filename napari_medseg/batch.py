@@ -319,7 +319,7 @@ def run_case(model_ref, case: Case, out: str, options: dict) -> dict:
             # the shared run path: input checks, the memory plan, out-of-memory as one line
             _, pred = run_model(model, vols, name=case.paths[0],
                                 device=options.get("device", "cpu"),
-                                overlap=options.get("overlap", 0.5),
+                                overlap=options.get("overlap"),
                                 tta=options.get("tta"), fast=options.get("fast", False),
                                 memory_limit=options.get("memory_limit"),
                                 uncertainty=options.get("uncertainty"),
@@ -455,7 +455,7 @@ def _client(scheduler, client):
 
 # ------------------------------------------------------------------ driver
 def run_batch(inputs, model, outdir, *, workers=1, scheduler=None, client=None,
-              device="cpu", overlap=0.5, tta=None, fast=False, suffix=".nii.gz",
+              device="cpu", overlap=None, tta=None, fast=False, suffix=".nii.gz",
               retries=1, memory_limit=None, progress=True, backend=None,
               roi_subset=None, uncertainty=None) -> BatchResult:
     """Segment every case of ``inputs`` with ``model`` into ``outdir``.
@@ -476,7 +476,7 @@ def run_batch(inputs, model, outdir, *, workers=1, scheduler=None, client=None,
         A connected Dask client (wins over ``scheduler``).
     device, overlap, tta, fast :
         As for :meth:`napari_medseg.models.Model.predict` (``tta=None``: the card's
-        ``default_tta``).
+        ``default_tta``; ``overlap=None``: its ``default_overlap``).
     suffix : str
         Output format by extension (``.nii.gz``, ``.nrrd``, ``.mha``...).
     retries : int
@@ -505,7 +505,7 @@ def run_batch(inputs, model, outdir, *, workers=1, scheduler=None, client=None,
     if not suffix.startswith("."):
         suffix = "." + suffix
     jobs = [(c, outdir / f"{c.case_id}{suffix}") for c in cases]
-    options = {"device": device, "overlap": float(overlap),
+    options = {"device": device, "overlap": None if overlap is None else float(overlap),
                "tta": None if tta is None else bool(tta), "fast": bool(fast),
                "memory_limit": memory_limit, "backend": backend,
                "roi_subset": list(roi_subset) if roi_subset else None,
@@ -592,7 +592,8 @@ def add_cli_parser(sub) -> None:
     b.add_argument("--workers", type=int, default=1, help="local worker processes")
     b.add_argument("--scheduler", help="Dask scheduler address, e.g. tcp://host:8786")
     b.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps")
-    b.add_argument("--overlap", type=float, default=0.5, help="window overlap in [0, 1)")
+    b.add_argument("--overlap", type=float, default=None,
+                   help="window overlap in [0, 1) (default: the card's default_overlap or 0.5)")
     b.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="mirror test-time augmentation on / off (default: the model card's)")
     b.add_argument("--fast", action="store_true", help="quick mode (less overlap, no TTA)")

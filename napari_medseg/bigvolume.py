@@ -256,7 +256,7 @@ def restore_labels_to(labels, info, write, slab: int = 64, cancel=None) -> None:
               np.ascontiguousarray(sub.transpose(inv)))
 
 
-def predict_to_zarr(model, volumes, out, device="auto", overlap=0.5, tta=None, fast=False,
+def predict_to_zarr(model, volumes, out, device="auto", overlap=None, tta=None, fast=False,
                     progress=None, cancel=None, memory_limit=None, overwrite=False,
                     chunks=(64, 128, 128), slab_rows=None):
     """Segment a (lazy) volume and write the labels to an OME-Zarr label store.
@@ -270,7 +270,9 @@ def predict_to_zarr(model, volumes, out, device="auto", overlap=0.5, tta=None, f
     out : str or Path
         The store to write (``*.ome.zarr``); built beside it, renamed at the end.
     device, overlap, tta, fast, progress, cancel :
-        As for :meth:`Model.predict`.
+        As for :meth:`Model.predict`. The labels of the model grid come back by
+        nearest neighbour (``Model.predict(restore="labels")``): interpolating the
+        class scores would keep ``K`` scores a model-grid voxel instead of one byte.
     memory_limit : int or str, optional
         Cap for the memory planner (see :mod:`napari_medseg.core.planner`).
     overwrite : bool
@@ -305,6 +307,7 @@ def predict_to_zarr(model, volumes, out, device="auto", overlap=0.5, tta=None, f
     ref = vols[0]
     card = model.card
     tta = bool(card.default_tta) if tta is None else bool(tta)
+    overlap = card.overlap(overlap)
     if fast:
         overlap, tta = min(float(overlap), 0.25), False
     dev = pick_device(device)

@@ -4,14 +4,14 @@
 
     napari-medseg models [--json]
     napari-medseg predict INPUT [INPUT ...] -m MODEL -o OUTPUT [--device auto]
-                  [--overlap 0.5] [--[no-]tta] [--fast] [--uncertainty PATH] [--overwrite]
+                  [--overlap F] [--[no-]tta] [--fast] [--uncertainty PATH] [--overwrite]
                   [--backend native|nnunetv2] [--roi-subset CLASS ...]
     napari-medseg finetune MODEL DATASET_FOLDER [--iterations 200] [--lr 3e-4]
                   [--name NAME] [--out FOLDER] [--patch-size Z Y X] [--val-fraction 0.25]
                   [--resume] [--add-class ID NAME] [--corrected-weight 3] [--no-guard]
     napari-medseg view [PATHS ...] [--sample KEY] [--screenshot PNG] [--widgets ...]
     napari-medseg batch INPUTS ... -m MODEL -o OUTDIR [--workers 1] [--scheduler ADDRESS]
-                  [--device cpu] [--overlap 0.5] [--[no-]tta] [--fast] [--suffix .nii.gz]
+                  [--device cpu] [--overlap F] [--[no-]tta] [--fast] [--suffix .nii.gz]
                   [--backend native|nnunetv2] [--roi-subset CLASS ...]
     napari-medseg worklist DIR [--order list|uncertainty] [--json] [--predict MODEL]
                   [--training-dir FOLDER]
@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dicom-kind", choices=("seg", "rtstruct"), default="seg",
                    help="what a .dcm output is: DICOM SEG (default) or RTSTRUCT")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    r.add_argument("--overlap", type=float, default=0.5, help="window overlap in [0, 1)")
+    r.add_argument("--overlap", type=float, default=None,
+                   help="window overlap in [0, 1) (default: the card's default_overlap or 0.5)")
     r.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="mirror test-time augmentation on / off (default: the model card's)")
     r.add_argument("--fast", action="store_true", help="quick preview (less overlap, no TTA)")

@@ -51,7 +51,7 @@ def test_streamed_run_equals_in_memory_run(model, tmp_path, frame):
 
     assert isinstance(lazy.data, da.Array) and lazy.shape3 == vol.shape3
     assert np.allclose(lazy.affine, vol.affine)
-    ref = model.predict(vol, device="cpu")
+    ref = model.predict(vol, device="cpu", restore="labels")  # the lazy path's restore
     out = tmp_path / "labels.ome.zarr"
     info = predict_to_zarr(model, lazy, out, device="cpu")
     got = read_zarr(out)
@@ -89,7 +89,7 @@ def test_streamed_run_in_slabs_equals_in_memory_run(model, tmp_path):
     # 125 slices: a 100-slice model grid, whose last window row is not on the 16-slice step
     data = np.concatenate([base.data, base.data[::-1], base.data, base.data[:5]], axis=0)
     vol = Volume(data, base.affine, modality="CT", source="ct")
-    ref = np.asarray(model.predict(vol, device="cpu").labels.data)
+    ref = np.asarray(model.predict(vol, device="cpu", restore="labels").labels.data)
     store = write_zarr_image(tmp_path / "ct.ome.zarr", vol, chunks=(16, 48, 48))
     out = tmp_path / "labels.ome.zarr"
     info = predict_to_zarr(model, read_zarr(store), out, device="cpu", slab_rows=40)

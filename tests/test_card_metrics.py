@@ -55,6 +55,10 @@ def test_new_layout_lists_real_first_and_round_trips(tmp_path):
     {"metrics": {"synthetic": [0.9]}},
     {"train_patch_size": [32, 0, 64]},
     {"train_patch_size": [32, 64]},
+    {"default_overlap": 0.95},
+    {"default_overlap": -0.1},
+    {"default_overlap": "half"},
+    {"default_overlap": True},
 ])
 def test_bad_new_fields_are_one_line_errors(bad):
     with pytest.raises(MedSegError) as err:

@@ -303,3 +303,40 @@ def test_default_tta_is_validated_and_read_by_predict_and_the_cli():
     assert p.parse_args(base).tta is None
     assert p.parse_args(base + ["--tta"]).tta is True
     assert p.parse_args(base + ["--no-tta"]).tta is False
+
+
+def test_default_overlap_is_validated_and_read_by_predict_and_the_clis(model):
+    from napari_medseg.cli import build_parser
+    from napari_medseg.errors import MedSegError
+    from napari_medseg.models.card import DEFAULT_OVERLAP, ModelCard
+
+    card = model.card
+    d = card.to_dict()
+    assert ModelCard.from_dict(d).default_overlap == card.default_overlap
+    older = ModelCard.from_dict({k: v for k, v in d.items() if k != "default_overlap"})
+    assert older.default_overlap is None and older.overlap() == DEFAULT_OVERLAP == 0.5
+    with pytest.raises(MedSegError, match="default_overlap"):
+        ModelCard.from_dict(dict(d, default_overlap=1.0))
+    quarter = ModelCard.from_dict(dict(d, default_overlap=0.25))
+    assert quarter.overlap() == 0.25 and quarter.overlap(0.6) == 0.6  # the caller wins
+
+    img, _ = make_abdomen_ct(seed=5, shape=(40, 150, 150))
+    saved = card.default_overlap
+    try:
+        card.default_overlap = 0.25
+        sparse = model.predict(img, device="cpu", tta=False)
+        card.default_overlap = None
+        dense = model.predict(img, device="cpu", tta=False)
+        asked = model.predict(img, device="cpu", tta=False, overlap=0.25)
+    finally:
+        card.default_overlap = saved
+    assert sparse.info["overlap"] == 0.25 and dense.info["overlap"] == 0.5
+    assert sparse.info["windows"] < dense.info["windows"]
+    assert asked.info["windows"] == sparse.info["windows"]
+    np.testing.assert_array_equal(asked.labels.data, sparse.labels.data)
+
+    base = ["predict", "ct.nii.gz", "-m", "abdomen-ct-small", "-o", "seg.nii.gz"]
+    assert build_parser().parse_args(base).overlap is None  # None: the card's
+    assert build_parser().parse_args(base + ["--overlap", "0.5"]).overlap == 0.5
+    batch = ["batch", "ct.nii.gz", "-m", "abdomen-ct-small", "-o", "out"]
+    assert build_parser().parse_args(batch).overlap is None

@@ -88,6 +88,33 @@ def test_resampled_model_grid_lands_on_input_voxels(tmp_path):
     assert pred.uncertainty.data.shape == vol.shape3
 
 
+def test_scores_not_labels_are_resampled_onto_a_finer_input(tmp_path):
+    """A 2 mm model on a 0.5 mm scan: the boundary falls where the scores cross,
+    between the model's voxels, not on its coarser grid."""
+    card = threshold_card(target_spacing=(2.0, 2.0, 2.0), orientation="LPS")
+    model = load_model(save_torchscript_package(tmp_path / "pkg", card))
+    shape, spacing = (16, 24, 64), (0.5, 0.5, 0.5)
+    x_mm = (np.arange(shape[2]) + 0.5) * spacing[2]
+    ramp = np.broadcast_to(20.0 + 70.0 * x_mm / x_mm[-1], shape).astype(np.float32)
+    vol = Volume(ramp.copy(), make_affine(spacing, (0, 0, 0)), modality="CT", source="ramp")
+    truth = ramp > 50.0  # the ThresholdNet's class-1 score crosses 0 at 50 HU
+    # ramp 20..90 HU, linear in x: the model grid's (linear) resampling keeps it linear
+    # away from the two edge voxels of each side, and so do the interpolated scores
+    inner = (slice(None), slice(None), slice(8, -8))
+    for unc in (None, "entropy"):
+        pred = model.predict(vol, device="cpu", uncertainty=unc)
+        assert pred.info["restore"] == "linear logits"
+        np.testing.assert_array_equal(pred.labels.data[inner], truth[inner])
+        if unc:
+            ent = pred.uncertainty.data.astype(np.float32)
+            edge = int(np.argmax(truth[0, 0]))  # most uncertain at the boundary
+            assert ent.shape == shape and abs(int(ent[0, 0].argmax()) - edge) <= 1
+    # the labels of the model grid, resampled by nearest neighbour, miss by up to 2 voxels
+    tta = model.predict(vol, device="cpu", uncertainty="tta")
+    assert tta.info["restore"] == "nearest labels"
+    assert (tta.labels.data[inner] != truth[inner]).any()
+
+
 def test_zip_package_and_bare_torchscript(tmp_path):
     folder = save_torchscript_package(tmp_path / "pkg")
     zpath = tmp_path / "pkg.zip"

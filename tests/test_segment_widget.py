@@ -419,6 +419,18 @@ def test_viewer_stays_responsive_during_a_run(make_napari_viewer, qtbot):
     # the card asks for test-time augmentation: ticked as the model is chosen
     assert widget.tta.isChecked() is widget.card.default_tta
     assert widget.tta.isEnabled() is bool(widget.card.mirror_axes)
+    card = widget.card
+    assert widget.overlap.value() == pytest.approx(card.overlap())  # the card's
+    saved = card.default_overlap
+    try:
+        card.default_overlap = 0.3  # a card that names its overlap sets the box
+        widget._on_model_changed(MODEL)
+        assert widget.overlap.value() == pytest.approx(0.3)
+        assert "0.3" in widget.overlap.toolTip()
+    finally:
+        card.default_overlap = saved
+        widget._on_model_changed(MODEL)
+    assert widget.overlap.value() == pytest.approx(0.5)
     widget.tta.setChecked(True)
     widget.uncertainty.setChecked(True)
     ticks = []

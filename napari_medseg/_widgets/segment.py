@@ -56,6 +56,7 @@ from .._napari.prediction import (
 )
 from ..core.policy import available_devices, check_inputs
 from ..errors import MedSegError
+from ..models.card import DEFAULT_OVERLAP
 from ..models.run import run_model
 from ._common import Job, JobBar, notify_exception, row as side_by_side
 from ._layout import tabify_when_docked
@@ -257,6 +258,7 @@ class SegmentWidget(QWidget):
                                 "<i>No model available.</i>")
         self.card_label.setToolTip(self.card.training if self.card is not None else "")
         self._set_tta_from_card()
+        self._set_overlap_from_card()
         self._build_channel_boxes()
         backend, subset = self.model_features()
         self.backend_row.setVisible(backend)
@@ -280,6 +282,18 @@ class SegmentWidget(QWidget):
             + ("; on by default for this model, whose real-scan figures were measured "
                "with it" if card is not None and card.default_tta else "")
             if axes else "This model's card allows no mirroring")
+
+    def _set_overlap_from_card(self) -> None:
+        """Set the window overlap the card advises (0.5 where it names none)."""
+        box = getattr(self, "overlap", None)
+        if box is None:
+            return
+        card = self.card
+        box.setValue(card.overlap() if card is not None else DEFAULT_OVERLAP)
+        box.setToolTip("Overlap of neighbouring windows (more is smoother, slower)"
+                       + ("; this model's figures were measured at "
+                          f"{card.overlap():g}" if card is not None
+                          and card.default_overlap is not None else ""))
 
     def model_features(self) -> tuple[bool, bool]:
         """Whether the selected model has a choice of pipeline (nnU-Net result

@@ -44,6 +44,8 @@ __all__ = ["ModelCard", "FORMATS", "NORMALIZATIONS", "BODY_REGIONS", "read_card"
 FORMATS = ("state_dict", "torchscript", "monai-bundle", "nnunet", "onnx", "deepbet")
 NORMALIZATIONS = ("ct", "mr", "none", "zscore", "minmax", "percentile")
 #: What a card's ``body_region`` may say (``any``: no region check).
+#: Window overlap of a run whose caller and card name none (nnU-Net's tile step 0.5).
+DEFAULT_OVERLAP = 0.5
 BODY_REGIONS = ("any", "head", "brain", "neck", "chest", "abdomen", "pelvis", "trunk",
                 "limb", "whole-body")
 _ORIENT_LETTERS = ({"L", "R"}, {"P", "A"}, {"I", "S"})
@@ -108,6 +110,11 @@ class ModelCard:
         Run mirror test-time augmentation unless the caller turns it off (as
         nnU-Net mirrors by default): for models whose real-scan figures were
         measured with it. Needs ``mirror_axes``.
+    default_overlap : float or None
+        Overlap of neighbouring sliding windows, in [0, 0.9], used unless the
+        caller sets one (:data:`DEFAULT_OVERLAP`, nnU-Net's 0.5, when absent);
+        a model whose figures hold with less overlap says so here (each
+        halving of the step costs about 2**3 the windows in 3D).
     postprocessing : dict
         Applied to the labels on the input grid:
         ``{"largest_component": [class ids]}`` keeps only the largest
@@ -134,6 +141,7 @@ class ModelCard:
     network: dict | None = None
     mirror_axes: tuple = (0, 1, 2)
     default_tta: bool = False
+    default_overlap: float | None = None
     postprocessing: dict = field(default_factory=dict)
     body_region: str = "any"
     plausible_ml: dict = field(default_factory=dict)
@@ -204,6 +212,14 @@ class ModelCard:
             bad("'default_tta' must be true or false")
         if self.default_tta and not axes:
             bad("'default_tta' needs 'mirror_axes' to mirror along")
+        if self.default_overlap is not None:
+            try:
+                ov = float(self.default_overlap)
+            except (TypeError, ValueError):
+                ov = float("nan")
+            if isinstance(self.default_overlap, bool) or not 0.0 <= ov <= 0.9:
+                bad("'default_overlap' must be a number in [0, 0.9]")
+            self.default_overlap = ov
         post = dict(self.postprocessing or {})
         if set(post) - {"largest_component"}:
             bad(f"unknown postprocessing steps {sorted(set(post) - {'largest_component'})}")
@@ -245,6 +261,13 @@ class ModelCard:
     def synthetic_metrics(self) -> dict:
         """Figures measured on synthetic phantoms (see :func:`synthetic_metrics`)."""
         return synthetic_metrics(self.metrics)
+
+    def overlap(self, overlap=None) -> float:
+        """The window overlap of a run: ``overlap`` if given, else the card's
+        ``default_overlap``, else :data:`DEFAULT_OVERLAP`."""
+        if overlap is not None:
+            return float(overlap)
+        return float(DEFAULT_OVERLAP if self.default_overlap is None else self.default_overlap)
 
     # ---------------------------------------------------------- conversion
     def to_dict(self) -> dict:

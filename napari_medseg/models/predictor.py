@@ -125,9 +125,9 @@ class Model:
         """Return a callable ``(B, C, *patch) -> (B, K, *patch)`` logits on ``device``."""
         raise NotImplementedError
 
-    def predict(self, volumes, device="auto", overlap=0.5, tta=None, fast=False, region=None,
+    def predict(self, volumes, device="auto", overlap=None, tta=None, fast=False, region=None,
                 uncertainty=None, progress=None, cancel=None, memory_limit=None,
-                crop_to_body=False) -> Prediction:
+                crop_to_body=False, restore="scores") -> Prediction:
         """Segment ``volumes`` and return labels on the input's voxel grid.
 
         Parameters
@@ -138,8 +138,9 @@ class Model:
             the card's units (HU for CT).
         device : str
             ``"auto"`` (CUDA, MPS, CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-        overlap : float
-            Window overlap in [0, 1).
+        overlap : float, optional
+            Window overlap in [0, 1); ``None``: the card's ``default_overlap``
+            (0.5 where the card has none).
         tta : bool, optional
             Mirror test-time augmentation (only along the card's ``mirror_axes``);
             ``None``: the card's ``default_tta``.
@@ -157,6 +158,14 @@ class Model:
             1 cm), when that leaves out a fifth of the voxels or more; labels
             outside are 0 and ``info["body_crop"]`` holds the box. The command
             line and the Segment widget ask for it.
+        restore : {"scores", "labels"}
+            How labels come back from a resampled model grid: ``"scores"``
+            interpolates the class scores linearly onto the input's voxels and
+            takes the argmax there (nnU-Net's way; the default); ``"labels"``
+            resamples the model grid's argmax by nearest neighbour, as the lazy
+            big-volume path (:func:`~napari_medseg.bigvolume.predict_to_zarr`)
+            does. A mirror-disagreement uncertainty (``"tta"``) and one-class
+            models always restore labels.
         progress, cancel : callable, optional
             ``progress(done, total)`` windows; ``cancel()`` True stops the run
             (raises :class:`~napari_medseg.errors.Cancelled`, nothing is kept).
@@ -183,6 +192,9 @@ class Model:
         vols = self._check_inputs(volumes)
         ref = vols[0]
         tta = bool(self.card.default_tta) if tta is None else bool(tta)
+        overlap = self.card.overlap(overlap)
+        if restore not in ("scores", "labels"):
+            raise MedSegError(f"unknown restore {restore!r}; use 'scores' or 'labels'")
         if fast:
             overlap = min(float(overlap), 0.25)
             tta = False
@@ -201,13 +213,13 @@ class Model:
             overlap, tta = min(float(overlap), 0.25), False
             uncertainty = "entropy" if uncertainty == "tta" else uncertainty
         check_cancel(cancel)
-        self._plan = plan
+        self._plan, self._restore = plan, restore
         try:
             labels, unc, info = self._predict_array(run_vols, device=device, overlap=overlap,
                                                     tta=tta, uncertainty=uncertainty,
                                                     progress=progress, cancel=cancel)
         finally:
-            self._plan = None
+            self._plan, self._restore = None, "scores"
         info = dict(info or {}, memory_plan=plan.to_dict())
         labels = postprocess_labels(np.asarray(labels), self.card.postprocessing)
         dtype = np.uint8 if self.card.n_classes <= 256 else np.uint16
@@ -228,6 +240,7 @@ class Model:
 
     # ----------------------------------------------------------- pipeline
     _plan = None  # the memory plan of the run in progress
+    _restore = "scores"  # how the run in progress restores its labels (see predict)
 
     def plan_memory(self, volumes, device="auto", tta=False, uncertainty=None,
                     memory_limit=None, lazy_output=False):
@@ -343,14 +356,69 @@ class Model:
         card = self.card
         x, pinfo = preprocess(vols, target_spacing=card.target_spacing,
                               orientation=card.orientation, normalization=card.normalization)
-        run = self.window_runner(device, tta, uncertainty, self._plan)
-        res = run(x, overlap, progress=progress, cancel=cancel)
+        sink = None
+        if pinfo.resampled and card.n_classes > 1 and uncertainty in (None, "entropy") \
+                and self._restore == "scores":
+            sink = _LogitRestorer(card.n_classes, pinfo, entropy=uncertainty == "entropy")
+            run = self.window_runner(device, tta, None, self._plan)  # entropy: the sink's
+            res = run(x, overlap, progress=progress, cancel=cancel, cell_sink=sink)
+        else:
+            run = self.window_runner(device, tta, uncertainty, self._plan)
+            res = run(x, overlap, progress=progress, cancel=cancel)
         del x
-        labels = restore_labels(res.labels, pinfo)
-        unc = None if res.uncertainty is None else restore_map(res.uncertainty, pinfo)
+        if sink is not None:  # class scores interpolated onto the input grid, then argmax
+            labels, unc = sink.finish()
+        else:
+            labels = restore_labels(res.labels, pinfo)
+            unc = None if res.uncertainty is None else restore_map(res.uncertainty, pinfo)
         info = {"device": res.device, "amp": res.amp, "windows": res.n_windows,
-                "inference_seconds": res.seconds}
+                "inference_seconds": res.seconds,
+                "restore": "linear logits" if sink is not None else "nearest labels"}
         return labels, unc, info
+
+
+class _LogitRestorer:
+    """``cell_sink`` of the standard pipeline: the blended logits of the model grid,
+    linearly interpolated onto the (reoriented) input grid and argmax-ed there slab
+    by slab (:class:`~napari_medseg.core.logit_resample.LogitResampler`), as
+    nnU-Net resamples its class probabilities, instead of resampling the argmax
+    labels by nearest neighbour: boundaries fall between the model's voxels, where
+    the scores cross, not on its coarser grid. The padding of the model grid is
+    dropped on the way in; :meth:`finish` undoes the reorientation.
+    """
+
+    def __init__(self, n_classes: int, pinfo, entropy: bool = False):
+        from ..core.logit_resample import LogitResampler
+
+        self.pinfo = pinfo
+        self.lo = [int(a) for a, _ in pinfo.pad]
+        self.shape = tuple(int(s) for s in pinfo.resampled_shape)
+        self.resampler = LogitResampler(n_classes, self.shape, pinfo.reoriented_shape,
+                                        ["linear"] * 3, entropy=entropy)
+
+    def reset(self):
+        self.resampler.reset()
+
+    def __call__(self, region, logits):
+        out, sub = [], [slice(None)]
+        for r, lo, n in zip(region, self.lo, self.shape):
+            a, b = max(r.start - lo, 0), min(r.stop - lo, n)
+            if b <= a:
+                return  # all padding
+            out.append(slice(a, b))
+            sub.append(slice(a + lo - r.start, b + lo - r.start))
+        self.resampler(tuple(out), logits[tuple(sub)])
+
+    def finish(self):
+        """``(labels, entropy or None)`` on the input's voxels."""
+        from ..core.preprocess import undo_orientation
+
+        info = self.pinfo
+        labels = undo_orientation(self.resampler.finish(), info.perm, info.flips)
+        ent = self.resampler.entropy
+        if ent is not None:
+            ent = undo_orientation(ent, info.perm, info.flips)
+        return labels, ent
 
 
 class TorchModel(Model):

@@ -373,7 +373,8 @@ class Worklist:
             self.store.log_event(cur, case_id, "predicted", None, old, model)
 
     def predict_case(self, case_id: str, model, uncertainty: str = "entropy",
-                     device: str = "auto", overlap: float = 0.5, overwrite: bool = False,
+                     device: str = "auto", overlap: float | None = None,
+                     overwrite: bool = False,
                      progress=None, cancel=None) -> tuple:
         """Predict a case (labels + uncertainty map) into the work folder.
 
