@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from napari_medseg.core.inference import _head_candidates, sliding_window_inference
+from napari_medseg.core.policy import bf16_supported
 from napari_medseg.models.networks import UNet3D
 from napari_medseg.models.predictor import _ZyxNetwork
 
@@ -179,7 +180,10 @@ def test_cpu_bf16_runs_norms_as_group_norms_and_gives_the_modules_back():
     assert net.seen == {("InstanceNorm3d", "InstanceNorm3d", False)}  # fp32: untouched
     net.seen.clear()
     res = sliding_window_inference(x, net, PATCH, 3, device="cpu", amp="bf16")
-    # only the norm without running statistics is swapped; activations are channels-last
-    assert net.seen == {("_GroupNormAsInstanceNorm", "InstanceNorm3d", True)}
+    # only the norm without running statistics is swapped
+    assert {seen[:2] for seen in net.seen} == {("_GroupNormAsInstanceNorm", "InstanceNorm3d")}
+    if bf16_supported("cpu"):  # oneDNN keeps activations channels-last only with native bf16;
+        # CPUs without it (AVX2 only) emulate bf16 convolutions in the default layout
+        assert {seen[2] for seen in net.seen} == {True}
     assert type(net.norm) is torch.nn.InstanceNorm3d and net.conv.weight.is_contiguous()
     assert (res.labels == ref.labels).mean() > 0.97
