@@ -366,8 +366,10 @@ def uncertainty_path(out) -> Path:
 def _class_volumes(pred) -> dict:
     import numpy as np
 
+    from .core.stats import label_counts
+
     data = np.asarray(pred.labels.data)
-    counts = np.bincount(data.ravel())
+    counts = label_counts(data)
     ml = pred.labels.voxel_volume_ml
     names = pred.labels.label_names or {}
     ids = sorted(set(int(k) for k in names) | set(range(1, len(counts))))

@@ -99,6 +99,9 @@ def cmd_predict(args) -> int:
         from .bigvolume import cmd_predict_zarr
 
         return cmd_predict_zarr(args, ProgressBar)
+    import numpy as np
+
+    from .core.inference import keep_freed_memory
     from .io import read_volume, write_labels, write_volume
     from .io.atomic import all_or_none
     from .io.validate import check_image_values, check_outputs
@@ -112,6 +115,7 @@ def cmd_predict(args) -> int:
     model = set_model_options(load_model(args.model), backend=args.backend,
                               roi_subset=args.roi_subset, name=args.model)
     vols = [read_volume(p, lazy=True) for p in args.input]
+    keep_freed_memory(sum(int(np.prod(v.data.shape)) for v in vols))  # one image, then exit
     for i, (p, v) in enumerate(zip(args.input, vols)):  # constant or absurd images
         expect = model.card.channels[i]["modality"] if i < len(model.card.channels) else None
         for w in check_image_values(v, str(p), expect):
@@ -196,9 +200,11 @@ def _write_prediction(args, labels, image, write_labels):
 def _counts(pred) -> str:
     import numpy as np
 
+    from .core.stats import label_counts
+
     data = np.asarray(pred.labels.data)
     ml = pred.labels.voxel_volume_ml
-    bins = np.bincount(data.ravel())
+    bins = label_counts(data)
     parts = [f"{pred.labels.label_names.get(k, k)} {n * ml:.1f} mL"
              for k, n in enumerate(bins) if k and n]
     return ", ".join(parts) or "no foreground found"

@@ -4,10 +4,12 @@ norms under CPU mixed precision, freed heap pages handed back."""
 from __future__ import annotations
 
 import logging
+import platform
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from napari_medseg.core.inference import _head_candidates, sliding_window_inference
 from napari_medseg.core.policy import bf16_supported
@@ -124,8 +126,6 @@ def test_cancel_during_a_split_run_gives_the_head_back():
 
 
 def test_free_heap_pages_are_handed_back_on_glibc():
-    import platform
-
     from napari_medseg.core import inference
 
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
@@ -135,7 +135,8 @@ def test_free_heap_pages_are_handed_back_on_glibc():
 
 
 @pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("shape", [(2, 5, 6, 7, 8), (1, 5, 6, 7, 8), (1, 3, 9, 10)])
+@pytest.mark.parametrize("shape", [(2, 5, 6, 7, 8), (1, 5, 6, 7, 8), (1, 8, 8, 12, 12),
+                                   (1, 5, 3, 5, 7), (1, 3, 9, 10)])
 def test_group_norm_stand_in_equals_instance_norm(affine, shape):
     from napari_medseg.core.inference import _GroupNormAsInstanceNorm
 
@@ -153,6 +154,29 @@ def test_group_norm_stand_in_equals_instance_norm(affine, shape):
             got = _GroupNormAsInstanceNorm(norm)(xc)
         assert got.is_contiguous(memory_format=torch.channels_last_3d)
         torch.testing.assert_close(got.float(), norm(xc.float()), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_folded_norm_pools_folds_that_differ_into_one_channel_statistic(dtype):
+    # folds of k = 2 are the even and odd x columns: give them far apart statistics,
+    # so that a norm per fold (instead of per channel) would be far off
+    from napari_medseg.core.inference import _folded_instance_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 6, 10, 12)
+    x[..., ::2] = x[..., ::2] * 5 + 20
+    w, b = torch.rand(8) + 0.5, torch.randn(8)
+    want = F.instance_norm(x, weight=w, bias=b, eps=1e-5)
+    xc = x.to(dtype).contiguous(memory_format=torch.channels_last_3d)
+    with torch.inference_mode():
+        got = _folded_instance_norm(xc, w, b, 1e-5)
+        assert got is not None and got.dtype == dtype
+        assert got.is_contiguous(memory_format=torch.channels_last_3d)
+        tol = 1e-4 if dtype == torch.float32 else 0.05
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+        assert _folded_instance_norm(xc.contiguous(), w, b, 1e-5) is None  # not channels-last
+        assert _folded_instance_norm(torch.randn(1, 16, 4, 4, 4).contiguous(
+            memory_format=torch.channels_last_3d), w, b, 1e-5) is None  # wide enough already
 
 
 class _Recorder(torch.nn.Module):
@@ -187,3 +211,26 @@ def test_cpu_bf16_runs_norms_as_group_norms_and_gives_the_modules_back():
         assert {seen[2] for seen in net.seen} == {True}
     assert type(net.norm) is torch.nn.InstanceNorm3d and net.conv.weight.is_contiguous()
     assert (res.labels == ref.labels).mean() > 0.97
+
+
+_KEEP = r"""
+import json
+from napari_medseg.core import inference
+too_big = inference.keep_freed_memory(10 ** 15)  # a run that would not fit: left alone
+left_alone = inference._KEEP_FREED
+ok = inference.keep_freed_memory(10 ** 6)
+print(json.dumps([too_big, left_alone, ok, inference._KEEP_FREED]))
+"""
+
+
+@pytest.mark.skipif(not (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"),
+                    reason="glibc's mallopt")
+def test_one_shot_runs_keep_freed_memory_only_where_it_fits():
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _KEEP], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [False, False, True, True]

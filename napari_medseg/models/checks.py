@@ -33,6 +33,7 @@ import numpy as np
 
 from ..core.body_region import detect_body_region, region_fits
 from ..core.modality import detect_modality, normalize_modality
+from ..core.stats import label_counts
 
 __all__ = ["check_input", "check_prediction", "model_fits_modality"]
 
@@ -117,7 +118,7 @@ def check_prediction(card, labels, whole: bool = True) -> list[str]:
         return []
     data = np.asarray(labels.data)
     ml = float(labels.voxel_volume_ml)
-    counts = np.bincount(data.ravel(), minlength=card.n_classes)
+    counts = label_counts(data, minlength=card.n_classes)
     out = []
     for cid, name in card.label_names.items():
         if name not in ranges or cid >= counts.size or not counts[cid]:
