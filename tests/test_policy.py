@@ -76,9 +76,12 @@ def test_mirror_tta_averages_flips_back():
     def fn(t):
         calls.append(t.clone())
         return t * 2
-    out = policy.mirror_tta(fn, x, (2, 3, 4))
+    out = policy.mirror_tta(fn, x, (2, 3, 4), stack=False)
     assert len(calls) == 8
     torch.testing.assert_close(out, x * 2)  # an equivariant fn: the flips cancel
+    calls.clear()
+    torch.testing.assert_close(policy.mirror_tta(fn, x, (2, 3, 4)), x * 2)
+    assert [c.shape[0] for c in calls] == [8]  # float32 on the CPU: one stacked batch
     assert policy.mirror_combinations((3, 4)) == [(), (3,), (4,), (3, 4)]
 
     def biased(t):  # not equivariant: the mean over flips differs from one pass
@@ -86,6 +89,39 @@ def test_mirror_tta_averages_flips_back():
     got = policy.mirror_tta(biased, x, (4,))
     torch.testing.assert_close(got, x + 1.5)
     torch.testing.assert_close(policy.mirror_tta(biased, x, ()), biased(x))
+
+
+def test_mirrors_of_a_float32_cpu_window_run_as_one_batch_with_the_same_result():
+    from napari_medseg.models.networks import UNet3D
+
+    torch.manual_seed(0)
+    net = UNet3D(in_channels=1, out_channels=3, features=(4, 8, 16)).eval()
+    x = torch.randn(1, 1, 16, 32, 32)
+    assert policy.stack_mirrors(x)
+    assert not policy.stack_mirrors(torch.randn(2, 1, 16, 32, 32))  # already a batch
+    assert not policy.stack_mirrors(x.to(torch.bfloat16))
+    assert not policy.stack_mirrors(torch.randn(1, 1, 40, 128, 128))  # too large a batch
+    assert not policy.stack_mirrors(torch.randn(1, 1, 32, 96, 96), n_mirrors=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not policy.stack_mirrors(x)  # mixed precision: oneDNN already
+    seen = []
+
+    def fn(t):
+        seen.append(t.shape[0])
+        return net(t)
+    with torch.inference_mode():
+        want = policy.mirror_tta(fn, x, (2, 4), stack=False)
+        got = policy.mirror_tta(fn, x, (2, 4))
+        z_only = policy.mirror_tta(fn, x, (), combinations=[(), (2,)])
+    assert seen == [1, 1, 1, 1, 4, 2]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(z_only, want, atol=1e-3)  # another mean: the test can see it
+
+    def wrong(t):  # a model that ignores the batch: refused by the shape, not split
+        return net(t[:1])
+    with torch.inference_mode():
+        out = list(policy.mirrored_outputs(wrong, x, [(), (2,)]))
+    assert len(out) == 1 and out[0][1].shape[0] == 1
 
 
 def test_device_and_precision_choice():

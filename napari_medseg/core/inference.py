@@ -502,9 +502,7 @@ def _foreground(logits):
 def _run_predictor(predictor, batch, n_classes, axes_list, want_spread):
     """Logits ``(B, K, *patch)`` averaged over mirrors, and the foreground spread."""
     total, s1, s2 = None, None, None
-    for axes in axes_list:
-        xi = torch.flip(batch, axes) if axes else batch
-        yi = predictor(xi)
+    for axes, yi in policy.mirrored_outputs(predictor, batch, axes_list):
         if not isinstance(yi, torch.Tensor):
             yi = yi[0] if isinstance(yi, (list, tuple)) else torch.as_tensor(yi)
         if yi.shape[0] != batch.shape[0] or yi.shape[1] != n_classes \
