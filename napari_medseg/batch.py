@@ -366,7 +366,7 @@ def uncertainty_path(out) -> Path:
 def _class_volumes(pred) -> dict:
     import numpy as np
 
-    from .core.stats import label_counts
+    from .core.labelmap import label_counts
 
     data = np.asarray(pred.labels.data)
     counts = label_counts(data)

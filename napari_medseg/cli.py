@@ -99,7 +99,7 @@ def cmd_predict(args) -> int:
         from .bigvolume import cmd_predict_zarr
 
         return cmd_predict_zarr(args, ProgressBar)
-    import numpy as np
+    import math
 
     from .core.inference import keep_freed_memory
     from .io import read_volume, write_labels, write_volume
@@ -115,7 +115,7 @@ def cmd_predict(args) -> int:
     model = set_model_options(load_model(args.model), backend=args.backend,
                               roi_subset=args.roi_subset, name=args.model)
     vols = [read_volume(p, lazy=True) for p in args.input]
-    keep_freed_memory(sum(int(np.prod(v.data.shape)) for v in vols))  # one image, then exit
+    keep_freed_memory(sum(math.prod(v.data.shape) for v in vols))  # one image, then exit
     for i, (p, v) in enumerate(zip(args.input, vols)):  # constant or absurd images
         expect = model.card.channels[i]["modality"] if i < len(model.card.channels) else None
         for w in check_image_values(v, str(p), expect):
@@ -200,7 +200,7 @@ def _write_prediction(args, labels, image, write_labels):
 def _counts(pred) -> str:
     import numpy as np
 
-    from .core.stats import label_counts
+    from .core.labelmap import label_counts
 
     data = np.asarray(pred.labels.data)
     ml = pred.labels.voxel_volume_ml

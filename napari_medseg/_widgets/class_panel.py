@@ -27,6 +27,7 @@ from .._napari.boundary import volume_from_layer
 
 from .._napari.layer_roles import locked_classes
 from .._napari.locks import enforce_locks, lock_classes
+from ..core.labelmap import label_counts
 from ._layout import min_table_rows
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,7 @@ def class_counts(labels: np.ndarray, ids, voxel_ml: float) -> dict[int, tuple[in
     """Voxel count and volume (mL) per class id of a ``(Z, Y, X)`` label array."""
     arr = np.asarray(labels)
     top = max([int(i) for i in ids] + [0])
-    counts = np.bincount(arr.ravel().astype(np.int64, copy=False), minlength=top + 1) \
-        if arr.size else np.zeros(top + 1, np.int64)
+    counts = label_counts(arr, minlength=top + 1)
     return {int(i): (int(counts[i]) if i < counts.size else 0,
                      float(counts[i] * voxel_ml) if i < counts.size else 0.0)
             for i in ids}

@@ -425,22 +425,30 @@ def _match_permutation(feats, out, y):
 
 
 # --------------------------------------------------------------------------- prediction
+def _glibc_function(name: str, argtypes, restype=None):
+    """A function of glibc, or None on other platforms and C libraries."""
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):  # pragma: no cover - exotic platforms
+        return None
+    fn.argtypes, fn.restype = list(argtypes), restype or ctypes.c_int
+    return fn
+
+
 def _glibc_trim():
     """glibc's ``malloc_trim``, or None on other C libraries."""
     import ctypes
-    import ctypes.util
     import os
-    import platform
 
-    if os.environ.get("NAPARI_MEDSEG_NO_TRIM") or platform.system() != "Linux" \
-            or platform.libc_ver()[0] != "glibc":
+    if os.environ.get("NAPARI_MEDSEG_NO_TRIM"):
         return None
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # pragma: no cover - exotic platforms
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-    return fn
+    return _glibc_function("malloc_trim", [ctypes.c_size_t])
 
 
 _TRIM = _glibc_trim()
@@ -460,7 +468,6 @@ def keep_freed_memory(voxels: int = 0, bytes_per_voxel: int = 32) -> bool:
     long-lived processes (the viewer). Returns whether it did.
     """
     import ctypes
-    import ctypes.util
 
     from .planner import _mem_available
 
@@ -468,11 +475,9 @@ def keep_freed_memory(voxels: int = 0, bytes_per_voxel: int = 32) -> bool:
     avail = _mem_available()
     if _TRIM is None or avail is None or voxels * bytes_per_voxel > avail // 2:
         return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):  # pragma: no cover - exotic platforms
+    mallopt = _glibc_function("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:  # pragma: no cover - glibc without mallopt
         return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     m_trim_threshold, m_mmap_threshold = -1, -3
     ok = bool(mallopt(m_trim_threshold, 2 ** 31 - 1)) and bool(
         mallopt(m_mmap_threshold, 2 ** 31 - 1))
@@ -503,8 +508,6 @@ def _run_predictor(predictor, batch, n_classes, axes_list, want_spread):
     """Logits ``(B, K, *patch)`` averaged over mirrors, and the foreground spread."""
     total, s1, s2 = None, None, None
     for axes, yi in policy.mirrored_outputs(predictor, batch, axes_list):
-        if not isinstance(yi, torch.Tensor):
-            yi = yi[0] if isinstance(yi, (list, tuple)) else torch.as_tensor(yi)
         if yi.shape[0] != batch.shape[0] or yi.shape[1] != n_classes \
                 or tuple(yi.shape[2:]) != tuple(batch.shape[2:]):
             raise MedSegError(

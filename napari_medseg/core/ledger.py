@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MedSegError
+from .labelmap import label_counts
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class CorrectionLedger:
         self.spacing = tuple(float(s) for s in spacing)
         self.names = {int(k): str(v) for k, v in (names or {}).items()}
         self.meta = dict(meta or {})
-        self._pred_counts = np.bincount(pred.ravel().astype(np.int64, copy=False))
+        self._pred_counts = label_counts(pred)
 
     # ------------------------------------------------------------- analysis
     @property
@@ -132,7 +133,7 @@ class CorrectionLedger:
         cur = self._check(current)
         diff = cur != self.prediction
         box = _bbox(diff)
-        cur_counts = np.bincount(cur.ravel().astype(np.int64, copy=False))
+        cur_counts = label_counts(cur)
         if box is not None:
             sl = tuple(slice(box[i], box[i + 3]) for i in range(3))
             d = diff[sl]

@@ -210,13 +210,22 @@ def stack_mirrors(x, n_mirrors: int = 2) -> bool:
             and n_mirrors * int(np.prod(x.shape[2:])) <= STACK_MIRRORS_VOXELS)
 
 
+def _output_tensor(y):
+    """A model's output as one tensor: the first of a list or tuple (deep supervision)."""
+    import torch
+
+    if isinstance(y, torch.Tensor):
+        return y
+    return y[0] if isinstance(y, (list, tuple)) else torch.as_tensor(y)
+
+
 def mirrored_outputs(fn: Callable, x, combos, stack=None):
     """``(dims, fn(flip(x, dims)))`` for each mirroring in ``combos``, not flipped back.
 
     One call a mirroring, or one call on all of them stacked along the batch axis
-    (``stack``; None: where :func:`stack_mirrors` says so). The stacked output is
-    split again; one whose batch size does not split is yielded whole, for the
-    caller to refuse.
+    (``stack``; None: where :func:`stack_mirrors` says so). Outputs are tensors (the
+    first of a list or tuple). The stacked output is split again; one whose batch
+    size does not split is yielded whole, for the caller to refuse.
     """
     import torch
 
@@ -225,11 +234,9 @@ def mirrored_outputs(fn: Callable, x, combos, stack=None):
         stack = stack_mirrors(x, len(combos))
     if len(combos) < 2 or not stack:
         for dims in combos:
-            yield dims, fn(torch.flip(x, dims) if dims else x)
+            yield dims, _output_tensor(fn(torch.flip(x, dims) if dims else x))
         return
-    ys = fn(torch.cat([torch.flip(x, d) if d else x for d in combos]))
-    if not isinstance(ys, torch.Tensor):
-        ys = ys[0] if isinstance(ys, (list, tuple)) else torch.as_tensor(ys)
+    ys = _output_tensor(fn(torch.cat([torch.flip(x, d) if d else x for d in combos])))
     b = x.shape[0]
     if ys.shape[0] != b * len(combos):
         yield combos[0], ys

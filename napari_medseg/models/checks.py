@@ -32,8 +32,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.body_region import detect_body_region, region_fits
+from ..core.labelmap import label_counts
 from ..core.modality import detect_modality, normalize_modality
-from ..core.stats import label_counts
 
 __all__ = ["check_input", "check_prediction", "model_fits_modality"]
 
