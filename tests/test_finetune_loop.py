@@ -267,6 +267,9 @@ def test_new_class_grows_the_output_layer(tiny, tmp_path):
     assert m["fine_tune"]["new_classes"] == {6: "cyst"}
     assert "cyst" in m["dice"] and m["dice_before"]["cyst"] == 0.0
     assert "new classes 6=cyst" in model.card.training
+    # the cyst is one part in every corrected case: its prediction keeps its largest part
+    assert 6 in model.card.postprocessing["largest_component"]
+    assert m["fine_tune"]["largest_component_added"] == [6]
     # forgetting measured on a held-out synthetic phantom, the new class left out
     f = m["forgetting"]
     assert set(f["dice_before"]) >= {"liver"} and "cyst" not in f["dice_before"]
@@ -388,3 +391,31 @@ def test_guard_defaults_for_new_classes(tiny):
     mr = ModelCard.from_dict({**card.to_dict(), "channels": [{"name": "T1",
                                                                "modality": "MR"}]}, "mr")
     assert _auto_guard(mr, {6: "cyst"}, None, None, "auto") == (ANCHOR, EARLY_LR_FACTOR, 0)
+
+
+def test_single_part_classes(tiny):
+    """A new class drawn as one part in every case gets the largest-component
+    clean-up; one drawn in several sizeable parts anywhere does not."""
+    from types import SimpleNamespace
+
+    from napari_medseg.training.finetune import _single_part_classes, _with_lcc
+
+    def case(*boxes, cid=6, shape=(8, 16, 16)):
+        y = np.zeros(shape, np.uint8)
+        for z0, y0, x0, n in boxes:
+            y[z0:z0 + n, y0:y0 + n, x0:x0 + n] = cid
+        return SimpleNamespace(y=y)
+
+    one = case((1, 1, 1, 4))
+    touching = case((1, 1, 1, 3), (4, 4, 4, 3))  # corner to corner: 26-connected
+    stray = case((1, 1, 1, 4), (6, 12, 12, 1))  # a stray voxel: under 5 % of the class
+    two = case((1, 1, 1, 3), (1, 10, 10, 3))
+    assert _single_part_classes([one, touching, stray], {6: "tumour"}) == [6]
+    assert _single_part_classes([one, two], {6: "tumour"}) == []
+    assert _single_part_classes([one], {7: "absent"}) == []  # never drawn: no evidence
+    assert _single_part_classes([one], {}) == []
+    card = load_model(tiny).card
+    before = list(card.postprocessing.get("largest_component") or [])
+    both = _with_lcc(card, drop=before[:1], add=[5])
+    assert both.postprocessing["largest_component"] == before[1:] + [5]
+    assert _with_lcc(card) is card
