@@ -76,12 +76,10 @@ def test_mirror_tta_averages_flips_back():
     def fn(t):
         calls.append(t.clone())
         return t * 2
-    out = policy.mirror_tta(fn, x, (2, 3, 4), stack=False)
+    out = policy.mirror_tta(fn, x, (2, 3, 4))
     assert len(calls) == 8
     torch.testing.assert_close(out, x * 2)  # an equivariant fn: the flips cancel
-    calls.clear()
-    torch.testing.assert_close(policy.mirror_tta(fn, x, (2, 3, 4)), x * 2)
-    assert [c.shape[0] for c in calls] == [8]  # float32 on the CPU: one stacked batch
+    assert [c.shape[0] for c in calls] == [1] * 8  # one call a mirror, batch as given
     assert policy.mirror_combinations((3, 4)) == [(), (3,), (4,), (3, 4)]
 
     def biased(t):  # not equivariant: the mean over flips differs from one pass
@@ -91,37 +89,73 @@ def test_mirror_tta_averages_flips_back():
     torch.testing.assert_close(policy.mirror_tta(biased, x, ()), biased(x))
 
 
-def test_mirrors_of_a_float32_cpu_window_run_as_one_batch_with_the_same_result():
+def test_mirror_tta_on_a_network_and_a_subset_of_mirrors():
     from napari_medseg.models.networks import UNet3D
 
     torch.manual_seed(0)
-    net = UNet3D(in_channels=1, out_channels=3, features=(4, 8, 16)).eval()
+    net = policy.onednn_convolutions(
+        UNet3D(in_channels=1, out_channels=3, features=(4, 8, 16)).eval())
     x = torch.randn(1, 1, 16, 32, 32)
-    assert policy.stack_mirrors(x)
-    assert not policy.stack_mirrors(torch.randn(2, 1, 16, 32, 32))  # already a batch
-    assert not policy.stack_mirrors(x.to(torch.bfloat16))
-    assert not policy.stack_mirrors(torch.randn(1, 1, 40, 128, 128))  # too large a batch
-    assert not policy.stack_mirrors(torch.randn(1, 1, 32, 96, 96), n_mirrors=8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not policy.stack_mirrors(x)  # mixed precision: oneDNN already
     seen = []
 
     def fn(t):
         seen.append(t.shape[0])
         return net(t)
     with torch.inference_mode():
-        want = policy.mirror_tta(fn, x, (2, 4), stack=False)
-        got = policy.mirror_tta(fn, x, (2, 4))
+        both = policy.mirror_tta(fn, x, (2, 4))
         z_only = policy.mirror_tta(fn, x, (), combinations=[(), (2,)])
-    assert seen == [1, 1, 1, 1, 4, 2]
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(z_only, want, atol=1e-3)  # another mean: the test can see it
+        want = (net(x) + torch.flip(net(torch.flip(x, (2,))), (2,))) / 2
+    assert seen == [1, 1, 1, 1, 1, 1]  # one window a mirror
+    torch.testing.assert_close(z_only, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(z_only, both, atol=1e-3)  # another mean: the test can see it
+    with torch.inference_mode():  # a list output (deep supervision): its first tensor
+        out = list(policy.mirrored_outputs(lambda t: [net(t), None], x, [(), (2,)]))
+    assert [d for d, _ in out] == [(), (2,)] and out[0][1].shape == (1, 3, 16, 32, 32)
 
-    def wrong(t):  # a model that ignores the batch: refused by the shape, not split
-        return net(t[:1])
+
+def _conv_kernels(fn, x) -> set:
+    """The aten convolution kernels ``fn(x)`` runs."""
+    with torch.profiler.profile() as prof:
+        fn(x)
+    return {e.key for e in prof.key_averages()
+            if e.key in ("aten::slow_conv3d_forward", "aten::mkldnn_convolution")}
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+def test_small_float32_convolutions_take_onednn_with_the_same_result():
+    import copy
+
+    from napari_medseg.models.networks import UNet3D
+
+    torch.manual_seed(0)
+    plain = UNet3D(in_channels=1, out_channels=3, features=(4, 8, 16)).eval()
+    net = policy.onednn_convolutions(copy.deepcopy(plain))
+    assert net.state_dict().keys() == plain.state_dict().keys()
+    assert all(type(m) is not torch.nn.Conv3d for m in net.modules())
+    x = torch.randn(1, 1, 16, 32, 32)  # 1 x 4 x 16 x 32 = 2048: PyTorch's slow kernel
     with torch.inference_mode():
-        out = list(policy.mirrored_outputs(wrong, x, [(), (2,)]))
-    assert len(out) == 1 and out[0][1].shape[0] == 1
+        assert "aten::slow_conv3d_forward" in _conv_kernels(plain, x)
+        kernels = _conv_kernels(net, x)
+        want, got = plain(x), net(x)
+    # every 3 x 3 x 3 convolution takes oneDNN (the 1 x 1 x 1 head keeps PyTorch's choice)
+    assert kernels == {"aten::mkldnn_convolution", "aten::slow_conv3d_forward"} or \
+        kernels == {"aten::mkldnn_convolution"}
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        net(x)
+    slow = [e for e in prof.key_averages() if e.key == "aten::slow_conv3d_forward"]
+    assert not slow or slow[0].count == 1  # the head alone
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # training (autograd) and bf16 autocast keep PyTorch's own path and gradients
+    out = net(x)
+    out.sum().backward()
+    assert net.head.weight.grad is not None
+    torch.testing.assert_close(out.detach(), want, rtol=1e-4, atol=1e-4)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net(x).dtype == torch.bfloat16
+    # idempotent, and TorchScript is left alone
+    assert policy.onednn_convolutions(net) is net
+    scripted = torch.jit.script(torch.nn.Conv3d(1, 1, 3))
+    assert policy.onednn_convolutions(scripted) is scripted
 
 
 def test_device_and_precision_choice():

@@ -39,6 +39,7 @@ __all__ = [
     "resolve_amp",
     "amp_name",
     "mirror_combinations",
+    "onednn_convolutions",
     "mirror_tta",
     "is_out_of_memory",
     "OutOfMemory",
@@ -174,6 +175,77 @@ def amp_name(dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off")
 
 
+# ------------------------------------------------------- float32 CPU convolutions
+#: PyTorch's rule (``ConvParams::use_mkldnn``): a float32 CPU convolution of batch 1
+#: with batch x channels x depth x height at most this goes to the reference kernel.
+_SLOW_CONV_LIMIT = 20480
+
+
+def _conv3d_direct(conv, x) -> bool:
+    """Whether ``conv(x)`` should call oneDNN directly (see :func:`onednn_convolutions`)."""
+    import torch
+
+    return (x.dim() == 5 and x.shape[0] == 1 and x.device.type == "cpu"
+            and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
+            and int(x.shape[1]) * int(x.shape[2]) * int(x.shape[3]) <= _SLOW_CONV_LIMIT
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+            and tuple(conv.kernel_size) != (1, 1, 1)
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+
+def _onednn_conv3d_class():
+    import torch
+
+    class OneDNNConv3d(torch.nn.Conv3d):
+        """A ``Conv3d`` whose small float32 CPU inference calls take oneDNN."""
+
+        def _conv_forward(self, x, weight, bias):
+            if _conv3d_direct(self, x):
+                try:
+                    return torch.mkldnn_convolution(x, weight, bias, list(self.padding),
+                                                    list(self.stride), list(self.dilation),
+                                                    self.groups)
+                except (RuntimeError, AttributeError):  # a build without it: the usual path
+                    pass
+            return super()._conv_forward(x, weight, bias)
+
+    return OneDNNConv3d
+
+
+_ONEDNN_CONV3D = None
+
+
+def onednn_convolutions(net):
+    """Let the float32 CPU inference of ``net``'s 3D convolutions always take oneDNN.
+
+    PyTorch sends a batch-1 float32 3D convolution to its slow reference kernel
+    (``slow_conv3d``) when batch x channels x depth x height is at most 20480, a
+    rule made for 2D images. In a 3D U-Net that is every level below the first: in
+    the built-in CT model's fp32 forward of a 32 x 96 x 96 window those convolutions
+    took 69% of the time, and oneDNN runs one of them 10-30 times faster with the
+    same result (float rounding aside). Each plain ``nn.Conv3d`` of ``net`` becomes
+    a subclass that calls ``torch.mkldnn_convolution`` in exactly that case, under
+    no autograd and no autocast (training, bf16 and batches keep PyTorch's own
+    choice). Parameters and ``state_dict`` keys do not change. TorchScript modules
+    are left as they are. Returns ``net``.
+    """
+    import torch
+
+    global _ONEDNN_CONV3D
+    if isinstance(net, torch.jit.ScriptModule) or not isinstance(net, torch.nn.Module):
+        return net
+    if _ONEDNN_CONV3D is None:  # built on first use: importing this module loads no torch
+        _ONEDNN_CONV3D = _onednn_conv3d_class()
+        _ONEDNN_CONV3D.__qualname__ = _ONEDNN_CONV3D.__name__
+        globals()[_ONEDNN_CONV3D.__name__] = _ONEDNN_CONV3D  # found again by pickle
+    for m in net.modules():
+        if type(m) is torch.nn.Conv3d:
+            m.__class__ = _ONEDNN_CONV3D
+    return net
+
+
 # --------------------------------------------------------------- mirror TTA
 def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
     """Every subset of ``axes`` (the identity ``()`` first): the flips of mirror TTA.
@@ -185,31 +257,6 @@ def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
     return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
-#: Mirrors of one float32 CPU window run as one batch of at most this many voxels.
-STACK_MIRRORS_VOXELS = 64 * 128 * 128
-
-
-def stack_mirrors(x, n_mirrors: int = 2) -> bool:
-    """Whether the ``n_mirrors`` mirror images of the batch ``x`` should run as one batch.
-
-    In float32 on the CPU, PyTorch sends a 3D convolution of batch 1 to its slow
-    reference kernel instead of oneDNN when batch x channels x depth x height is at
-    most 20480 (a rule made for 2D images), as in a U-Net's middle levels (16
-    channels at 16 x 48 x 48: 57% of a 32 x 96 x 96 window's time). A batch of two
-    takes oneDNN everywhere: the built-in CT model's two mirrors of a window in 128
-    instead of 268 ms (2 cores). Under mixed precision every convolution already
-    runs in oneDNN, and the CPU fast path's norms want one sample a batch. Small
-    batches only (at most ``STACK_MIRRORS_VOXELS`` voxels, less than one 128^3
-    window): the stacked batch holds the activations of every mirror at once.
-    """
-    import torch
-
-    return (isinstance(x, torch.Tensor) and x.device.type == "cpu"
-            and x.dtype == torch.float32 and x.dim() == 5 and x.shape[0] == 1
-            and not torch.is_autocast_enabled("cpu")
-            and n_mirrors * int(np.prod(x.shape[2:])) <= STACK_MIRRORS_VOXELS)
-
-
 def _output_tensor(y):
     """A model's output as one tensor: the first of a list or tuple (deep supervision)."""
     import torch
@@ -219,33 +266,21 @@ def _output_tensor(y):
     return y[0] if isinstance(y, (list, tuple)) else torch.as_tensor(y)
 
 
-def mirrored_outputs(fn: Callable, x, combos, stack=None):
+def mirrored_outputs(fn: Callable, x, combos):
     """``(dims, fn(flip(x, dims)))`` for each mirroring in ``combos``, not flipped back.
 
-    One call a mirroring, or one call on all of them stacked along the batch axis
-    (``stack``; None: where :func:`stack_mirrors` says so). Outputs are tensors (the
-    first of a list or tuple). The stacked output is split again; one whose batch
-    size does not split is yielded whole, for the caller to refuse.
+    One call a mirroring (batch-1 float32 CPU windows are fast since
+    :func:`onednn_convolutions`, so mirrors are not stacked into one batch, which
+    would hold the activations of every mirror at once). Outputs are tensors (the
+    first of a list or tuple).
     """
     import torch
 
-    combos = [tuple(c) for c in combos]
-    if stack is None:
-        stack = stack_mirrors(x, len(combos))
-    if len(combos) < 2 or not stack:
-        for dims in combos:
-            yield dims, _output_tensor(fn(torch.flip(x, dims) if dims else x))
-        return
-    ys = _output_tensor(fn(torch.cat([torch.flip(x, d) if d else x for d in combos])))
-    b = x.shape[0]
-    if ys.shape[0] != b * len(combos):
-        yield combos[0], ys
-        return
-    for i, dims in enumerate(combos):
-        yield dims, ys[i * b:(i + 1) * b]
+    for dims in (tuple(c) for c in combos):
+        yield dims, _output_tensor(fn(torch.flip(x, dims) if dims else x))
 
 
-def mirror_tta(fn: Callable, x, axes: Sequence[int], combinations=None, stack=None):
+def mirror_tta(fn: Callable, x, axes: Sequence[int], combinations=None):
     """Average ``fn`` over the mirror images of ``x``, each flipped back.
 
     Parameters
@@ -261,9 +296,6 @@ def mirror_tta(fn: Callable, x, axes: Sequence[int], combinations=None, stack=No
         Only these mirrorings (each a tuple of tensor dimensions flipped
         together, ``()`` for as is) instead of every subset of ``axes``: a
         cheaper average where latency matters.
-    stack : bool, optional
-        Run the mirror images as one batch; None: where :func:`stack_mirrors`
-        says it is faster (float32 on the CPU).
 
     Returns
     -------
@@ -278,7 +310,7 @@ def mirror_tta(fn: Callable, x, axes: Sequence[int], combinations=None, stack=No
     if len(combos) == 1 and not combos[0]:
         return fn(x)
     out = None
-    for dims, y in mirrored_outputs(fn, x, combos, stack):
+    for dims, y in mirrored_outputs(fn, x, combos):
         y = (torch.flip(y, dims) if dims else y).float()
         out = y if out is None else out + y
     return out / len(combos)

@@ -259,7 +259,9 @@ def load_click_net(path=WEIGHTS) -> ClickNet:
     net = ClickNet(width)
     net.load_state_dict(state)
     net.eval()
-    return net
+    from ..core.policy import onednn_convolutions
+
+    return onednn_convolutions(net)
 
 
 def state_for_saving(net: ClickNet) -> dict:

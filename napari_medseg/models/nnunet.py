@@ -234,9 +234,11 @@ class NnunetModel(Model):
         net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
                                      cm.network_arch_init_kwargs_req_import, n_in, n_out,
                                      allow_init=False, deep_supervision=False)
+        from ..core.policy import onednn_convolutions
+
         try:
             net.load_state_dict(self.parameters[0])
-            return net.eval()
+            return onednn_convolutions(net.eval())
         except RuntimeError as exc:
             first_error = exc
         net = self._trainer_network(cm, n_in, n_out)
@@ -248,7 +250,7 @@ class NnunetModel(Model):
         except RuntimeError as exc:
             raise MedSegError("the checkpoint does not fit the network in plans.json: "
                               f"{str(exc).splitlines()[0]}", self.source) from exc
-        return net.eval()
+        return onednn_convolutions(net.eval())
 
     def _trainer_network(self, cm, n_in, n_out):
         """The network the checkpoint's trainer class builds, or None if it is not installed."""
