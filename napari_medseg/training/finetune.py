@@ -614,54 +614,41 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
     return path
 
 
-def _split_classes(cases, classes, min_share: float = 0.05) -> list:
-    """Classes with two or more sizeable components in some corrected case.
+def _sizeable_parts(mask: np.ndarray, min_share: float = 0.05) -> int:
+    """Pieces of ``mask`` (26-connected, as the largest-component clean-up counts
+    them) that hold at least ``min_share`` of its voxels; stray strokes do not count."""
+    from scipy import ndimage
+
+    lab, n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
+    if n < 2:
+        return n
+    sizes = np.bincount(lab.ravel())[1:]
+    return int((sizes >= min_share * sizes.sum()).sum())
+
+
+def _split_classes(cases, classes) -> list:
+    """Classes with two or more sizeable parts in some corrected case.
 
     A class the user labelled as several separate parts (e.g. both kidneys
     merged into one class) must not keep a "largest component" clean-up.
     """
-    from scipy import ndimage
-
-    split = []
-    for cid in classes:
-        for case in cases:
-            mask = case.y == int(cid)
-            if not mask.any():
-                continue
-            lab, n = ndimage.label(mask)
-            if n > 1:
-                sizes = np.bincount(lab.ravel())[1:]
-                if (sizes >= min_share * sizes.sum()).sum() > 1:
-                    split.append(int(cid))
-                    break
-    return split
+    return [int(cid) for cid in classes
+            if any(_sizeable_parts(case.y == int(cid)) > 1 for case in cases)]
 
 
-def _single_part_classes(cases, classes, min_share: float = 0.05) -> list:
-    """Classes of ``classes`` that are one piece in every corrected case showing them.
+def _single_part_classes(cases, classes) -> list:
+    """Classes of ``classes`` that are one part in every corrected case showing them.
 
     The complement of :func:`_split_classes` for classes without a clean-up
     yet: a structure the user always drew as one connected part (a tumour, an
-    organ) keeps only the largest part of its prediction. Pieces under
-    ``min_share`` of a case's class voxels (stray strokes) do not count.
+    organ) keeps only the largest part of its prediction. A class no case
+    shows gets none (no evidence).
     """
-    from scipy import ndimage
-
     single = []
     for cid in sorted(int(c) for c in (classes or {})):
-        seen = False
-        for case in cases:
-            mask = case.y == cid
-            if not mask.any():
-                continue
-            seen = True
-            lab, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-            sizes = np.bincount(lab.ravel())[1:]
-            if (sizes >= min_share * sizes.sum()).sum() > 1:
-                break
-        else:
-            if seen:
-                single.append(cid)
+        parts = [_sizeable_parts(case.y == cid) for case in cases]
+        if any(parts) and max(parts) == 1:
+            single.append(cid)
     return single
 
 
