@@ -310,11 +310,12 @@ def run_case(model_ref, case: Case, out: str, options: dict) -> dict:
         with warnings.catch_warnings(record=True) as wlist:
             warnings.simplefilter("always")
             model = _model(model_ref)
-            if options.get("backend") or options.get("roi_subset"):
+            if options.get("backend") or options.get("roi_subset") or options.get("precision"):
                 from .models.run import set_model_options
 
                 set_model_options(model, backend=options.get("backend"),
-                                  roi_subset=options.get("roi_subset"), name=str(model_ref))
+                                  roi_subset=options.get("roi_subset"), name=str(model_ref),
+                                  precision=options.get("precision"))
             vols = [read_volume(p, lazy=True) for p in case.paths]
             # the shared run path: input checks, the memory plan, out-of-memory as one line
             _, pred = run_model(model, vols, name=case.paths[0],
@@ -459,7 +460,7 @@ def _client(scheduler, client):
 def run_batch(inputs, model, outdir, *, workers=1, scheduler=None, client=None,
               device="cpu", overlap=None, tta=None, fast=False, suffix=".nii.gz",
               retries=1, memory_limit=None, progress=True, backend=None,
-              roi_subset=None, uncertainty=None) -> BatchResult:
+              roi_subset=None, uncertainty=None, precision=None) -> BatchResult:
     """Segment every case of ``inputs`` with ``model`` into ``outdir``.
 
     Parameters
@@ -492,6 +493,8 @@ def run_batch(inputs, model, outdir, *, workers=1, scheduler=None, client=None,
     backend, roi_subset : optional
         nnU-Net / TotalSegmentator options (see
         :func:`napari_medseg.models.run.set_model_options`).
+    precision : {"auto", "bf16", "fp16", "fp32"}, optional
+        The network's precision (same function).
     uncertainty : {None, "entropy", "tta"}
         Also write each case's uncertainty map (float32, :func:`uncertainty_path`),
         before its labels.
@@ -511,6 +514,7 @@ def run_batch(inputs, model, outdir, *, workers=1, scheduler=None, client=None,
                "tta": None if tta is None else bool(tta), "fast": bool(fast),
                "memory_limit": memory_limit, "backend": backend,
                "roi_subset": list(roi_subset) if roi_subset else None,
+               "precision": precision,
                "uncertainty": uncertainty}
     local = client is None and scheduler is None
     workers = max(1, int(workers or 1))
@@ -614,7 +618,7 @@ def cmd_batch(args) -> int:
                     scheduler=args.scheduler, device=args.device, overlap=args.overlap,
                     tta=args.tta, fast=args.fast, suffix=args.suffix, retries=args.retries,
                     memory_limit=args.memory_limit, backend=args.backend,
-                    roi_subset=args.roi_subset)
+                    roi_subset=args.roi_subset, precision=args.precision)
     parts = ", ".join(f"{n} {k}" for k, n in sorted(res.counts.items()))
     print(f"batch: {parts} in {res.seconds:.1f} s; summary {res.summary_csv}",
           file=sys.stderr)

@@ -379,7 +379,8 @@ def cmd_predict_zarr(args, progress_bar=None) -> int:
     from .models.run import set_model_options
 
     model = set_model_options(load_model(args.model), backend=getattr(args, "backend", None),
-                              roi_subset=getattr(args, "roi_subset", None), name=args.model)
+                              roi_subset=getattr(args, "roi_subset", None), name=args.model,
+                              precision=getattr(args, "precision", None))
     vols = [read_volume(p, lazy=True) for p in args.input]
     from .models.checks import check_input
 

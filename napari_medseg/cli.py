@@ -113,7 +113,8 @@ def cmd_predict(args) -> int:
                   extensions=_label_extensions(args))
     check_outputs([args.uncertainty], args.input, args.overwrite, others=[args.output])
     model = set_model_options(load_model(args.model), backend=args.backend,
-                              roi_subset=args.roi_subset, name=args.model)
+                              roi_subset=args.roi_subset, name=args.model,
+                              precision=args.precision)
     vols = [read_volume(p, lazy=True) for p in args.input]
     keep_freed_memory(sum(math.prod(v.data.shape) for v in vols))  # one image, then exit
     for i, (p, v) in enumerate(zip(args.input, vols)):  # constant or absurd images
@@ -157,8 +158,15 @@ def cmd_predict(args) -> int:
     counts = _counts(pred)
     if hasattr(model, "backend"):  # nnU-Net / TotalSegmentator: say which pipeline ran
         msg += f" with the {(pred.info or {}).get('backend', model.backend)} backend"
+    if args.precision:  # asked for: say what ran
+        msg += f" in {_precision_name((pred.info or {}).get('amp'))}"
     print(f"{msg} ({pred.seconds:.1f} s; {counts})", file=sys.stderr)
     return 0
+
+
+def _precision_name(amp) -> str:
+    """``"fp32"`` for a run without autocast, else its autocast dtype's name."""
+    return "fp32" if amp in (None, "off") else str(amp)
 
 
 def _label_extensions(args) -> tuple:

@@ -98,3 +98,25 @@ def test_cli_module_imports_no_gui():
             "print(bad); assert not bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_predict_precision(tmp_path, image):
+    """``--precision`` sets the network's autocast and says what ran; a model whose
+    run it does not steer refuses it in one line."""
+    from napari_medseg.errors import MedSegError
+    from napari_medseg.models.predictor import Model
+    from napari_medseg.models.run import set_model_options
+
+    path, vol, truth = image
+    pkg = save_torchscript_package(tmp_path / "pkg")
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"seg_{precision}.nii.gz"
+        r = run_cli("predict", path, "-m", pkg, "-o", out, "--device", "cpu",
+                    "--precision", precision)
+        assert r.returncode == 0, r.stderr
+        assert f" in {precision} (" in r.stderr
+        np.testing.assert_array_equal(np.asarray(read_volume(out).data), truth.astype(np.uint8))
+    r = run_cli("predict", path, "-m", pkg, "-o", tmp_path / "x.nii.gz", "--precision", "fp8")
+    assert r.returncode == 2 and "fp8" in r.stderr
+    with pytest.raises(MedSegError, match="drop --precision"):
+        set_model_options(Model(threshold_card()), precision="fp32")

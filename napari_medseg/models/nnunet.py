@@ -193,6 +193,8 @@ class NnunetModel(Model):
 
     backend = "native"
 
+    precision_option = True  # the native backend's autocast (nnUNetPredictor keeps its own)
+
     def __init__(self, card, folder: Path, checkpoints: list):
         super().__init__(card, str(folder))
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager

@@ -112,6 +112,8 @@ class Model:
 
     batch_size = None  # the engine's default: 1 window on the CPU, 2 on a GPU
     amp = "auto"
+    #: Whether :attr:`amp` steers this model's run (``--precision``).
+    precision_option = False
 
     def __init__(self, card: ModelCard, source: str = ""):
         self.card = card
@@ -434,6 +436,8 @@ class TorchModel(Model):
         Axis order the network was trained with. MONAI bundles read with
         nibabel work in ``(x, y, z)``; the predictor transposes around them.
     """
+
+    precision_option = True
 
     def __init__(self, card: ModelCard, network: torch.nn.Module, source: str = "",
                  axis_order: str = "zyx"):

@@ -27,17 +27,27 @@ __all__ = ["run_model", "cancel_inside_forward", "set_model_options", "add_model
            "OOM_HINT"]
 
 
+#: ``--precision`` choices: the network's mixed precision (:func:`set_model_options`).
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
 def add_model_option_args(parser) -> None:
-    """Add ``--backend`` and ``--roi-subset`` to an argparse (sub)parser (predict, batch)."""
+    """Add ``--backend``, ``--roi-subset`` and ``--precision`` to an argparse (sub)parser
+    (predict, batch)."""
     parser.add_argument("--backend", choices=("native", "nnunetv2"), default=None,
                         help="nnU-Net / TotalSegmentator models: the plugin's engine (native, "
                         "default) or nnU-Net's own nnUNetPredictor (reference)")
     parser.add_argument("--roi-subset", nargs="+", metavar="CLASS", default=None,
                         help="TotalSegmentator tasks: run only the parts holding these "
                         "classes (names as in `napari-medseg models`) and keep only them")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="the network's precision: auto (default: bf16 on CPUs with native "
+                        "bf16 and on GPUs that have it, else fp32), bf16, fp16 (GPUs) or fp32 "
+                        "(the same result on every CPU; slower where bf16 is native)")
 
 
-def set_model_options(model, backend=None, roi_subset=None, name: str = ""):
+def set_model_options(model, backend=None, roi_subset=None, name: str = "",
+                      precision=None):
     """Choose the pipeline of an nnU-Net / TotalSegmentator model and its class subset.
 
     Parameters
@@ -53,6 +63,9 @@ def set_model_options(model, backend=None, roi_subset=None, name: str = ""):
         and only these classes are kept.
     name : str
         The model as the user named it, for messages.
+    precision : {"auto", "bf16", "fp16", "fp32"}, optional
+        The network's mixed precision in the plugin's engine (``model.amp``;
+        ``"fp32"``: no autocast). PyTorch models and nnU-Net folders only.
 
     Returns
     -------
@@ -81,6 +94,14 @@ def set_model_options(model, backend=None, roi_subset=None, name: str = ""):
                               "tasks only; drop it", name)
         model.parts_for(list(roi_subset))  # unknown class names: one line naming them
         model.roi_subset = list(roi_subset)
+    if precision is not None:
+        if precision not in PRECISIONS:
+            raise MedSegError(f"unknown precision {precision!r}; use one of "
+                              f"{', '.join(PRECISIONS)}", name)
+        if not getattr(model, "precision_option", False):
+            raise MedSegError("a precision can be chosen only for PyTorch models and nnU-Net "
+                              "folders run by the plugin's engine; drop --precision", name)
+        model.amp = "off" if precision == "fp32" else precision
     return model
 
 
