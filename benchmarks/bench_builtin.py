@@ -3,6 +3,7 @@
 
     python benchmarks/bench_builtin.py [--json] [-m MODEL] [--skip-speed] [--skip-real]
                                        [--threads 2] [--tta | --no-tta]
+                                       [--precision auto|bf16|fp32]
 
 Two figures, each said where it was measured:
 
@@ -27,7 +28,10 @@ Two figures, each said where it was measured:
     reference lacks are left out.
 
 Both run mirror test-time augmentation as the model card's ``default_tta`` says
-(``tta`` in the output), unless ``--tta`` / ``--no-tta`` overrides it.
+(``tta`` in the output), unless ``--tta`` / ``--no-tta`` overrides it, and in the
+precision ``--precision`` asks for (``predict --precision``; default ``auto``: bf16
+where the CPU has it natively). ``--precision fp32`` measures on a bf16 machine
+what a CPU without native bf16 runs.
 """
 
 from __future__ import annotations
@@ -104,15 +108,17 @@ def class_pairs(model_names: dict, ref_names: dict) -> list[tuple[str, int, int]
     return [(n, i, ref[_canon(n)]) for i, n in model_names.items() if _canon(n) in ref]
 
 
-def measure_real(model_name: str, threads: int, tta=None) -> tuple[dict, dict]:
+def measure_real(model_name: str, threads: int, tta=None,
+                 precision=None) -> tuple[dict, dict]:
     """``({case: {class: Dice}}, {case: seconds})`` on the shared real scans."""
     import torch
 
     from napari_medseg.io import read_volume
     from napari_medseg.models import load_model
+    from napari_medseg.models.run import set_model_options
 
     torch.set_num_threads(threads)
-    model = load_model(model_name)
+    model = set_model_options(load_model(model_name), precision=precision)
     dice, seconds = {}, {}
     for c in real_cases():
         img = read_volume(c["image"])
@@ -154,7 +160,7 @@ def make_speed_ct(path: Path, seed: int = 0) -> None:
     write_volume(path, vol, overwrite=True)
 
 
-def measure_speed(model_name: str, threads: int, tta=None) -> dict:
+def measure_speed(model_name: str, threads: int, tta=None, precision=None) -> dict:
     """Time ``napari-medseg predict`` as a subprocess on the synthetic 512 x 512 x 300 CT."""
     with tempfile.TemporaryDirectory(prefix="medseg-bench-") as tmp:
         src, out = Path(tmp) / "ct_512x512x300.nii.gz", Path(tmp) / "seg.nii.gz"
@@ -166,6 +172,8 @@ def measure_speed(model_name: str, threads: int, tta=None) -> dict:
                model_name, "-o", str(out), "--device", "cpu", "--overwrite"]
         if tta is not None:
             cmd.append("--tta" if tta else "--no-tta")
+        if precision is not None:
+            cmd += ["--precision", precision]
         t = time.perf_counter()
         r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -197,18 +205,21 @@ def main(argv=None) -> int:
     p.add_argument("--skip-real", action="store_true")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="mirror test-time augmentation on / off (default: the card's)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
+                   help="the network's precision (default auto: bf16 where native)")
     args = p.parse_args(argv)
     from napari_medseg.models import load_model
 
     tta = load_model(args.model).card.default_tta if args.tta is None else args.tta
     out = {"model": args.model, "threads": args.threads, "speed_goal_seconds": 30.0,
-           "tta": bool(tta)}
+           "tta": bool(tta), "precision": args.precision or "auto"}
     if not args.skip_speed:
-        out.update(measure_speed(args.model, args.threads, args.tta))
+        out.update(measure_speed(args.model, args.threads, args.tta, args.precision))
         out["speed_ok"] = out["builtin_seconds_512x512x300"] <= 30.0
     if not args.skip_real:
         if real_cases():
-            out["real_dice"], out["real_seconds"] = measure_real(args.model, args.threads, args.tta)
+            out["real_dice"], out["real_seconds"] = measure_real(args.model, args.threads,
+                                                                 args.tta, args.precision)
             out["real_references"] = {c["case"]: c["reference"] for c in real_cases()}
         else:
             out["real_dice"] = None
