@@ -34,8 +34,13 @@ def _run(net, x, split, caplog=None, **kw):
     return sliding_window_inference(x, net, PATCH, 12, split_head=split, **kw)
 
 
-def test_split_head_gives_the_same_result_and_says_so(caplog):
+@pytest.mark.parametrize("onednn", [False, True])
+def test_split_head_gives_the_same_result_and_says_so(caplog, onednn):
+    from napari_medseg.core.policy import onednn_convolutions
+
     net, x = _net(), _x()
+    if onednn:  # as every loaded model runs: its convolutions changed, its head still found
+        net = onednn_convolutions(net)
     ref = _run(net, x, split=False)
     with caplog.at_level(logging.INFO, logger="napari_medseg.core.inference"):
         res = _run(net, x, split=True)

@@ -152,6 +152,12 @@ def test_small_float32_convolutions_take_onednn_with_the_same_result():
     torch.testing.assert_close(out.detach(), want, rtol=1e-4, atol=1e-4)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert net(x).dtype == torch.bfloat16
+    # still a plain convolution for code that looks for one (the head moved after blending)
+    assert policy.plain_conv(net.head) and policy.plain_conv(net.ups[0]) is False
+
+    class Custom(torch.nn.Conv3d):
+        pass
+    assert not policy.plain_conv(Custom(1, 1, 1))
     # idempotent, and TorchScript is left alone
     assert policy.onednn_convolutions(net) is net
     scripted = torch.jit.script(torch.nn.Conv3d(1, 1, 3))

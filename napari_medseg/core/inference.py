@@ -381,7 +381,7 @@ def _head_candidates(predictor, n_classes: int) -> list:
     if not _uses_python_modules(predictor):
         return []
     return _children(predictor, lambda m: (
-        type(m) is torch.nn.Conv3d and tuple(m.kernel_size) == (1, 1, 1)
+        policy.plain_conv(m) and m.weight.ndim == 5 and tuple(m.kernel_size) == (1, 1, 1)
         and tuple(m.stride) == (1, 1, 1) and m.padding in ((0, 0, 0), "valid")
         and m.groups == 1 and m.out_channels == n_classes and m.in_channels < n_classes))
 

@@ -40,6 +40,7 @@ __all__ = [
     "amp_name",
     "mirror_combinations",
     "onednn_convolutions",
+    "plain_conv",
     "mirror_tta",
     "is_out_of_memory",
     "OutOfMemory",
@@ -215,6 +216,16 @@ def _onednn_conv3d_class():
 
 
 _ONEDNN_CONV3D = None
+
+
+def plain_conv(m) -> bool:
+    """Whether ``m`` is a stock ``nn.Conv2d`` / ``nn.Conv3d`` or one that
+    :func:`onednn_convolutions` changed (the same computation), not a subclass with
+    its own forward."""
+    import torch
+
+    return type(m) in (torch.nn.Conv2d, torch.nn.Conv3d) or (
+        _ONEDNN_CONV3D is not None and type(m) is _ONEDNN_CONV3D)
 
 
 def onednn_convolutions(net):

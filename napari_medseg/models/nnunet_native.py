@@ -227,8 +227,10 @@ def _concat_conv_splits(block) -> bool:
     from dynamic_network_architectures.building_blocks.simple_conv_blocks import \
         ConvDropoutNormReLU
 
+    from ..core.policy import plain_conv
+
     conv = getattr(block, "conv", None)
-    return (type(block) is ConvDropoutNormReLU and type(conv) in (torch.nn.Conv2d, torch.nn.Conv3d)
+    return (type(block) is ConvDropoutNormReLU and plain_conv(conv)
             and block.all_modules[0] is conv and conv.groups == 1
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
 
