@@ -36,7 +36,7 @@ def _run(net, x, split, caplog=None, **kw):
 
 @pytest.mark.parametrize("onednn", [False, True])
 def test_split_head_gives_the_same_result_and_says_so(caplog, onednn):
-    from napari_medseg.core.policy import onednn_convolutions
+    from napari_medseg.core.convs import onednn_convolutions
 
     net, x = _net(), _x()
     if onednn:  # as every loaded model runs: its convolutions changed, its head still found

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from napari_medseg.core import policy
+from napari_medseg.core.convs import onednn_convolutions, plain_conv
 from napari_medseg.core.volume import Volume, make_affine
 from napari_medseg.errors import MedSegError
 from napari_medseg.io import write_volume
@@ -93,7 +94,7 @@ def test_mirror_tta_on_a_network_and_a_subset_of_mirrors():
     from napari_medseg.models.networks import UNet3D
 
     torch.manual_seed(0)
-    net = policy.onednn_convolutions(
+    net = onednn_convolutions(
         UNet3D(in_channels=1, out_channels=3, features=(4, 8, 16)).eval())
     x = torch.randn(1, 1, 16, 32, 32)
     seen = []
@@ -129,7 +130,7 @@ def test_small_float32_convolutions_take_onednn_with_the_same_result():
 
     torch.manual_seed(0)
     plain = UNet3D(in_channels=1, out_channels=3, features=(4, 8, 16)).eval()
-    net = policy.onednn_convolutions(copy.deepcopy(plain))
+    net = onednn_convolutions(copy.deepcopy(plain))
     assert net.state_dict().keys() == plain.state_dict().keys()
     assert all(type(m) is not torch.nn.Conv3d for m in net.modules())
     x = torch.randn(1, 1, 16, 32, 32)  # 1 x 4 x 16 x 32 = 2048: PyTorch's slow kernel
@@ -153,15 +154,15 @@ def test_small_float32_convolutions_take_onednn_with_the_same_result():
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert net(x).dtype == torch.bfloat16
     # still a plain convolution for code that looks for one (the head moved after blending)
-    assert policy.plain_conv(net.head) and policy.plain_conv(net.ups[0]) is False
+    assert plain_conv(net.head) and plain_conv(net.ups[0]) is False
 
     class Custom(torch.nn.Conv3d):
         pass
-    assert not policy.plain_conv(Custom(1, 1, 1))
+    assert not plain_conv(Custom(1, 1, 1))
     # idempotent, and TorchScript is left alone
-    assert policy.onednn_convolutions(net) is net
+    assert onednn_convolutions(net) is net
     scripted = torch.jit.script(torch.nn.Conv3d(1, 1, 3))
-    assert policy.onednn_convolutions(scripted) is scripted
+    assert onednn_convolutions(scripted) is scripted
 
 
 def test_device_and_precision_choice():

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from ..errors import MedSegError, check_cancel
 from . import policy
+from .convs import plain_conv
 from .policy import (amp_name, choose_device, is_out_of_memory, mirror_combinations,
                      out_of_memory_error, resolve_amp)
 
@@ -381,7 +382,7 @@ def _head_candidates(predictor, n_classes: int) -> list:
     if not _uses_python_modules(predictor):
         return []
     return _children(predictor, lambda m: (
-        policy.plain_conv(m) and m.weight.ndim == 5 and tuple(m.kernel_size) == (1, 1, 1)
+        plain_conv(m) and m.weight.ndim == 5 and tuple(m.kernel_size) == (1, 1, 1)
         and tuple(m.stride) == (1, 1, 1) and m.padding in ((0, 0, 0), "valid")
         and m.groups == 1 and m.out_channels == n_classes and m.in_channels < n_classes))
 

@@ -39,8 +39,6 @@ __all__ = [
     "resolve_amp",
     "amp_name",
     "mirror_combinations",
-    "onednn_convolutions",
-    "plain_conv",
     "mirror_tta",
     "is_out_of_memory",
     "OutOfMemory",
@@ -176,87 +174,6 @@ def amp_name(dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off")
 
 
-# ------------------------------------------------------- float32 CPU convolutions
-#: PyTorch's rule (``ConvParams::use_mkldnn``): a float32 CPU convolution of batch 1
-#: with batch x channels x depth x height at most this goes to the reference kernel.
-_SLOW_CONV_LIMIT = 20480
-
-
-def _conv3d_direct(conv, x) -> bool:
-    """Whether ``conv(x)`` should call oneDNN directly (see :func:`onednn_convolutions`)."""
-    import torch
-
-    return (x.dim() == 5 and x.shape[0] == 1 and x.device.type == "cpu"
-            and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
-            and int(x.shape[1]) * int(x.shape[2]) * int(x.shape[3]) <= _SLOW_CONV_LIMIT
-            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-            and tuple(conv.kernel_size) != (1, 1, 1)
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and not torch.jit.is_tracing() and not torch.jit.is_scripting()
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
-
-
-def _onednn_conv3d_class():
-    import torch
-
-    class OneDNNConv3d(torch.nn.Conv3d):
-        """A ``Conv3d`` whose small float32 CPU inference calls take oneDNN."""
-
-        def _conv_forward(self, x, weight, bias):
-            if _conv3d_direct(self, x):
-                try:
-                    return torch.mkldnn_convolution(x, weight, bias, list(self.padding),
-                                                    list(self.stride), list(self.dilation),
-                                                    self.groups)
-                except (RuntimeError, AttributeError):  # a build without it: the usual path
-                    pass
-            return super()._conv_forward(x, weight, bias)
-
-    return OneDNNConv3d
-
-
-_ONEDNN_CONV3D = None
-
-
-def plain_conv(m) -> bool:
-    """Whether ``m`` is a stock ``nn.Conv2d`` / ``nn.Conv3d`` or one that
-    :func:`onednn_convolutions` changed (the same computation), not a subclass with
-    its own forward."""
-    import torch
-
-    return type(m) in (torch.nn.Conv2d, torch.nn.Conv3d) or (
-        _ONEDNN_CONV3D is not None and type(m) is _ONEDNN_CONV3D)
-
-
-def onednn_convolutions(net):
-    """Let the float32 CPU inference of ``net``'s 3D convolutions always take oneDNN.
-
-    PyTorch sends a batch-1 float32 3D convolution to its slow reference kernel
-    (``slow_conv3d``) when batch x channels x depth x height is at most 20480, a
-    rule made for 2D images. In a 3D U-Net that is every level below the first: in
-    the built-in CT model's fp32 forward of a 32 x 96 x 96 window those convolutions
-    took 69% of the time, and oneDNN runs one of them 10-30 times faster with the
-    same result (float rounding aside). Each plain ``nn.Conv3d`` of ``net`` becomes
-    a subclass that calls ``torch.mkldnn_convolution`` in exactly that case, under
-    no autograd and no autocast (training, bf16 and batches keep PyTorch's own
-    choice). Parameters and ``state_dict`` keys do not change. TorchScript modules
-    are left as they are. Returns ``net``.
-    """
-    import torch
-
-    global _ONEDNN_CONV3D
-    if isinstance(net, torch.jit.ScriptModule) or not isinstance(net, torch.nn.Module):
-        return net
-    if _ONEDNN_CONV3D is None:  # built on first use: importing this module loads no torch
-        _ONEDNN_CONV3D = _onednn_conv3d_class()
-        _ONEDNN_CONV3D.__qualname__ = _ONEDNN_CONV3D.__name__
-        globals()[_ONEDNN_CONV3D.__name__] = _ONEDNN_CONV3D  # found again by pickle
-    for m in net.modules():
-        if type(m) is torch.nn.Conv3d:
-            m.__class__ = _ONEDNN_CONV3D
-    return net
-
-
 # --------------------------------------------------------------- mirror TTA
 def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
     """Every subset of ``axes`` (the identity ``()`` first): the flips of mirror TTA.
@@ -281,7 +198,7 @@ def mirrored_outputs(fn: Callable, x, combos):
     """``(dims, fn(flip(x, dims)))`` for each mirroring in ``combos``, not flipped back.
 
     One call a mirroring (batch-1 float32 CPU windows are fast since
-    :func:`onednn_convolutions`, so mirrors are not stacked into one batch, which
+    :func:`~.convs.onednn_convolutions`, so mirrors are not stacked into one batch, which
     would hold the activations of every mirror at once). Outputs are tensors (the
     first of a list or tuple).
     """

@@ -259,7 +259,7 @@ def load_click_net(path=WEIGHTS) -> ClickNet:
     net = ClickNet(width)
     net.load_state_dict(state)
     net.eval()
-    from ..core.policy import onednn_convolutions
+    from ..core.convs import onednn_convolutions
 
     return onednn_convolutions(net)
 

@@ -236,7 +236,7 @@ class NnunetModel(Model):
         net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
                                      cm.network_arch_init_kwargs_req_import, n_in, n_out,
                                      allow_init=False, deep_supervision=False)
-        from ..core.policy import onednn_convolutions
+        from ..core.convs import onednn_convolutions
 
         try:
             net.load_state_dict(self.parameters[0])

@@ -227,7 +227,7 @@ def _concat_conv_splits(block) -> bool:
     from dynamic_network_architectures.building_blocks.simple_conv_blocks import \
         ConvDropoutNormReLU
 
-    from ..core.policy import plain_conv
+    from ..core.convs import plain_conv
 
     conv = getattr(block, "conv", None)
     return (type(block) is ConvDropoutNormReLU and plain_conv(conv)

@@ -442,7 +442,7 @@ class TorchModel(Model):
     def __init__(self, card: ModelCard, network: torch.nn.Module, source: str = "",
                  axis_order: str = "zyx"):
         super().__init__(card, source)
-        from ..core.policy import onednn_convolutions
+        from ..core.convs import onednn_convolutions
 
         self.network = onednn_convolutions(network.eval())
         self.axis_order = axis_order

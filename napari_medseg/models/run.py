@@ -101,7 +101,7 @@ def set_model_options(model, backend=None, roi_subset=None, name: str = "",
         if not getattr(model, "precision_option", False):
             raise MedSegError("a precision can be chosen only for PyTorch models and nnU-Net "
                               "folders run by the plugin's engine; drop --precision", name)
-        model.amp = "off" if precision == "fp32" else precision
+        model.amp = precision  # policy.resolve_amp reads "fp32" as no autocast
     return model
 
 

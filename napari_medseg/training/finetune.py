@@ -597,8 +597,7 @@ def finetune(model, dataset_dir, out_dir=None, name=None, iterations: int = 200,
             "replay_cases": len(replay), "replay_fraction": float(replay_fraction),
             "anchor": float(anchor), "augment": bool(augment),
             "float32_retries": run.fp32_retries,
-            "skipped_steps": int(np.isnan(losses).sum())}
-    opts["largest_component_added"] = single
+            "skipped_steps": int(np.isnan(losses).sum()), "largest_component_added": single}
     new_card = _new_card(tuned.card, name, dataset_dir, items, sampler.cases, split,
                          train_idx, val_idx, iterations, lr, batch_size, patch, seed, losses,
                          before, after, bf16, time.perf_counter() - t0, base.source, opts)
