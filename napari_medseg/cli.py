@@ -106,7 +106,7 @@ def cmd_predict(args) -> int:
     from .io.atomic import all_or_none
     from .io.validate import check_image_values, check_outputs
     from .models import load_model
-    from .models.run import run_model, set_model_options
+    from .models.run import precision_name, run_model, set_model_options
 
     # outputs (format, folder, never an input) are checked before the model runs
     check_outputs([args.output], args.input, args.overwrite,
@@ -159,14 +159,9 @@ def cmd_predict(args) -> int:
     if hasattr(model, "backend"):  # nnU-Net / TotalSegmentator: say which pipeline ran
         msg += f" with the {(pred.info or {}).get('backend', model.backend)} backend"
     if args.precision:  # asked for: say what ran
-        msg += f" in {_precision_name((pred.info or {}).get('amp'))}"
+        msg += f" in {precision_name((pred.info or {}).get('amp'))}"
     print(f"{msg} ({pred.seconds:.1f} s; {counts})", file=sys.stderr)
     return 0
-
-
-def _precision_name(amp) -> str:
-    """``"fp32"`` for a run without autocast, else its autocast dtype's name."""
-    return "fp32" if amp in (None, "off") else str(amp)
 
 
 def _label_extensions(args) -> tuple:

@@ -297,6 +297,34 @@ def test_segment_sample_ct_on_the_image_grid(segmented):
     assert "liver" in str(status)
 
 
+def test_precision_choice_steers_the_run_and_the_status(segmented, qtbot):
+    from napari_medseg.core.policy import bf16_supported
+
+    viewer, widget, image, truth, result = segmented
+    assert not widget.precision_row.isHidden()  # a PyTorch model: the choice is shown
+    assert widget.precision_box.currentText() == "auto"
+    auto = np.asarray(result.data).copy()
+    auto_name = "bf16" if bf16_supported("cpu") else "fp32"
+    assert widget.status.text().split("<br>")[0].endswith(f"in {auto_name}")
+
+    widget.precision_box.setCurrentText("fp32")
+    widget.run()
+    _wait(qtbot, widget)
+    assert widget.last_error is None
+    assert widget.status.text().split("<br>")[0].endswith("in fp32")
+    model = widget._loaded[MODEL]
+    assert model.amp == "fp32"
+    got = np.asarray(viewer.layers[result.name].data)
+    assert (got == auto).mean() > 0.995  # the same segmentation, up to bf16 rounding
+
+    # back to auto: the kept model must not stay in fp32
+    widget.precision_box.setCurrentText("auto")
+    widget.run()
+    _wait(qtbot, widget)
+    assert model.amp == "auto"
+    assert widget.status.text().split("<br>")[0].endswith(f"in {auto_name}")
+
+
 def test_class_panel_counts_click_and_number_keys(segmented):
     viewer, widget, image, truth, result = segmented
     panel = widget.class_panel

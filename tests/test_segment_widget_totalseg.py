@@ -45,10 +45,12 @@ def test_segment_widget_runs_a_class_subset_of_a_totalsegmentator_task(docked, q
     widget.model_box.setCurrentText("abdomen-ct-small")
     assert widget.model_features() == (False, False)
     assert widget.backend_row.isHidden() and widget.subset_row.isHidden()
+    assert not widget.precision_row.isHidden()  # a PyTorch model
     widget.model_box.setCurrentText("total")
     assert widget.model_box.currentText() == "total"
     assert widget.model_features() == (True, True)
     assert not widget.backend_row.isHidden() and not widget.subset_row.isHidden()
+    assert widget.precision_row.isHidden()  # TotalSegmentator tasks keep their own
     assert widget.backend_box.currentText() == "native"
 
     # an unknown class name stops before the run, naming it

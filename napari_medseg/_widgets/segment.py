@@ -57,7 +57,7 @@ from .._napari.prediction import (
 from ..core.policy import available_devices, check_inputs
 from ..errors import MedSegError
 from ..models.card import DEFAULT_OVERLAP
-from ..models.run import run_model
+from ..models.run import PRECISIONS, precision_name, run_model
 from ._common import Job, JobBar, notify_exception, row as side_by_side
 from ._layout import tabify_when_docked
 from .class_panel import ClassPanel
@@ -145,6 +145,14 @@ class SegmentWidget(QWidget):
             self.device_box.addItem(dev)
             self.device_box.model().item(self.device_box.count() - 1).setEnabled(ok)
         form.addRow("Device", self.device_box)
+        self.precision_box = QComboBox()
+        self.precision_box.addItems(PRECISIONS)
+        self.precision_box.setToolTip(
+            "The network's precision: auto (bf16 on CPUs with native bf16 and on GPUs that "
+            "have it, else fp32), bf16, fp16 (GPUs) or fp32 (the same result on every CPU; "
+            "slower where bf16 is native)")
+        self.precision_row = side_by_side(QLabel("Precision"), self.precision_box)
+        form.addRow(self.precision_row)
         self.overlap = QDoubleSpinBox()
         self.overlap.setRange(0.0, 0.9)
         self.overlap.setSingleStep(0.05)
@@ -263,6 +271,7 @@ class SegmentWidget(QWidget):
         backend, subset = self.model_features()
         self.backend_row.setVisible(backend)
         self.subset_row.setVisible(subset)
+        self.precision_row.setVisible(self.precision_supported())
         names = sorted(self.card.label_names.values()) if subset else []
         completer = QCompleter(names, self.subset_edit)
         completer.setCaseSensitivity(Qt.CaseSensitivity.CaseInsensitive)
@@ -306,6 +315,18 @@ class SegmentWidget(QWidget):
         card = getattr(entry, "card", None)
         totalseg = getattr(entry, "source", "") == "totalseg"
         return totalseg or getattr(card, "format", "") == "nnunet", totalseg
+
+    def precision_supported(self) -> bool:
+        """Whether the selected model's precision can be chosen (PyTorch models and
+        nnU-Net folders run by the plugin's engine: ``Model.precision_option``)."""
+        entry = self._models.get(self.model_box.currentText())
+        if entry is None:
+            return False
+        if hasattr(entry, "predict"):  # a loaded model
+            return bool(getattr(entry, "precision_option", False))
+        card = getattr(entry, "card", None)
+        return (getattr(entry, "source", "") != "totalseg"
+                and getattr(card, "format", "") in ("state_dict", "torchscript", "nnunet"))
 
     def roi_subset(self) -> list[str] | None:
         """The class names typed in "Classes" (None: all), checked against the card."""
@@ -509,10 +530,13 @@ class SegmentWidget(QWidget):
                        uncertainty="entropy" if self.uncertainty.isChecked() else None,
                        crop_to_body=region is None)  # CT models skip the air around
         backend, subset = self.model_features()
-        if backend or subset:
+        precision = self.precision_supported()
+        if backend or subset or precision:
+            # always given where supported: a loaded model keeps what the last run set
             options["model_options"] = {
                 "backend": self.backend_box.currentText() if backend else None,
-                "roi_subset": self.roi_subset() if subset else None}
+                "roi_subset": self.roi_subset() if subset else None,
+                "precision": self.precision_box.currentText() if precision else None}
         return {"model_name": name, "image": image.name, "volumes": volumes,
                 "options": options, "region": region, "mode": mode, "target": target}
 
@@ -595,6 +619,7 @@ class SegmentWidget(QWidget):
         self.status.setText(
             f"'{request['image']}': {request['model_name']} in "
             f"{getattr(pred, 'seconds', 0.0):.1f} s on {info.get('device', '?')}"
+            + (f" in {precision_name(info['amp'])}" if "amp" in info else "")
             + ("" if request["region"] is None else " (region)")
             + "".join(f"<br><b>warning:</b> {html.escape(t)}" for t in self.last_warnings))
         self.last_run["shown"] = time.perf_counter()

@@ -24,7 +24,7 @@ from .checks import check_input, check_prediction
 log = logging.getLogger(__name__)
 
 __all__ = ["run_model", "cancel_inside_forward", "set_model_options", "add_model_option_args",
-           "OOM_HINT"]
+           "precision_name", "OOM_HINT"]
 
 
 #: ``--precision`` choices: the network's mixed precision (:func:`set_model_options`).
@@ -44,6 +44,12 @@ def add_model_option_args(parser) -> None:
                         help="the network's precision: auto (default: bf16 on CPUs with native "
                         "bf16 and on GPUs that have it, else fp32), bf16, fp16 (GPUs) or fp32 "
                         "(the same result on every CPU; slower where bf16 is native)")
+
+
+def precision_name(amp) -> str:
+    """``"fp32"`` for a run without autocast, else its autocast dtype's name
+    (``Prediction.info["amp"]``)."""
+    return "fp32" if amp in (None, "off") else str(amp)
 
 
 def set_model_options(model, backend=None, roi_subset=None, name: str = "",
@@ -151,7 +157,7 @@ def run_model(model, volumes, *, name: str = "", progress=None, cancel=None, war
         (:mod:`napari_medseg.models.checks`). All of them are also in
         ``prediction.info["warnings"]``.
     model_options : dict, optional
-        ``backend`` and ``roi_subset`` for :func:`set_model_options`, set on the
+        ``backend``, ``roi_subset`` and ``precision`` for :func:`set_model_options`, set on the
         model before this run (a subset left from an earlier run is cleared
         first); None leaves the model as it is (the command line sets them itself).
     **options
