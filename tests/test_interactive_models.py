@@ -111,6 +111,36 @@ def test_click_model_segments_organs_and_refines(phantom):
     assert m.shape == image.shape and not m[15].any() and not m[17].any()
 
 
+def test_click_model_redecides_only_the_boundary_band_by_the_image():
+    from scipy import ndimage as ndi
+
+    from napari_medseg.interactive.edges import BAND_MM
+
+    img, lab = make_abdomen_ct(seed=0, shape=(32, 96, 96), spacing=(2.0, 0.8, 0.8))
+    image, spacing, truth = np.asarray(img.data), img.spacing, np.asarray(lab.data) == 1
+    click = Prompts(positive=[next_click(np.zeros_like(truth), truth)[0]])
+    masks = []
+    for weight in (1.0, 0.0):
+        m, region = ClickModelEngine(edge_weight=weight).predict_region(image, spacing, click)
+        full = np.zeros(truth.shape, bool)
+        full[region] = m
+        masks.append(full)
+    refined, plain = masks
+    changed = refined ^ plain
+    assert changed.sum() > 100  # 0.8 mm voxels lie in the band: the image had its say
+    depth = np.where(plain, ndi.distance_transform_edt(plain, sampling=spacing),
+                     ndi.distance_transform_edt(~plain, sampling=spacing))
+    assert depth[changed].max() <= BAND_MM  # and only there
+
+
+def test_click_model_leaves_coarse_voxels_to_the_network(phantom):
+    image, spacing, lab = phantom  # 3 x 2 x 2 mm: no voxel within the band
+    click = Prompts(positive=[_deepest(lab == 3)])
+    a = ClickModelEngine().predict(image, spacing, click)
+    b = ClickModelEngine(edge_weight=0).predict(image, spacing, click)
+    np.testing.assert_array_equal(a, b)
+
+
 def _deepest(mask):
     """The deepest voxel of ``mask``: a user's first click on it."""
     return next_click(np.zeros_like(mask), mask)[0]

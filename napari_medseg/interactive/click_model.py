@@ -45,6 +45,8 @@ from torch import nn
 from ..errors import MedSegError, check_cancel
 from . import click_roi as roi
 from .base import Engine, Prompts, Region
+from .edges import WEIGHT as EDGE_WEIGHT
+from .edges import refine_edges
 
 log = logging.getLogger(__name__)
 
@@ -354,6 +356,11 @@ class ClickModelEngine(Engine):
         a large organ whole (liver 0.66 at 128 mm) and spill from small ones.
         The Interactive widget lets the user step through them (key W).
         Later clicks refine the mask whatever the size.
+    edge_weight : float
+        Weight of the image's own intensities at the mask's boundary
+        (:func:`.edges.refine_edges`: voxels within :data:`.edges.BAND_MM` of
+        the boundary the network's interpolated logits draw are decided
+        again with local inside / outside intensity models); 0 turns it off.
 
     Notes
     -----
@@ -373,8 +380,10 @@ class ClickModelEngine(Engine):
 
     def __init__(self, weights=None, budget: int = roi.BUDGET_3D, max_grow: int = 2,
                  flips_3d=((), (0, 1, 2)), amp: str = "auto",
-                 first_roi_mm: float = roi.FIRST_ROI_MM, first_size: int = 0):
+                 first_roi_mm: float = roi.FIRST_ROI_MM, first_size: int = 0,
+                 edge_weight: float = EDGE_WEIGHT):
         super().__init__()
+        self.edge_weight = float(edge_weight)
         self.first_size = first_size
         if weights is None:
             weights = SHIPPED
@@ -479,6 +488,18 @@ class ClickModelEngine(Engine):
             out = sum(mirror_tta(net, x, (), axes).float() for net in self.nets)
         return (out / len(self.nets))[0, 0].contiguous().numpy()
 
+    def _on_edges(self, vol, lo, hi, logits, spacing) -> np.ndarray:
+        """``logits`` (on ``vol[lo:hi]``'s voxels) with the boundary band decided
+        again by the image (:func:`.edges.refine_edges`)."""
+        if not self.edge_weight:
+            return logits
+        crop = np.asarray(vol[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))],
+                          np.float32)
+        if logits.shape[0] == 1 and crop.shape[0] == 1:  # one slice: refine it in 2D
+            return refine_edges(crop[0], logits[0], np.asarray(spacing)[1:],
+                                weight=self.edge_weight)[None]
+        return refine_edges(crop, logits, spacing, weight=self.edge_weight)
+
     @staticmethod
     def _boxes_to_grid(boxes, lo, hi, grid) -> np.ndarray:
         b = np.asarray(boxes, float).reshape(-1, 3)
@@ -517,7 +538,8 @@ class ClickModelEngine(Engine):
                 break
             lo, hi = roi.grow_box(lo, hi, faces, shape)
         check_cancel(cancel)
-        mask = keep_clicked(roi.resample(logits, hi - lo) > 0, anchors - lo, neg - lo)
+        up = self._on_edges(image, lo, hi, roi.resample(logits, hi - lo), spacing)
+        mask = keep_clicked(up > 0, anchors - lo, neg - lo)
         if prev is not None:
             mask, lo, hi = self._add_ignored(image, spacing, prompts, mask, lo, hi, key, cancel)
         return mask, tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
@@ -595,6 +617,9 @@ class ClickModelEngine(Engine):
             lo, hi = roi.grow_box(lo, hi, faces, shape, fixed=(0,))
         check_cancel(cancel)
         up = roi.resample(logits[None], (1, *(hi[1:] - lo[1:])))[0]
+        lo_k, hi_k = lo.copy(), hi.copy()
+        lo_k[0], hi_k[0] = idx, idx + 1
+        up = self._on_edges(vol, lo_k, hi_k, up[None], sp)[0]
         mask = keep_clicked(up > 0, anchors[:, 1:] - lo[1:], neg[:, 1:] - lo[1:])
         region = [None] * 3
         region[ax] = slice(idx, idx + 1)
