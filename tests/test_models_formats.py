@@ -94,6 +94,13 @@ def test_monai_bundle_torchscript_axis_order(tmp_path):
     vol, _ = box_volume()  # (12, 30, 26): z is our first axis, MONAI's last
     lab = model.predict(vol, device="cpu", overlap=0.0).labels.data
     assert (lab[6:] == 1).all() and (lab[:6] == 0).all()
+    # a bundle runs as a PyTorch model: its precision can be chosen, as the Segment
+    # dock knows from the registry entry before the model is loaded
+    from napari_medseg.models.info import ModelInfo
+    from napari_medseg.models.run import precision_choosable
+
+    assert model.precision_option and precision_choosable(model)
+    assert precision_choosable(ModelInfo(model.card.name, model.card, "user", str(root)))
 
 
 def test_monai_bundle_refuses_expressions(tmp_path):

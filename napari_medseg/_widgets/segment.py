@@ -57,7 +57,8 @@ from .._napari.prediction import (
 from ..core.policy import available_devices, check_inputs
 from ..errors import MedSegError
 from ..models.card import DEFAULT_OVERLAP
-from ..models.run import PRECISIONS, precision_name, run_model
+from ..models.run import (PRECISION_HELP, PRECISIONS, precision_choosable, precision_name,
+                          run_model)
 from ._common import Job, JobBar, notify_exception, row as side_by_side
 from ._layout import tabify_when_docked
 from .class_panel import ClassPanel
@@ -147,10 +148,7 @@ class SegmentWidget(QWidget):
         form.addRow("Device", self.device_box)
         self.precision_box = QComboBox()
         self.precision_box.addItems(PRECISIONS)
-        self.precision_box.setToolTip(
-            "The network's precision: auto (bf16 on CPUs with native bf16 and on GPUs that "
-            "have it, else fp32), bf16, fp16 (GPUs) or fp32 (the same result on every CPU; "
-            "slower where bf16 is native)")
+        self.precision_box.setToolTip(PRECISION_HELP[:1].upper() + PRECISION_HELP[1:])
         self.precision_row = side_by_side(QLabel("Precision"), self.precision_box)
         form.addRow(self.precision_row)
         self.overlap = QDoubleSpinBox()
@@ -317,16 +315,9 @@ class SegmentWidget(QWidget):
         return totalseg or getattr(card, "format", "") == "nnunet", totalseg
 
     def precision_supported(self) -> bool:
-        """Whether the selected model's precision can be chosen (PyTorch models and
-        nnU-Net folders run by the plugin's engine: ``Model.precision_option``)."""
-        entry = self._models.get(self.model_box.currentText())
-        if entry is None:
-            return False
-        if hasattr(entry, "predict"):  # a loaded model
-            return bool(getattr(entry, "precision_option", False))
-        card = getattr(entry, "card", None)
-        return (getattr(entry, "source", "") != "totalseg"
-                and getattr(card, "format", "") in ("state_dict", "torchscript", "nnunet"))
+        """Whether the selected model's precision can be chosen
+        (:func:`~napari_medseg.models.run.precision_choosable`)."""
+        return precision_choosable(self._models.get(self.model_box.currentText()))
 
     def roi_subset(self) -> list[str] | None:
         """The class names typed in "Classes" (None: all), checked against the card."""

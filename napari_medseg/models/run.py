@@ -24,11 +24,30 @@ from .checks import check_input, check_prediction
 log = logging.getLogger(__name__)
 
 __all__ = ["run_model", "cancel_inside_forward", "set_model_options", "add_model_option_args",
-           "precision_name", "OOM_HINT"]
+           "precision_name", "precision_choosable", "OOM_HINT"]
 
 
 #: ``--precision`` choices: the network's mixed precision (:func:`set_model_options`).
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+#: What the choices mean (``--precision``'s help, the Segment dock's tooltip).
+PRECISION_HELP = ("the network's precision: auto (default: bf16 on CPUs with native bf16 and on "
+                  "GPUs that have it, else fp32), bf16, fp16 (GPUs) or fp32 (the same result on "
+                  "every CPU; slower where bf16 is native)")
+#: Card formats whose models take a precision (``Model.precision_option``): PyTorch
+#: networks (``TorchModel``: packages, TorchScript files, MONAI bundles) and nnU-Net
+#: result folders (``NnunetModel``). TotalSegmentator tasks, ONNX and DeepBET keep their own.
+PRECISION_FORMATS = ("state_dict", "torchscript", "monai-bundle", "nnunet")
+
+
+def precision_choosable(entry) -> bool:
+    """Whether ``entry`` takes a precision: a loaded model by its
+    ``precision_option``, a registry entry (``card`` and ``source``, not loaded)
+    by its card's format."""
+    if hasattr(entry, "predict"):
+        return bool(getattr(entry, "precision_option", False))
+    card = getattr(entry, "card", None)
+    return (getattr(entry, "source", "") != "totalseg"
+            and getattr(card, "format", "") in PRECISION_FORMATS)
 
 
 def add_model_option_args(parser) -> None:
@@ -40,10 +59,7 @@ def add_model_option_args(parser) -> None:
     parser.add_argument("--roi-subset", nargs="+", metavar="CLASS", default=None,
                         help="TotalSegmentator tasks: run only the parts holding these "
                         "classes (names as in `napari-medseg models`) and keep only them")
-    parser.add_argument("--precision", choices=PRECISIONS, default=None,
-                        help="the network's precision: auto (default: bf16 on CPUs with native "
-                        "bf16 and on GPUs that have it, else fp32), bf16, fp16 (GPUs) or fp32 "
-                        "(the same result on every CPU; slower where bf16 is native)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
 
 
 def precision_name(amp) -> str:
