@@ -68,3 +68,17 @@ def test_anisotropic_voxels_use_millimetres_and_2d_works():
     out = refine_edges(image, logits, (0.8, 0.8))
     assert _dice(out > 0, truth) > _dice(logits > 0, truth)
     assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("slice_mm", [0.7, 5.0])
+def test_a_one_slice_volume_is_refined_as_its_slice(slice_mm):
+    """A 2D update refines its slice as a (1, y, x) volume: the slice's own spacing
+    decides, whatever the slice thickness (no neighbour slice lies in the band)."""
+    rng = np.random.default_rng(2)
+    r = _ball((1500, 800), (750, 400), 1.0, (0.5, 0.5))  # over the rings' voxel budget
+    image = np.where(r <= 100.0, 90.0, 30.0) + rng.normal(0, 8, r.shape)
+    logits = (100.5 - r).astype(np.float32)
+    flat = refine_edges(image, logits, (0.5, 0.5))
+    assert (flat != logits).any()
+    np.testing.assert_array_equal(
+        refine_edges(image[None], logits[None], (slice_mm, 0.5, 0.5))[0], flat)

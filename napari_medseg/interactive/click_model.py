@@ -495,9 +495,6 @@ class ClickModelEngine(Engine):
             return logits
         crop = np.asarray(vol[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))],
                           np.float32)
-        if logits.shape[0] == 1 and crop.shape[0] == 1:  # one slice: refine it in 2D
-            return refine_edges(crop[0], logits[0], np.asarray(spacing)[1:],
-                                weight=self.edge_weight)[None]
         return refine_edges(crop, logits, spacing, weight=self.edge_weight)
 
     @staticmethod

@@ -113,8 +113,10 @@ _RING_VOXELS = 262_144
 def _rings(mask: np.ndarray, spacing, band_mm: float, ring_mm: float):
     """Index arrays of the voxels between ``band_mm`` and ``ring_mm`` inside and
     outside the boundary. The intensity models need samples, not every voxel: on
-    a large region the distances are taken on every ``k``-th voxel."""
-    k = max(1, int(np.ceil((mask.size / _RING_VOXELS) ** (1.0 / mask.ndim))))
+    a large region the distances are taken on every ``k``-th voxel (counted over the
+    axes longer than one voxel, so a one-slice 3D array strides as its 2D slice)."""
+    dims = max(1, sum(n > 1 for n in mask.shape))
+    k = max(1, int(np.ceil((mask.size / _RING_VOXELS) ** (1.0 / dims))))
     view = tuple(slice(None, None, k) for _ in range(mask.ndim))
     m = mask[view]
     sp = np.asarray(spacing, float) * k
