@@ -92,6 +92,12 @@ def test_results_stay_near_the_prompts_and_inside_a_box():
     ys = np.nonzero(mask.any(axis=(0, 2)))[0]
     assert ys.min() >= 60 - 0.1 * 39 - 2 and ys.max() <= 99 + 0.1 * 39 + 2
     assert mask[0].any() and mask[-1].any()
+    # a positive click outside the box (on another slice) stretches the box to it
+    box_and_click = Prompts(boxes=box, positive=[[4, 115, 75]])
+    mask = _Scripted([m]).predict(image, (1.0, 1.0, 1.0), box_and_click)
+    ys = np.nonzero(mask.any(axis=(0, 2)))[0]
+    assert mask[4, 104:120, 60:90].all() and ys.max() <= 115 + 0.1 * 55 + 2
+    assert not mask[:, :, 40:50].any()  # the other axis still bounded by the box
     # in 2D mode, on the box's slice only
     mask = _Scripted([m[10:11]]).predict(
         image, (1.0, 1.0, 1.0), Prompts(boxes=box, mode="2d", index=10))

@@ -10,7 +10,7 @@ previous result alone (no engine internals, no image statistics):
 
 1. **Reach.** Nothing lies farther than ``max_radius_mm`` from a positive
    prompt (click, object scribble or box); in-plane, nothing lies outside a
-   box (plus a margin). A result from a *single* click (no box, no previous
+   box (plus a margin) stretched to take in the positive clicks. A result from a *single* click (no box, no previous
    result) holds at most ``max_share`` of the image (of the slice in 2D
    mode): beyond that, the voxels nearest the click.
 2. **A positive click adds near itself.** Against the previous result of the
@@ -280,6 +280,7 @@ def _reach(domain, spacing, prompts, bounds: Bounds, flat_axis) -> np.ndarray:
         inbox = np.zeros(allowed.shape, bool)
         for lo, hi in prompts.boxes:
             flat = [a for a in range(3) if hi[a] - lo[a] < 1]
+            lo, hi = _box_with_clicks(lo, hi, prompts.positive, flat)
             sl = []
             for a, d in enumerate(domain):
                 if a in flat and a != flat_axis:
@@ -292,6 +293,20 @@ def _reach(domain, spacing, prompts, bounds: Bounds, flat_axis) -> np.ndarray:
             inbox[tuple(sl)] = True
         allowed &= inbox
     return allowed
+
+
+def _box_with_clicks(lo, hi, positive, flat) -> tuple[np.ndarray, np.ndarray]:
+    """A box's corners stretched to take in the positive clicks along its
+    extended axes (not ``flat``, the depth of a 2D box). The box drawn on one
+    slice says where the object lies there; a positive click outside it says
+    that the object reaches farther (a ventricle's horn, a colon's loop)."""
+    lo, hi = np.asarray(lo, float), np.asarray(hi, float)
+    if not len(positive):
+        return lo, hi
+    ext = np.array([a not in flat for a in range(3)])
+    p = np.asarray(positive, float)
+    return (np.where(ext, np.minimum(lo, p.min(0)), lo),
+            np.where(ext, np.maximum(hi, p.max(0)), hi))
 
 
 def _voxel(point, domain) -> tuple | None:
