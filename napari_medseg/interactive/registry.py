@@ -191,9 +191,9 @@ _BUILTIN = (
                    "averaged (napari_medseg.training.train_click_model)",
         measured_on="60 objects of the shared real CT, MR and PET scans (references: "
                     "TotalSegmentator output for the abdominal CT, manual otherwise): Dice "
-                    "0.74 after 5 clicks, 0.78 after a 2D box and 5 clicks (0.73 / 0.79 on "
+                    "0.74 after 5 clicks, 0.79 after a 2D box and 5 clicks (0.73 / 0.79 on "
                     "the 20 objects of images never seen in training); 6 % of clicks "
-                    "lowered Dice (6 % after a box) (benchmarks/bench_interactive.py "
+                    "lowered Dice (7 % after a box) (benchmarks/bench_interactive.py "
                     "--real; docs/models.md)"),
         prompts=("clicks", "boxes"), path="file", path_optional=True,
         first_sizes_mm=(64.0, 128.0, 256.0)),
