@@ -43,7 +43,7 @@ def make_volume(path: Path, size: int, spacing: float = 0.5) -> Path:
     import dask.array as da
 
     from napari_medseg.core.phantom import make_abdomen_ct
-    from napari_medseg.core.volume import Volume, make_affine
+    from napari_medseg.core.volume import Volume
     from napari_medseg.io.zarr import write_zarr_image
 
     if path.exists():

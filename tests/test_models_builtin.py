@@ -213,6 +213,7 @@ def test_head_feet_flips_move_image_and_labels_together_and_allow_z_tta(tmp_path
         want = x0[b].flip(1) if f else x0[b]
         torch.testing.assert_close(x[b], want)
         assert torch.equal(y[b], (x[b, 0] % 5).long())  # the labels followed the image
+        assert torch.equal(y[b], y0[b].flip(0) if f else y0[b])
     many = np.concatenate([_flip_z(x.clone(), y.clone(), np.random.default_rng(s))
                            for s in range(50)])
     assert 0.35 < many.mean() < 0.65
