@@ -227,7 +227,10 @@ class ClassicalEngine(Engine):
         if light is not None and self.detail_cnr > 0:
             shell = background_means(sm, grown, bg & ~clicks_bg, box, g_means,
                                      self.k * noise)
-            cnr = min(abs(means[0] - b) for b in shell) / light[2] if shell else 0.0
+            # a noise-free image (a constant background) has any contrast at
+            # infinite CNR: the floor keeps that without a division by zero
+            cnr = (min(abs(means[0] - b) for b in shell) / max(float(light[2]), 1e-12)
+                   if shell else 0.0)
             log.debug("contrast %.3g noise units", cnr)
             if cnr >= self.detail_cnr:
                 return self._segment(light[0], fg, bg, box, spacing, light[1], cancel,
