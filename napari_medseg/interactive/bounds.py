@@ -10,9 +10,10 @@ previous result alone (no engine internals, no image statistics):
 
 1. **Reach.** Nothing lies farther than ``max_radius_mm`` from a positive
    prompt (click, object scribble or box); in-plane, nothing lies outside a
-   box (plus a margin) stretched to take in the positive clicks. A result from a *single* click (no box, no previous
-   result) holds at most ``max_share`` of the image (of the slice in 2D
-   mode): beyond that, the voxels nearest the click.
+   box (plus a margin) stretched to take in the positive clicks. A result
+   from a *single* click (no box, no previous result) holds at most
+   ``max_share`` of the image (of the slice in 2D mode): beyond that, the
+   voxels nearest the click.
 2. **A positive click adds near itself.** Against the previous result of the
    same object (the prompts before this click), what the click adds beyond
    ``edge_mm`` of the previous mask is at most ``growth`` times the previous
