@@ -186,3 +186,49 @@ def _screenshot(viewer, widget, liver):
     iio.imwrite(path, viewer.screenshot(canvas_only=False))
     widget.reset()
     viewer.layers["organs"].visible = True
+
+
+
+def test_a_click_beyond_a_box_on_another_slice_adds_there(make_napari_viewer, qtbot):
+    """A box on an oblique tube's largest slice, then a positive click on a slice
+    where the tube has moved beyond the box: the preview takes in the tube there
+    (rule 1 stretches the box to the click, interactive/bounds.py), not only the
+    few voxels around the click that any ignored click gets (rule 5)."""
+    from scipy import ndimage as ndi
+
+    from napari_medseg.core.volume import Volume
+
+    rng = np.random.default_rng(0)
+    z, y, x = np.ogrid[:48, :64, :96]
+    tube = (y - 32) ** 2 + (x - (20 + 1.2 * z)) ** 2 <= 6 ** 2  # x from 20 to 76
+    image = np.where(tube, 300.0, 0.0) + rng.normal(0, 10, tube.shape)
+    viewer = make_napari_viewer()
+    data, kwargs, _ = volume_to_layer_data(Volume(image.astype(np.float32)), name="tube")
+    viewer.add_image(data, **kwargs)
+    target = viewer.add_labels(np.zeros(tube.shape, np.uint16), name="target")
+    widget = InteractiveWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Interactive")
+    widget.image_combo.setCurrentText("tube")
+    widget.target_combo.setCurrentText(target.name)
+    widget.add_prompt_layers()
+    zb = 10
+    ys, xs = np.nonzero(tube[zb])
+    rect = np.array([[zb, ys.min(), xs.min()], [zb, ys.min(), xs.max()],
+                     [zb, ys.max(), xs.max()], [zb, ys.max(), xs.min()]], float)
+    viewer.layers["boxes"].add_rectangles(rect)
+    widget.wait()
+    before = viewer.layers["interactive preview"].data > 0
+    assert before[zb].any(), widget.status.text()
+    click = np.array([40.0, 32.0, 20 + 1.2 * 40])  # the tube's centre on slice 40
+    viewer.layers["positive"].add(click)
+    widget.wait()
+    after = viewer.layers["interactive preview"].data > 0
+    margin = 0.1 * (xs.max() - xs.min()) + 1
+    beyond = tube.copy()
+    beyond[:, :, :int(xs.max() + margin) + 1] = False  # the tube beyond the box
+    far = np.ones(tube.shape, bool)
+    far[tuple(click.astype(int))] = False
+    beyond &= ndi.distance_transform_edt(far) > 4.0  # farther than rule 5's reach
+    gained = after & beyond
+    assert gained.sum() > 0.3 * beyond.sum(), (gained.sum(), beyond.sum(),
+                                                widget.status.text())
