@@ -23,12 +23,18 @@ def setup(make_napari_viewer):
     lkw.pop("colormap", None)
     lkw.pop("features", None)
     target = viewer.add_labels(other, **lkw)
+    return viewer, _dock(viewer, "ct", "organs"), target, lab
+
+
+def _dock(viewer, image: str, target: str) -> InteractiveWidget:
+    """The Interactive dock on ``viewer``, set to the layers ``image`` and ``target``,
+    with its prompt layers added."""
     widget = InteractiveWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Interactive")
-    widget.image_combo.setCurrentText("ct")
-    widget.target_combo.setCurrentText("organs")
+    widget.image_combo.setCurrentText(image)
+    widget.target_combo.setCurrentText(target)
     widget.add_prompt_layers()
-    return viewer, widget, target, lab
+    return widget
 
 
 def _centre(mask):
@@ -188,7 +194,6 @@ def _screenshot(viewer, widget, liver):
     viewer.layers["organs"].visible = True
 
 
-
 def test_a_click_beyond_a_box_on_another_slice_adds_there(make_napari_viewer, qtbot):
     """A box on an oblique tube's largest slice, then a positive click on a slice
     where the tube has moved beyond the box: the preview takes in the tube there
@@ -205,12 +210,8 @@ def test_a_click_beyond_a_box_on_another_slice_adds_there(make_napari_viewer, qt
     viewer = make_napari_viewer()
     data, kwargs, _ = volume_to_layer_data(Volume(image.astype(np.float32)), name="tube")
     viewer.add_image(data, **kwargs)
-    target = viewer.add_labels(np.zeros(tube.shape, np.uint16), name="target")
-    widget = InteractiveWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Interactive")
-    widget.image_combo.setCurrentText("tube")
-    widget.target_combo.setCurrentText(target.name)
-    widget.add_prompt_layers()
+    viewer.add_labels(np.zeros(tube.shape, np.uint16), name="target")
+    widget = _dock(viewer, "tube", "target")
     zb = 10
     ys, xs = np.nonzero(tube[zb])
     rect = np.array([[zb, ys.min(), xs.min()], [zb, ys.min(), xs.max()],
