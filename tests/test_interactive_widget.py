@@ -176,6 +176,38 @@ def test_2d_mode_and_box(setup, qtbot):
     assert prev[z].any() and not np.delete(prev, z, axis=0).any(), widget.status.text()
 
 
+def test_scribbles_with_the_default_engine(setup, qtbot):
+    """The default (learned) engine takes a painted stroke as its prompt: the
+    preview covers the kidney the stroke crosses and keeps the painted voxels;
+    background paint takes voxels out."""
+    from napari_medseg.interactive import DEFAULT_ENGINE
+
+    viewer, widget, target, lab = setup
+    assert widget.engine_combo.currentText() == DEFAULT_ENGINE
+    kidney = lab.data == 3
+    z = int(np.argmax(kidney.sum((1, 2))))
+    viewer.dims.set_point(0, viewer.layers["ct"].data_to_world([z, 0, 0])[0])
+    ys, xs = np.nonzero(kidney[z])
+    y = int(np.median(ys))
+    row = np.nonzero(kidney[z, y])[0]
+    sc = viewer.layers["scribbles"]
+    sc.brush_size = 1
+    for x in range(row.min() + 2, row.max() - 1):
+        sc.paint((z, y, x), 1)
+    widget.wait()
+    prev = viewer.layers["interactive preview"].data > 0
+    painted = sc.data == 1
+    assert painted.sum() >= 3 and prev[painted].all(), widget.status.text()
+    dice = 2 * (prev & kidney).sum() / (prev.sum() + kidney.sum())
+    assert dice > 0.6, (dice, widget.status.text())
+    dab = (z, y + 3, int(np.median(row)))
+    sc.paint(dab, 2)
+    widget.wait()
+    prev = viewer.layers["interactive preview"].data > 0
+    assert not prev[sc.data == 2].any() and prev[sc.data == 1].all()
+    assert (prev & kidney).sum() > 0.5 * kidney.sum(), widget.status.text()
+
+
 def _screenshot(viewer, widget, liver):
     """Documentation image: prompts and preview on the liver (run by hand)."""
     import imageio.v3 as iio

@@ -25,7 +25,8 @@ from ..errors import MedSegError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Prompts", "Engine", "check_image", "roi_around", "Region", "image_fingerprint"]
+__all__ = ["Prompts", "Engine", "check_image", "roi_around", "Region", "image_fingerprint",
+           "scribble_clicks"]
 
 Region = tuple  # tuple of 3 slices into the image (Z, Y, X)
 
@@ -184,6 +185,63 @@ def roi_around(points: np.ndarray, shape, size=(128, 128, 128), margin=16) -> Re
     lo = np.clip(lo + shift, 0, shape)
     hi = np.clip(hi + shift, 0, shape)
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def _stroke_points(idx: np.ndarray, spacing, step_mm: float, most: int) -> list:
+    """Points of one stroke (voxel indices ``idx``): the voxel nearest its
+    centre, then each time the voxel farthest from those taken, until every
+    voxel lies within ``step_mm`` of one or ``most`` are taken."""
+    pos = idx * np.asarray(spacing, float)
+    first = int(np.argmin(((pos - pos.mean(0)) ** 2).sum(1)))
+    taken = [first]
+    near = np.sqrt(((pos - pos[first]) ** 2).sum(1))
+    while len(taken) < most and near.max() > step_mm:
+        k = int(np.argmax(near))
+        taken.append(k)
+        near = np.minimum(near, np.sqrt(((pos - pos[k]) ** 2).sum(1)))
+    return [idx[k] for k in taken]
+
+
+def scribble_clicks(prompts: Prompts, spacing, step_mm: float = 10.0,
+                    per_stroke: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """Clicks that stand for the scribble strokes of ``prompts``, for engines
+    that take clicks: ``(positive, negative)`` ``(N, 3)`` arrays.
+
+    Each stroke (a connected part of the object paint, 1, or of the background
+    paint, 2; in 2D mode on the prompts' slice only) gives its voxel nearest
+    its centre, then, along a long stroke, the voxels farthest from those
+    taken until every voxel of it lies within ``step_mm`` of one (at most
+    ``per_stroke``).
+    """
+    from scipy import ndimage as ndi
+
+    empty = (np.zeros((0, 3)), np.zeros((0, 3)))
+    sc = prompts.scribbles
+    if sc is None:
+        return empty
+    sc = np.asarray(sc)
+    lo_fix = np.zeros(3, int)
+    if prompts.mode == "2d":
+        sl = [slice(None)] * 3
+        sl[prompts.axis] = slice(prompts.index, prompts.index + 1)
+        sc = sc[tuple(sl)]
+        lo_fix[prompts.axis] = prompts.index
+    nz = np.nonzero(sc)
+    if not len(nz[0]):
+        return empty
+    lo = np.array([a.min() for a in nz])
+    hi = np.array([a.max() for a in nz]) + 1
+    sub = sc[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    out = []
+    for value in (1, 2):
+        lab, n = ndi.label(sub == value, structure=np.ones((3, 3, 3), bool))
+        pts = []
+        if n:
+            for k, part in enumerate(ndi.find_objects(lab), 1):
+                idx = np.argwhere(lab[part] == k) + [s.start for s in part]
+                pts += _stroke_points(idx, spacing, step_mm, per_stroke)
+        out.append(np.asarray(pts, float).reshape(-1, 3) + lo + lo_fix)
+    return out[0], out[1]
 
 
 _calls = threading.local()  # per thread: predict_region calls under way

@@ -195,7 +195,7 @@ _BUILTIN = (
                     "the 20 objects of images never seen in training); 6 % of clicks "
                     "lowered Dice (7 % after a box) (benchmarks/bench_interactive.py "
                     "--real; docs/models.md)"),
-        prompts=("clicks", "boxes"), path="file", path_optional=True,
+        prompts=("clicks", "boxes", "scribbles"), path="file", path_optional=True,
         first_sizes_mm=(64.0, 128.0, 256.0)),
     EngineInfo("Segment Anything", _with_path(".sam", "SamEngine"), EngineCard(
         trained_on="the checkpoint's own data (SAM: SA-1B natural images; MedSAM: public "
