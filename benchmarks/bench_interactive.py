@@ -5,9 +5,11 @@ negative on a spill-over). Without ``--image`` or ``--real`` the objects are
 the labelled organs and lesions of the synthetic phantoms; the latencies are
 measured on a 512 x 512 slice (2D) and on a 128^3 volume (3D), both phantoms.
 
-Protocols: ``clicks`` (a first click, then corrective clicks: 5 interactions)
-and ``box+clicks`` (a 2D box around the reference on its largest axial slice,
-then 5 corrective clicks: 6 interactions).
+Protocols: ``clicks`` (a first click, then corrective clicks: 5 interactions),
+``box+clicks`` (a 2D box around the reference on its largest axial slice,
+then 5 corrective clicks: 6 interactions) and ``scribble+clicks`` (a stroke
+painted along the reference's medial axis on that slice, then 5 corrective
+clicks: 6 interactions; JSON keys ``real_scribble_*``).
 
 ``--real DIR`` runs the objects of the real-scan folder (``../shared/realdata``:
 abdominal CT organs, bones and muscles, sarcomas in CT, MR and PET, BraTS
@@ -22,6 +24,7 @@ user who steps through the sizes until the answer looks right). Prints JSON::
     python benchmarks/bench_interactive.py --json
     python benchmarks/bench_interactive.py --protocol box+clicks --engine classical
     python benchmarks/bench_interactive.py --real ../shared/realdata --engine classical
+    python benchmarks/bench_interactive.py --real ../shared/realdata --protocol scribble+clicks
     python benchmarks/bench_interactive.py --real ../shared/realdata --groups ct_organ \
         --max-per-group 3
     python benchmarks/bench_interactive.py --image ct.nii.gz --labels seg.nii.gz --label-id 1
@@ -119,26 +122,28 @@ def bench_engine(name: str, cases, latency, n_clicks: int, path=None,
     from napari_medseg.interactive.simulate import simulate_clicks
 
     engine = make_engine(name, path)
-    box = protocol == "box+clicks"
+    first = {"box": protocol == "box+clicks", "scribble": protocol == "scribble+clicks"}
     curves, per_object, curves_2d = [], {}, []
     try:
         for case, image, spacing, objs in cases:
             for obj, mask in objs.items():
-                run = simulate_clicks(engine, image, spacing, mask, n_clicks=n_clicks, box=box)
+                run = simulate_clicks(engine, image, spacing, mask, n_clicks=n_clicks,
+                                      **first)
                 curves.append(run.dice)
                 per_object[f"{case}/{obj}"] = [round(d, 3) for d in run.dice]
                 run2 = simulate_clicks(engine, image, spacing, mask, n_clicks=n_clicks,
-                                       mode="2d", box=box)
+                                       mode="2d", **first)
                 curves_2d.append(run2.dice)
     except MedSegError as exc:
-        if not box:
+        if protocol == "clicks":
             raise
-        return {"protocol": protocol, "box_supported": False,
-                "error": f"{name} cannot take a box prompt: {exc}"}
+        what = protocol.split("+")[0]
+        return {"protocol": protocol, f"{what}_supported": False,
+                "error": f"{name} cannot take a {what} prompt: {exc}"}
     curves = np.array(curves)
-    # interaction k of the box protocol is the box plus k - 1 clicks
+    # interaction k of the box (scribble) protocol is the box plus k - 1 clicks
     out = {"protocol": protocol, "interactions": int(curves.shape[1])}
-    off = int(box)
+    off = int(protocol != "clicks")
     out.update({f"dice_at_{k}": round(float(curves[:, k - 1 + off].mean()), 4)
                 for k in (1, 3, 5) if k + off <= curves.shape[1]})
     out.update({f"dice_2d_at_{k}": round(float(np.array(curves_2d)[:, k - 1 + off].mean()), 4)
@@ -234,16 +239,28 @@ def _curve_stats(curves: list) -> dict:
             "regressions": round(float(drops.mean()), 4) if drops.size else 0.0}
 
 
-def _refuses_boxes(engine, image, spacing, truth) -> str:
-    """Why ``engine`` refuses a box alone ("" when it takes one)."""
+#: The real-scan protocols and the prefix of their JSON keys; the first
+#: prompt of the last two (a 2D box, a painted stroke) counts as an interaction.
+PROTOCOLS = {"clicks": "", "box+clicks": "box_", "scribble+clicks": "scribble_"}
+
+
+def _refuses(engine, image, spacing, truth, proto: str) -> str:
+    """Why ``engine`` refuses the first prompt of ``proto`` alone ("" when it
+    takes it, or for the clicks protocol)."""
     from napari_medseg.errors import MedSegError
     from napari_medseg.interactive import Prompts
-    from napari_medseg.interactive.simulate import box_around
+    from napari_medseg.interactive.simulate import box_around, scribble_along
 
+    if proto == "clicks":
+        return ""
+    if proto == "box+clicks":
+        what, prompts = "a box", Prompts(boxes=box_around(truth)[0][None])
+    else:
+        what, prompts = "a scribble", Prompts(scribbles=scribble_along(truth, spacing)[0])
     try:
-        engine.predict_region(image, spacing, Prompts(boxes=box_around(truth)[0][None]))
+        engine.predict_region(image, spacing, prompts)
     except MedSegError as exc:
-        return f"{engine.name} cannot take a box prompt: {exc}"
+        return f"{engine.name} cannot take {what} prompt: {exc}"
     return ""
 
 
@@ -262,10 +279,10 @@ def _split(objects: dict, protocols) -> dict:
         recs = [r for r in objects.values() if r.get("image_in_training") is seen
                 and "skipped" not in r]
         d = {"n": len(recs)}
-        for proto, k in (("clicks", "dice_at_5"), ("box+clicks", "box_dice_at_5")):
+        for proto, prefix in PROTOCOLS.items():
             vals = [r[proto][-1] for r in recs if proto in protocols and proto in r]
             if vals:
-                d[k] = round(float(np.mean(vals)), 4)
+                d[f"{prefix}dice_at_5"] = round(float(np.mean(vals)), 4)
         out[key] = d
     return out
 
@@ -301,9 +318,10 @@ def bench_real(name: str, root, protocols, n_clicks: int = 5, path=None, groups=
     """One engine on the objects of the real-scan folder ``root``.
 
     Every object runs through each protocol in ``protocols`` (``"clicks"``,
-    ``"box+clicks"``); an object that fails records its error and scores Dice
-    0 (a crash is a failure for the user); an engine that refuses boxes is
-    reported as such (no box figures).
+    ``"box+clicks"``, ``"scribble+clicks"``); an object that fails records its
+    error and scores Dice 0 (a crash is a failure for the user); an engine that
+    refuses boxes or scribbles is reported as such (no figures for that
+    protocol).
     """
     from napari_medseg.errors import MedSegError
     from napari_medseg.interactive import make_engine
@@ -313,7 +331,7 @@ def bench_real(name: str, root, protocols, n_clicks: int = 5, path=None, groups=
     seen = _training_image_paths(root)
     taken: dict = {}
     objects: dict = {}
-    box_refused = None
+    refused: dict = {}
     for case, ipath, lpath, objs in real_cases(root):
         objs = [o for o in objs if (not groups or o[0] in groups)
                 and (not max_per_group or taken.get(o[0], 0) < max_per_group)]
@@ -338,15 +356,16 @@ def bench_real(name: str, root, protocols, n_clicks: int = 5, path=None, groups=
                 continue
             taken[group] = taken.get(group, 0) + 1
             for proto in protocols:
-                box = proto == "box+clicks"
-                if box and box_refused is None:
-                    box_refused = _refuses_boxes(engine, image, spacing, truth)
-                if box and box_refused:
+                if proto not in refused:
+                    refused[proto] = _refuses(engine, image, spacing, truth, proto)
+                if refused[proto]:
                     continue
                 t0 = time.perf_counter()
                 try:
                     run = simulate_clicks(engine, image, spacing, truth, n_clicks=n_clicks,
-                                          box=box, rule="largest")
+                                          box=proto == "box+clicks",
+                                          scribble=proto == "scribble+clicks",
+                                          rule="largest")
                     rec[proto] = [round(d, 4) for d in run.dice]
                     rec.setdefault("seconds", {})[proto] = round(time.perf_counter() - t0, 2)
                 except MedSegError as exc:
@@ -358,22 +377,23 @@ def bench_real(name: str, root, protocols, n_clicks: int = 5, path=None, groups=
                                                                 rec["clicks"][0])
             if log:
                 log(f"{key}: " + json.dumps({k: v for k, v in rec.items() if k != "group"}))
-    return summarise_real(name, objects, protocols, n_clicks, box_refused, engine, latency)
+    return summarise_real(name, objects, protocols, n_clicks, refused, engine, latency)
 
 
-def summarise_real(name, objects, protocols, n_clicks, box_refused, engine, latency) -> dict:
-    """The JSON keys of a real-scan run."""
+def summarise_real(name, objects, protocols, n_clicks, refused, engine, latency) -> dict:
+    """The JSON keys of a real-scan run (``refused``: why the engine refused a
+    protocol's first prompt, by protocol)."""
     out = {"engine": name, "protocols": list(protocols), "click_rule": "largest error region",
            "objects_measured": 0}
     per_group: dict = {}
-    for proto, key in (("clicks", ""), ("box+clicks", "box_")):
+    for proto, key in PROTOCOLS.items():
         if proto not in protocols:
             continue
-        if proto == "box+clicks" and box_refused:
-            out["real_box_dice_at_5"] = None
-            out["box_protocol"] = box_refused
+        if refused.get(proto):
+            out[f"real_{key}dice_at_5"] = None
+            out[f"{key}protocol"] = refused[proto]
             continue
-        length = n_clicks + int(proto == "box+clicks")
+        length = n_clicks + int(proto != "clicks")
         curves = []
         for rec in objects.values():
             if "skipped" in rec or "error" in rec and "voxels" not in rec:
@@ -401,11 +421,10 @@ def summarise_real(name, objects, protocols, n_clicks, box_refused, engine, late
         out["real_dice_at_1_best_size"] = round(float(arr.max(1).mean()), 4)
     out["real_groups"] = {}
     for g, v in sorted(per_group.items()):
-        d = {"n": len(v.get("clicks", v.get("box+clicks", [])))}
-        if "clicks" in v:
-            d["dice_at_5"] = round(float(np.mean(v["clicks"])), 4)
-        if "box+clicks" in v:
-            d["box_dice_at_5"] = round(float(np.mean(v["box+clicks"])), 4)
+        d = {"n": max(len(c) for k, c in v.items() if k != "n")}
+        for proto, key in PROTOCOLS.items():
+            if proto in v:
+                d[f"{key}dice_at_5"] = round(float(np.mean(v[proto])), 4)
         out["real_groups"][g] = d
     out["real_split"] = _split(objects, protocols)
     out["real_errors"] = {k: r.get("errors", r.get("error")) for k, r in objects.items()
@@ -436,9 +455,12 @@ def main(argv=None) -> int:
     p.add_argument("--real", metavar="DIR",
                    help="the real-scan folder (../shared/realdata): its objects, both "
                         "protocols, the default engine unless --engine is given")
-    p.add_argument("--protocol", choices=["clicks", "box+clicks", "both"], default=None,
-                   help="clicks: 5 clicks; box+clicks: a 2D box then 5 clicks (default: "
-                        "clicks on phantoms, both with --real)")
+    p.add_argument("--protocol", choices=[*PROTOCOLS, "both", "all"], default=None,
+                   help="clicks: 5 clicks; box+clicks: a 2D box then 5 clicks; "
+                        "scribble+clicks (with --real): a stroke along the object's "
+                        "medial axis on its largest axial slice, then 5 clicks; both: the "
+                        "first two; all: the three (default: clicks on phantoms, both "
+                        "with --real)")
     p.add_argument("--groups", nargs="+", default=None,
                    help="with --real: only these groups (ct_organ ct_bone_muscle ct_tumour "
                         "mr_tumour pet_tumour mr_brain_structure)")
@@ -472,7 +494,7 @@ def main(argv=None) -> int:
     latency = None if a.real and a.no_latency else _latency_volumes()
     if a.real:
         protocols = (["clicks", "box+clicks"] if a.protocol in (None, "both")
-                     else [a.protocol])
+                     else list(PROTOCOLS) if a.protocol == "all" else [a.protocol])
         log = None
         if a.log:
             def log(line, _path=a.log):
@@ -484,8 +506,8 @@ def main(argv=None) -> int:
                                                  a.groups, a.max_per_group, latency, log)
     else:
         cases = _cases(a)
-        protocols = ["clicks", "box+clicks"] if a.protocol == "both" else [a.protocol
-                                                                           or "clicks"]
+        protocols = (["clicks", "box+clicks"] if a.protocol == "both" else list(PROTOCOLS)
+                     if a.protocol == "all" else [a.protocol or "clicks"])
         for name in a.engine:
             for proto in protocols:
                 key = name if len(protocols) == 1 else f"{name} ({proto})"

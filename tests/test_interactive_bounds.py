@@ -19,7 +19,8 @@ from napari_medseg.interactive import ENGINES, Prompts, make_engine
 from napari_medseg.interactive.base import Engine
 from napari_medseg.interactive.bounds import Bounds, added_click, bound_result
 from napari_medseg.interactive.classical import ClassicalEngine
-from napari_medseg.interactive.simulate import box_around, dice, next_click, simulate_clicks
+from napari_medseg.interactive.simulate import (box_around, dice, next_click,
+                                                scribble_along, simulate_clicks)
 
 from _realdata import REAL
 
@@ -350,6 +351,41 @@ def test_next_click_largest_rule_and_box_around():
         next_click(pred, truth, rule="nearest")
     corners, z = box_around(np.pad(truth, ((1, 1), (0, 0), (0, 0))))
     assert z == 1 and corners.tolist() == [[1, 2, 2], [1, 21, 27]]
+
+
+def test_scribble_along_the_medial_axis_and_the_scribble_protocol():
+    z, y, x = np.ogrid[:9, :40, :60]
+    truth = ((y - 20) ** 2 / 10 ** 2 + (x - 30) ** 2 / 22 ** 2 <= 1) & (abs(z - 4) <= 3)
+    truth[6] &= (x < 30)[0]  # a smaller slice: the stroke goes on the largest one
+    sc, k = scribble_along(truth, (2.0, 1.0, 1.0))
+    line = np.argwhere(sc == 1)
+    assert truth[k].sum() == truth.sum((1, 2)).max() > truth[6].sum()
+    assert np.all(line[:, 0] == k) and truth[sc == 1].all()
+    # along the ellipse's long axis, well inside its edge
+    assert np.ptp(line[:, 2]) > 20 and np.ptp(line[:, 1]) <= 4
+    assert np.all(np.abs(line[:, 1] - 20) <= 3)
+    sc2, k2 = scribble_along(truth, (2.0, 1.0, 1.0), axis=2, index=30)
+    assert k2 == 30 and np.all(np.argwhere(sc2)[:, 2] == 30)
+
+    class Echo(Engine):
+        """Returns the object paint of its prompts: the stroke itself."""
+
+        def predict_region(self, image, spacing, prompts, cancel=None):
+            image, spacing, prompts = self.prepare(image, spacing, prompts)
+            m = np.zeros(image.shape, bool) if prompts.scribbles is None \
+                else prompts.scribbles == 1
+            for p in prompts.positive:
+                m[tuple(np.round(p).astype(int))] = True
+            return m, tuple(slice(0, n) for n in image.shape)
+
+    eng = Echo()
+    eng.bounded = False
+    run = simulate_clicks(eng, np.zeros(truth.shape, np.float32), (2.0, 1.0, 1.0), truth,
+                          n_clicks=2, scribble=True)
+    assert len(run.dice) == 3 and 0 < run.dice[0] < run.dice[-1]
+    assert run.prompts.scribbles is not None and len(run.prompts.positive) == 2
+    with pytest.raises(ValueError, match="box or a scribble"):
+        simulate_clicks(eng, np.zeros(truth.shape), (1, 1, 1), truth, box=True, scribble=True)
 
 
 # ----------------------------------------------------------------- real CT

@@ -7,7 +7,8 @@ spilled over. ``rule="deepest"`` takes the deepest error voxel over all errors;
 ``rule="largest"`` (RITM, the CVPR 2025 interactive 3D challenge) first picks
 the largest connected error region, then its deepest voxel. A run can start
 with a box around the object on its largest slice (the challenge's box +
-clicks protocol). Used by the benchmark, the click-model training and tests.
+clicks protocol) or with a stroke painted along the object's medial axis on
+that slice. Used by the benchmark, the click-model training and tests.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from scipy import ndimage as ndi
 
 from .base import Engine, Prompts
 
-__all__ = ["dice", "next_click", "box_around", "simulate_clicks", "ClickRun"]
+__all__ = ["dice", "next_click", "box_around", "scribble_along", "simulate_clicks", "ClickRun"]
 
 
 def dice(a, b) -> float:
@@ -124,6 +125,39 @@ def box_around(truth, axis: int = 0, index: int | None = None) -> tuple[np.ndarr
     return np.array([lo, hi], float), index
 
 
+def scribble_along(truth, spacing, axis: int = 0, index: int | None = None
+                   ) -> tuple[np.ndarray, int]:
+    """A stroke painted inside ``truth`` on one slice: the medial axis of the
+    object's core there (its voxels at least two voxels, or half the object's
+    greatest depth, from the edge), the longest connected piece.
+
+    Returns
+    -------
+    scribbles : (Z, Y, X) uint8 array
+        1 on the stroke (a scribble layer's object paint), 0 elsewhere.
+    index : int
+        The slice (by default the one where ``truth`` is largest).
+    """
+    from skimage.morphology import skeletonize
+
+    truth = np.asarray(truth, bool)
+    if index is None:
+        index = int(np.argmax(truth.sum(axis=tuple(a for a in range(3) if a != axis))))
+    sl = np.take(truth, index, axis)
+    sp = tuple(float(s) for a, s in enumerate(spacing) if a != axis)
+    depth = ndi.distance_transform_edt(sl, sampling=sp)
+    core = depth >= min(2.0 * max(sp), 0.5 * depth.max())
+    line = skeletonize(core) if core.sum() > 1 else core
+    lab, n = ndi.label(line, np.ones((3, 3), bool))
+    if n > 1:
+        line = lab == 1 + int(np.argmax(np.bincount(lab.ravel())[1:]))
+    out = np.zeros(truth.shape, np.uint8)
+    view = [slice(None)] * 3
+    view[axis] = index
+    out[tuple(view)] = line
+    return out, index
+
+
 @dataclass
 class ClickRun:
     """Dice after each interaction and seconds per engine update."""
@@ -135,7 +169,8 @@ class ClickRun:
 
 def simulate_clicks(engine: Engine, image, spacing, truth, n_clicks: int = 5,
                     mode: str = "3d", axis: int = 0, index: int | None = None,
-                    box: bool = False, rule: str = "deepest") -> ClickRun:
+                    box: bool = False, rule: str = "deepest",
+                    scribble: bool = False) -> ClickRun:
     """Run ``n_clicks`` simulated clicks on one object and record Dice and time.
 
     Parameters
@@ -154,6 +189,10 @@ def simulate_clicks(engine: Engine, image, spacing, truth, n_clicks: int = 5,
         Start with a 2D box around ``truth`` on its largest slice across
         ``axis`` (on slice ``index`` in 2D mode), kept with every later click:
         ``n_clicks + 1`` interactions.
+    scribble : bool
+        Start instead with a stroke painted along the medial axis of ``truth``
+        on that slice (:func:`scribble_along`), kept with every later click:
+        ``n_clicks + 1`` interactions.
     rule : {"deepest", "largest"}
         Where each next click goes (:func:`next_click`).
 
@@ -170,14 +209,20 @@ def simulate_clicks(engine: Engine, image, spacing, truth, n_clicks: int = 5,
         sp2 = tuple(s for a, s in enumerate(spacing) if a != axis)
     else:
         ref, sp2 = truth, spacing
+    if box and scribble:
+        raise ValueError("simulate_clicks starts with a box or a scribble, not both")
     boxes = np.zeros((0, 2, 3))
     if box:
         boxes = box_around(truth, axis, index if mode == "2d" else None)[0][None]
+    paint = None
+    if scribble:
+        paint = scribble_along(truth, spacing, axis, index if mode == "2d" else None)[0]
+    first = box or scribble
     pos, neg = [], []
     pred = np.zeros(ref.shape, bool)
     run = ClickRun()
-    for step in range(n_clicks + int(box)):
-        if box and step == 0:
+    for step in range(n_clicks + int(first)):
+        if first and step == 0:
             click = None
         else:
             click = next_click(pred, ref, sp2, rule)
@@ -190,7 +235,7 @@ def simulate_clicks(engine: Engine, image, spacing, truth, n_clicks: int = 5,
             (pos if positive else neg).append(p)
         prompts = Prompts(positive=np.array(pos).reshape(-1, 3),
                           negative=np.array(neg).reshape(-1, 3), boxes=boxes,
-                          mode=mode, axis=axis, index=index)
+                          scribbles=paint, mode=mode, axis=axis, index=index)
         t0 = time.perf_counter()
         mask, region = engine.predict_region(image, spacing, prompts)
         run.seconds.append(time.perf_counter() - t0)
