@@ -193,8 +193,9 @@ _BUILTIN = (
                     "TotalSegmentator output for the abdominal CT, manual otherwise): Dice "
                     "0.74 after 5 clicks, 0.79 after a 2D box and 5 clicks (0.73 / 0.79 on "
                     "the 20 objects of images never seen in training); 6 % of clicks "
-                    "lowered Dice (7 % after a box) (benchmarks/bench_interactive.py "
-                    "--real; docs/models.md)"),
+                    "lowered Dice (7 % after a box); 0.55 after one stroke along the "
+                    "object, 0.74 after it and 5 clicks (benchmarks/bench_interactive.py "
+                    "--real, --protocol scribble+clicks; docs/models.md)"),
         prompts=("clicks", "boxes", "scribbles"), path="file", path_optional=True,
         first_sizes_mm=(64.0, 128.0, 256.0)),
     EngineInfo("Segment Anything", _with_path(".sam", "SamEngine"), EngineCard(
