@@ -191,6 +191,11 @@ def test_scribbles_with_the_default_engine(setup, qtbot):
     y = int(np.median(ys))
     row = np.nonzero(kidney[z, y])[0]
     sc = viewer.layers["scribbles"]
+    pv = viewer.layers["interactive preview"]
+    # the paint is coloured as the points are (lime / red), not as the preview
+    assert np.allclose(sc.get_color(1), [0, 1, 0, 1]) and np.allclose(sc.get_color(2),
+                                                                        [1, 0, 0, 1])
+    assert not np.allclose(sc.get_color(1), pv.get_color(1))
     sc.brush_size = 1
     for x in range(row.min() + 2, row.max() - 1):
         sc.paint((z, y, x), 1)

@@ -241,8 +241,15 @@ class InteractiveWidget(QWidget):
             layers.append(Labels(np.zeros(shape, np.uint8), name=NAMES["preview"],
                                  opacity=0.5, metadata=prompt_metadata(), **geo))
         if self._layer("scribbles") is None:
+            from napari.utils.colormaps import DirectLabelColormap
+
+            # object paint lime and background paint red, as the positive and
+            # negative points, so a stroke stays visible over the preview
+            paint = DirectLabelColormap(color_dict={None: (0, 0, 0, 0), 0: (0, 0, 0, 0),
+                                                    1: (0.0, 1.0, 0.0, 1.0),
+                                                    2: (1.0, 0.0, 0.0, 1.0)})
             layers.append(Labels(np.zeros(shape, np.uint8), name=NAMES["scribbles"],
-                                 metadata=prompt_metadata(), **geo))
+                                 colormap=paint, metadata=prompt_metadata(), **geo))
         if self._layer("boxes") is None:
             self.viewer.add_shapes(name=NAMES["boxes"], ndim=img.ndim, edge_color="yellow",
                                    face_color="transparent", edge_width=1,
