@@ -134,6 +134,21 @@ class Prompts:
                 raise MedSegError(f"slice {self.index} is outside axis {self.axis} of an "
                                   f"image of shape {shape}", "prompts")
 
+    def paint_view(self) -> tuple[np.ndarray | None, np.ndarray]:
+        """The scribble paint that counts and where it starts: the whole layer
+        in 3D mode, the prompts' slice (a view, one voxel thick) in 2D mode;
+        ``(None, zeros)`` without scribbles."""
+        start = np.zeros(3, int)
+        if self.scribbles is None:
+            return None, start
+        paint = np.asarray(self.scribbles)
+        if self.mode == "2d":
+            sl = [slice(None)] * 3
+            sl[self.axis] = slice(self.index, self.index + 1)
+            paint = paint[tuple(sl)]
+            start[self.axis] = self.index
+        return paint, start
+
     def on_slice(self) -> "Prompts":
         """The 2D-mode prompts restricted to the chosen slice (others dropped)."""
         ax, idx = self.axis, self.index
@@ -216,16 +231,9 @@ def scribble_clicks(prompts: Prompts, spacing, step_mm: float = 10.0,
     from scipy import ndimage as ndi
 
     empty = (np.zeros((0, 3)), np.zeros((0, 3)))
-    sc = prompts.scribbles
+    sc, lo_fix = prompts.paint_view()
     if sc is None:
         return empty
-    sc = np.asarray(sc)
-    lo_fix = np.zeros(3, int)
-    if prompts.mode == "2d":
-        sl = [slice(None)] * 3
-        sl[prompts.axis] = slice(prompts.index, prompts.index + 1)
-        sc = sc[tuple(sl)]
-        lo_fix[prompts.axis] = prompts.index
     nz = np.nonzero(sc)
     if not len(nz[0]):
         return empty

@@ -322,18 +322,11 @@ def _anchors(positive, boxes) -> np.ndarray:
     return b.mean(1)
 
 
-def _with_paint(mask, region, paint, prompts) -> tuple[np.ndarray, Region]:
-    """``mask`` on ``region`` with the object paint (1) added and the
-    background paint (2) removed (on the prompts' slice in 2D mode); the
+def _with_paint(mask, region, prompts) -> tuple[np.ndarray, Region]:
+    """``mask`` on ``region`` with the object paint (1) of ``prompts`` added and
+    the background paint (2) removed (on the prompts' slice in 2D mode); the
     region grows to take in object paint outside it."""
-    paint = np.asarray(paint)
-    start = np.zeros(3, int)
-    part = paint
-    if prompts.mode == "2d":  # the region is on the slice; so is the paint that counts
-        sl = [slice(None)] * 3
-        sl[prompts.axis] = slice(prompts.index, prompts.index + 1)
-        part = paint[tuple(sl)]
-        start[prompts.axis] = prompts.index
+    part, start = prompts.paint_view()
     obj = np.argwhere(part == 1) + start
     lo = np.array([s.start for s in region])
     hi = np.array([s.stop for s in region])
@@ -343,7 +336,7 @@ def _with_paint(mask, region, paint, prompts) -> tuple[np.ndarray, Region]:
             mask = _paste(mask, lo, lo2, hi2) > 0.5
             lo, hi = lo2, hi2
     region = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    here = paint[region]
+    here = np.asarray(prompts.scribbles)[region]
     return (np.asarray(mask, bool) | (here == 1)) & (here != 2), region
 
 
@@ -478,6 +471,7 @@ class ClickModelEngine(Engine):
                        ) -> tuple[np.ndarray, Region]:
         image, spacing, prompts = self.prepare(image, spacing, prompts)
         paint = prompts.scribbles
+        painted = prompts
         if paint is not None:  # strokes become clicks; the painted voxels are kept below
             sp, sn = scribble_clicks(prompts, spacing)
             prompts = Prompts(np.concatenate([sp, prompts.positive]),
@@ -499,7 +493,7 @@ class ClickModelEngine(Engine):
             mask, region = run(image, spacing, prompts, prev, key, cancel,
                                first_mm=self.first_sizes_mm[size])
         if paint is not None:
-            mask, region = _with_paint(mask, region, paint, prompts)
+            mask, region = _with_paint(mask, region, painted)
         self._last = (key, prompts.positive.copy(), prompts.negative.copy(),
                       prompts.boxes.copy(), mask, region)
         return mask.copy(), region
@@ -513,6 +507,8 @@ class ClickModelEngine(Engine):
         than the image supports, a later one adds or removes near itself);
         unbounded, a stroke's points flooded the real liver's neighbours
         (1.2 M voxels for a 367 k-voxel liver)."""
+        from .bounds import _voxel
+
         run = self._predict_2d if prompts.mode == "2d" else self._predict_3d
         pos, neg = prompts.positive, prompts.negative
         steps = [(i, 0) for i in range(0 if len(prompts.boxes) else 1, len(pos) + 1)]
@@ -522,9 +518,8 @@ class ClickModelEngine(Engine):
             sub = Prompts(pos[:i], neg[:j], prompts.boxes, mode=prompts.mode,
                           axis=prompts.axis, index=prompts.index)
             if mask is not None:
-                new = pos[i - 1] if j == 0 else neg[j - 1]
-                v = np.round(new).astype(int) - [r.start for r in region]
-                inside = bool(np.all(v >= 0) and np.all(v < mask.shape) and mask[tuple(v)])
+                v = _voxel(pos[i - 1] if j == 0 else neg[j - 1], region)
+                inside = v is not None and bool(mask[v])
                 if inside == (j == 0):  # the answer already has this point right
                     mask, region = self.bound(image, spacing, sub, mask, region)
                     continue  # (bounded all the same: the next point's rules need it)
