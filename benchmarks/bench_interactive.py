@@ -122,7 +122,7 @@ def bench_engine(name: str, cases, latency, n_clicks: int, path=None,
     from napari_medseg.interactive.simulate import simulate_clicks
 
     engine = make_engine(name, path)
-    first = {"box": protocol == "box+clicks", "scribble": protocol == "scribble+clicks"}
+    first = _first_prompt(protocol)
     curves, per_object, curves_2d = [], {}, []
     try:
         for case, image, spacing, objs in cases:
@@ -244,6 +244,11 @@ def _curve_stats(curves: list) -> dict:
 PROTOCOLS = {"clicks": "", "box+clicks": "box_", "scribble+clicks": "scribble_"}
 
 
+def _first_prompt(protocol: str) -> dict:
+    """:func:`simulate_clicks` keywords for the protocol's first prompt."""
+    return {"box": protocol == "box+clicks", "scribble": protocol == "scribble+clicks"}
+
+
 def _refuses(engine, image, spacing, truth, proto: str) -> str:
     """Why ``engine`` refuses the first prompt of ``proto`` alone ("" when it
     takes it, or for the clicks protocol)."""
@@ -363,9 +368,7 @@ def bench_real(name: str, root, protocols, n_clicks: int = 5, path=None, groups=
                 t0 = time.perf_counter()
                 try:
                     run = simulate_clicks(engine, image, spacing, truth, n_clicks=n_clicks,
-                                          box=proto == "box+clicks",
-                                          scribble=proto == "scribble+clicks",
-                                          rule="largest")
+                                          rule="largest", **_first_prompt(proto))
                     rec[proto] = [round(d, 4) for d in run.dice]
                     rec.setdefault("seconds", {})[proto] = round(time.perf_counter() - t0, 2)
                 except MedSegError as exc:
@@ -404,8 +407,7 @@ def summarise_real(name, objects, protocols, n_clicks, refused, engine, latency)
             if c is None:
                 continue
             curves.append(c)
-            g = per_group.setdefault(rec["group"], {"n": 0})
-            g.setdefault(proto, []).append(c[-1])
+            per_group.setdefault(rec["group"], {}).setdefault(proto, []).append(c[-1])
         st = _curve_stats(curves)
         out[f"real_{key}dice_at_5"] = st["dice_final"]
         out[f"real_{key}dsc_auc"] = st["auc"]
@@ -421,7 +423,7 @@ def summarise_real(name, objects, protocols, n_clicks, refused, engine, latency)
         out["real_dice_at_1_best_size"] = round(float(arr.max(1).mean()), 4)
     out["real_groups"] = {}
     for g, v in sorted(per_group.items()):
-        d = {"n": max(len(c) for k, c in v.items() if k != "n")}
+        d = {"n": max(len(c) for c in v.values())}
         for proto, key in PROTOCOLS.items():
             if proto in v:
                 d[f"{key}dice_at_5"] = round(float(np.mean(v[proto])), 4)
@@ -492,9 +494,10 @@ def main(argv=None) -> int:
     result = {"engines": {}, "clicks": a.clicks, "torch_threads": torch.get_num_threads(),
               "cpu_count": os.cpu_count()}
     latency = None if a.real and a.no_latency else _latency_volumes()
+    both = ["clicks", "box+clicks"]
+    protocols = {None: both if a.real else ["clicks"], "both": both,
+                 "all": list(PROTOCOLS)}.get(a.protocol, [a.protocol])
     if a.real:
-        protocols = (["clicks", "box+clicks"] if a.protocol in (None, "both")
-                     else list(PROTOCOLS) if a.protocol == "all" else [a.protocol])
         log = None
         if a.log:
             def log(line, _path=a.log):
@@ -506,8 +509,6 @@ def main(argv=None) -> int:
                                                  a.groups, a.max_per_group, latency, log)
     else:
         cases = _cases(a)
-        protocols = (["clicks", "box+clicks"] if a.protocol == "both" else list(PROTOCOLS)
-                     if a.protocol == "all" else [a.protocol or "clicks"])
         for name in a.engine:
             for proto in protocols:
                 key = name if len(protocols) == 1 else f"{name} ({proto})"
