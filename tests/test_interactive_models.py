@@ -342,6 +342,27 @@ def test_training_averages_examples_into_one_step(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_training_with_data_workers_is_reproducible(tmp_path):
+    import torch
+
+    from napari_medseg.training.train_click_model import train
+
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.pt"
+        summary = train(out, steps=2, width=4, n_phantoms=1, cache=tmp_path / "pool.npz",
+                        seed=7, accumulate=2, workers=1)
+        assert summary["steps"] == 2 and summary["examples"] == 4
+        runs.append(load_click_net(out).state_dict())
+    # the workers' examples follow the run's seed: the same seed, the same weights
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    other = train(tmp_path / "c.pt", steps=2, width=4, n_phantoms=1,
+                  cache=tmp_path / "pool.npz", seed=8, accumulate=2, workers=1)
+    assert other["steps"] == 2
+    third = load_click_net(tmp_path / "c.pt").state_dict()
+    assert any(not torch.equal(runs[0][k], third[k]) for k in third)
+
+
 def test_inside_cubes_see_mostly_the_object():
     from napari_medseg.training.train_click_model import _deep_click, _inside_cube
 
