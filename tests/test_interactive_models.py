@@ -577,9 +577,23 @@ def test_training_takes_pseudo_objects_on_real_images(tmp_path):
     pool = build_real_pool(tmp_path / "real", np.random.default_rng(2), maps_per_image=2)
     assert len(pool) == 2 and pool[0][0].shape == img.shape
     assert np.allclose(pool[0][1], (2.0, 1.0, 1.0))
+    # a cached pool is the same pool, for the same folder and generator state only
+    cache = tmp_path / "real_pool.npz"
+    r1, r2 = np.random.default_rng(2), np.random.default_rng(2)
+    built = build_real_pool(tmp_path / "real", r1, maps_per_image=2, cache=cache)
+    assert cache.is_file()
+    read = build_real_pool(tmp_path / "real", r2, maps_per_image=2, cache=cache)
+    assert r1.random() == r2.random()  # the generator ends where building leaves it
+    assert len(built) == len(read) == len(pool)
+    for a, b, c in zip(pool, built, read):
+        assert all(np.array_equal(x, y) and np.array_equal(y, z) for x, y, z in zip(a, b, c))
+    other = build_real_pool(tmp_path / "real", np.random.default_rng(3), maps_per_image=2,
+                            cache=cache)
+    assert not np.array_equal(other[0][2], built[0][2])
     out = tmp_path / "w.pt"
     summary = train(out, steps=3, width=4, n_phantoms=0, real_dir=tmp_path / "real",
-                    real_share=1.0, synth_share=0.0)
+                    real_share=1.0, synth_share=0.0, real_cache=tmp_path / "rc.npz")
+    assert (tmp_path / "rc.npz").is_file()
     assert summary["steps"] == 3 and isinstance(load_click_net(out), ClickNet)
 
 

@@ -172,13 +172,33 @@ def load_training_images(root) -> list:
     return out
 
 
-def build_real_pool(root, rng, maps_per_image: int = 3) -> list:
+def build_real_pool(root, rng, maps_per_image: int = 3, cache=None) -> list:
     """Pool entries ``(image, spacing, object ids, classes)`` from the real images.
 
     Each image gets ``maps_per_image`` pseudo-object maps at random scales, so
     the same image offers both fine and coarse objects.
+
+    ``cache``: an ``.npz`` file the pool is read from when it was built from the
+    same folder, settings and generator state, and written to (atomically)
+    otherwise; ``rng`` ends in the state building would leave it in.
     """
-    pool = []
+    import json
+
+    key = json.dumps([str(Path(root).resolve()), int(maps_per_image),
+                      rng.bit_generator.state], sort_keys=True, default=str)
+    if cache is not None and Path(cache).is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                if str(z["key"]) == key:
+                    images = [(z[f"img{j}"], z[f"sp{j}"]) for j in range(int(z["n_images"]))]
+                    pool = [(*images[int(z[f"src{i}"])], z[f"obj{i}"], z[f"cls{i}"])
+                            for i in range(int(z["n_maps"]))]
+                    rng.bit_generator.state = json.loads(str(z["rng_after"]))
+                    log.info("real-image pseudo-object pool read from %s", cache)
+                    return pool
+        except (OSError, KeyError, ValueError) as err:
+            log.warning("pseudo-object cache %s unreadable (%s): building it again", cache, err)
+    pool, images, src = [], [], []
     for rel, img, sp in load_training_images(root):
         counts = []
         for _ in range(maps_per_image):
@@ -186,5 +206,20 @@ def build_real_pool(root, rng, maps_per_image: int = 3) -> list:
             counts.append(len(classes) - 1)
             if len(classes) > 1:
                 pool.append((img, sp, objs, classes))
+                src.append(len(images))
+        images.append((img, sp))
         log.info("pseudo-objects on %s: %s", rel, counts)
+    if cache is not None:
+        from ..io.atomic import atomic_path
+
+        arrays = {"key": np.array(key), "n_images": np.array(len(images)),
+                  "n_maps": np.array(len(pool)),
+                  "rng_after": np.array(json.dumps(rng.bit_generator.state, default=str))}
+        for j, (img, sp) in enumerate(images):
+            arrays.update({f"img{j}": img, f"sp{j}": sp})
+        for i, ((_, _, objs, classes), j) in enumerate(zip(pool, src)):
+            arrays.update({f"obj{i}": objs, f"cls{i}": classes, f"src{i}": np.array(j)})
+        with atomic_path(cache, overwrite=True) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
     return pool
