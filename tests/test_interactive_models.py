@@ -363,6 +363,25 @@ def test_training_with_data_workers_is_reproducible(tmp_path):
     assert any(not torch.equal(runs[0][k], third[k]) for k in third)
 
 
+def test_training_schedule_can_follow_the_clock(tmp_path):
+    import torch
+
+    from napari_medseg.training.train_click_model import train
+
+    with pytest.raises(ValueError, match="schedule"):
+        train(tmp_path / "x.pt", steps=1, width=4, n_phantoms=1, schedule="time")
+    summary = train(tmp_path / "w.pt", steps=10 ** 6, width=4, n_phantoms=1,
+                    cache=tmp_path / "pool.npz", minutes=0.1, schedule="time", lr=1e-3,
+                    work_dir=tmp_path / "run")
+    assert 1 < summary["steps"] < 10 ** 6
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert float(state["seconds"]) >= 6.0
+    # the cosine decay ran out with the time, not with the million steps (after the
+    # warm-up's share alone the rate would be 1e-3 * warm)
+    warm = min(1.0, summary["steps"] / 200)
+    assert state["opt"]["param_groups"][0]["lr"] < 0.2 * 1e-3 * warm
+
+
 def test_inside_cubes_see_mostly_the_object():
     from napari_medseg.training.train_click_model import _deep_click, _inside_cube
 

@@ -402,11 +402,13 @@ def _save(net: ClickNet, out) -> None:
         torch.save(_cpu_state(net), tmp)
 
 
-def _save_checkpoint(path: Path, net, opt, step: int, rng, losses) -> None:
+def _save_checkpoint(path: Path, net, opt, step: int, rng, losses,
+                     seconds: float = 0.0) -> None:
     """Everything a resumed run needs, as tensors and plain values (weights_only-safe)."""
     state = {"net": _cpu_state(net), "opt": opt.state_dict(), "step": step,
              "rng": json.dumps(rng.bit_generator.state),
-             "losses": torch.tensor(losses[-1000:], dtype=torch.float32)}
+             "losses": torch.tensor(losses[-1000:], dtype=torch.float32),
+             "seconds": torch.tensor(float(seconds), dtype=torch.float64)}
     with atomic_path(path, overwrite=True) as tmp:
         torch.save(state, tmp)
 
@@ -421,7 +423,8 @@ def train(out=WEIGHTS, minutes: float | None = None, width: int = 16, n_phantoms
           centre_share: float = 0.5, stop_after: int | None = None,
           real_dir: Path | None = None, real_share: float = 0.0,
           inside_share: float = 0.0, accumulate: int = 1, device: str = "cpu",
-          workers: int = 0, real_cache: Path | None = None) -> dict:
+          workers: int = 0, real_cache: Path | None = None,
+          schedule: str = "steps") -> dict:
     """Train and save the click network; return a summary dict.
 
     Parameters
@@ -429,8 +432,8 @@ def train(out=WEIGHTS, minutes: float | None = None, width: int = 16, n_phantoms
     out : path
         Where the weights are written (atomically).
     minutes : float, optional
-        Wall-clock cap of the optimisation (pool building excluded); the
-        learning-rate schedule follows ``steps``.
+        Wall-clock cap of the optimisation (pool building excluded; of this
+        start, or with ``schedule="time"`` of the whole run, resumes included).
     width : int
         Network width (:class:`~napari_medseg.interactive.click_model.ClickNet`).
     n_phantoms : int
@@ -443,6 +446,10 @@ def train(out=WEIGHTS, minutes: float | None = None, width: int = 16, n_phantoms
         ``.npz`` file caching the phantom pool.
     steps : int
         Optimisation steps (warm-up, then cosine decay to zero).
+    schedule : {"steps", "time"}
+        What the cosine decay follows: the steps, or (``"time"``, needs
+        ``minutes``) the wall clock, so that a run on hardware of unknown speed
+        ends its decay when its time is up; ``steps`` then only caps it.
     work_dir : path, optional
         Folder for ``checkpoint.pt`` (every 500 steps) and resuming: a run
         started again with the same folder continues where it stopped.
@@ -499,7 +506,9 @@ def train(out=WEIGHTS, minutes: float | None = None, width: int = 16, n_phantoms
     net = (load_click_net(init) if init else ClickNet(width)).to(device)
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    step, losses = 0, []
+    step, losses, done_s = 0, [], 0.0
+    if schedule not in ("steps", "time") or (schedule == "time" and not minutes):
+        raise ValueError(f"schedule {schedule!r}: 'steps', or 'time' with minutes")
     ckpt = Path(work_dir) / "checkpoint.pt" if work_dir else None
     if ckpt is not None:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -512,6 +521,7 @@ def train(out=WEIGHTS, minutes: float | None = None, width: int = 16, n_phantoms
         step = int(state["step"])
         rng.bit_generator.state = json.loads(state["rng"])
         losses = state["losses"].tolist()
+        done_s = float(state["seconds"]) if "seconds" in state else 0.0
         log.info("resumed from %s at step %d", ckpt, step)
     feeder = None
     if workers > 0:
@@ -519,7 +529,8 @@ def train(out=WEIGHTS, minutes: float | None = None, width: int = 16, n_phantoms
                          (synth_share, centre_share, real_share, inside_share), rng)
         log.info("%d data workers started", workers)
     t1 = time.perf_counter()
-    deadline = None if minutes is None else t1 + 60 * minutes
+    deadline = None if minutes is None else \
+        t1 + 60 * minutes - (done_s if schedule == "time" else 0.0)
     start_step, skipped, fp32_retries = step, 0, 0
     acc, n_acc, acc_loss, examples = None, 0, 0.0, 0
     last = steps if stop_after is None else min(steps, int(stop_after))
@@ -542,8 +553,12 @@ def train(out=WEIGHTS, minutes: float | None = None, width: int = 16, n_phantoms
             log.warning("skipped an example of shape %s: %s", tuple(x.shape), err)
             continue
         for g in opt.param_groups:  # short warm-up, then cosine decay over the steps
+            if schedule == "time":
+                progress = min(1.0, (done_s + time.perf_counter() - t1) / (60 * minutes))
+            else:
+                progress = step / steps
             g["lr"] = float(lr * min(1.0, (step + 1) / 200)
-                            * 0.5 * (1 + np.cos(np.pi * step / steps)))
+                            * 0.5 * (1 + np.cos(np.pi * progress)))
         opt.zero_grad()
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
@@ -583,12 +598,14 @@ def train(out=WEIGHTS, minutes: float | None = None, width: int = 16, n_phantoms
         if step % 500 == 0:  # a checkpoint, in case the run is stopped
             _save(net, out)
             if ckpt is not None:
-                _save_checkpoint(ckpt, net, opt, step, rng, losses)
+                _save_checkpoint(ckpt, net, opt, step, rng, losses,
+                                 done_s + time.perf_counter() - t1)
     if feeder is not None:
         feeder.close()
     _save(net, out)
     if ckpt is not None:
-        _save_checkpoint(ckpt, net, opt, step, rng, losses)
+        _save_checkpoint(ckpt, net, opt, step, rng, losses,
+                                 done_s + time.perf_counter() - t1)
     summary = {"steps": step, "examples": examples, "skipped": skipped,
                "fp32_retries": fp32_retries,
                "final_loss": float(np.mean(losses[-100:])) if losses else None,
@@ -642,6 +659,9 @@ def main(argv=None) -> None:
     ap.add_argument("--workers", type=int, default=0,
                     help="processes making the examples' objects ahead of the loop "
                          "(0: in the loop; the same examples for a seed as before)")
+    ap.add_argument("--schedule", choices=["steps", "time"], default="steps",
+                    help="the cosine decay follows the steps, or the wall clock of "
+                         "--minutes (for hardware of unknown speed)")
     ap.add_argument("--real-cache", default=None,
                     help=".npz caching the pseudo-object pool of --real-dir (per seed)")
     args = ap.parse_args(argv)
@@ -658,7 +678,8 @@ def main(argv=None) -> None:
           real_dir=Path(args.real_dir) if args.real_dir else None, real_share=args.real_share,
           inside_share=args.inside_share, accumulate=args.accumulate,
           device=args.device, workers=args.workers,
-          real_cache=Path(args.real_cache) if args.real_cache else None)
+          real_cache=Path(args.real_cache) if args.real_cache else None,
+          schedule=args.schedule)
 
 
 if __name__ == "__main__":
