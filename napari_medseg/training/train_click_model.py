@@ -487,6 +487,9 @@ def train(out=WEIGHTS, minutes: float | None = None, width: int = 16, n_phantoms
     global _BF16
     from ..core.policy import bf16_supported
 
+    if schedule not in ("steps", "time") or (schedule == "time" and not minutes):
+        raise ValueError(f"schedule {schedule!r}: 'steps', or 'time' with minutes")
+
     _BF16 = bf16_supported(device) if bf16 is None else bool(bf16)
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -507,8 +510,6 @@ def train(out=WEIGHTS, minutes: float | None = None, width: int = 16, n_phantoms
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     step, losses, done_s = 0, [], 0.0
-    if schedule not in ("steps", "time") or (schedule == "time" and not minutes):
-        raise ValueError(f"schedule {schedule!r}: 'steps', or 'time' with minutes")
     ckpt = Path(work_dir) / "checkpoint.pt" if work_dir else None
     if ckpt is not None:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -534,74 +535,76 @@ def train(out=WEIGHTS, minutes: float | None = None, width: int = 16, n_phantoms
     start_step, skipped, fp32_retries = step, 0, 0
     acc, n_acc, acc_loss, examples = None, 0, 0.0, 0
     last = steps if stop_after is None else min(steps, int(stop_after))
-    while step < last and (deadline is None or step == start_step
-                            or time.perf_counter() < deadline):
-        if feeder is None:
-            ex = _example(pool, net, rng, synth_share, centre_share, real_pool, real_share,
-                          inside_share)
-        else:
-            src = feeder.next()
-            ex = None if src is None else _with_corrections(net, src, rng)
-        if ex is None:
-            continue
-        x, y, w = (torch.from_numpy(np.ascontiguousarray(a))[None].to(device) for a in ex)
-        try:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=_BF16):
-                logits = net(x)
-            loss = _loss(logits, y, w)
-        except (RuntimeError, ValueError) as err:  # keep a long run alive; say so
-            log.warning("skipped an example of shape %s: %s", tuple(x.shape), err)
-            continue
-        for g in opt.param_groups:  # short warm-up, then cosine decay over the steps
-            if schedule == "time":
-                progress = min(1.0, (done_s + time.perf_counter() - t1) / (60 * minutes))
+    try:
+        while step < last and (deadline is None or step == start_step
+                                or time.perf_counter() < deadline):
+            if feeder is None:
+                ex = _example(pool, net, rng, synth_share, centre_share, real_pool, real_share,
+                              inside_share)
             else:
-                progress = step / steps
-            g["lr"] = float(lr * min(1.0, (step + 1) / 200)
-                            * 0.5 * (1 + np.cos(np.pi * progress)))
-        opt.zero_grad()
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
-        if _BF16 and not (torch.isfinite(norm) and torch.isfinite(loss)):
-            # CPU bf16 convolution backward now and then returns NaN for grids of
-            # 16 slices (not reproducible on the same input): redo the step in float32
-            fp32_retries += 1
+                src = feeder.next()
+                ex = None if src is None else _with_corrections(net, src, rng)
+            if ex is None:
+                continue
+            x, y, w = (torch.from_numpy(np.ascontiguousarray(a))[None].to(device) for a in ex)
+            try:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=_BF16):
+                    logits = net(x)
+                loss = _loss(logits, y, w)
+            except (RuntimeError, ValueError) as err:  # keep a long run alive; say so
+                log.warning("skipped an example of shape %s: %s", tuple(x.shape), err)
+                continue
+            for g in opt.param_groups:  # short warm-up, then cosine decay over the steps
+                if schedule == "time":
+                    progress = min(1.0, (done_s + time.perf_counter() - t1) / (60 * minutes))
+                else:
+                    progress = step / steps
+                g["lr"] = float(lr * min(1.0, (step + 1) / 200)
+                                * 0.5 * (1 + np.cos(np.pi * progress)))
             opt.zero_grad()
-            loss = _loss(net(x), y, w)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
-        if not (torch.isfinite(norm) and torch.isfinite(loss)):
-            skipped += 1  # never let a non-finite step reach the weights
-            log.warning("skipped a step with a non-finite loss or gradient (%d so far), "
-                        "example %s", skipped, tuple(x.shape))
-            continue
-        if accumulate > 1:  # average the clipped gradients of ``accumulate`` examples
-            grads = [q.grad.detach().clone() if q.grad is not None else None
-                     for q in net.parameters()]
-            acc = grads if acc is None else [a if g is None else (g if a is None else a + g)
-                                             for a, g in zip(acc, grads)]
-            n_acc += 1
-            acc_loss += float(loss.detach())
-            if n_acc < accumulate:
+            if _BF16 and not (torch.isfinite(norm) and torch.isfinite(loss)):
+                # CPU bf16 convolution backward now and then returns NaN for grids of
+                # 16 slices (not reproducible on the same input): redo the step in float32
+                fp32_retries += 1
+                opt.zero_grad()
+                loss = _loss(net(x), y, w)
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+            if not (torch.isfinite(norm) and torch.isfinite(loss)):
+                skipped += 1  # never let a non-finite step reach the weights
+                log.warning("skipped a step with a non-finite loss or gradient (%d so far), "
+                            "example %s", skipped, tuple(x.shape))
                 continue
-            for q, a in zip(net.parameters(), acc):
-                q.grad = None if a is None else a / n_acc
-            loss = torch.tensor(acc_loss / n_acc)
-            acc, n_acc, acc_loss = None, 0, 0.0
-        examples += max(1, accumulate)
-        opt.step()
-        losses.append(float(loss.detach()))
-        step += 1
-        if step % 50 == 0:
-            log.info("step %d loss %.4f (mean of last 50) %.0f s, %d float32 retries", step,
-                     np.mean(losses[-50:]), time.perf_counter() - t0, fp32_retries)
-        if step % 500 == 0:  # a checkpoint, in case the run is stopped
-            _save(net, out)
-            if ckpt is not None:
-                _save_checkpoint(ckpt, net, opt, step, rng, losses,
-                                 done_s + time.perf_counter() - t1)
-    if feeder is not None:
-        feeder.close()
+            if accumulate > 1:  # average the clipped gradients of ``accumulate`` examples
+                grads = [q.grad.detach().clone() if q.grad is not None else None
+                         for q in net.parameters()]
+                acc = grads if acc is None else [a if g is None else (g if a is None else a + g)
+                                                 for a, g in zip(acc, grads)]
+                n_acc += 1
+                acc_loss += float(loss.detach())
+                if n_acc < accumulate:
+                    continue
+                for q, a in zip(net.parameters(), acc):
+                    q.grad = None if a is None else a / n_acc
+                loss = torch.tensor(acc_loss / n_acc)
+                acc, n_acc, acc_loss = None, 0, 0.0
+            examples += max(1, accumulate)
+            opt.step()
+            losses.append(float(loss.detach()))
+            step += 1
+            if step % 50 == 0:
+                log.info("step %d loss %.4f (mean of last 50) %.0f s, %d float32 retries", step,
+                         np.mean(losses[-50:]), time.perf_counter() - t0, fp32_retries)
+            if step % 500 == 0:  # a checkpoint, in case the run is stopped
+                _save(net, out)
+                if ckpt is not None:
+                    _save_checkpoint(ckpt, net, opt, step, rng, losses,
+                                     done_s + time.perf_counter() - t1)
+    finally:
+        if feeder is not None:
+            feeder.close()
     _save(net, out)
     if ckpt is not None:
         _save_checkpoint(ckpt, net, opt, step, rng, losses,
